@@ -1,0 +1,138 @@
+//! Atlas identity: never mistake an empty mountpoint for Atlas.
+//!
+//! `labfs init-atlas` writes `ATLAS/.labfs/atlas-id` (a random id and its creation
+//! time). `labfs mount` refuses to start when the marker is missing, when its id
+//! differs from `storage.atlas_id` in the rules file or from the id this node saw last
+//! (kept in `LOCAL/.labfs/atlas-id`), or when the Atlas path is on the same filesystem
+//! as the local backend or as `/`: all of which mean the NFS export is not mounted
+//! where labfs expects it. `--allow-unmarked` skips these checks, loudly.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub const MARKER_DIR: &str = ".labfs";
+pub const MARKER: &str = ".labfs/atlas-id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{atlas}: no Atlas identity marker ({MARKER}). Is the NFS export mounted there? Is storage.atlas the right path? For a new Atlas run `labfs init-atlas`; for a demo use --allow-unmarked.")]
+    Missing { atlas: PathBuf },
+    #[error("{atlas}: Atlas identity is {found}, but {expected_from} expects {expected}. Another export is mounted there, or the path is wrong.")]
+    Mismatch {
+        atlas: PathBuf,
+        found: String,
+        expected: String,
+        expected_from: String,
+    },
+    #[error("{atlas}: Atlas is on the same filesystem as {other}. The NFS export is probably not mounted (the path is a plain directory on this node).")]
+    SameFilesystem { atlas: PathBuf, other: String },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{atlas}: already initialised (id {id}); refusing to overwrite the identity marker")]
+    Exists { atlas: PathBuf, id: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> IdentityError + '_ {
+    move |source| IdentityError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Read the id in a marker file (first line).
+pub fn read_id(path: &Path) -> io::Result<String> {
+    let text = fs::read_to_string(path)?;
+    Ok(text.lines().next().unwrap_or("").trim().to_string())
+}
+
+fn random_id() -> io::Result<String> {
+    let mut b = [0u8; 16];
+    fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Write a new marker on Atlas; refuses if one exists.
+pub fn init(atlas: &Path) -> Result<String, IdentityError> {
+    let marker = atlas.join(MARKER);
+    if let Ok(id) = read_id(&marker) {
+        return Err(IdentityError::Exists {
+            atlas: atlas.to_path_buf(),
+            id,
+        });
+    }
+    let dir = atlas.join(MARKER_DIR);
+    fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let id = random_id().map_err(io_err(&marker))?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let tmp = dir.join(".atlas-id.tmp");
+    let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+    writeln!(f, "{id}\ncreated {now}").map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, &marker).map_err(io_err(&marker))?;
+    Ok(id)
+}
+
+/// All the checks `labfs mount` makes before mounting.
+pub fn verify(atlas: &Path, local: &Path, configured: Option<&str>) -> Result<String, IdentityError> {
+    let am = fs::metadata(atlas).map_err(io_err(atlas))?;
+    let lm = fs::metadata(local).map_err(io_err(local))?;
+    if am.dev() == lm.dev() {
+        return Err(IdentityError::SameFilesystem {
+            atlas: atlas.to_path_buf(),
+            other: format!("the local backend {}", local.display()),
+        });
+    }
+    if let Ok(rm) = fs::metadata("/") {
+        if rm.dev() == am.dev() {
+            return Err(IdentityError::SameFilesystem {
+                atlas: atlas.to_path_buf(),
+                other: "the root filesystem".into(),
+            });
+        }
+    }
+    let marker = atlas.join(MARKER);
+    let found = match read_id(&marker) {
+        Ok(id) if !id.is_empty() => id,
+        Ok(_) => return Err(IdentityError::Missing { atlas: atlas.to_path_buf() }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(IdentityError::Missing {
+                atlas: atlas.to_path_buf(),
+            })
+        }
+        Err(e) => return Err(io_err(&marker)(e)),
+    };
+    if let Some(want) = configured {
+        if want != found {
+            return Err(IdentityError::Mismatch {
+                atlas: atlas.to_path_buf(),
+                found,
+                expected: want.to_string(),
+                expected_from: "storage.atlas_id in the rules file".into(),
+            });
+        }
+    }
+    let seen = local.join(MARKER);
+    match read_id(&seen) {
+        Ok(prev) if !prev.is_empty() && prev != found => {
+            return Err(IdentityError::Mismatch {
+                atlas: atlas.to_path_buf(),
+                found,
+                expected: prev,
+                expected_from: format!("this node's record ({})", seen.display()),
+            })
+        }
+        Ok(_) => {}
+        Err(_) => {
+            // First mount on this node: remember which Atlas it is.
+            let _ = fs::create_dir_all(local.join(MARKER_DIR));
+            let _ = fs::write(&seen, format!("{found}\n"));
+        }
+    }
+    Ok(found)
+}

@@ -1,0 +1,809 @@
+//! The rules file (TOML) -> [`Config`], reporting every error with its line.
+//!
+//! Parsing walks a span-preserving `toml_edit` document by hand instead of
+//! using serde, so that one pass can collect *all* mistakes, each with the
+//! line it is on. See docs/rules.md for the format.
+
+use std::ffi::{c_char, c_int, CString};
+use std::fmt;
+use std::io;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml_edit::{Document, Item, Table, TableLike};
+
+use crate::rules::{canonical_pattern, normalize_pattern, Class, Rule, Rules, Unplaced, Writer};
+
+/// The built-in demo rules, as a rules file without `[storage]`.
+/// [`Config::demo`] parses this text, so what `labfs` prints is what it uses.
+pub const DEMO_RULES_TOML: &str = r#"# labfs built-in demo rules. Paths no rule matches are authoritative (Atlas).
+unplaced = "authoritative"
+
+# Rebuildable data: caches and scratch space stay on this node's SSD.
+[[rule]]
+path = "/cache"
+class = "ephemeral"
+
+[[rule]]
+path = "/scratch"
+class = "ephemeral"
+
+# AI model caches: large and re-downloadable.
+[[rule]]
+path = "/models"
+class = "ephemeral"
+
+[[rule]]
+path = "/transcode"
+class = "ephemeral"
+
+# Scan work areas: written locally, promoted to Atlas when finished.
+[[rule]]
+path = "/scans/*/work"
+class = "transitional"
+
+# Service state that must survive losing this node.
+[[rule]]
+path = "/appdata"
+class = "runtime"
+
+[[rule]]
+path = "/config"
+class = "runtime"
+
+# The media library: read-only through the mount.
+[[rule]]
+path = "/media"
+class = "authoritative"
+read_only = true
+"#;
+
+/// Everything labfs needs from the rules file.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (`<demo>` for the built-in rules).
+    pub source: PathBuf,
+    pub storage: Storage,
+    pub rules: Rules,
+    pub cache: CacheConfig,
+    pub atlas_health: HealthConfig,
+}
+
+/// Where the two backends keep their data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Storage {
+    /// The authoritative store: the Atlas NFS mount.
+    pub atlas: PathBuf,
+    /// This node's local SSD.
+    pub local: PathBuf,
+    /// The id written by `labfs init-atlas`, checked at mount time.
+    pub atlas_id: Option<String>,
+}
+
+/// How long the kernel may cache attributes and entries, per backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Short: other nodes change Atlas behind our back.
+    pub atlas_ttl: Duration,
+    /// Long: only this node writes its local SSD.
+    pub local_ttl: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            atlas_ttl: Duration::from_secs(1),
+            local_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// How an unresponsive Atlas is detected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// An Atlas request fails after this long instead of hanging the caller.
+    pub timeout: Duration,
+    /// How often a down Atlas is probed to notice it is back.
+    pub probe_interval: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            timeout: Duration::from_secs(10),
+            probe_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// All problems found in one rules file.
+#[derive(Debug)]
+pub struct ConfigErrors {
+    pub source: PathBuf,
+    pub errors: Vec<ConfigError>,
+}
+
+/// One problem, at a 1-based line (0 when it belongs to no line).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub line: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            match e.line {
+                0 => write!(f, "{}: {}", self.source.display(), e.message)?,
+                n => write!(f, "{}:{}: {}", self.source.display(), n, e.message)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    pub fn default_path() -> PathBuf {
+        PathBuf::from("/etc/labfs/labfs.toml")
+    }
+
+    /// Reads and parses a rules file, checking the storage directories exist.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, path, true),
+            Err(e) => Err(ConfigErrors {
+                source: path.to_path_buf(),
+                errors: vec![ConfigError {
+                    line: 0,
+                    message: format!("cannot read the rules file: {e}"),
+                }],
+            }),
+        }
+    }
+
+    /// Parses rules-file text. With `check_paths = false` the file is checked
+    /// on its own (e.g. for another host): storage directories are not looked
+    /// at, and writer names unknown here are accepted but match nobody.
+    pub fn parse(text: &str, source: &Path, check_paths: bool) -> Result<Config, ConfigErrors> {
+        let fail = |errors| ConfigErrors {
+            source: source.to_path_buf(),
+            errors,
+        };
+        let parsed = parse_text(text, check_paths, true).map_err(fail)?;
+        let Some(storage) = parsed.storage else {
+            let missing = ConfigError {
+                line: 0,
+                message: "missing [storage] section".to_string(),
+            };
+            return Err(fail(vec![missing]));
+        };
+        Ok(Config {
+            source: source.to_path_buf(),
+            storage,
+            rules: parsed.rules,
+            cache: parsed.cache,
+            atlas_health: parsed.health,
+        })
+    }
+
+    /// The built-in demo rules ([`DEMO_RULES_TOML`]) over the given stores.
+    pub fn demo(atlas: PathBuf, local: PathBuf) -> Config {
+        let parsed = parse_text(DEMO_RULES_TOML, false, false)
+            .unwrap_or_else(|e| panic!("DEMO_RULES_TOML is invalid: {e:?}"));
+        Config {
+            source: PathBuf::from("<demo>"),
+            storage: Storage {
+                atlas,
+                local,
+                atlas_id: None,
+            },
+            rules: parsed.rules,
+            cache: parsed.cache,
+            atlas_health: parsed.health,
+        }
+    }
+}
+
+const TOP_KEYS: &[&str] = &["unplaced", "storage", "cache", "atlas", "rule"];
+const STORAGE_KEYS: &[&str] = &["atlas", "local", "atlas_id"];
+const CACHE_KEYS: &[&str] = &["atlas_ttl", "local_ttl"];
+const ATLAS_KEYS: &[&str] = &["timeout", "probe_interval"];
+const RULE_KEYS: &[&str] = &["path", "class", "read_only", "writers", "promote_class"];
+const DURATION_FORMS: &str =
+    "expected e.g. \"500ms\", \"1s\", \"2m\", \"1h\" or a whole number of seconds";
+
+/// Id given to writers unknown on this host when not checking the host.
+const NOBODY_ID: u32 = u32::MAX;
+
+struct Parsed {
+    storage: Option<Storage>,
+    rules: Rules,
+    cache: CacheConfig,
+    health: HealthConfig,
+}
+
+fn parse_text(
+    text: &str,
+    check_host: bool,
+    need_storage: bool,
+) -> Result<Parsed, Vec<ConfigError>> {
+    let mut p = Parser::new(text, check_host);
+    let doc = match Document::parse(text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            let mut message = format!("TOML syntax error: {}", e.message().trim_end());
+            // Quote the offending text when short, e.g. the repeated key.
+            let snippet = e.span().and_then(|s| text.get(s)).map(str::trim);
+            if let Some(snippet) =
+                snippet.filter(|s| !s.is_empty() && s.len() <= 40 && !s.contains('\n'))
+            {
+                message.push_str(&format!(" (at `{snippet}`)"));
+            }
+            return Err(vec![ConfigError {
+                line: p.line_of(e.span()),
+                message,
+            }]);
+        }
+    };
+    let root = doc.as_table();
+    p.check_keys(root, None, TOP_KEYS);
+
+    let mut unplaced = Unplaced::default();
+    if let Some((value, line)) = p.string(root, "", "unplaced") {
+        match value {
+            "authoritative" => unplaced = Unplaced::Authoritative,
+            "deny" => unplaced = Unplaced::Deny,
+            other => p.error(
+                line,
+                format!("unknown unplaced value \"{other}\" (expected authoritative or deny)"),
+            ),
+        }
+    }
+
+    let storage = match p.section(root, "storage") {
+        Some((table, line)) => p.storage(table, line),
+        None => {
+            if need_storage && !root.contains_key("storage") {
+                p.error(
+                    0,
+                    "missing [storage] section (storage.atlas and storage.local are required)",
+                );
+            }
+            None
+        }
+    };
+
+    let mut cache = CacheConfig::default();
+    if let Some((table, _)) = p.section(root, "cache") {
+        p.check_keys(table, Some("[cache]"), CACHE_KEYS);
+        if let Some(d) = p.duration(table, "cache", "atlas_ttl") {
+            cache.atlas_ttl = d;
+        }
+        if let Some(d) = p.duration(table, "cache", "local_ttl") {
+            cache.local_ttl = d;
+        }
+    }
+
+    let mut health = HealthConfig::default();
+    if let Some((table, _)) = p.section(root, "atlas") {
+        p.check_keys(table, Some("[atlas]"), ATLAS_KEYS);
+        for (key, slot) in [
+            ("timeout", &mut health.timeout),
+            ("probe_interval", &mut health.probe_interval),
+        ] {
+            if let Some(d) = p.duration(table, "atlas", key) {
+                if d.is_zero() {
+                    p.error(
+                        p.value_line(table, key),
+                        format!("atlas.{key} must be greater than zero"),
+                    );
+                } else {
+                    *slot = d;
+                }
+            }
+        }
+    }
+
+    let rules = p.rules(root);
+    if p.errors.is_empty() {
+        Ok(Parsed {
+            storage,
+            rules: Rules::new(rules, unplaced),
+            cache,
+            health,
+        })
+    } else {
+        p.errors.sort_by_key(|e| e.line);
+        Err(p.errors)
+    }
+}
+
+struct Parser {
+    /// Byte offset where each line starts, to turn spans into line numbers.
+    line_starts: Vec<usize>,
+    check_host: bool,
+    errors: Vec<ConfigError>,
+}
+
+impl Parser {
+    fn new(text: &str, check_host: bool) -> Parser {
+        let line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Parser {
+            line_starts,
+            check_host,
+            errors: Vec::new(),
+        }
+    }
+
+    fn line_of(&self, span: Option<Range<usize>>) -> usize {
+        span.map_or(0, |s| {
+            self.line_starts.partition_point(|&start| start <= s.start)
+        })
+    }
+
+    fn error(&mut self, line: usize, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            line,
+            message: message.into(),
+        });
+    }
+
+    fn key_line(&self, table: &dyn TableLike, key: &str) -> usize {
+        self.line_of(table.key(key).and_then(|k| k.span()))
+    }
+
+    /// The line of a key's value (arrays may span lines), else of the key.
+    fn value_line(&self, table: &dyn TableLike, key: &str) -> usize {
+        match table.get(key).map(|item| self.line_of(item.span())) {
+            Some(line) if line > 0 => line,
+            _ => self.key_line(table, key),
+        }
+    }
+
+    fn check_keys(&mut self, table: &dyn TableLike, section: Option<&str>, allowed: &[&str]) {
+        let unknown: Vec<String> = table
+            .iter()
+            .map(|(k, _)| k.to_string())
+            .filter(|k| !allowed.contains(&k.as_str()))
+            .collect();
+        for key in unknown {
+            let line = self.key_line(table, &key);
+            let place = section.map(|s| format!(" in {s}")).unwrap_or_default();
+            self.error(
+                line,
+                format!(
+                    "unknown key \"{key}\"{place} (expected one of {})",
+                    allowed.join(", ")
+                ),
+            );
+        }
+    }
+
+    fn type_error(
+        &mut self,
+        table: &dyn TableLike,
+        section: &str,
+        key: &str,
+        expected: &str,
+        item: &Item,
+    ) {
+        let name = qualified(section, key);
+        let line = self.value_line(table, key);
+        self.error(
+            line,
+            format!("{name} must be {expected}, found {}", item.type_name()),
+        );
+    }
+
+    /// A sub-table such as `[storage]`, with the line of its header.
+    fn section<'d>(&mut self, root: &'d Table, name: &str) -> Option<(&'d dyn TableLike, usize)> {
+        let item = root.get(name)?;
+        let line = self.key_line(root, name);
+        match item.as_table_like() {
+            Some(table) => Some((table, line)),
+            None => {
+                let found = item.type_name();
+                self.error(
+                    line,
+                    format!("{name} must be a table ([{name}]), found {found}"),
+                );
+                None
+            }
+        }
+    }
+
+    /// A string value and its line; `None` if absent or (reported) mistyped.
+    fn string<'d>(
+        &mut self,
+        table: &'d dyn TableLike,
+        section: &str,
+        key: &str,
+    ) -> Option<(&'d str, usize)> {
+        let item = table.get(key)?;
+        match item.as_str() {
+            Some(s) => Some((s, self.value_line(table, key))),
+            None => {
+                self.type_error(table, section, key, "a string", item);
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, table: &dyn TableLike, section: &str, key: &str) -> Option<Duration> {
+        let item = table.get(key)?;
+        let parsed = match (item.as_integer(), item.as_str()) {
+            (Some(n), _) => u64::try_from(n).ok().map(Duration::from_secs),
+            (None, Some(s)) => parse_duration(s),
+            (None, None) => {
+                self.type_error(table, section, key, "a duration string or integer", item);
+                return None;
+            }
+        };
+        if parsed.is_none() {
+            let shown = item.as_str().map_or_else(
+                || item.as_integer().unwrap_or_default().to_string(),
+                |s| format!("\"{s}\""),
+            );
+            let name = qualified(section, key);
+            self.error(
+                self.value_line(table, key),
+                format!("bad duration {shown} for {name} ({DURATION_FORMS})"),
+            );
+        }
+        parsed
+    }
+
+    fn storage(&mut self, table: &dyn TableLike, line: usize) -> Option<Storage> {
+        self.check_keys(table, Some("[storage]"), STORAGE_KEYS);
+        let atlas = self.storage_dir(table, "atlas", line, "the Atlas NFS mount");
+        let local = self.storage_dir(table, "local", line, "this node's local SSD directory");
+        let atlas_id = match self.string(table, "storage", "atlas_id") {
+            Some(("", l)) => {
+                self.error(l, "storage.atlas_id must not be empty");
+                None
+            }
+            Some((id, _)) => Some(id.to_string()),
+            None => None,
+        };
+        let (atlas, local) = (atlas?, local?);
+        let local_line = self.value_line(table, "local");
+        let same_dir = match (self.check_host, atlas.canonicalize(), local.canonicalize()) {
+            (true, Ok(a), Ok(l)) => a == l,
+            _ => false,
+        };
+        if atlas == local || same_dir {
+            self.error(
+                local_line,
+                format!(
+                    "storage.atlas and storage.local are the same directory (\"{}\")",
+                    local.display()
+                ),
+            );
+        } else if local.starts_with(&atlas) {
+            self.error(local_line, "storage.local must not be inside storage.atlas");
+        } else if atlas.starts_with(&local) {
+            self.error(local_line, "storage.atlas must not be inside storage.local");
+        }
+        Some(Storage {
+            atlas,
+            local,
+            atlas_id,
+        })
+    }
+
+    fn storage_dir(
+        &mut self,
+        table: &dyn TableLike,
+        key: &str,
+        line: usize,
+        what: &str,
+    ) -> Option<PathBuf> {
+        let Some((raw, l)) = self.string(table, "storage", key) else {
+            if table.get(key).is_none() {
+                self.error(line, format!("missing storage.{key} ({what})"));
+            }
+            return None;
+        };
+        if !raw.starts_with('/') {
+            self.error(
+                l,
+                format!("storage.{key} must be an absolute path, got \"{raw}\""),
+            );
+            return None;
+        }
+        let path = PathBuf::from(raw);
+        if self.check_host {
+            match std::fs::metadata(&path) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => self.error(l, format!("storage.{key} \"{raw}\" is not a directory")),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.error(l, format!("storage.{key} \"{raw}\" does not exist"));
+                }
+                Err(e) => self.error(l, format!("storage.{key} \"{raw}\" cannot be checked: {e}")),
+            }
+        }
+        Some(path)
+    }
+
+    fn rules(&mut self, root: &Table) -> Vec<Rule> {
+        let Some(item) = root.get("rule") else {
+            return Vec::new();
+        };
+        let Some(tables) = item.as_array_of_tables() else {
+            let line = self.key_line(root, "rule");
+            let found = item.type_name();
+            self.error(
+                line,
+                format!("rule must be written as [[rule]] tables, found {found}"),
+            );
+            return Vec::new();
+        };
+        let mut rules = Vec::new();
+        // (canonical pattern, [(line, path as written)]) in first-seen order.
+        let mut groups: Vec<(String, Vec<(usize, String)>)> = Vec::new();
+        for table in tables.iter() {
+            let line = self.line_of(table.span());
+            if let Some((rule, written)) = self.rule(table, line) {
+                let canonical = canonical_pattern(&written);
+                match groups.iter_mut().find(|(c, _)| *c == canonical) {
+                    Some((_, seen)) => seen.push((line, written)),
+                    None => groups.push((canonical, vec![(line, written)])),
+                }
+                rules.extend(rule);
+            }
+        }
+        for (_, seen) in groups.iter().filter(|(_, seen)| seen.len() > 1) {
+            for (i, (line, path)) in seen.iter().enumerate() {
+                let others: Vec<String> = seen
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, (l, p))| format!("\"{p}\" at line {l}"))
+                    .collect();
+                let msg = format!(
+                    "duplicate rule for \"{path}\": same path as {}",
+                    others.join(", ")
+                );
+                self.error(*line, msg);
+            }
+        }
+        rules
+    }
+
+    /// One `[[rule]]`: when its path is valid, the path as written (for
+    /// duplicate detection) and the rule itself if the rest is valid too.
+    fn rule(&mut self, table: &Table, line: usize) -> Option<(Option<Rule>, String)> {
+        self.check_keys(table, Some("[[rule]]"), RULE_KEYS);
+        let path = match self.string(table, "rule", "path") {
+            Some((raw, l)) => match normalize_pattern(raw) {
+                Ok(p) => Some((p, raw.to_string())),
+                Err(why) => {
+                    self.error(l, format!("invalid rule path \"{raw}\": {why}"));
+                    None
+                }
+            },
+            None => {
+                if table.get("path").is_none() {
+                    self.error(line, "rule is missing \"path\"");
+                }
+                None
+            }
+        };
+        let class = match self.string(table, "rule", "class") {
+            Some((name, l)) => self.class(name, l),
+            None => {
+                if table.get("class").is_none() {
+                    self.error(line, "rule is missing \"class\"");
+                }
+                None
+            }
+        };
+        let read_only = match table.get("read_only") {
+            None => false,
+            Some(item) => item.as_bool().unwrap_or_else(|| {
+                self.type_error(table, "rule", "read_only", "true or false", item);
+                false
+            }),
+        };
+        let writers = self.writers(table);
+        let promote_class = self.promote_class(table, class);
+        let (path, written) = path?;
+        let rule = class.map(|class| Rule {
+            path,
+            class,
+            read_only,
+            writers,
+            promote_class,
+            line,
+        });
+        Some((rule, written))
+    }
+
+    fn class(&mut self, name: &str, line: usize) -> Option<Class> {
+        let class = Class::parse(name);
+        if class.is_none() {
+            let all: Vec<&str> = Class::ALL.iter().map(|c| c.as_str()).collect();
+            self.error(
+                line,
+                format!(
+                    "unknown class \"{name}\" (expected one of {})",
+                    all.join(", ")
+                ),
+            );
+        }
+        class
+    }
+
+    fn promote_class(&mut self, table: &Table, class: Option<Class>) -> Option<Class> {
+        let (name, line) = self.string(table, "rule", "promote_class")?;
+        let promote = self.class(name, line)?;
+        if let Some(class) = class.filter(|c| *c != Class::Transitional) {
+            self.error(
+                line,
+                format!(
+                    "promote_class is only allowed on transitional rules (this rule is {class})"
+                ),
+            );
+        }
+        if promote.backend() != crate::rules::BackendKind::Atlas {
+            self.error(
+                line,
+                format!(
+                    "promote_class \"{promote}\" must be an Atlas class (authoritative or runtime): \
+                     promotion moves files to Atlas"
+                ),
+            );
+        }
+        Some(promote)
+    }
+
+    fn writers(&mut self, table: &Table) -> Vec<Writer> {
+        let Some(item) = table.get("writers") else {
+            return Vec::new();
+        };
+        let Some(array) = item.as_array() else {
+            self.type_error(table, "rule", "writers", "an array of strings", item);
+            return Vec::new();
+        };
+        let mut writers = Vec::new();
+        for value in array.iter() {
+            let line = match self.line_of(value.span()) {
+                0 => self.value_line(table, "writers"),
+                l => l,
+            };
+            match value.as_str() {
+                None => self.error(
+                    line,
+                    format!(
+                        "rule.writers entries must be strings, found {}",
+                        value.type_name()
+                    ),
+                ),
+                Some(spec) => match parse_writer(spec, self.check_host) {
+                    Ok(w) => writers.push(w),
+                    Err(msg) => self.error(line, msg),
+                },
+            }
+        }
+        writers
+    }
+}
+
+fn qualified(section: &str, key: &str) -> String {
+    if section.is_empty() {
+        key.to_string()
+    } else {
+        format!("{section}.{key}")
+    }
+}
+
+/// `"500ms"`, `"1s"`, `"2m"`, `"1h"`, or a bare number of seconds.
+fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    match unit.trim_start() {
+        "ms" => Some(Duration::from_millis(n)),
+        "" | "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+/// A `writers` entry: `user:NAME`, `group:NAME`, `uid:N`, `gid:N` or `NAME`.
+fn parse_writer(spec: &str, check_host: bool) -> Result<Writer, String> {
+    let (kind, name) = spec.split_once(':').unwrap_or(("user", spec));
+    if name.is_empty() {
+        return Err(format!("empty name in writers entry \"{spec}\""));
+    }
+    let number = |what: &str| {
+        name.parse::<u32>()
+            .map_err(|_| format!("invalid {what} \"{name}\" in writers (expected a number)"))
+    };
+    let lookup = |what: &str, found: io::Result<Option<u32>>| match found {
+        Ok(Some(id)) => Ok(id),
+        Ok(None) if !check_host => Ok(NOBODY_ID),
+        Ok(None) => Err(format!("unknown {what} \"{name}\" in writers")),
+        Err(e) => Err(format!("cannot look up {what} \"{name}\": {e}")),
+    };
+    let name_s = name.to_string();
+    match kind {
+        "user" => Ok(Writer::User {
+            uid: lookup("user", lookup_user(name))?,
+            name: name_s,
+        }),
+        "group" => Ok(Writer::Group {
+            gid: lookup("group", lookup_group(name))?,
+            name: name_s,
+        }),
+        "uid" => Ok(Writer::User {
+            uid: number("uid")?,
+            name: name_s,
+        }),
+        "gid" => Ok(Writer::Group {
+            gid: number("gid")?,
+            name: name_s,
+        }),
+        other => Err(format!(
+            "unknown writer kind \"{other}\" in \"{spec}\" (expected user:NAME, group:NAME, uid:N, gid:N or NAME)"
+        )),
+    }
+}
+
+/// Calls a reentrant `get*nam_r`, growing the buffer on ERANGE.
+fn lookup_id<T>(
+    name: &str,
+    call: unsafe extern "C" fn(*const c_char, *mut T, *mut c_char, usize, *mut *mut T) -> c_int,
+    id: impl Fn(&T) -> u32,
+) -> io::Result<Option<u32>> {
+    let Ok(cname) = CString::new(name) else {
+        return Ok(None);
+    };
+    let mut buf: Vec<c_char> = vec![0; 1024];
+    loop {
+        // SAFETY: passwd/group are plain C structs for which all-zero is valid.
+        let mut entry: T = unsafe { std::mem::zeroed() };
+        let mut result: *mut T = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call, `buf.len()` is its size.
+        let rc = unsafe {
+            call(
+                cname.as_ptr(),
+                &raw mut entry,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &raw mut result,
+            )
+        };
+        match rc {
+            0 if result.is_null() => return Ok(None),
+            0 => return Ok(Some(id(&entry))),
+            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 2, 0),
+            // Some libcs report "no such entry" as an errno.
+            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(None),
+            rc => return Err(io::Error::from_raw_os_error(rc)),
+        }
+    }
+}
+
+fn lookup_user(name: &str) -> io::Result<Option<u32>> {
+    lookup_id(name, libc::getpwnam_r, |p: &libc::passwd| p.pw_uid)
+}
+
+fn lookup_group(name: &str) -> io::Result<Option<u32>> {
+    lookup_id(name, libc::getgrnam_r, |g: &libc::group| g.gr_gid)
+}
+
+#[cfg(test)]
+mod tests;

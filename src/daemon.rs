@@ -1,0 +1,306 @@
+//! Mount lifecycle: checks before mounting, daemonizing once the mount is ready,
+//! signals (SIGTERM/SIGINT unmount cleanly, SIGHUP reloads the rules), exit status.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::fd::{FromRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::fs::{LabFs, MountOptions};
+
+/// What `labfs mount` was asked to do.
+pub struct MountRequest {
+    pub config: Config,
+    /// Where the rules came from, to re-read on SIGHUP (None for the demo).
+    pub config_path: Option<PathBuf>,
+    pub mountpoint: PathBuf,
+    pub foreground: bool,
+    pub allow_unmarked: bool,
+    pub recover: bool,
+    pub options: Vec<String>,
+    pub mount_options: MountOptions,
+}
+
+/// Why a mount did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// State of a mountpoint before mounting.
+#[derive(Debug, PartialEq, Eq)]
+pub enum MountpointState {
+    Ready,
+    AlreadyLabfs,
+    Stale,
+    Missing,
+    NotDirectory,
+}
+
+pub fn mountinfo_has(mountpoint: &Path) -> Option<String> {
+    let canon = fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = canon.to_string_lossy().replace(' ', "\\040");
+    let mut found = None;
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        if f.len() > 4 && f[4] == want {
+            let sep = f.iter().position(|x| *x == "-")?;
+            found = f.get(sep + 1).map(|s| s.to_string());
+        }
+    }
+    found
+}
+
+pub fn mountpoint_state(mountpoint: &Path) -> MountpointState {
+    match fs::metadata(mountpoint) {
+        Ok(m) if m.is_dir() => {
+            if mountinfo_has(mountpoint).is_some_and(|t| t == "fuse.labfs") {
+                MountpointState::AlreadyLabfs
+            } else {
+                MountpointState::Ready
+            }
+        }
+        Ok(_) => MountpointState::NotDirectory,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => MountpointState::Stale,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => MountpointState::Missing,
+        Err(_) => MountpointState::Stale,
+    }
+}
+
+/// Lazy-unmount a dead mount left by a daemon that died.
+pub fn lazy_unmount(mountpoint: &Path) -> io::Result<()> {
+    let c = CString::new(mountpoint.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn precheck(req: &MountRequest) -> Result<(), MountError> {
+    let mp = &req.mountpoint;
+    match mountpoint_state(mp) {
+        MountpointState::Ready => {}
+        MountpointState::AlreadyLabfs => {
+            return Err(MountError::Refused(format!(
+                "{}: already a labfs mount. Unmount it first (`umount {}`), or check it with `labfs status {}`.",
+                mp.display(),
+                mp.display(),
+                mp.display()
+            )))
+        }
+        MountpointState::Stale if req.recover => {
+            warn!("{}: removing the dead mount left by a previous daemon", mp.display());
+            lazy_unmount(mp)?;
+        }
+        MountpointState::Stale => {
+            return Err(MountError::Refused(format!(
+                "{}: the previous labfs daemon died (Transport endpoint is not connected). Run `labfs mount --recover ...` (or `umount -l {}`) and mount again.",
+                mp.display(),
+                mp.display()
+            )))
+        }
+        MountpointState::Missing => {
+            return Err(MountError::Refused(format!("{}: mountpoint does not exist", mp.display())))
+        }
+        MountpointState::NotDirectory => {
+            return Err(MountError::Refused(format!("{}: mountpoint is not a directory", mp.display())))
+        }
+    }
+    let s = &req.config.storage;
+    if req.allow_unmarked {
+        warn!(
+            "--allow-unmarked: NOT checking that {} is really Atlas. Authoritative data may land on a plain local directory. Use this only for first-time setup and demos.",
+            s.atlas.display()
+        );
+        eprintln!(
+            "labfs: WARNING: --allow-unmarked: not checking that {} is Atlas; for setup and demos only",
+            s.atlas.display()
+        );
+    } else {
+        crate::atlas_id::verify(&s.atlas, &s.local, s.atlas_id.as_deref())
+            .map_err(|e| MountError::Refused(e.to_string()))?;
+    }
+    Ok(())
+}
+
+fn pipe() -> io::Result<(fs::File, fs::File)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: fds is a valid array of two descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are new and owned here.
+    Ok(unsafe { (fs::File::from_raw_fd(fds[0]), fs::File::from_raw_fd(fds[1])) })
+}
+
+/// Mount and serve. Without `foreground`, returns in the parent once the mount is ready
+/// (or failed), and the child serves until unmounted.
+pub fn mount(req: MountRequest) -> Result<(), MountError> {
+    precheck(&req)?;
+    if req.foreground {
+        return serve(req, None);
+    }
+    let (mut rd, wr) = pipe()?;
+    // Fork before any thread exists: the child becomes the daemon.
+    // SAFETY: single-threaded at this point (no runtime, no helper threads yet).
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error().into()),
+        0 => {
+            drop(rd);
+            // SAFETY: setsid in the child detaches it from the terminal's session.
+            unsafe { libc::setsid() };
+            let code = match serve(req, Some(wr)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    error!("{e}");
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+        _pid => {
+            drop(wr);
+            let mut msg = String::new();
+            let _ = rd.read_to_string(&mut msg);
+            if msg.starts_with("ready") {
+                Ok(())
+            } else if msg.is_empty() {
+                Err(MountError::Refused("the daemon exited before the mount was ready (see its log)".into()))
+            } else {
+                Err(MountError::Refused(msg.trim().to_string()))
+            }
+        }
+    }
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local set; the mask is inherited by threads
+    // created afterwards, so signals are only taken by sigwait below.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn serve(req: MountRequest, mut ready_pipe: Option<fs::File>) -> Result<(), MountError> {
+    let sigset = block_signals();
+    // Files are created with the caller's umask (applied per request), never the daemon's.
+    // SAFETY: umask is always safe.
+    unsafe { libc::umask(0) };
+    let fs = match LabFs::new(&req.config, req.mount_options.clone()) {
+        Ok(fs) => Arc::new(fs),
+        Err(e) => {
+            let msg = format!("cannot open the backends: {e}");
+            if let Some(p) = ready_pipe.as_mut() {
+                let _ = p.write_all(msg.as_bytes());
+            }
+            return Err(MountError::Refused(msg));
+        }
+    };
+    fs.health
+        .start_probe(fs.atlas.root_fd(), req.config.atlas_health.probe_interval);
+    crate::promote::recover_on_mount(&fs);
+    let fsname = format!("labfs:{}", req.config.storage.atlas.display());
+    let mountpoint = req.mountpoint.clone();
+    let config_path = req.config_path.clone();
+    let fs2 = fs.clone();
+    let mut pipe_for_error = ready_pipe.take();
+    let result = crate::fuse::serve(fs.clone(), &mountpoint, &fsname, &req.options, |unmounter| {
+        info!(
+            "mounted {} (atlas {}, local {})",
+            mountpoint.display(),
+            req.config.storage.atlas.display(),
+            req.config.storage.local.display()
+        );
+        if let Some(mut p) = pipe_for_error.take() {
+            let _ = p.write_all(b"ready");
+            drop(p);
+            detach_stdio();
+        }
+        let mut unmounter = unmounter;
+        let mp = mountpoint.clone();
+        let _ = thread::Builder::new().name("signals".into()).spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: waiting on the blocked set.
+            if unsafe { libc::sigwait(&sigset, &mut sig) } != 0 {
+                continue;
+            }
+            match sig {
+                libc::SIGHUP => reload(&fs2, config_path.as_deref()),
+                _ => {
+                    info!("signal {sig}: unmounting {}", mp.display());
+                    crate::promote::shutdown(&fs2);
+                    if let Err(e) = unmounter.unmount() {
+                        warn!("unmount {}: {e}; lazily detaching", mp.display());
+                        let _ = lazy_unmount(&mp);
+                    }
+                    return;
+                }
+            }
+        });
+    });
+    match result {
+        Ok(()) => {
+            info!("{} unmounted; exiting", req.mountpoint.display());
+            Ok(())
+        }
+        Err(e) => {
+            let msg = format!("mount {}: {e}", req.mountpoint.display());
+            if let Some(mut p) = pipe_for_error {
+                let _ = p.write_all(msg.as_bytes());
+            }
+            Err(MountError::Refused(msg))
+        }
+    }
+}
+
+/// Re-read the rules file; keep the old rules if the new file is invalid.
+pub fn reload(fs: &LabFs, path: Option<&Path>) {
+    let Some(path) = path else {
+        info!("SIGHUP: the demo's built-in rules do not change");
+        return;
+    };
+    match Config::load(path) {
+        Ok(c) => {
+            fs.reload(&c);
+            info!("rules reloaded from {}", path.display());
+        }
+        Err(e) => error!("rules NOT reloaded, the old rules stay in force:\n{e}"),
+    }
+}
+
+/// After daemonizing: stdin/stdout to /dev/null; stderr too if it is a terminal.
+fn detach_stdio() {
+    let null = CString::new("/dev/null").unwrap_or_default();
+    // SAFETY: plain descriptor manipulation on the process's own stdio.
+    unsafe {
+        let fd = libc::open(null.as_ptr(), libc::O_RDWR);
+        if fd >= 0 {
+            libc::dup2(fd, 0);
+            libc::dup2(fd, 1);
+            if libc::isatty(2) == 1 {
+                libc::dup2(fd, 2);
+            }
+            if fd > 2 {
+                libc::close(fd);
+            }
+        }
+    }
+}

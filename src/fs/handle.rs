@@ -1,0 +1,517 @@
+//! Open file and directory handles.
+//!
+//! Handle lifetime: `open`/`create` make a [`FileHandle`] holding the backend file
+//! descriptor, `release` drops it; `opendir` snapshots the union listing of the
+//! directory into a [`DirHandle`] (so offsets stay valid while entries come and go),
+//! `releasedir` drops it. Handles record the backend they were opened on: an open
+//! file keeps reading and writing the object it opened even if it is promoted
+//! meanwhile. Writers are counted per inode so `promote` can refuse files that are
+//! still being written.
+
+use std::ffi::{CStr, OsStr, OsString};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use parking_lot::Mutex;
+
+use super::attr::{EntryOut, Kind};
+use super::backend::{cstring, fstatat, join};
+use super::{key_of, Attr, Ctx, LabFs, ROOT_INO};
+use crate::error::{check, check_size, Error, Result};
+use crate::rules::{BackendKind, Class};
+
+pub struct FileHandle {
+    pub ino: u64,
+    pub fd: OwnedFd,
+    pub backend: BackendKind,
+    pub writable: bool,
+}
+
+/// One entry of a directory snapshot.
+pub struct DirItem {
+    pub name: OsString,
+    pub kind: Option<Kind>,
+    /// Which backend listing it came from (None for `.` and `..`).
+    pub from: Option<BackendKind>,
+}
+
+pub struct DirHandle {
+    pub ino: u64,
+    pub items: Vec<DirItem>,
+    /// O_PATH descriptors of the directory on each backend it was listed from.
+    pub dirs: Vec<(BackendKind, OwnedFd)>,
+}
+
+#[derive(Default)]
+pub struct Handles {
+    files: DashMap<u64, Arc<FileHandle>>,
+    dirs: DashMap<u64, Arc<Mutex<DirHandle>>>,
+    writers: DashMap<u64, u32>,
+    next: AtomicU64,
+}
+
+impl Handles {
+    pub fn file(&self, fh: u64) -> Option<Arc<FileHandle>> {
+        self.files.get(&fh).map(|h| h.clone())
+    }
+
+    fn next(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub fn insert_file(&self, h: FileHandle) -> u64 {
+        let fh = self.next();
+        if h.writable {
+            *self.writers.entry(h.ino).or_insert(0) += 1;
+        }
+        self.files.insert(fh, Arc::new(h));
+        fh
+    }
+
+    pub fn remove_file(&self, fh: u64) -> Option<Arc<FileHandle>> {
+        let (_, h) = self.files.remove(&fh)?;
+        if h.writable {
+            self.writers.remove_if_mut(&h.ino, |_, n| {
+                *n -= 1;
+                *n == 0
+            });
+        }
+        Some(h)
+    }
+
+    /// Number of handles open for writing on `ino`.
+    pub fn writers_of(&self, ino: u64) -> u32 {
+        self.writers.get(&ino).map(|n| *n).unwrap_or(0)
+    }
+
+    pub fn open_files(&self) -> usize {
+        self.files.len()
+    }
+}
+
+/// What `open`/`create` hand back to the adapter.
+pub struct Opened {
+    pub fh: u64,
+    /// The backend descriptor to register for kernel passthrough, when allowed.
+    pub passthrough_fd: Option<RawFd>,
+    pub backend: BackendKind,
+}
+
+/// A directory entry for readdir(plus).
+pub struct DirEntryOut<'a> {
+    pub name: &'a OsStr,
+    pub offset: u64,
+    pub kind: Kind,
+    pub ino: u64,
+    pub entry: Option<EntryOut>,
+}
+
+fn fd_of(h: &FileHandle) -> RawFd {
+    h.fd.as_raw_fd()
+}
+
+impl LabFs {
+    fn file(&self, fh: u64) -> Result<Arc<FileHandle>> {
+        self.handles.file(fh).ok_or(Error::Errno(libc::EBADF))
+    }
+
+    pub(crate) fn wants_write(flags: i32) -> bool {
+        flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
+    }
+
+    pub fn open(&self, ctx: &Ctx, ino: u64, flags: i32) -> Result<Opened> {
+        let creds = self.creds(ctx);
+        let loc = self.locate_ino(&creds, ino)?;
+        if Self::wants_write(flags) {
+            self.check_writable(ctx, &loc.path, &loc.placement)?;
+        }
+        let fd = {
+            let _as = creds.assume();
+            let f = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY))
+                | libc::O_NOFOLLOW
+                | libc::O_CLOEXEC;
+            // SAFETY: valid dirfd and C string.
+            let fd = unsafe { libc::openat(loc.parent_fd.as_raw_fd(), loc.name.as_ptr(), f) };
+            check(fd)?;
+            // SAFETY: fd is a new descriptor we own.
+            unsafe { OwnedFd::from_raw_fd(fd) }
+        };
+        Ok(self.new_file_handle(ino, fd, loc.backend, flags))
+    }
+
+    pub(crate) fn new_file_handle(
+        &self,
+        ino: u64,
+        fd: OwnedFd,
+        backend: BackendKind,
+        flags: i32,
+    ) -> Opened {
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let passthrough = backend == BackendKind::Local || self.options.atlas_passthrough;
+        let raw = fd.as_raw_fd();
+        let fh = self.handles.insert_file(FileHandle {
+            ino,
+            fd,
+            backend,
+            writable,
+        });
+        Opened {
+            fh,
+            passthrough_fd: passthrough.then_some(raw),
+            backend,
+        }
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let h = self.file(fh)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0usize;
+        while done < buf.len() {
+            // SAFETY: buffer and length are valid.
+            let n = unsafe {
+                libc::pread(
+                    fd_of(&h),
+                    buf[done..].as_mut_ptr() as *mut libc::c_void,
+                    buf.len() - done,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            let n = match check_size(n) {
+                Ok(n) => n,
+                Err(e) if e.errno() == libc::EINTR => continue,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let h = self.file(fh)?;
+        let mut done = 0usize;
+        while done < data.len() {
+            // SAFETY: buffer and length are valid.
+            let n = unsafe {
+                libc::pwrite(
+                    fd_of(&h),
+                    data[done..].as_ptr() as *const libc::c_void,
+                    data.len() - done,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            match check_size(n) {
+                Ok(n) => done += n,
+                Err(e) if e.errno() == libc::EINTR => continue,
+                Err(e) if done > 0 => {
+                    let _ = e;
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done as u32)
+    }
+
+    /// close(2) of one of the caller's descriptors: report deferred write errors
+    /// (NFS reports them at close) by closing a duplicate.
+    pub fn flush(&self, fh: u64) -> Result<()> {
+        let h = self.file(fh)?;
+        // SAFETY: dup of a valid descriptor, closed at once.
+        let d = unsafe { libc::dup(fd_of(&h)) };
+        check(d)?;
+        check(unsafe { libc::close(d) })?;
+        Ok(())
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.remove_file(fh);
+    }
+
+    pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
+        let h = self.file(fh)?;
+        // SAFETY: valid descriptor.
+        check(unsafe {
+            if datasync {
+                libc::fdatasync(fd_of(&h))
+            } else {
+                libc::fsync(fd_of(&h))
+            }
+        })?;
+        Ok(())
+    }
+
+    pub fn fallocate(&self, ctx: &Ctx, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+        let h = self.file(fh)?;
+        let creds = self.creds(ctx);
+        let _as = creds.assume();
+        // SAFETY: valid descriptor.
+        check(unsafe {
+            libc::fallocate(fd_of(&h), mode, offset as libc::off_t, length as libc::off_t)
+        })?;
+        Ok(())
+    }
+
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
+        let h = self.file(fh)?;
+        // SAFETY: valid descriptor; labfs does positioned I/O, so the offset is free.
+        let r = unsafe { libc::lseek(fd_of(&h), offset as libc::off_t, whence) };
+        if r < 0 {
+            return crate::error::last_os_error();
+        }
+        Ok(r as i64)
+    }
+
+    /// copy_file_range between two open files; across filesystems, a bounded copy.
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> Result<u32> {
+        let hi = self.file(fh_in)?;
+        let ho = self.file(fh_out)?;
+        let len = len.min(u32::MAX as u64 & !0xfff) as usize;
+        let mut oi = off_in as libc::off64_t;
+        let mut oo = off_out as libc::off64_t;
+        // SAFETY: valid descriptors and offset pointers.
+        let r = unsafe { libc::copy_file_range(fd_of(&hi), &mut oi, fd_of(&ho), &mut oo, len, 0) };
+        if r >= 0 {
+            return Ok(r as u32);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EXDEV) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+                // Different filesystems underneath: copy a bounded chunk by hand.
+                let chunk = len.min(1 << 20);
+                let data = self.read(fh_in, off_in, chunk as u32)?;
+                if data.is_empty() {
+                    return Ok(0);
+                }
+                self.write(fh_out, off_out, &data)
+            }
+            _ => Err(Error::Io(e)),
+        }
+    }
+
+    // ---- directories ----
+
+    pub fn opendir(&self, ctx: &Ctx, ino: u64) -> Result<u64> {
+        let creds = self.creds(ctx);
+        let path = self.path_of(ino)?;
+        let live = self.live();
+        let p = live.rules.resolve(&path);
+        let primary = if ino == ROOT_INO {
+            p.backend()
+        } else {
+            self.locate(&creds, &path)?.backend
+        };
+        let mut items = vec![
+            DirItem {
+                name: ".".into(),
+                kind: Some(Kind::Dir),
+                from: None,
+            },
+            DirItem {
+                name: "..".into(),
+                kind: Some(Kind::Dir),
+                from: None,
+            },
+        ];
+        let mut dirs = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for b in [primary, primary.other()] {
+            let wanted = b == primary
+                || live.rules.may_place_below(&path, b)
+                || (b == BackendKind::Atlas && p.class == Class::Transitional);
+            if !wanted {
+                continue;
+            }
+            if b != primary && b == BackendKind::Atlas && self.health.is_down() {
+                // Listing the local part must not wait for a hung Atlas.
+                continue;
+            }
+            self.atlas_gate(b, &path)?;
+            let backend = self.backend(b);
+            let _as = creds.assume();
+            let dfd = match backend.open_beneath(&path, libc::O_RDONLY | libc::O_DIRECTORY) {
+                Ok(fd) => fd,
+                Err(e) if b != primary && (e.errno() == libc::ENOENT || e.errno() == libc::ENOTDIR) => continue,
+                Err(e) => return Err(e),
+            };
+            let names = list_dir(dfd)?;
+            let pfd = backend.open_dir(&path)?;
+            drop(_as);
+            for (name, dtype) in names {
+                let Some(s) = name.to_str() else { continue };
+                if s == "." || s == ".." || seen.contains(&name) {
+                    continue;
+                }
+                if ino == ROOT_INO && s == ".labfs" {
+                    continue; // labfs's own state on a backend root
+                }
+                let child = join(&path, s);
+                let cp = live.rules.resolve(&child);
+                let visible = cp.backend() == b
+                    || (b == BackendKind::Atlas
+                        && cp.class == Class::Transitional
+                        && cstring(OsStr::new(s))
+                            .map(|c| crate::tags::is_promoted(&self.atlas, pfd.as_raw_fd(), &c, &child))
+                            .unwrap_or(false));
+                if !visible {
+                    continue;
+                }
+                seen.insert(name.clone());
+                items.push(DirItem {
+                    name,
+                    kind: Kind::from_dtype(dtype),
+                    from: Some(b),
+                });
+            }
+            dirs.push((b, pfd));
+        }
+        let fh = self.handles.next();
+        self.handles
+            .dirs
+            .insert(fh, Arc::new(Mutex::new(DirHandle { ino, items, dirs })));
+        Ok(fh)
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.handles.dirs.remove(&fh);
+    }
+
+    /// Emit entries from `offset` on; `emit` returns true when the kernel's buffer is
+    /// full. With `plus`, each emitted entry (but `.` and `..`) counts as a lookup.
+    pub fn readdir(
+        &self,
+        ctx: &Ctx,
+        fh: u64,
+        offset: u64,
+        plus: bool,
+        emit: &mut dyn FnMut(DirEntryOut<'_>) -> bool,
+    ) -> Result<()> {
+        let dh = self
+            .handles
+            .dirs
+            .get(&fh)
+            .map(|d| d.clone())
+            .ok_or(Error::Errno(libc::EBADF))?;
+        let dh = dh.lock();
+        let creds = self.creds(ctx);
+        let parent_ino = self.inodes.get(dh.ino).map(|n| n.parent).unwrap_or(ROOT_INO);
+        let path = self.path_of(dh.ino)?;
+        for (i, item) in dh.items.iter().enumerate().skip(offset as usize) {
+            let off = i as u64 + 1;
+            let Some(from) = item.from else {
+                let ino = if item.name == "." { dh.ino } else { parent_ino };
+                if emit(DirEntryOut {
+                    name: &item.name,
+                    offset: off,
+                    kind: Kind::Dir,
+                    ino,
+                    entry: None,
+                }) {
+                    break;
+                }
+                continue;
+            };
+            let Some(dfd) = dh.dirs.iter().find(|(b, _)| *b == from).map(|(_, f)| f.as_raw_fd()) else {
+                continue;
+            };
+            let Ok(cname) = cstring(&item.name) else { continue };
+            let st = {
+                let _as = creds.assume();
+                match fstatat(dfd, &cname) {
+                    Ok(st) => st,
+                    Err(_) => continue, // gone since opendir
+                }
+            };
+            let key = key_of(from, &st);
+            let kind = Kind::from_mode(st.st_mode);
+            if plus {
+                let ino = self.inodes.remember(key, dh.ino, &item.name, kind == Kind::Dir);
+                let child = join(&path, &item.name.to_string_lossy());
+                let p = self.placement(&child);
+                let entry = EntryOut {
+                    attr: Attr::from_stat(&st, ino),
+                    ttl: self.entry_ttl(from, &p),
+                };
+                if emit(DirEntryOut {
+                    name: &item.name,
+                    offset: off,
+                    kind,
+                    ino,
+                    entry: Some(entry),
+                }) {
+                    // Not handed to the kernel after all.
+                    self.inodes.forget(ino, 1);
+                    break;
+                }
+            } else {
+                let ino = self.inodes.peek(&key).unwrap_or(st.st_ino | (1 << 63));
+                if emit(DirEntryOut {
+                    name: &item.name,
+                    offset: off,
+                    kind,
+                    ino,
+                    entry: None,
+                }) {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn fsyncdir(&self, ctx: &Ctx, ino: u64) -> Result<()> {
+        let creds = self.creds(ctx);
+        let loc = self.locate_ino(&creds, ino)?;
+        let b = self.backend(loc.backend);
+        let _as = creds.assume();
+        let fd = b.open_beneath(&loc.path, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        // SAFETY: valid descriptor.
+        check(unsafe { libc::fsync(fd.as_raw_fd()) })?;
+        Ok(())
+    }
+}
+
+/// Names and d_types of a directory (consumes the descriptor).
+pub fn list_dir(fd: OwnedFd) -> Result<Vec<(OsString, u8)>> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: fdopendir takes ownership of the descriptor on success.
+    let dir = unsafe { libc::fdopendir(raw) };
+    if dir.is_null() {
+        return crate::error::last_os_error();
+    }
+    std::mem::forget(fd);
+    let mut out = Vec::new();
+    loop {
+        // SAFETY: dir is a valid DIR*; errno is reset to tell end from error.
+        unsafe { *libc::__errno_location() = 0 };
+        let ent = unsafe { libc::readdir64(dir) };
+        if ent.is_null() {
+            let err = std::io::Error::last_os_error();
+            // SAFETY: closing the DIR* we opened.
+            unsafe { libc::closedir(dir) };
+            if err.raw_os_error().unwrap_or(0) != 0 {
+                return Err(Error::Io(err));
+            }
+            return Ok(out);
+        }
+        // SAFETY: ent points to a valid dirent64 until the next readdir call.
+        let (name, dtype) = unsafe {
+            let e = &*ent;
+            (CStr::from_ptr(e.d_name.as_ptr()), e.d_type)
+        };
+        out.push((OsStr::from_bytes(name.to_bytes()).to_os_string(), dtype));
+    }
+}

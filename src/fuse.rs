@@ -1,0 +1,807 @@
+//! The only module that imports fuser: turns kernel requests into calls on the core
+//! ([`crate::fs::LabFs`]) and core results into replies.
+//!
+//! Dispatch lanes: fuser runs several event-loop threads. A request whose object lives
+//! on the local SSD runs inline on the event-loop thread. A request that touches Atlas
+//! is handed to the Atlas lane (a small pool of threads) and the event loop moves on,
+//! so a hung NFS server can never occupy the threads that serve local paths. A
+//! watchdog answers ETIMEDOUT for any Atlas request that outlives the configured
+//! timeout, marks Atlas down, and the core then refuses Atlas requests at once until
+//! the health probe sees Atlas answer again.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Weak};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use fuser::{
+    AccessFlags, BackingId, Config as FuseConfig, CopyFileRangeFlags, Errno, FileAttr, FileHandle,
+    FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
+    MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+};
+use parking_lot::Mutex;
+use tracing::{debug, error, info, trace, warn, Level};
+
+use crate::error::{Error, Result};
+use crate::fs::handle::Opened;
+use crate::fs::xattr::XattrOut;
+use crate::fs::{Attr, Ctx, EntryOut, Invalidate, Kind, LabFs, SetAttr, SetTime};
+use crate::rules::BackendKind;
+
+/// Threads of the Atlas lane: how many Atlas calls may be outstanding at once.
+const ATLAS_WORKERS: usize = 16;
+
+fn kind(k: Kind) -> FileType {
+    match k {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: a.atime,
+        mtime: a.mtime,
+        ctime: a.ctime,
+        crtime: UNIX_EPOCH,
+        kind: kind(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+fn ctx(req: &Request) -> Ctx {
+    Ctx {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+    }
+}
+
+/// A reply that can carry an error.
+trait Fail: Send + 'static {
+    fn fail(self, e: Errno);
+}
+
+macro_rules! fail_impl {
+    ($($t:ty),*) => { $(impl Fail for $t { fn fail(self, e: Errno) { self.error(e) } })* };
+}
+fail_impl!(
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr
+);
+
+/// Log a failed request at its errno's level.
+fn log_failure(op: &'static str, e: &Error) {
+    let errno = e.errno();
+    match e.level() {
+        Level::ERROR => error!(op, errno, "{e}"),
+        Level::WARN => warn!(op, errno, "{e}"),
+        Level::INFO if !e.is_refusal() => info!(op, errno, "{e}"),
+        Level::INFO => debug!(op, errno, "{e}"), // refusals were logged once by the core
+        Level::DEBUG => debug!(op, errno, "{e}"),
+        _ => trace!(op, errno, "{e}"),
+    }
+}
+
+trait Expire: Send + Sync {
+    fn deadline(&self) -> Instant;
+    /// Answer ETIMEDOUT if nobody has answered yet; true when it did.
+    fn expire(&self) -> bool;
+}
+
+struct Slot<R: Fail> {
+    reply: Mutex<Option<R>>,
+    deadline: Instant,
+}
+
+impl<R: Fail> Expire for Slot<R> {
+    fn deadline(&self) -> Instant {
+        self.deadline
+    }
+    fn expire(&self) -> bool {
+        match self.reply.lock().take() {
+            Some(r) => {
+                r.fail(Errno::from_i32(libc::ETIMEDOUT));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The Atlas lane: workers plus a watchdog.
+struct AtlasLane {
+    tx: Mutex<mpsc::Sender<Job>>,
+    inflight: Arc<Mutex<Vec<Weak<dyn Expire>>>>,
+    timeout: Duration,
+}
+
+impl AtlasLane {
+    fn start(fs: Arc<LabFs>) -> AtlasLane {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..ATLAS_WORKERS {
+            let rx = rx.clone();
+            let _ = thread::Builder::new()
+                .name(format!("atlas-{i}"))
+                .spawn(move || loop {
+                    let job = rx.lock().recv();
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                });
+        }
+        let inflight: Arc<Mutex<Vec<Weak<dyn Expire>>>> = Arc::new(Mutex::new(Vec::new()));
+        let watch = inflight.clone();
+        let health = fs.health.clone();
+        let timeout = fs.health.timeout;
+        let tick = (timeout / 10).clamp(Duration::from_millis(20), Duration::from_millis(250));
+        let _ = thread::Builder::new().name("atlas-watchdog".into()).spawn(move || loop {
+            thread::sleep(tick);
+            let now = Instant::now();
+            let mut expired = Vec::new();
+            watch.lock().retain(|w| match w.upgrade() {
+                Some(s) if s.deadline() <= now => {
+                    expired.push(s);
+                    false
+                }
+                Some(_) => true,
+                None => false,
+            });
+            for s in expired {
+                if s.expire() {
+                    health.mark_down("a request waited longer than the timeout");
+                }
+            }
+        });
+        AtlasLane {
+            tx: Mutex::new(tx),
+            inflight,
+            timeout,
+        }
+    }
+}
+
+pub struct LabFuse {
+    fs: Arc<LabFs>,
+    atlas: AtlasLane,
+    pass: Arc<Passthrough>,
+}
+
+/// Kernel passthrough bookkeeping, shared with the lane threads that answer opens.
+struct Passthrough {
+    fs: Arc<LabFs>,
+    enabled: AtomicBool,
+    /// One backing id per inode while any handle uses it (the kernel requires it).
+    backing: DashMap<u64, (u64, Weak<BackingId>)>,
+    fh_backing: DashMap<u64, Arc<BackingId>>,
+}
+
+impl LabFuse {
+    pub fn new(fs: Arc<LabFs>) -> LabFuse {
+        LabFuse {
+            atlas: AtlasLane::start(fs.clone()),
+            pass: Arc::new(Passthrough {
+                fs: fs.clone(),
+                enabled: AtomicBool::new(false),
+                backing: DashMap::new(),
+                fh_backing: DashMap::new(),
+            }),
+            fs,
+        }
+    }
+
+    fn lane_ino(&self, ino: INodeNo) -> BackendKind {
+        self.fs.backend_of(ino.0).unwrap_or(BackendKind::Local)
+    }
+
+    fn lane_child(&self, parent: INodeNo, name: &OsStr) -> BackendKind {
+        self.fs
+            .backend_of_child(parent.0, name)
+            .unwrap_or(BackendKind::Local)
+    }
+
+    /// Run `work` on the lane of `backend` and answer with `ok` or the error.
+    fn run<R: Fail, T: Send + 'static>(
+        &self,
+        backend: BackendKind,
+        op: &'static str,
+        reply: R,
+        work: impl FnOnce(&LabFs) -> Result<T> + Send + 'static,
+        ok: impl FnOnce(R, T) + Send + 'static,
+    ) {
+        if backend == BackendKind::Local {
+            match work(&self.fs) {
+                Ok(t) => ok(reply, t),
+                Err(e) => {
+                    log_failure(op, &e);
+                    reply.fail(Errno::from_i32(e.errno()));
+                }
+            }
+            return;
+        }
+        let slot = Arc::new(Slot {
+            reply: Mutex::new(Some(reply)),
+            deadline: Instant::now() + self.atlas.timeout,
+        });
+        let weak: Weak<dyn Expire> = Arc::downgrade(&slot) as Weak<dyn Expire>;
+        self.atlas.inflight.lock().push(weak);
+        let fs = self.fs.clone();
+        let job: Job = Box::new(move || {
+            if slot.reply.lock().is_none() {
+                return; // timed out while queued: do not act late
+            }
+            let res = work(&fs);
+            let Some(reply) = slot.reply.lock().take() else {
+                return;
+            };
+            match res {
+                Ok(t) => ok(reply, t),
+                Err(e) => {
+                    log_failure(op, &e);
+                    reply.fail(Errno::from_i32(e.errno()));
+                }
+            }
+        });
+        if let Err(mpsc::SendError(job)) = self.atlas.tx.lock().send(job) {
+            job();
+        }
+    }
+}
+
+impl Passthrough {
+    fn reply_open(&self, ino: u64, o: Opened, reply: ReplyOpen) {
+        match self.backing_for(ino, &o, |fd| reply.open_backing(fd)) {
+            Ok(id) => {
+                reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), &id);
+                self.fh_backing.insert(o.fh, id);
+            }
+            Err(direct) => reply.opened(FileHandle(o.fh), open_flags(&o, direct)),
+        }
+    }
+
+    fn reply_create(&self, e: EntryOut, o: Opened, reply: ReplyCreate) {
+        let attr = file_attr(&e.attr);
+        match self.backing_for(e.attr.ino, &o, |fd| reply.open_backing(fd)) {
+            Ok(id) => {
+                reply.created_passthrough(&e.ttl, &attr, Generation(0), FileHandle(o.fh), FopenFlags::empty(), &id);
+                self.fh_backing.insert(o.fh, id);
+            }
+            Err(direct) => reply.created(&e.ttl, &attr, Generation(0), FileHandle(o.fh), open_flags(&o, direct)),
+        }
+    }
+
+    /// The inode's backing id for kernel passthrough, registering it on first open.
+    /// `Err(direct)`: no passthrough for this open; `direct` when another handle of the
+    /// inode already passes through to a different object (the kernel then allows only
+    /// uncached I/O beside it).
+    fn backing_for(
+        &self,
+        ino: u64,
+        o: &Opened,
+        register: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> std::io::Result<BackingId>,
+    ) -> std::result::Result<Arc<BackingId>, bool> {
+        use std::os::fd::AsFd;
+        if !self.enabled.load(Ordering::Relaxed) {
+            return Err(false);
+        }
+        let raw = o.passthrough_fd.ok_or(false)?;
+        let h = self.fs.handles.file(o.fh).ok_or(false)?;
+        let st = crate::fs::backend::fstat(raw).map_err(|_| false)?;
+        let key = st.st_ino ^ (st.st_dev << 32);
+        let mut slot = self.backing.entry(ino).or_insert((key, Weak::new()));
+        if let Some(id) = slot.1.upgrade() {
+            // Same object: share the id. Another object (promoted meanwhile): uncached.
+            return if slot.0 == key { Ok(id) } else { Err(true) };
+        }
+        match register(h.fd.as_fd()) {
+            Ok(id) => {
+                let id = Arc::new(id);
+                *slot = (key, Arc::downgrade(&id));
+                Ok(id)
+            }
+            Err(e) => {
+                debug!(ino, "passthrough not available for this file: {e}");
+                Err(false)
+            }
+        }
+    }
+
+    fn released(&self, ino: u64, fh: u64) {
+        if self.fh_backing.remove(&fh).is_some() {
+            self.backing.remove_if(&ino, |_, (_, w)| w.strong_count() == 0);
+        }
+    }
+}
+
+
+fn open_flags(o: &Opened, direct: bool) -> FopenFlags {
+    if direct {
+        return FopenFlags::FOPEN_DIRECT_IO;
+    }
+    match o.backend {
+        // labfs is the only writer of the local SSD: keep the page cache across opens.
+        BackendKind::Local => FopenFlags::FOPEN_KEEP_CACHE,
+        BackendKind::Atlas => FopenFlags::empty(),
+    }
+}
+
+fn time(t: Option<TimeOrNow>) -> Option<SetTime> {
+    t.map(|t| match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(s) => SetTime::At(s),
+    })
+}
+
+fn xattr_reply(reply: ReplyXattr, out: XattrOut) {
+    match out {
+        XattrOut::Size(n) => reply.size(n),
+        XattrOut::Data(d) => reply.data(&d),
+    }
+}
+
+impl Filesystem for LabFuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let caps = config.capabilities();
+        let want = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_DONT_MASK
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_CACHE_SYMLINKS;
+        let _ = config.add_capabilities(want & caps);
+        if caps.contains(InitFlags::FUSE_PASSTHROUGH)
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.pass.enabled.store(true, Ordering::Relaxed);
+            info!("kernel FUSE passthrough enabled for open files");
+        } else {
+            info!("kernel FUSE passthrough not offered: file I/O goes through the daemon");
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let c = ctx(req);
+        let n = name.to_os_string();
+        self.run(self.lane_child(parent, name), "lookup", reply, move |fs| {
+            match fs.lookup(&c, parent.0, &n) {
+                Ok(e) => Ok(Ok(e)),
+                Err(e) if e.errno() == libc::ENOENT => Ok(Err(fs.negative_ttl(parent.0, &n))),
+                Err(e) => Err(e),
+            }
+        }, |reply, r| match r {
+            Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
+            Err(Some(ttl)) => {
+                // A negative entry: the kernel caches "no such file" for ttl.
+                let mut a = file_attr(&neg_attr());
+                a.ino = INodeNo(0);
+                reply.entry(&ttl, &a, Generation(0));
+            }
+            Err(None) => reply.error(Errno::ENOENT),
+        });
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let c = ctx(req);
+        self.run(self.lane_ino(ino), "getattr", reply, move |fs| fs.getattr(&c, ino.0, fh.map(|f| f.0)), |reply, (a, ttl)| {
+            reply.attr(&ttl, &file_attr(&a))
+        });
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let c = ctx(req);
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: time(atime),
+            mtime: time(mtime),
+            fh: fh.map(|f| f.0),
+        };
+        self.run(self.lane_ino(ino), "setattr", reply, move |fs| fs.setattr(&c, ino.0, &set), |reply, (a, ttl)| {
+            reply.attr(&ttl, &file_attr(&a))
+        });
+    }
+
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        let c = ctx(req);
+        self.run(self.lane_ino(ino), "readlink", reply, move |fs| fs.readlink(&c, ino.0), |reply, d| reply.data(&d));
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let c = ctx(req);
+        let n = name.to_os_string();
+        self.run(self.lane_child(parent, name), "mknod", reply, move |fs| fs.mknod(&c, parent.0, &n, mode, umask, rdev), entry_ok);
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let c = ctx(req);
+        let n = name.to_os_string();
+        self.run(self.lane_child(parent, name), "mkdir", reply, move |fs| fs.mkdir(&c, parent.0, &n, mode, umask), entry_ok);
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let c = ctx(req);
+        let n = name.to_os_string();
+        self.run(self.lane_child(parent, name), "unlink", reply, move |fs| fs.unlink(&c, parent.0, &n), |r, ()| r.ok());
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let c = ctx(req);
+        let n = name.to_os_string();
+        // rmdir may look at both backends' parts of the directory.
+        let lane = if self.fs.backend_of_child(parent.0, name) == Some(BackendKind::Local) && !self.fs.may_touch_atlas_below(parent.0, name) {
+            BackendKind::Local
+        } else {
+            BackendKind::Atlas
+        };
+        self.run(lane, "rmdir", reply, move |fs| fs.rmdir(&c, parent.0, &n), |r, ()| r.ok());
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let c = ctx(req);
+        let n = link_name.to_os_string();
+        let t = target.as_os_str().to_os_string();
+        self.run(self.lane_child(parent, link_name), "symlink", reply, move |fs| fs.symlink(&c, parent.0, &n, &t), entry_ok);
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let c = ctx(req);
+        let (n, nn) = (name.to_os_string(), newname.to_os_string());
+        let lane = if self.lane_child(parent, name) == BackendKind::Local && self.lane_child(newparent, newname) == BackendKind::Local {
+            BackendKind::Local
+        } else {
+            BackendKind::Atlas
+        };
+        self.run(lane, "rename", reply, move |fs| fs.rename(&c, parent.0, &n, newparent.0, &nn, flags.bits()), |r, ()| r.ok());
+    }
+
+    fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let c = ctx(req);
+        let n = newname.to_os_string();
+        self.run(self.lane_ino(ino), "link", reply, move |fs| fs.link(&c, ino.0, newparent.0, &n), entry_ok);
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let c = ctx(req);
+        let pass = self.pass.clone();
+        self.run(self.lane_ino(ino), "open", reply, move |fs| fs.open(&c, ino.0, flags.0), move |reply, o| {
+            pass.reply_open(ino.0, o, reply)
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.run(self.lane_ino(ino), "read", reply, move |fs| fs.read(fh.0, offset, size), |r, d| r.data(&d));
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        if self.lane_ino(ino) == BackendKind::Local {
+            match self.fs.write(fh.0, offset, data) {
+                Ok(n) => reply.written(n),
+                Err(e) => {
+                    log_failure("write", &e);
+                    reply.error(Errno::from_i32(e.errno()));
+                }
+            }
+            return;
+        }
+        let d = data.to_vec();
+        self.run(BackendKind::Atlas, "write", reply, move |fs| fs.write(fh.0, offset, &d), |r, n| r.written(n));
+    }
+
+    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        self.run(self.lane_ino(ino), "flush", reply, move |fs| fs.flush(fh.0), |r, ()| r.ok());
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.pass.released(_ino.0, fh.0);
+        self.fs.release(fh.0);
+        reply.ok();
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        self.run(self.lane_ino(ino), "fsync", reply, move |fs| fs.fsync(fh.0, datasync), |r, ()| r.ok());
+    }
+
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let c = ctx(req);
+        let lane = if self.fs.dir_is_local_only(ino.0) { BackendKind::Local } else { BackendKind::Atlas };
+        self.run(lane, "opendir", reply, move |fs| fs.opendir(&c, ino.0), |r, fh| r.opened(FileHandle(fh), FopenFlags::empty()));
+    }
+
+    fn readdir(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+        let c = ctx(req);
+        let lane = if self.fs.dir_is_local_only(ino.0) { BackendKind::Local } else { BackendKind::Atlas };
+        let slot = Arc::new(Mutex::new(Some(reply)));
+        let s2 = slot.clone();
+        self.run(lane, "readdir", Holder(slot), move |fs| {
+            let mut guard = s2.lock();
+            let Some(reply) = guard.as_mut() else { return Ok(()) };
+            fs.readdir(&c, fh.0, offset, false, &mut |e| reply.add(INodeNo(e.ino), e.offset, kind(e.kind), e.name))
+        }, |h, ()| {
+            if let Some(r) = h.0.lock().take() {
+                r.ok();
+            }
+        });
+    }
+
+    fn readdirplus(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
+        let c = ctx(req);
+        let lane = if self.fs.dir_is_local_only(ino.0) { BackendKind::Local } else { BackendKind::Atlas };
+        let slot = Arc::new(Mutex::new(Some(reply)));
+        let s2 = slot.clone();
+        self.run(lane, "readdirplus", HolderPlus(slot), move |fs| {
+            let mut guard = s2.lock();
+            let Some(reply) = guard.as_mut() else { return Ok(()) };
+            fs.readdir(&c, fh.0, offset, true, &mut |e| match e.entry {
+                Some(en) => reply.add(INodeNo(e.ino), e.offset, e.name, &en.ttl, &file_attr(&en.attr), Generation(0)),
+                None => {
+                    let mut a = file_attr(&neg_attr());
+                    a.ino = INodeNo(e.ino);
+                    a.kind = FileType::Directory;
+                    reply.add(INodeNo(e.ino), e.offset, e.name, &Duration::ZERO, &a, Generation(0))
+                }
+            })
+        }, |h, ()| {
+            if let Some(r) = h.0.lock().take() {
+                r.ok();
+            }
+        });
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.fs.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let c = ctx(req);
+        self.run(self.lane_ino(ino), "fsyncdir", reply, move |fs| fs.fsyncdir(&c, ino.0), |r, ()| r.ok());
+    }
+
+    fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let c = ctx(req);
+        self.run(self.lane_ino(ino), "statfs", reply, move |fs| fs.statfs(&c, ino.0), |r, s| {
+            r.statfs(s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree, s.f_bsize as u32, s.f_namemax as u32, s.f_frsize as u32)
+        });
+    }
+
+    fn setxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+        let c = ctx(req);
+        let (n, v) = (name.to_os_string(), value.to_vec());
+        self.run(self.lane_ino(ino), "setxattr", reply, move |fs| fs.setxattr(&c, ino.0, &n, &v, flags), |r, ()| r.ok());
+    }
+
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let c = ctx(req);
+        let n = name.to_os_string();
+        let lane = if n.to_str().is_some_and(|s| s.starts_with(crate::control::PREFIX)) { BackendKind::Local } else { self.lane_ino(ino) };
+        self.run(lane, "getxattr", reply, move |fs| fs.getxattr(&c, ino.0, &n, size), xattr_reply);
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let c = ctx(req);
+        self.run(self.lane_ino(ino), "listxattr", reply, move |fs| fs.listxattr(&c, ino.0, size), xattr_reply);
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let c = ctx(req);
+        let n = name.to_os_string();
+        self.run(self.lane_ino(ino), "removexattr", reply, move |fs| fs.removexattr(&c, ino.0, &n), |r, ()| r.ok());
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let c = ctx(req);
+        self.run(self.lane_ino(ino), "access", reply, move |fs| fs.access(&c, ino.0, mask.bits()), |r, ()| r.ok());
+    }
+
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        let c = ctx(req);
+        let n = name.to_os_string();
+        let pass = self.pass.clone();
+        self.run(self.lane_child(parent, name), "create", reply, move |fs| fs.create(&c, parent.0, &n, mode, umask, flags), move |reply, (e, o)| {
+            pass.reply_create(e, o, reply)
+        });
+    }
+
+    fn fallocate(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        let c = ctx(req);
+        self.run(self.lane_ino(ino), "fallocate", reply, move |fs| fs.fallocate(&c, fh.0, offset, length, mode), |r, ()| r.ok());
+    }
+
+    fn lseek(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        self.run(self.lane_ino(ino), "lseek", reply, move |fs| fs.lseek(fh.0, offset, whence), |r, o| r.offset(o));
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let lane = if self.lane_ino(ino_in) == BackendKind::Local && self.lane_ino(ino_out) == BackendKind::Local {
+            BackendKind::Local
+        } else {
+            BackendKind::Atlas
+        };
+        self.run(lane, "copy_file_range", reply, move |fs| fs.copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len), |r, n| r.written(n));
+    }
+}
+
+fn entry_ok(reply: ReplyEntry, e: EntryOut) {
+    reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0));
+}
+
+fn neg_attr() -> Attr {
+    Attr {
+        ino: 0,
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        kind: Kind::File,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+    }
+}
+
+/// Directory replies are filled in place by the worker, then sent.
+struct Holder(Arc<Mutex<Option<ReplyDirectory>>>);
+struct HolderPlus(Arc<Mutex<Option<ReplyDirectoryPlus>>>);
+
+impl Fail for Holder {
+    fn fail(self, e: Errno) {
+        if let Some(r) = self.0.lock().take() {
+            r.error(e);
+        }
+    }
+}
+
+impl Fail for HolderPlus {
+    fn fail(self, e: Errno) {
+        if let Some(r) = self.0.lock().take() {
+            r.error(e);
+        }
+    }
+}
+
+/// Mount options and threads of the FUSE session.
+pub fn session_config(fsname: &str, extra: &[String]) -> FuseConfig {
+    let mut c = FuseConfig::default();
+    c.mount_options = vec![
+        MountOption::FSName(fsname.to_string()),
+        // Passed to the kernel (not to fusermount) so /proc/mounts says fuse.labfs.
+        MountOption::CUSTOM("subtype=labfs".to_string()),
+        MountOption::DefaultPermissions,
+    ];
+    for o in extra {
+        c.mount_options.push(MountOption::CUSTOM(o.clone()));
+    }
+    c.acl = SessionACL::All;
+    let cpus = thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    c.n_threads = Some((cpus * 2).clamp(4, 16));
+    c.clone_fd = true;
+    c
+}
+
+/// Mount and serve until unmounted. `ready` is called once the kernel has the mount.
+pub fn serve(
+    fs: Arc<LabFs>,
+    mountpoint: &Path,
+    fsname: &str,
+    extra: &[String],
+    ready: impl FnOnce(fuser::SessionUnmounter),
+) -> std::io::Result<()> {
+    let config = session_config(fsname, extra);
+    let fuse = LabFuse::new(fs.clone());
+    let mut session = fuser::Session::new(fuse, mountpoint, &config)?;
+    let notifier = session.notifier();
+    fs.set_invalidator(Box::new(move |what| {
+        let r = match what {
+            Invalidate::Inode(ino) => notifier.inval_inode(INodeNo(ino), 0, 0),
+            Invalidate::Entry { parent, name } => notifier.inval_entry(INodeNo(parent), &name),
+        };
+        if let Err(e) = r {
+            debug!("kernel cache invalidation: {e}");
+        }
+    }));
+    ready(session.unmount_callable());
+    session.run()
+}

@@ -1,0 +1,9 @@
+//! The one integration test binary: every test mounts its own labfs over two private
+//! tmpfs backends (see `common::MountedLab`) and checks what a user sees through it.
+//! Must run as root with /dev/fuse present (`.ci/run` sets that up).
+
+mod common;
+mod namespace;
+mod posix;
+mod security;
+mod tools;
