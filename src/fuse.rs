@@ -36,6 +36,8 @@ use crate::rules::BackendKind;
 
 /// Threads of the Atlas lane: how many Atlas calls may be outstanding at once.
 const ATLAS_WORKERS: usize = 16;
+/// Bytes of entries prepared per readdir request: the kernel's buffer is one page.
+const READDIR_BATCH: usize = 4096;
 
 fn kind(k: Kind) -> FileType {
     match k {
@@ -139,6 +141,13 @@ struct AtlasLane {
 }
 
 impl AtlasLane {
+    /// Run a job with nobody waiting for it.
+    fn spawn(&self, job: Job) {
+        if let Err(mpsc::SendError(job)) = self.tx.lock().send(job) {
+            job();
+        }
+    }
+
     fn start(fs: Arc<LabFs>) -> AtlasLane {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
@@ -216,6 +225,14 @@ impl LabFuse {
 
     fn lane_ino(&self, ino: INodeNo) -> BackendKind {
         self.fs.backend_of(ino.0).unwrap_or(BackendKind::Local)
+    }
+
+    fn lane_dir(&self, ino: INodeNo) -> BackendKind {
+        if self.fs.dir_is_local_only(ino.0) {
+            BackendKind::Local
+        } else {
+            BackendKind::Atlas
+        }
     }
 
     fn lane_child(&self, parent: INodeNo, name: &OsStr) -> BackendKind {
@@ -580,8 +597,14 @@ impl Filesystem for LabFuse {
         reply: ReplyEmpty,
     ) {
         self.pass.released(_ino.0, fh.0);
-        self.fs.release(fh.0);
         reply.ok();
+        if self.lane_ino(_ino) == BackendKind::Atlas {
+            // close(2) on NFS flushes dirty pages and may hang with the server.
+            let fs = self.fs.clone();
+            self.atlas.spawn(Box::new(move || fs.release(fh.0)));
+        } else {
+            self.fs.release(fh.0);
+        }
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
@@ -590,47 +613,44 @@ impl Filesystem for LabFuse {
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let c = ctx(req);
-        let lane = if self.fs.dir_is_local_only(ino.0) { BackendKind::Local } else { BackendKind::Atlas };
-        self.run(lane, "opendir", reply, move |fs| fs.opendir(&c, ino.0), |r, fh| r.opened(FileHandle(fh), FopenFlags::empty()));
+        self.run(self.lane_dir(ino), "opendir", reply, move |fs| fs.opendir(&c, ino.0), |r, fh| r.opened(FileHandle(fh), FopenFlags::empty()));
     }
 
     fn readdir(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
         let c = ctx(req);
-        let lane = if self.fs.dir_is_local_only(ino.0) { BackendKind::Local } else { BackendKind::Atlas };
-        let slot = Arc::new(Mutex::new(Some(reply)));
-        let s2 = slot.clone();
-        self.run(lane, "readdir", Holder(slot), move |fs| {
-            let mut guard = s2.lock();
-            let Some(reply) = guard.as_mut() else { return Ok(()) };
-            fs.readdir(&c, fh.0, offset, false, &mut |e| reply.add(INodeNo(e.ino), e.offset, kind(e.kind), e.name))
-        }, |h, ()| {
-            if let Some(r) = h.0.lock().take() {
-                r.ok();
+        self.run(self.lane_dir(ino), "readdir", reply, move |fs| fs.readdir(&c, fh.0, offset, false, READDIR_BATCH), |mut reply, entries| {
+            for e in entries {
+                if reply.add(INodeNo(e.ino), e.offset, kind(e.kind), &e.name) {
+                    break;
+                }
             }
+            reply.ok();
         });
     }
 
     fn readdirplus(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
         let c = ctx(req);
-        let lane = if self.fs.dir_is_local_only(ino.0) { BackendKind::Local } else { BackendKind::Atlas };
-        let slot = Arc::new(Mutex::new(Some(reply)));
-        let s2 = slot.clone();
-        self.run(lane, "readdirplus", HolderPlus(slot), move |fs| {
-            let mut guard = s2.lock();
-            let Some(reply) = guard.as_mut() else { return Ok(()) };
-            fs.readdir(&c, fh.0, offset, true, &mut |e| match e.entry {
-                Some(en) => reply.add(INodeNo(e.ino), e.offset, e.name, &en.ttl, &file_attr(&en.attr), Generation(0)),
-                None => {
-                    let mut a = file_attr(&neg_attr());
-                    a.ino = INodeNo(e.ino);
-                    a.kind = FileType::Directory;
-                    reply.add(INodeNo(e.ino), e.offset, e.name, &Duration::ZERO, &a, Generation(0))
+        let fs = self.fs.clone();
+        self.run(self.lane_dir(ino), "readdirplus", reply, move |fs| fs.readdir(&c, fh.0, offset, true, READDIR_BATCH), move |mut reply, entries| {
+            let mut full = false;
+            for e in entries {
+                if !full {
+                    full = match e.entry {
+                        Some(en) => reply.add(INodeNo(e.ino), e.offset, &e.name, &en.ttl, &file_attr(&en.attr), Generation(0)),
+                        None => {
+                            let mut a = file_attr(&neg_attr());
+                            a.ino = INodeNo(e.ino);
+                            a.kind = FileType::Directory;
+                            reply.add(INodeNo(e.ino), e.offset, &e.name, &Duration::ZERO, &a, Generation(0))
+                        }
+                    };
                 }
-            })
-        }, |h, ()| {
-            if let Some(r) = h.0.lock().take() {
-                r.ok();
+                if full && e.entry.is_some() {
+                    // Not handed to the kernel after all.
+                    fs.forget(e.ino, 1);
+                }
             }
+            reply.ok();
         });
     }
 
@@ -742,25 +762,6 @@ fn neg_attr() -> Attr {
     }
 }
 
-/// Directory replies are filled in place by the worker, then sent.
-struct Holder(Arc<Mutex<Option<ReplyDirectory>>>);
-struct HolderPlus(Arc<Mutex<Option<ReplyDirectoryPlus>>>);
-
-impl Fail for Holder {
-    fn fail(self, e: Errno) {
-        if let Some(r) = self.0.lock().take() {
-            r.error(e);
-        }
-    }
-}
-
-impl Fail for HolderPlus {
-    fn fail(self, e: Errno) {
-        if let Some(r) = self.0.lock().take() {
-            r.error(e);
-        }
-    }
-}
 
 /// Mount options and threads of the FUSE session.
 pub fn session_config(fsname: &str, extra: &[String]) -> FuseConfig {

@@ -323,18 +323,16 @@ thread_local! {
     static SCRATCH: RefCell<(Vec<u32>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-fn with_scratch<R>(f: impl FnOnce(&mut Vec<u32>, &mut Vec<u32>) -> R) -> R {
-    let mut f = Some(f);
+fn with_scratch<R>(mut f: impl FnMut(&mut Vec<u32>, &mut Vec<u32>) -> R) -> R {
     let res = SCRATCH.try_with(|cell| {
         let mut guard = cell.try_borrow_mut().ok()?;
         let (a, b) = &mut *guard;
-        f.take().map(|f| f(a, b))
+        Some(f(a, b))
     });
-    match (res, f) {
-        (Ok(Some(r)), _) => r,
-        // Thread-local unavailable (thread teardown): fall back to fresh sets.
-        (_, Some(f)) => f(&mut Vec::new(), &mut Vec::new()),
-        (_, None) => unreachable!("closure consumed without a result"),
+    match res {
+        Ok(Some(r)) => r,
+        // Thread-local unavailable (thread teardown): use fresh sets.
+        _ => f(&mut Vec::new(), &mut Vec::new()),
     }
 }
 

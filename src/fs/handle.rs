@@ -101,11 +101,12 @@ pub struct Opened {
 }
 
 /// A directory entry for readdir(plus).
-pub struct DirEntryOut<'a> {
-    pub name: &'a OsStr,
+pub struct DirEntryOut {
+    pub name: OsString,
     pub offset: u64,
     pub kind: Kind,
     pub ino: u64,
+    /// With readdirplus: the entry handed to the kernel (counted as a lookup).
     pub entry: Option<EntryOut>,
 }
 
@@ -389,16 +390,10 @@ impl LabFs {
         self.handles.dirs.remove(&fh);
     }
 
-    /// Emit entries from `offset` on; `emit` returns true when the kernel's buffer is
-    /// full. With `plus`, each emitted entry (but `.` and `..`) counts as a lookup.
-    pub fn readdir(
-        &self,
-        ctx: &Ctx,
-        fh: u64,
-        offset: u64,
-        plus: bool,
-        emit: &mut dyn FnMut(DirEntryOut<'_>) -> bool,
-    ) -> Result<()> {
+    /// The entries from `offset` on that fit in `budget` bytes of the kernel's buffer.
+    /// With `plus`, each returned entry (but `.` and `..`) counts as a lookup: the
+    /// adapter forgets the ones the buffer had no room for after all ([`LabFs::forget`]).
+    pub fn readdir(&self, ctx: &Ctx, fh: u64, offset: u64, plus: bool, budget: usize) -> Result<Vec<DirEntryOut>> {
         let dh = self
             .handles
             .dirs
@@ -409,19 +404,26 @@ impl LabFs {
         let creds = self.creds(ctx);
         let parent_ino = self.inodes.get(dh.ino).map(|n| n.parent).unwrap_or(ROOT_INO);
         let path = self.path_of(dh.ino)?;
+        let mut out = Vec::new();
+        let mut used = 0usize;
         for (i, item) in dh.items.iter().enumerate().skip(offset as usize) {
+            // struct fuse_dirent is 24 bytes + name, padded to 8; fuse_direntplus adds
+            // a 128-byte fuse_entry_out.
+            let size = (24 + item.name.len()).next_multiple_of(8) + if plus { 128 } else { 0 };
+            if used + size > budget {
+                break;
+            }
+            used += size;
             let off = i as u64 + 1;
             let Some(from) = item.from else {
                 let ino = if item.name == "." { dh.ino } else { parent_ino };
-                if emit(DirEntryOut {
-                    name: &item.name,
+                out.push(DirEntryOut {
+                    name: item.name.clone(),
                     offset: off,
                     kind: Kind::Dir,
                     ino,
                     entry: None,
-                }) {
-                    break;
-                }
+                });
                 continue;
             };
             let Some(dfd) = dh.dirs.iter().find(|(b, _)| *b == from).map(|(_, f)| f.as_raw_fd()) else {
@@ -441,35 +443,28 @@ impl LabFs {
                 let ino = self.inodes.remember(key, dh.ino, &item.name, kind == Kind::Dir);
                 let child = join(&path, &item.name.to_string_lossy());
                 let p = self.placement(&child);
-                let entry = EntryOut {
-                    attr: Attr::from_stat(&st, ino),
-                    ttl: self.entry_ttl(from, &p),
-                };
-                if emit(DirEntryOut {
-                    name: &item.name,
+                out.push(DirEntryOut {
+                    name: item.name.clone(),
                     offset: off,
                     kind,
                     ino,
-                    entry: Some(entry),
-                }) {
-                    // Not handed to the kernel after all.
-                    self.inodes.forget(ino, 1);
-                    break;
-                }
+                    entry: Some(EntryOut {
+                        attr: Attr::from_stat(&st, ino),
+                        ttl: self.entry_ttl(from, &p),
+                    }),
+                });
             } else {
                 let ino = self.inodes.peek(&key).unwrap_or(st.st_ino | (1 << 63));
-                if emit(DirEntryOut {
-                    name: &item.name,
+                out.push(DirEntryOut {
+                    name: item.name.clone(),
                     offset: off,
                     kind,
                     ino,
                     entry: None,
-                }) {
-                    break;
-                }
+                });
             }
         }
-        Ok(())
+        Ok(out)
     }
 
     pub fn fsyncdir(&self, ctx: &Ctx, ino: u64) -> Result<()> {

@@ -232,6 +232,9 @@ impl LabFs {
 
     /// Check that something may be created at `path` (rules, read-only, unplaced).
     pub fn check_create(&self, ctx: &Ctx, path: &str, is_dir: bool) -> Result<Placement> {
+        if is_reserved(path) {
+            return Err(Error::Errno(libc::EACCES));
+        }
         let live = self.live();
         let p = live.rules.resolve(path);
         if p.rule.is_none()
@@ -248,6 +251,9 @@ impl LabFs {
 
     /// Find where `path` is stored and stat it (as the caller).
     pub fn locate(&self, creds: &Creds, path: &str) -> Result<Located> {
+        if is_reserved(path) {
+            return Err(Error::Errno(libc::ENOENT));
+        }
         let placement = self.placement(path);
         let primary = placement.backend();
         let (dir, name) = split(path);
@@ -441,6 +447,12 @@ pub fn key_of(backend: BackendKind, st: &libc::stat) -> BackingKey {
         dev: st.st_dev,
         ino: st.st_ino,
     }
+}
+
+/// `/.labfs` on either backend root holds labfs's own state (Atlas identity, journal,
+/// staging, tag store): never part of the namespace.
+pub fn is_reserved(path: &str) -> bool {
+    path == "/.labfs" || path.starts_with("/.labfs/")
 }
 
 /// A name from the kernel as UTF-8 (rules are written in UTF-8; other names are refused).
