@@ -5,13 +5,17 @@
 //! differs from `storage.atlas_id` in the rules file or from the id this node saw last
 //! (kept in `LOCAL/.labfs/atlas-id`), or when the Atlas path is on the same filesystem
 //! as the local backend or as `/`: all of which mean the NFS export is not mounted
-//! where labfs expects it. `--allow-unmarked` skips these checks, loudly.
+//! where labfs expects it. `--allow-unmarked` skips these checks, loudly. The checks
+//! themselves are bounded ([`verify_within`]): a hung NFS server refuses the mount
+//! instead of hanging it.
 
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub const MARKER_DIR: &str = ".labfs";
 pub const MARKER: &str = ".labfs/atlas-id";
@@ -20,15 +24,21 @@ pub const MARKER: &str = ".labfs/atlas-id";
 pub enum IdentityError {
     #[error("{atlas}: no Atlas identity marker ({MARKER}). Is the NFS export mounted there? Is storage.atlas the right path? For a new Atlas run `labfs init-atlas`; for a demo use --allow-unmarked.")]
     Missing { atlas: PathBuf },
-    #[error("{atlas}: Atlas identity is {found}, but {expected_from} expects {expected}. Another export is mounted there, or the path is wrong.")]
+    #[error("{atlas}: Atlas identity is {found}, but {expected_from} expects {expected}. Another export is mounted there, or the path is wrong. {fix}")]
     Mismatch {
         atlas: PathBuf,
         found: String,
         expected: String,
         expected_from: String,
+        /// What to do if this Atlas replaced the old one on purpose.
+        fix: String,
     },
-    #[error("{atlas}: Atlas is on the same filesystem as {other}. The NFS export is probably not mounted (the path is a plain directory on this node).")]
+    #[error("{atlas}: Atlas is on the same filesystem as {other}. The NFS export is probably not mounted (the path is a plain directory on this node): check `findmnt {atlas}`, mount the export or fix storage.atlas, and mount again.")]
     SameFilesystem { atlas: PathBuf, other: String },
+    #[error("{atlas}: {source}. Is the NFS export mounted? Is storage.atlas the right path?")]
+    Unreachable { atlas: PathBuf, source: io::Error },
+    #[error("{atlas}: Atlas did not answer within {secs:.1} s ([atlas] timeout). Is the NFS server up and reachable? (`stat {atlas}` hangs too, then.)")]
+    NotAnswering { atlas: PathBuf, secs: f64 },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("{atlas}: already initialised (id {id}); refusing to overwrite the identity marker")]
@@ -78,9 +88,47 @@ pub fn init(atlas: &Path) -> Result<String, IdentityError> {
     Ok(id)
 }
 
+/// [`verify`], giving up after `timeout`: a hung NFS server must refuse the mount, not
+/// hang it. The checks run on a helper thread that is joined when they answer (the
+/// daemon forks afterwards and must be single-threaded then).
+pub fn verify_within(
+    atlas: &Path,
+    local: &Path,
+    configured: Option<&str>,
+    timeout: Duration,
+) -> Result<String, IdentityError> {
+    let (tx, rx) = mpsc::channel();
+    let (a, l, c) = (atlas.to_path_buf(), local.to_path_buf(), configured.map(str::to_string));
+    let helper = thread::Builder::new()
+        .name("atlas-id".into())
+        .spawn(move || {
+            let _ = tx.send(verify(&a, &l, c.as_deref()));
+        })
+        .map_err(io_err(atlas))?;
+    match rx.recv_timeout(timeout) {
+        Ok(r) => {
+            let _ = helper.join();
+            r
+        }
+        Err(_) => Err(IdentityError::NotAnswering {
+            atlas: atlas.to_path_buf(),
+            secs: timeout.as_secs_f64(),
+        }),
+    }
+}
+
 /// All the checks `labfs mount` makes before mounting.
 pub fn verify(atlas: &Path, local: &Path, configured: Option<&str>) -> Result<String, IdentityError> {
-    let am = fs::metadata(atlas).map_err(io_err(atlas))?;
+    let am = fs::metadata(atlas).map_err(|source| IdentityError::Unreachable {
+        atlas: atlas.to_path_buf(),
+        source,
+    })?;
+    if !am.is_dir() {
+        return Err(IdentityError::Unreachable {
+            atlas: atlas.to_path_buf(),
+            source: io::Error::from_raw_os_error(libc::ENOTDIR),
+        });
+    }
     let lm = fs::metadata(local).map_err(io_err(local))?;
     if am.dev() == lm.dev() {
         return Err(IdentityError::SameFilesystem {
@@ -109,11 +157,13 @@ pub fn verify(atlas: &Path, local: &Path, configured: Option<&str>) -> Result<St
     };
     if let Some(want) = configured {
         if want != found {
+            let fix = format!("If Atlas was replaced on purpose, set storage.atlas_id = \"{found}\".");
             return Err(IdentityError::Mismatch {
                 atlas: atlas.to_path_buf(),
                 found,
                 expected: want.to_string(),
                 expected_from: "storage.atlas_id in the rules file".into(),
+                fix,
             });
         }
     }
@@ -125,6 +175,10 @@ pub fn verify(atlas: &Path, local: &Path, configured: Option<&str>) -> Result<St
                 found,
                 expected: prev,
                 expected_from: format!("this node's record ({})", seen.display()),
+                fix: format!(
+                    "If Atlas was replaced on purpose, delete {} and mount again.",
+                    seen.display()
+                ),
             })
         }
         Ok(_) => {}

@@ -53,6 +53,41 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Print the backup scope of Atlas (include/exclude lists) derived from the rules.
+    BackupScope {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The backup tool whose pattern syntax to print.
+        #[arg(long, value_enum, default_value = "rsync")]
+        format: crate::backup_scope::Format,
+        /// Atlas as the backup host sees it (default: storage.atlas of the rules file).
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+    },
+    /// Re-read the rules file of a running mount; an invalid file is refused and the
+    /// old rules stay in force (same as SIGHUP to the daemon).
+    Reload {
+        /// The mountpoint (default /lab).
+        #[arg(default_value = "/lab")]
+        mountpoint: PathBuf,
+    },
+    /// Promote finished transitional data to Atlas: copied, verified, renamed into
+    /// place atomically and tagged; the local copy is removed afterwards.
+    Promote {
+        /// Print the result as JSON (one object per PATH) for pipelines.
+        #[arg(long)]
+        json: bool,
+        /// If the target exists on Atlas, add and replace its files one by one
+        /// (each file atomically) instead of refusing.
+        #[arg(long)]
+        merge: bool,
+        /// Wait for files open for writing to be closed instead of refusing.
+        #[arg(long)]
+        wait: bool,
+        /// Files or directories inside a labfs mount, under a transitional rule.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Show a mount's backends, health and what is at risk.
     Status {
         /// Print JSON for scripts.
@@ -87,17 +122,41 @@ pub struct MountArgs {
     /// then hang with a hung NFS server instead of failing after the timeout).
     #[arg(long)]
     pub atlas_passthrough: bool,
+    /// Append the daemon's log to FILE (a daemonized mount otherwise logs to its
+    /// stderr, i.e. the journal under systemd, and nowhere when started from a terminal).
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
     /// Where to mount.
     pub mountpoint: PathBuf,
 }
 
 pub fn init_logging(level: Option<&str>) {
+    let _ = init_logging_to(level, None);
+}
+
+/// Logging to stderr, or appended to `file`: plain lines without timestamps under
+/// journald (`JOURNAL_STREAM`), which stamps them itself.
+pub fn init_logging_to(level: Option<&str>, file: Option<&Path>) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
     let filter = match level {
         Some(l) if !l.contains('=') => EnvFilter::new(format!("labfs={l}")),
         Some(l) => EnvFilter::new(l),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("labfs=info")),
     };
+    if let Some(path) = file {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("{}: cannot open the log file: {e}", path.display()))?;
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::sync::Mutex::new(f))
+            .with_ansi(false)
+            .with_target(false)
+            .try_init();
+        return Ok(());
+    }
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let tty = unsafe { libc::isatty(2) } == 1;
     let b = tracing_subscriber::fmt()
@@ -111,6 +170,7 @@ pub fn init_logging(level: Option<&str>) {
     } else {
         let _ = b.try_init();
     }
+    Ok(())
 }
 
 pub fn load_config(path: &Path) -> Result<Config, i32> {
@@ -121,6 +181,10 @@ pub fn load_config(path: &Path) -> Result<Config, i32> {
 }
 
 pub fn main() -> i32 {
+    // Installed as /sbin/mount.fuse.labfs, the binary is mount(8)'s helper.
+    if let Some(code) = crate::mount_helper::dispatch() {
+        return code;
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -129,7 +193,18 @@ pub fn main() -> i32 {
             return code;
         }
     };
-    init_logging(cli.log_level.as_deref());
+    let log_file = match &cli.command {
+        Command::Mount(m) => m.log_file.clone().or_else(|| {
+            crate::mount_helper::split_options(m.options.as_deref().unwrap_or(""), true)
+                .ok()
+                .and_then(|o| o.log_file)
+        }),
+        _ => None,
+    };
+    if let Err(e) = init_logging_to(cli.log_level.as_deref(), log_file.as_deref()) {
+        eprintln!("labfs: {e}");
+        return EXIT_USAGE;
+    }
     match cli.command {
         Command::Mount(m) => mount(m),
         Command::Explain { config, path } => crate::explain::run(&config.config, &path),
@@ -152,10 +227,23 @@ pub fn main() -> i32 {
             }
         }
         Command::Status { json, mountpoint } => crate::status::run(&mountpoint, json),
+        Command::Promote {
+            json,
+            merge,
+            wait,
+            paths,
+        } => crate::promote::client::run(&paths, json, merge, wait),
+        Command::BackupScope {
+            config,
+            format,
+            root,
+        } => crate::backup_scope::run(&config.config, format, root),
+        Command::Reload { mountpoint } => crate::control::reload_cli(&mountpoint),
     }
 }
 
-fn mount(m: MountArgs) -> i32 {
+/// `labfs mount` (also reached through the mount(8) helper).
+pub fn mount(m: MountArgs) -> i32 {
     let (config, config_path, allow_unmarked) = if m.demo {
         let base = PathBuf::from("/var/tmp/labfs-demo");
         let (atlas, local) = (base.join("atlas"), base.join("local"));
@@ -182,25 +270,32 @@ fn mount(m: MountArgs) -> i32 {
             Err(code) => return code,
         }
     };
-    let options: Vec<String> = m
-        .options
-        .as_deref()
-        .unwrap_or("")
-        .split(',')
-        .map(str::trim)
-        .filter(|o| !o.is_empty() && !matches!(*o, "allow_other" | "default_permissions" | "rw" | "_netdev" | "auto" | "noauto" | "nofail" | "user" | "users") && !o.starts_with("x-"))
-        .map(String::from)
-        .collect();
+    // The same option list as fstab's (see src/mount_helper.rs).
+    let opts = match crate::mount_helper::split_options(m.options.as_deref().unwrap_or(""), false) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("labfs: -o: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let log_file = m.log_file.clone().or(opts.log_file.clone());
+    if !m.foreground && log_file.is_none() && unsafe { libc::isatty(2) } == 1 {
+        eprintln!(
+            "labfs: note: the daemon's log goes nowhere once it detaches from this terminal; \
+             add --log-file FILE (or run it under systemd, which keeps it in the journal)"
+        );
+    }
     let req = crate::daemon::MountRequest {
         config,
         config_path,
         mountpoint: m.mountpoint.clone(),
         foreground: m.foreground,
-        allow_unmarked,
-        recover: m.recover,
-        options,
+        allow_unmarked: allow_unmarked || opts.allow_unmarked,
+        recover: m.recover || opts.recover,
+        options: opts.kernel,
+        detach_stderr: log_file.is_some(),
         mount_options: crate::fs::MountOptions {
-            atlas_passthrough: m.atlas_passthrough,
+            atlas_passthrough: m.atlas_passthrough || opts.atlas_passthrough,
         },
     };
     match crate::daemon::mount(req) {

@@ -24,6 +24,8 @@ pub struct MountRequest {
     pub allow_unmarked: bool,
     pub recover: bool,
     pub options: Vec<String>,
+    /// The log goes to a file: once detached, stderr is not kept open either.
+    pub detach_stderr: bool,
     pub mount_options: MountOptions,
 }
 
@@ -47,7 +49,13 @@ pub enum MountpointState {
 }
 
 pub fn mountinfo_has(mountpoint: &Path) -> Option<String> {
-    let canon = fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    // Not canonicalize(mountpoint) itself: on a dead FUSE mount it may fail (ENOTCONN).
+    let canon = match (mountpoint.parent(), mountpoint.file_name()) {
+        (Some(dir), Some(name)) if !dir.as_os_str().is_empty() => fs::canonicalize(dir)
+            .map(|d| d.join(name))
+            .unwrap_or_else(|_| mountpoint.to_path_buf()),
+        _ => fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf()),
+    };
     let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = canon.to_string_lossy().replace(' ', "\\040");
     let mut found = None;
@@ -62,6 +70,16 @@ pub fn mountinfo_has(mountpoint: &Path) -> Option<String> {
 }
 
 pub fn mountpoint_state(mountpoint: &Path) -> MountpointState {
+    if mountinfo_has(mountpoint).is_some_and(|t| t == "fuse.labfs") {
+        // stat(2) of a mount whose daemon died may still be answered from the kernel's
+        // attribute cache: ask the daemon itself (the status xattr touches no backend).
+        return match xattr::get(mountpoint, crate::control::STATUS) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)) => {
+                MountpointState::Stale
+            }
+            _ => MountpointState::AlreadyLabfs,
+        };
+    }
     match fs::metadata(mountpoint) {
         Ok(m) if m.is_dir() => {
             if mountinfo_has(mountpoint).is_some_and(|t| t == "fuse.labfs") {
@@ -129,7 +147,7 @@ fn precheck(req: &MountRequest) -> Result<(), MountError> {
             s.atlas.display()
         );
     } else {
-        crate::atlas_id::verify(&s.atlas, &s.local, s.atlas_id.as_deref())
+        crate::atlas_id::verify_within(&s.atlas, &s.local, s.atlas_id.as_deref(), req.config.atlas_health.timeout)
             .map_err(|e| MountError::Refused(e.to_string()))?;
     }
     Ok(())
@@ -217,6 +235,7 @@ fn serve(req: MountRequest, mut ready_pipe: Option<fs::File>) -> Result<(), Moun
     fs.health
         .start_probe(fs.atlas.root_fd(), req.config.atlas_health.probe_interval);
     crate::promote::recover_on_mount(&fs);
+    crate::stats::mark_start();
     let fsname = format!("labfs:{}", req.config.storage.atlas.display());
     let mountpoint = req.mountpoint.clone();
     let config_path = req.config_path.clone();
@@ -232,7 +251,7 @@ fn serve(req: MountRequest, mut ready_pipe: Option<fs::File>) -> Result<(), Moun
         if let Some(mut p) = pipe_for_error.take() {
             let _ = p.write_all(b"ready");
             drop(p);
-            detach_stdio();
+            detach_stdio(req.detach_stderr);
         }
         let mut unmounter = unmounter;
         let mp = mountpoint.clone();
@@ -243,7 +262,9 @@ fn serve(req: MountRequest, mut ready_pipe: Option<fs::File>) -> Result<(), Moun
                 continue;
             }
             match sig {
-                libc::SIGHUP => reload(&fs2, config_path.as_deref()),
+                libc::SIGHUP => {
+                    let _ = reload(&fs2, config_path.as_deref());
+                }
                 _ => {
                     info!("signal {sig}: unmounting {}", mp.display());
                     crate::promote::shutdown(&fs2);
@@ -271,23 +292,38 @@ fn serve(req: MountRequest, mut ready_pipe: Option<fs::File>) -> Result<(), Moun
     }
 }
 
-/// Re-read the rules file; keep the old rules if the new file is invalid.
-pub fn reload(fs: &LabFs, path: Option<&Path>) {
+/// Re-read the rules file (SIGHUP, `labfs reload`); keep the old rules if the new
+/// file is invalid. The error says why, for `labfs reload` to print.
+pub fn reload(fs: &LabFs, path: Option<&Path>) -> Result<(), String> {
     let Some(path) = path else {
-        info!("SIGHUP: the demo's built-in rules do not change");
-        return;
+        info!("reload: the demo's built-in rules do not change");
+        return Err("the demo's built-in rules cannot be reloaded".into());
     };
     match Config::load(path) {
         Ok(c) => {
+            let (atlas, local) = (&fs.atlas.root_path, &fs.local.root_path);
+            if c.storage.atlas != *atlas || c.storage.local != *local {
+                warn!(
+                    "reload: [storage] changed in {}; the backends stay {} and {} until the next mount",
+                    path.display(),
+                    atlas.display(),
+                    local.display()
+                );
+            }
             fs.reload(&c);
             info!("rules reloaded from {}", path.display());
+            Ok(())
         }
-        Err(e) => error!("rules NOT reloaded, the old rules stay in force:\n{e}"),
+        Err(e) => {
+            error!("rules NOT reloaded, the old rules stay in force:\n{e}");
+            Err(e.to_string())
+        }
     }
 }
 
-/// After daemonizing: stdin/stdout to /dev/null; stderr too if it is a terminal.
-fn detach_stdio() {
+/// After daemonizing: stdin/stdout to /dev/null; stderr too if it is a terminal or
+/// the log goes to a file.
+fn detach_stdio(detach_stderr: bool) {
     let null = CString::new("/dev/null").unwrap_or_default();
     // SAFETY: plain descriptor manipulation on the process's own stdio.
     unsafe {
@@ -295,7 +331,7 @@ fn detach_stdio() {
         if fd >= 0 {
             libc::dup2(fd, 0);
             libc::dup2(fd, 1);
-            if libc::isatty(2) == 1 {
+            if detach_stderr || libc::isatty(2) == 1 {
                 libc::dup2(fd, 2);
             }
             if fd > 2 {

@@ -9,10 +9,10 @@
 //! timeout, marks Atlas down, and the core then refuses Atlas requests at once until
 //! the health probe sees Atlas answer again.
 
+use std::collections::VecDeque;
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Weak};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -25,7 +25,7 @@ use fuser::{
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
     ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use tracing::{debug, error, info, trace, warn, Level};
 
 use crate::error::{Error, Result};
@@ -95,6 +95,11 @@ fail_impl!(
 /// Log a failed request at its errno's level.
 fn log_failure(op: &'static str, e: &Error) {
     let errno = e.errno();
+    if matches!(e, Error::AtlasUnavailable { .. }) {
+        // Logged once per outage and path by the core (Health::log_outage_once).
+        debug!(op, errno, "{e}");
+        return;
+    }
     match e.level() {
         Level::ERROR => error!(op, errno, "{e}"),
         Level::WARN => warn!(op, errno, "{e}"),
@@ -105,71 +110,157 @@ fn log_failure(op: &'static str, e: &Error) {
     }
 }
 
+/// What a hedged request answers when Atlas does not (see [`LabFuse::run_hedged`]):
+/// called with the core on the thread that stops waiting; must not touch Atlas.
+type Fallback<R> = Box<dyn FnOnce(&LabFs, R) + Send>;
+
 trait Expire: Send + Sync {
     fn deadline(&self) -> Instant;
-    /// Answer ETIMEDOUT if nobody has answered yet; true when it did.
-    fn expire(&self) -> bool;
+    /// Whether the request has an answer without Atlas (and waits only the hedge).
+    fn hedged(&self) -> bool;
+    /// Answer (the fallback, else ETIMEDOUT) if nobody has answered yet; true when it did.
+    fn expire(&self, fs: &LabFs) -> bool;
 }
 
 struct Slot<R: Fail> {
     reply: Mutex<Option<R>>,
+    fallback: Mutex<Option<Fallback<R>>>,
     deadline: Instant,
+    hedged: bool,
+}
+
+impl<R: Fail> Slot<R> {
+    fn answer_without_atlas(&self, fs: &LabFs, reply: R) {
+        let fallback = self.fallback.lock().take();
+        match fallback {
+            Some(f) => {
+                // The fallback must not wait for Atlas either (opendir skips its part).
+                fs.health.mark_stalled();
+                f(fs, reply)
+            }
+            None => reply.fail(Errno::from_i32(libc::ETIMEDOUT)),
+        }
+    }
 }
 
 impl<R: Fail> Expire for Slot<R> {
     fn deadline(&self) -> Instant {
         self.deadline
     }
-    fn expire(&self) -> bool {
-        match self.reply.lock().take() {
-            Some(r) => {
-                r.fail(Errno::from_i32(libc::ETIMEDOUT));
-                true
-            }
-            None => false,
-        }
+    fn hedged(&self) -> bool {
+        self.hedged
+    }
+    fn expire(&self, fs: &LabFs) -> bool {
+        let Some(r) = self.reply.lock().take() else {
+            return false;
+        };
+        self.answer_without_atlas(fs, r);
+        true
     }
 }
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// Threads the Atlas lane keeps, and how many it may grow to while Atlas calls hang
+/// (each hung NFS call holds a thread until the server answers; requests refused at
+/// once while Atlas is down still need a free thread to be refused promptly).
+const ATLAS_WORKERS_MAX: usize = 256;
+/// A thread beyond [`ATLAS_WORKERS`] that has been idle this long exits.
+const ATLAS_IDLE_EXIT: Duration = Duration::from_secs(30);
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    idle: usize,
+    threads: usize,
+}
+
+/// The Atlas lane's threads: a queue that grows a thread whenever no idle one is left.
+#[derive(Default)]
+struct Pool {
+    q: Mutex<Queue>,
+    cv: Condvar,
+}
+
+impl Pool {
+    fn push(self: &Arc<Self>, job: Job) {
+        let mut q = self.q.lock();
+        q.jobs.push_back(job);
+        let grow = q.jobs.len() > q.idle && q.threads < ATLAS_WORKERS_MAX;
+        if grow {
+            q.threads += 1;
+        }
+        let n = q.threads;
+        drop(q);
+        if grow && self.spawn_worker(n).is_err() {
+            self.q.lock().threads -= 1;
+        }
+        self.cv.notify_one();
+    }
+
+    fn spawn_worker(self: &Arc<Self>, n: usize) -> std::io::Result<()> {
+        let pool = self.clone();
+        thread::Builder::new()
+            .name(format!("atlas-{n}"))
+            .spawn(move || pool.work())
+            .map(|_| ())
+    }
+
+    fn work(&self) {
+        loop {
+            let job = {
+                let mut q = self.q.lock();
+                loop {
+                    if let Some(job) = q.jobs.pop_front() {
+                        break job;
+                    }
+                    q.idle += 1;
+                    let timed_out = self.cv.wait_for(&mut q, ATLAS_IDLE_EXIT).timed_out();
+                    q.idle -= 1;
+                    if timed_out && q.jobs.is_empty() && q.threads > ATLAS_WORKERS {
+                        q.threads -= 1;
+                        return;
+                    }
+                }
+            };
+            job();
+        }
+    }
+}
+
 /// The Atlas lane: workers plus a watchdog.
 struct AtlasLane {
-    tx: Mutex<mpsc::Sender<Job>>,
+    pool: Arc<Pool>,
     inflight: Arc<Mutex<Vec<Weak<dyn Expire>>>>,
     timeout: Duration,
+    hedge: Duration,
 }
 
 impl AtlasLane {
     /// Run a job with nobody waiting for it.
     fn spawn(&self, job: Job) {
-        if let Err(mpsc::SendError(job)) = self.tx.lock().send(job) {
-            job();
-        }
+        self.pool.push(job);
     }
 
     fn start(fs: Arc<LabFs>) -> AtlasLane {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
+        let pool = Arc::new(Pool::default());
+        pool.q.lock().threads = ATLAS_WORKERS;
         for i in 0..ATLAS_WORKERS {
-            let rx = rx.clone();
-            let _ = thread::Builder::new()
-                .name(format!("atlas-{i}"))
-                .spawn(move || loop {
-                    let job = rx.lock().recv();
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => return,
-                    }
-                });
+            if pool.spawn_worker(i).is_err() {
+                pool.q.lock().threads -= 1;
+            }
         }
         let inflight: Arc<Mutex<Vec<Weak<dyn Expire>>>> = Arc::new(Mutex::new(Vec::new()));
         let watch = inflight.clone();
-        let health = fs.health.clone();
         let timeout = fs.health.timeout;
-        let tick = (timeout / 10).clamp(Duration::from_millis(20), Duration::from_millis(250));
+        let hedge = fs.health.hedge();
+        let tick = (hedge / 5).clamp(Duration::from_millis(10), Duration::from_millis(100));
+        let weak_fs = Arc::downgrade(&fs);
         let _ = thread::Builder::new().name("atlas-watchdog".into()).spawn(move || loop {
             thread::sleep(tick);
+            let Some(fs) = weak_fs.upgrade() else {
+                return;
+            };
             let now = Instant::now();
             let mut expired = Vec::new();
             watch.lock().retain(|w| match w.upgrade() {
@@ -181,15 +272,16 @@ impl AtlasLane {
                 None => false,
             });
             for s in expired {
-                if s.expire() {
-                    health.mark_down("a request waited longer than the timeout");
+                if s.expire(&fs) && !s.hedged() {
+                    fs.health.mark_down("a request waited longer than the timeout");
                 }
             }
         });
         AtlasLane {
-            tx: Mutex::new(tx),
+            pool,
             inflight,
             timeout,
+            hedge,
         }
     }
 }
@@ -235,6 +327,33 @@ impl LabFuse {
         }
     }
 
+    /// The lane of a lookup, and its answer for when Atlas does not answer: the
+    /// directories on the way to local paths answer from their last-known entry; a
+    /// transitional name that is not on the local SSD (it may have been promoted) asks
+    /// Atlas on the Atlas lane, and is absent while Atlas does not answer.
+    fn lookup_lane(&self, parent: INodeNo, name: &OsStr) -> (BackendKind, Option<Fallback<ReplyEntry>>) {
+        let lane = self.lane_child(parent, name);
+        let Ok(path) = self.fs.child_path(parent.0, name) else {
+            return (lane, None);
+        };
+        if lane == BackendKind::Atlas && self.fs.leads_to_local(&path) {
+            let n = name.to_os_string();
+            let f: Fallback<ReplyEntry> = Box::new(move |fs: &LabFs, reply: ReplyEntry| match fs.last_known_entry(parent.0, &n) {
+                Some(a) => reply.entry(&fs.ttl(BackendKind::Atlas), &file_attr(&a), Generation(0)),
+                None => {
+                    debug!(parent = parent.0, name = ?n, "lookup: Atlas not answering and no last-known entry");
+                    reply.error(Errno::from_i32(libc::ETIMEDOUT))
+                }
+            });
+            return (lane, Some(f));
+        }
+        if lane == BackendKind::Local && self.fs.may_need_atlas(&path) {
+            let f: Fallback<ReplyEntry> = Box::new(|_: &LabFs, reply: ReplyEntry| reply.error(Errno::ENOENT));
+            return (BackendKind::Atlas, Some(f));
+        }
+        (lane, None)
+    }
+
     fn lane_child(&self, parent: INodeNo, name: &OsStr) -> BackendKind {
         self.fs
             .backend_of_child(parent.0, name)
@@ -250,6 +369,29 @@ impl LabFuse {
         work: impl FnOnce(&LabFs) -> Result<T> + Send + 'static,
         ok: impl FnOnce(R, T) + Send + 'static,
     ) {
+        self.run_hedged(backend, op, reply, work, ok, None, |_, _| {});
+    }
+
+    /// As [`LabFuse::run`], with an answer for when Atlas does not answer.
+    ///
+    /// With a `fallback` (a request that local paths depend on: the attributes of a
+    /// directory on the way to them, a transitional name that is not on the local SSD),
+    /// an Atlas request waits for Atlas at most the hedge, and not at all while Atlas
+    /// is stalled or down; it is then answered by `fallback` instead of ETIMEDOUT.
+    /// `late` undoes what `work` did when it finishes after the request was answered
+    /// without it (a lookup count, an open handle): its result is never delivered.
+    #[allow(clippy::too_many_arguments)]
+    fn run_hedged<R: Fail, T: Send + 'static>(
+        &self,
+        backend: BackendKind,
+        op: &'static str,
+        reply: R,
+        work: impl FnOnce(&LabFs) -> Result<T> + Send + 'static,
+        ok: impl FnOnce(R, T) + Send + 'static,
+        fallback: Option<Fallback<R>>,
+        late: impl FnOnce(&LabFs, T) + Send + 'static,
+    ) {
+        let work = crate::stats::timed(backend, work);
         if backend == BackendKind::Local {
             match work(&self.fs) {
                 Ok(t) => ok(reply, t),
@@ -260,32 +402,47 @@ impl LabFuse {
             }
             return;
         }
+        let hedged = fallback.is_some();
+        let fallback = match fallback {
+            Some(f) if self.fs.health.is_stalled() => {
+                f(&self.fs, reply);
+                return;
+            }
+            f => f,
+        };
+        let wait = if hedged { self.atlas.hedge } else { self.atlas.timeout };
         let slot = Arc::new(Slot {
             reply: Mutex::new(Some(reply)),
-            deadline: Instant::now() + self.atlas.timeout,
+            fallback: Mutex::new(fallback),
+            deadline: Instant::now() + wait,
+            hedged,
         });
         let weak: Weak<dyn Expire> = Arc::downgrade(&slot) as Weak<dyn Expire>;
         self.atlas.inflight.lock().push(weak);
         let fs = self.fs.clone();
         let job: Job = Box::new(move || {
             if slot.reply.lock().is_none() {
-                return; // timed out while queued: do not act late
+                return; // answered while queued: do not act late
             }
             let res = work(&fs);
             let Some(reply) = slot.reply.lock().take() else {
+                if let Ok(t) = res {
+                    late(&fs, t);
+                }
                 return;
             };
             match res {
                 Ok(t) => ok(reply, t),
+                Err(e) if hedged && e.errno() == libc::ETIMEDOUT => {
+                    slot.answer_without_atlas(&fs, reply);
+                }
                 Err(e) => {
                     log_failure(op, &e);
                     reply.fail(Errno::from_i32(e.errno()));
                 }
             }
         });
-        if let Err(mpsc::SendError(job)) = self.atlas.tx.lock().send(job) {
-            job();
-        }
+        self.atlas.pool.push(job);
     }
 }
 
@@ -404,9 +561,13 @@ impl Filesystem for LabFuse {
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let c = ctx(req);
         let n = name.to_os_string();
-        self.run(self.lane_child(parent, name), "lookup", reply, move |fs| {
+        let (lane, fallback) = self.lookup_lane(parent, name);
+        self.run_hedged(lane, "lookup", reply, move |fs| {
             match fs.lookup(&c, parent.0, &n) {
-                Ok(e) => Ok(Ok(e)),
+                Ok(e) => {
+                    fs.note_entry(parent.0, &n, &e.attr);
+                    Ok(Ok(e))
+                }
                 Err(e) if e.errno() == libc::ENOENT => Ok(Err(fs.negative_ttl(parent.0, &n))),
                 Err(e) => Err(e),
             }
@@ -419,6 +580,10 @@ impl Filesystem for LabFuse {
                 reply.entry(&ttl, &a, Generation(0));
             }
             Err(None) => reply.error(Errno::ENOENT),
+        }, fallback, |fs, r| {
+            if let Ok(e) = r {
+                fs.forget(e.attr.ino, 1); // never handed to the kernel
+            }
         });
     }
 
@@ -428,9 +593,25 @@ impl Filesystem for LabFuse {
 
     fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let c = ctx(req);
-        self.run(self.lane_ino(ino), "getattr", reply, move |fs| fs.getattr(&c, ino.0, fh.map(|f| f.0)), |reply, (a, ttl)| {
-            reply.attr(&ttl, &file_attr(&a))
+        let lane = self.lane_ino(ino);
+        // A directory on the way to local paths answers from its last-known attributes
+        // while Atlas does not answer.
+        let fallback = (lane == BackendKind::Atlas && self.fs.last_known_dir(ino.0).is_some()).then(|| {
+            Box::new(move |fs: &LabFs, reply: ReplyAttr| match fs.last_known_dir(ino.0) {
+                Some(a) => reply.attr(&fs.ttl(BackendKind::Atlas), &file_attr(&a)),
+                None => {
+                    debug!(ino = ino.0, "getattr: Atlas not answering and no last-known attributes");
+                    reply.error(Errno::from_i32(libc::ETIMEDOUT))
+                }
+            }) as Fallback<ReplyAttr>
         });
+        self.run_hedged(lane, "getattr", reply, move |fs| {
+            let r = fs.getattr(&c, ino.0, fh.map(|f| f.0))?;
+            if lane == BackendKind::Atlas {
+                fs.note_getattr(ino.0, &r.0);
+            }
+            Ok(r)
+        }, |reply, (a, ttl)| reply.attr(&ttl, &file_attr(&a)), fallback, |_, _| {});
     }
 
     fn setattr(
@@ -480,7 +661,11 @@ impl Filesystem for LabFuse {
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let c = ctx(req);
         let n = name.to_os_string();
-        self.run(self.lane_child(parent, name), "mkdir", reply, move |fs| fs.mkdir(&c, parent.0, &n, mode, umask), entry_ok);
+        self.run(self.lane_child(parent, name), "mkdir", reply, move |fs| {
+            let e = fs.mkdir(&c, parent.0, &n, mode, umask)?;
+            fs.note_entry(parent.0, &n, &e.attr);
+            Ok(e)
+        }, entry_ok);
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -537,9 +722,9 @@ impl Filesystem for LabFuse {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let c = ctx(req);
         let pass = self.pass.clone();
-        self.run(self.lane_ino(ino), "open", reply, move |fs| fs.open(&c, ino.0, flags.0), move |reply, o| {
+        self.run_hedged(self.lane_ino(ino), "open", reply, move |fs| fs.open(&c, ino.0, flags.0), move |reply, o| {
             pass.reply_open(ino.0, o, reply)
-        });
+        }, None, |fs, o| fs.release(o.fh));
     }
 
     fn read(
@@ -569,7 +754,7 @@ impl Filesystem for LabFuse {
         reply: ReplyWrite,
     ) {
         if self.lane_ino(ino) == BackendKind::Local {
-            match self.fs.write(fh.0, offset, data) {
+            match crate::stats::timed(BackendKind::Local, |fs: &LabFs| fs.write(fh.0, offset, data))(&self.fs) {
                 Ok(n) => reply.written(n),
                 Err(e) => {
                     log_failure("write", &e);
@@ -613,7 +798,21 @@ impl Filesystem for LabFuse {
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let c = ctx(req);
-        self.run(self.lane_dir(ino), "opendir", reply, move |fs| fs.opendir(&c, ino.0), |r, fh| r.opened(FileHandle(fh), FopenFlags::empty()));
+        let lane = self.lane_dir(ino);
+        // A directory stored on the local SSD lists its local part while Atlas does not
+        // answer (the core skips Atlas while it is stalled).
+        let fallback = (lane == BackendKind::Atlas && self.fs.lists_locally(ino.0)).then(|| {
+            Box::new(move |fs: &LabFs, reply: ReplyOpen| match fs.opendir(&c, ino.0) {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => {
+                    log_failure("opendir", &e);
+                    reply.error(Errno::from_i32(e.errno()));
+                }
+            }) as Fallback<ReplyOpen>
+        });
+        self.run_hedged(lane, "opendir", reply, move |fs| fs.opendir(&c, ino.0), |r, fh| r.opened(FileHandle(fh), FopenFlags::empty()), fallback, |fs, fh| {
+            fs.releasedir(fh)
+        });
     }
 
     fn readdir(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
@@ -631,7 +830,20 @@ impl Filesystem for LabFuse {
     fn readdirplus(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
         let c = ctx(req);
         let fs = self.fs.clone();
-        self.run(self.lane_dir(ino), "readdirplus", reply, move |fs| fs.readdir(&c, fh.0, offset, true, READDIR_BATCH), move |mut reply, entries| {
+        let lane = self.lane_dir(ino);
+        // Entries of directories on the way to local paths are remembered for outages.
+        let note = lane == BackendKind::Atlas && self.fs.path_of(ino.0).is_ok_and(|p| self.fs.leads_to_local(&p));
+        self.run(lane, "readdirplus", reply, move |fs| {
+            let entries = fs.readdir(&c, fh.0, offset, true, READDIR_BATCH)?;
+            if note {
+                for e in &entries {
+                    if let Some(en) = &e.entry {
+                        fs.note_entry(ino.0, &e.name, &en.attr);
+                    }
+                }
+            }
+            Ok(entries)
+        }, move |mut reply, entries| {
             let mut full = false;
             for e in entries {
                 if !full {
@@ -704,8 +916,13 @@ impl Filesystem for LabFuse {
         let c = ctx(req);
         let n = name.to_os_string();
         let pass = self.pass.clone();
-        self.run(self.lane_child(parent, name), "create", reply, move |fs| fs.create(&c, parent.0, &n, mode, umask, flags), move |reply, (e, o)| {
+        self.run_hedged(self.lane_child(parent, name), "create", reply, move |fs| fs.create(&c, parent.0, &n, mode, umask, flags), move |reply, (e, o)| {
             pass.reply_create(e, o, reply)
+        }, None, |fs, (e, o)| {
+            // Created on Atlas after the caller was told ETIMEDOUT: keep the file, drop
+            // the handle and the lookup nobody received.
+            fs.release(o.fh);
+            fs.forget(e.attr.ino, 1);
         });
     }
 
@@ -763,6 +980,25 @@ fn neg_attr() -> Attr {
 }
 
 
+/// A mount flag by name (from fstab's `-o`); anything else goes to the kernel as is.
+fn mount_option(o: &str) -> MountOption {
+    match o {
+        "ro" => MountOption::RO,
+        "exec" => MountOption::Exec,
+        "noexec" => MountOption::NoExec,
+        "suid" => MountOption::Suid,
+        "nosuid" => MountOption::NoSuid,
+        "dev" => MountOption::Dev,
+        "nodev" => MountOption::NoDev,
+        "atime" => MountOption::Atime,
+        "noatime" => MountOption::NoAtime,
+        "sync" => MountOption::Sync,
+        "async" => MountOption::Async,
+        "dirsync" => MountOption::DirSync,
+        _ => MountOption::CUSTOM(o.to_string()),
+    }
+}
+
 /// Mount options and threads of the FUSE session.
 pub fn session_config(fsname: &str, extra: &[String]) -> FuseConfig {
     let mut c = FuseConfig::default();
@@ -773,7 +1009,7 @@ pub fn session_config(fsname: &str, extra: &[String]) -> FuseConfig {
         MountOption::DefaultPermissions,
     ];
     for o in extra {
-        c.mount_options.push(MountOption::CUSTOM(o.clone()));
+        c.mount_options.push(mount_option(o));
     }
     c.acl = SessionACL::All;
     let cpus = thread::available_parallelism().map(|n| n.get()).unwrap_or(2);

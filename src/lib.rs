@@ -23,3 +23,6 @@ pub mod tags;
 pub mod atlas_id;
 pub mod check;
 pub mod explain;
+pub mod backup_scope;
+pub mod mount_helper;
+pub mod stats;

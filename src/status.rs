@@ -21,6 +21,11 @@ pub struct Status {
     pub atlas_health: HealthReport,
     pub inodes: usize,
     pub open_files: usize,
+    /// Requests, latency per backend, errors by errno, rule hits since the mount.
+    pub stats: crate::stats::StatsSnapshot,
+    /// Promotion: `xattr_mode`, `promotions` in flight, `at_risk` report.
+    #[serde(flatten)]
+    pub promote: crate::promote::StatusPart,
 }
 
 impl Status {
@@ -46,8 +51,8 @@ fn space(fd: i32, ask: bool) -> (Option<u64>, Option<u64>) {
 
 pub fn collect(fs: &LabFs) -> Status {
     let health = fs.health.report();
-    // Never touch a hung Atlas from status.
-    let (af, at) = space(fs.atlas.root_fd(), health.answering);
+    // Never touch Atlas from status (it may hang): the health probe's last answer.
+    let (af, at) = fs.health.atlas_space();
     let (lf, lt) = space(fs.local.root_fd(), true);
     Status {
         rules_file: fs.live().source.clone(),
@@ -66,6 +71,8 @@ pub fn collect(fs: &LabFs) -> Status {
         atlas_health: health,
         inodes: fs.inodes.len(),
         open_files: fs.handles.open_files(),
+        stats: crate::stats::snapshot(fs),
+        promote: crate::promote::status_part(fs),
     }
 }
 
@@ -73,6 +80,14 @@ pub fn collect(fs: &LabFs) -> Status {
 pub fn run(mountpoint: &std::path::Path, json: bool) -> i32 {
     let raw = match xattr::get(mountpoint, crate::control::STATUS) {
         Ok(Some(v)) => v,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            eprintln!(
+                "labfs: {}: the labfs daemon of this mount died (Transport endpoint is not connected); \
+                 mount again with `labfs mount --recover ...` (see docs/operations.md, Recovery)",
+                mountpoint.display()
+            );
+            return crate::cli::EXIT_FAIL;
+        }
         Ok(None) | Err(_) => {
             eprintln!(
                 "labfs: {}: not a labfs mount (or its daemon is not answering)",
@@ -114,7 +129,13 @@ fn print_table(v: &serde_json::Value) {
         } else if answering {
             format!("answering ({:.1} ms)", h["last_probe_latency_ms"].as_f64().unwrap_or(0.0))
         } else {
-            format!("NOT ANSWERING since {} ({})", h["down_since"], h["reason"].as_str().unwrap_or(""))
+            format!(
+                "NOT ANSWERING since {} ({:.0} s; {}; {} requests refused with ETIMEDOUT)",
+                h["down_since_utc"].as_str().unwrap_or("?"),
+                h["down_for_s"].as_f64().unwrap_or(0.0),
+                h["reason"].as_str().unwrap_or(""),
+                h["refused_requests"]
+            )
         };
         println!(
             "{:<8} {:<37} {:<11} {:<11} {}",
@@ -126,4 +147,6 @@ fn print_table(v: &serde_json::Value) {
         );
     }
     println!("inodes remembered: {}   open files: {}", v["inodes"], v["open_files"]);
+    crate::stats::print_table(&v["stats"]);
+    crate::promote::print_status(v);
 }

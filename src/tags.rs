@@ -7,11 +7,37 @@
 //! - computed by the mount (never stored): `user.labfs.backend`, `user.labfs.rule`,
 //!   `user.labfs.state`; `user.labfs.class` shows the stored class when there is one,
 //!   else the rule's class.
+//!
+//! Where stored tags live ([`Mode`], probed once at mount by [`probe`]):
+//! - `xattr`: as real `user.labfs.*` xattrs on the Atlas object itself. Symlinks cannot
+//!   carry `user.*` xattrs on Linux, so a promoted symlink's tags go to the store even
+//!   in this mode.
+//! - `store`: Atlas refuses user xattrs (NFSv3, ramfs): one small JSON record per
+//!   promoted object under `ATLAS/.labfs/tags/`, mirroring the namespace:
+//!   the tags of `/scans/s1/work/out/a.txt` are in
+//!   `ATLAS/.labfs/tags/scans/s1/work/out/a.txt.labfs-tags` (names longer than the
+//!   filesystem allows with the suffix use `~<blake3 of the name>.labfs-tags`).
+//!   A record holds the namespace path, the Atlas inode number of the object it
+//!   describes, and the tags; it only counts while the object at that path still has
+//!   that inode number, so a record left behind by a deleted object never tags a new
+//!   one. Records are written with write-temporary + fsync + rename and live on Atlas,
+//!   so they survive rebuilding the compute node.
+//!
+//! Reading ([`read_tag`]) always tries the xattr first and the store second, so a fleet
+//! that mixes both modes on one Atlas still sees every node's tags.
 
+use std::collections::BTreeMap;
 use std::ffi::{CStr, CString};
-use std::os::fd::RawFd;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU8, Ordering};
 
-use crate::fs::Backend;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::error::{check, Error, Result};
+use crate::fs::backend::fstatat;
+use crate::fs::{Backend, Creds};
 
 pub const PREFIX: &str = "user.labfs.";
 pub const CLASS: &str = "user.labfs.class";
@@ -20,6 +46,52 @@ pub const ORIGIN: &str = "user.labfs.origin";
 pub const DIGEST: &str = "user.labfs.digest";
 /// Tags promote stores on Atlas.
 pub const STORED: [&str; 4] = [CLASS, PROMOTED_AT, ORIGIN, DIGEST];
+
+/// Root of the tag store, relative to the Atlas root.
+pub const STORE_DIR: &str = ".labfs/tags";
+/// Suffix of one record file in the store.
+pub const RECORD_SUFFIX: &str = ".labfs-tags";
+
+/// Where this mount keeps stored tags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Not probed (a process that is not a mount daemon).
+    Unknown,
+    /// Real `user.labfs.*` xattrs on the Atlas objects.
+    Xattr,
+    /// JSON records under `ATLAS/.labfs/tags/`.
+    Store,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Unknown => "unknown",
+            Mode::Xattr => "xattr",
+            Mode::Store => "store",
+        }
+    }
+}
+
+static MODE: AtomicU8 = AtomicU8::new(0);
+
+/// The mode probed at mount.
+pub fn mode() -> Mode {
+    match MODE.load(Ordering::Relaxed) {
+        1 => Mode::Xattr,
+        2 => Mode::Store,
+        _ => Mode::Unknown,
+    }
+}
+
+pub fn set_mode(m: Mode) {
+    let v = match m {
+        Mode::Unknown => 0,
+        Mode::Xattr => 1,
+        Mode::Store => 2,
+    };
+    MODE.store(v, Ordering::Relaxed);
+}
 
 /// `/proc/self/fd/DIR/NAME`: reaches NAME in an already opened directory without
 /// resolving any path from `/` (the l*xattr calls do not follow a final symlink).
@@ -37,13 +109,19 @@ pub fn get_xattr(dirfd: RawFd, name: &CStr, attr: &str) -> Option<Vec<u8>> {
     loop {
         // SAFETY: valid C strings and buffer.
         let n = unsafe {
-            libc::lgetxattr(p.as_ptr(), a.as_ptr(), buf.as_mut_ptr() as *mut libc::c_void, buf.len())
+            libc::lgetxattr(
+                p.as_ptr(),
+                a.as_ptr(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+            )
         };
         if n >= 0 {
             buf.truncate(n as usize);
             return Some(buf);
         }
-        if std::io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE) && buf.len() < 65536 {
+        if std::io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE) && buf.len() < 65536
+        {
             buf.resize(buf.len() * 4, 0);
             continue;
         }
@@ -51,12 +129,270 @@ pub fn get_xattr(dirfd: RawFd, name: &CStr, attr: &str) -> Option<Vec<u8>> {
     }
 }
 
-/// A stored tag of an Atlas object.
-pub fn read_tag(_atlas: &Backend, dirfd: RawFd, name: &CStr, _path: &str, tag: &str) -> Option<Vec<u8>> {
-    get_xattr(dirfd, name, tag)
+/// A stored tag of an Atlas object: its xattr, else its record in the store.
+pub fn read_tag(
+    atlas: &Backend,
+    dirfd: RawFd,
+    name: &CStr,
+    path: &str,
+    tag: &str,
+) -> Option<Vec<u8>> {
+    if let Some(v) = get_xattr(dirfd, name, tag) {
+        return Some(v);
+    }
+    let rec = read_record(atlas, dirfd, name, path)?;
+    rec.tags.get(tag).map(|v| v.clone().into_bytes())
 }
 
 /// Whether the Atlas object `name` in `dirfd` (namespace path `path`) was promoted.
 pub fn is_promoted(atlas: &Backend, dirfd: RawFd, name: &CStr, path: &str) -> bool {
     read_tag(atlas, dirfd, name, path, CLASS).is_some()
+}
+
+/// One record of the tag store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    /// The namespace path the record describes.
+    pub path: String,
+    /// Atlas inode number of the object it describes.
+    pub ino: u64,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// `(directory, file name)` of the record for namespace path `path`, both relative to
+/// the Atlas root (as namespace-style paths for [`Backend::open_beneath`]).
+pub fn record_location(path: &str) -> Option<(String, String)> {
+    let trimmed = path.trim_start_matches('/');
+    if trimmed.is_empty() {
+        return None;
+    }
+    let (dir, name) = match trimmed.rfind('/') {
+        Some(i) => (&trimmed[..i], &trimmed[i + 1..]),
+        None => ("", trimmed),
+    };
+    let dir = if dir.is_empty() {
+        format!("/{STORE_DIR}")
+    } else {
+        format!("/{STORE_DIR}/{dir}")
+    };
+    let file = if name.len() + RECORD_SUFFIX.len() <= 255 {
+        format!("{name}{RECORD_SUFFIX}")
+    } else {
+        let h = blake3::hash(name.as_bytes()).to_hex();
+        format!("~{}{RECORD_SUFFIX}", &h[..64])
+    };
+    Some((dir, file))
+}
+
+/// The store record of `path`, if it describes the object `name` in `dirfd` now.
+pub fn read_record(atlas: &Backend, dirfd: RawFd, name: &CStr, path: &str) -> Option<Record> {
+    let (dir, file) = record_location(path)?;
+    let _root = Creds::root().assume();
+    let fd = atlas
+        .open_beneath(&format!("{dir}/{file}"), libc::O_RDONLY)
+        .ok()?;
+    let mut text = Vec::new();
+    std::fs::File::from(fd).read_to_end(&mut text).ok()?;
+    let rec: Record = serde_json::from_slice(&text).ok()?;
+    if rec.path != path {
+        return None;
+    }
+    let st = fstatat(dirfd, name).ok()?;
+    (st.st_ino == rec.ino).then_some(rec)
+}
+
+fn mkdir_chain(atlas: &Backend, dir: &str) -> Result<OwnedFd> {
+    match atlas.open_dir(dir) {
+        Ok(fd) => return Ok(fd),
+        Err(e) if e.errno() == libc::ENOENT => {}
+        Err(e) => return Err(e),
+    }
+    let (parent, name) = crate::fs::backend::split(dir);
+    let pfd = mkdir_chain(atlas, parent)?;
+    let c = CString::new(name).map_err(|_| Error::Errno(libc::EINVAL))?;
+    // SAFETY: valid dirfd and C string.
+    let r = unsafe { libc::mkdirat(pfd.as_raw_fd(), c.as_ptr(), 0o700) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EEXIST) {
+            return Err(Error::Io(e));
+        }
+    }
+    atlas.open_dir(dir)
+}
+
+/// Write (or replace) the store record of `path`: temporary file, fsync, rename, fsync
+/// of the directory. Runs as root.
+pub fn write_record(
+    atlas: &Backend,
+    path: &str,
+    ino: u64,
+    tags: &BTreeMap<String, String>,
+) -> Result<()> {
+    let (dir, file) = record_location(path).ok_or(Error::Errno(libc::EINVAL))?;
+    let rec = Record {
+        path: path.to_string(),
+        ino,
+        tags: tags.clone(),
+    };
+    let body = serde_json::to_vec(&rec).map_err(|_| Error::Errno(libc::EINVAL))?;
+    let _root = Creds::root().assume();
+    let dfd = mkdir_chain(atlas, &dir)?;
+    // The O_PATH descriptor cannot be fsynced: open the directory for reading.
+    let dir_rd = atlas.open_beneath(&dir, libc::O_RDONLY | libc::O_DIRECTORY)?;
+    let tmp = format!(".{file}.tmp.{}", std::process::id());
+    let ctmp = CString::new(tmp.as_str()).map_err(|_| Error::Errno(libc::EINVAL))?;
+    let cfile = CString::new(file.as_str()).map_err(|_| Error::Errno(libc::EINVAL))?;
+    // SAFETY: valid dirfd and C string.
+    let fd = check(unsafe {
+        libc::openat(
+            dfd.as_raw_fd(),
+            ctmp.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o600 as libc::c_uint,
+        )
+    })?;
+    // SAFETY: new descriptor owned here.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let res = (|| -> Result<()> {
+        let mut off = 0usize;
+        while off < body.len() {
+            // SAFETY: valid descriptor and buffer.
+            let n = unsafe {
+                libc::write(
+                    fd.as_raw_fd(),
+                    body[off..].as_ptr() as *const libc::c_void,
+                    body.len() - off,
+                )
+            };
+            match crate::error::check_size(n) {
+                Ok(n) => off += n,
+                Err(e) if e.errno() == libc::EINTR => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        // SAFETY: valid descriptor.
+        check(unsafe { libc::fsync(fd.as_raw_fd()) })?;
+        // SAFETY: valid dirfds and C strings.
+        check(unsafe {
+            libc::renameat(
+                dfd.as_raw_fd(),
+                ctmp.as_ptr(),
+                dfd.as_raw_fd(),
+                cfile.as_ptr(),
+            )
+        })?;
+        // SAFETY: valid descriptor.
+        check(unsafe { libc::fsync(dir_rd.as_raw_fd()) })?;
+        Ok(())
+    })();
+    if res.is_err() {
+        // SAFETY: valid dirfd and C string.
+        unsafe { libc::unlinkat(dfd.as_raw_fd(), ctmp.as_ptr(), 0) };
+    }
+    res
+}
+
+/// Whether Atlas accepts `user.*` xattrs: set and remove one on a probe file under
+/// `ATLAS/.labfs/`. Sets the process-wide [`mode`] and returns it.
+pub fn probe(atlas: &Backend) -> Mode {
+    let m = match probe_inner(atlas) {
+        Ok(true) => Mode::Xattr,
+        Ok(false) => Mode::Store,
+        Err(e) => {
+            warn!("cannot probe Atlas for user xattrs ({e}); keeping tags in the store");
+            Mode::Store
+        }
+    };
+    set_mode(m);
+    match m {
+        Mode::Xattr => info!("Atlas accepts user xattrs: tags are stored as user.labfs.* xattrs"),
+        _ => info!(
+            "Atlas refuses user xattrs: tags are kept in {}/{STORE_DIR}",
+            atlas.root_path.display()
+        ),
+    }
+    m
+}
+
+fn probe_inner(atlas: &Backend) -> Result<bool> {
+    let _root = Creds::root().assume();
+    let dfd = mkdir_chain(atlas, "/.labfs")?;
+    let name = format!(
+        "xattr-probe.{}.{}",
+        crate::promote::util::hostname(),
+        std::process::id()
+    );
+    let cname = CString::new(name).map_err(|_| Error::Errno(libc::EINVAL))?;
+    // SAFETY: valid dirfd and C string.
+    let fd = check(unsafe {
+        libc::openat(
+            dfd.as_raw_fd(),
+            cname.as_ptr(),
+            libc::O_RDWR | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o600 as libc::c_uint,
+        )
+    })?;
+    // SAFETY: new descriptor owned here.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let attr = CString::new("user.labfs.probe").map_err(|_| Error::Errno(libc::EINVAL))?;
+    // SAFETY: valid descriptor, C string and value.
+    let r = unsafe {
+        libc::fsetxattr(
+            fd.as_raw_fd(),
+            attr.as_ptr(),
+            b"1".as_ptr() as *const libc::c_void,
+            1,
+            0,
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    let ok = if r == 0 {
+        // SAFETY: valid descriptor and C string.
+        unsafe { libc::fremovexattr(fd.as_raw_fd(), attr.as_ptr()) };
+        true
+    } else {
+        match err.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::EPERM) | Some(libc::EACCES) => false,
+            #[allow(unreachable_patterns)]
+            Some(libc::ENOTSUP) => false,
+            _ => {
+                // SAFETY: valid dirfd and C string.
+                unsafe { libc::unlinkat(dfd.as_raw_fd(), cname.as_ptr(), 0) };
+                return Err(Error::Io(err));
+            }
+        }
+    };
+    drop(fd);
+    // SAFETY: valid dirfd and C string.
+    unsafe { libc::unlinkat(dfd.as_raw_fd(), cname.as_ptr(), 0) };
+    Ok(ok)
+}
+
+/// Whether a real filesystem path (outside any mount, e.g. for `labfs check`) is a
+/// promoted Atlas object: its `user.labfs.class` xattr, else a valid store record.
+/// `atlas_root` is the Atlas backend root, `ns_path` the object's namespace path.
+pub fn is_promoted_file(
+    atlas_root: &std::path::Path,
+    ns_path: &str,
+    file: &std::path::Path,
+) -> bool {
+    if matches!(xattr::get(file, CLASS), Ok(Some(_))) {
+        return true;
+    }
+    let Some((dir, name)) = record_location(ns_path) else {
+        return false;
+    };
+    let rec_path = atlas_root.join(dir.trim_start_matches('/')).join(name);
+    let Ok(text) = std::fs::read(&rec_path) else {
+        return false;
+    };
+    let Ok(rec) = serde_json::from_slice::<Record>(&text) else {
+        return false;
+    };
+    use std::os::unix::fs::MetadataExt;
+    rec.path == ns_path
+        && std::fs::symlink_metadata(file)
+            .map(|m| m.ino() == rec.ino)
+            .unwrap_or(false)
 }

@@ -5,5 +5,6 @@
 mod common;
 mod namespace;
 mod posix;
+mod promote;
 mod security;
 mod tools;

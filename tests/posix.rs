@@ -1,36 +1,16 @@
 //! POSIX semantics through the mount, on both backends: data, metadata, ownership,
-//! links, special files, xattrs/ACLs, renameat2, locks, O_TMPFILE, sparse files,
-//! fallocate, mmap, statfs, fsync and copy_file_range.
+//! links, special files, xattrs/ACLs, renameat2, locks, O_TMPFILE, fallocate, mmap,
+//! statfs, fsync and copy_file_range.
 
-use std::ffi::CString;
 use std::fs;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 use std::time::Duration;
 
 use crate::common::*;
 
-fn read(path: &Path) -> String {
-    fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
-
-fn mode(path: &Path) -> u32 {
-    fs::symlink_metadata(path)
-        .unwrap_or_else(|e| panic!("lstat {}: {e}", path.display()))
-        .mode()
-}
-
-/// A lab with `/docs` (atlas) and `/cache` (local) created through the mount.
-fn lab() -> MountedLab {
-    let lab = MountedLab::new();
-    lab.sh(r#"mkdir "$LAB/docs" "$LAB/cache""#);
-    lab
-}
-
 #[test]
 fn create_write_read_truncate_append() {
-    let lab = lab();
+    let lab = MountedLab::with_dirs();
     for b in BOTH {
         let d = b.dir();
         let f = lab.path(&format!("{d}/f"));
@@ -41,7 +21,10 @@ fn create_write_read_truncate_append() {
             "#
         ));
         assert_eq!(read(&f), "hello world\nmore\n");
-        assert_eq!(read(&lab.backend_path(b, &format!("{d}/f"))), "hello world\nmore\n");
+        assert_eq!(
+            read(&lab.backend_path(b, &format!("{d}/f"))),
+            "hello world\nmore\n"
+        );
         lab.sh(&format!(r#"truncate -s 5 "$LAB/{d}/f""#));
         assert_eq!(read(&f), "hello");
         lab.sh(&format!(r#"truncate -s 8 "$LAB/{d}/f""#));
@@ -68,7 +51,7 @@ fn create_write_read_truncate_append() {
 
 #[test]
 fn chmod_chown_chgrp_as_root() {
-    let lab = lab();
+    let lab = MountedLab::with_dirs();
     for b in BOTH {
         let d = b.dir();
         let out = lab.sh(&format!(
@@ -88,14 +71,22 @@ fn chmod_chown_chgrp_as_root() {
         assert_eq!(mode(&bp("f")) & 0o7777, 0o751);
         assert_eq!(owner(bp("f")), "1000:1234");
         assert_eq!(owner(bp("dir")), "0:4321");
-        assert_eq!(owner(bp("link")), "1000:1000", "chown -h must change the symlink itself");
-        assert_eq!(owner(bp("f")), "1000:1234", "chown -h must not follow the link");
+        assert_eq!(
+            owner(bp("link")),
+            "1000:1000",
+            "chown -h must change the symlink itself"
+        );
+        assert_eq!(
+            owner(bp("f")),
+            "1000:1234",
+            "chown -h must not follow the link"
+        );
     }
 }
 
 #[test]
 fn touch_d_sets_atime_and_mtime() {
-    let lab = lab();
+    let lab = MountedLab::with_dirs();
     let expect = sh("date -d '2001-02-03 04:05:06' +%s").trim().to_owned();
     let atime = sh("date -d '1999-12-31 23:59:59' +%s").trim().to_owned();
     for b in BOTH {
@@ -120,44 +111,16 @@ fn touch_d_sets_atime_and_mtime() {
             .unwrap()
             .as_secs() as i64;
         let m = fs::metadata(lab.path(&format!("{d}/f"))).unwrap();
-        assert!((now - m.mtime()).abs() < 120, "touch should set mtime to now");
-    }
-}
-
-#[test]
-fn files_created_by_a_user_are_owned_by_that_user_on_the_backend() {
-    let lab = lab();
-    for b in BOTH {
-        let d = b.dir();
-        lab.sh(&format!(
-            r#"mkdir "$LAB/{d}/pub" "$LAB/{d}/mine"; chmod 1777 "$LAB/{d}/pub"; chown 1000:1000 "$LAB/{d}/mine""#
-        ));
-        lab.sh_as(
-            USER,
-            USER,
-            &format!(
-                r#"
-                cd "$LAB/{d}"
-                echo x > pub/f; mkdir pub/d; ln -s f pub/l; mkfifo pub/p; ln pub/f pub/hl
-                cp pub/f pub/copy
-                echo y > mine/f; mkdir -p mine/a/b
-                "#
-            ),
+        assert!(
+            (now - m.mtime()).abs() < 120,
+            "touch should set mtime to now"
         );
-        for n in [
-            "pub/f", "pub/d", "pub/l", "pub/p", "pub/hl", "pub/copy", "mine/f", "mine/a",
-            "mine/a/b",
-        ] {
-            let rel = format!("{d}/{n}");
-            assert_eq!(owner(lab.backend_path(b, &rel)), "1000:1000", "backend owner of /{rel}");
-            assert_eq!(owner(lab.path(&rel)), "1000:1000", "owner of /{rel} through the mount");
-        }
     }
 }
 
 #[test]
 fn setgid_directory_passes_its_group_and_bit_on() {
-    let lab = lab();
+    let lab = MountedLab::with_dirs();
     for b in BOTH {
         let d = b.dir();
         lab.sh(&format!(
@@ -190,7 +153,8 @@ fn setgid_directory_passes_its_group_and_bit_on() {
 
 #[test]
 fn hard_links_share_inode_and_data() {
-    let lab = lab();
+    let _no_cache_drop = inode_numbers_compared();
+    let lab = MountedLab::with_dirs();
     for b in BOTH {
         let d = b.dir();
         let out = lab.sh(&format!(
@@ -217,13 +181,16 @@ fn hard_links_share_inode_and_data() {
         let ls = lab.sh(&format!(r#"ls -i "$LAB/{d}""#));
         let inos: Vec<&str> = ls.split_whitespace().step_by(2).collect();
         assert_eq!(inos.len(), 2, "{ls}");
-        assert_eq!(inos[0], inos[1], "ls -i shows both names with one inode: {ls}");
+        assert_eq!(
+            inos[0], inos[1],
+            "ls -i shows both names with one inode: {ls}"
+        );
     }
 }
 
 #[test]
 fn symlinks_create_and_readlink() {
-    let lab = lab();
+    let lab = MountedLab::with_dirs();
     lab.sh(r#"echo cached > "$LAB/cache/target""#);
     for b in BOTH {
         let d = b.dir();
@@ -252,7 +219,7 @@ fn symlinks_create_and_readlink() {
 
 #[test]
 fn fifo_passes_data_from_writer_to_reader() {
-    let lab = lab();
+    let lab = MountedLab::with_dirs();
     for b in BOTH {
         let d = b.dir();
         let out = lab
@@ -276,7 +243,7 @@ fn fifo_passes_data_from_writer_to_reader() {
 
 #[test]
 fn unix_socket_bind_connect_and_exchange() {
-    let lab = lab();
+    let lab = MountedLab::with_dirs();
     for b in BOTH {
         let d = b.dir();
         let out = lab
@@ -309,20 +276,9 @@ PY"#
     }
 }
 
-/// Whether the backend filesystem itself takes `user.*` xattrs (tmpfs: kernel >= 6.6).
-fn backend_takes_user_xattrs(lab: &MountedLab, backend_file: &Path) -> bool {
-    let f = backend_file.display();
-    let (code, _, err) =
-        lab.sh_status(&format!(r#"setfattr -n user.probe -v 1 "{f}" && setfattr -x user.probe "{f}""#));
-    if code != 0 {
-        eprintln!("SKIP user xattr assertions: backend {f} does not take user xattrs: {err}");
-    }
-    code == 0
-}
-
 #[test]
 fn user_xattrs_set_get_list_remove() {
-    let lab = lab();
+    let lab = MountedLab::with_dirs();
     for b in BOTH {
         let d = b.dir();
         lab.sh(&format!(r#"echo x > "$LAB/{d}/f"; mkdir "$LAB/{d}/dir""#));
@@ -342,14 +298,26 @@ fn user_xattrs_set_get_list_remove() {
                 "#
             ));
             assert!(out.contains("user.foo=\"bar\""), "getfattr -d {p}:\n{out}");
-            assert!(out.contains(&format!("user.big=\"{big}\"")), "getfattr -d {p}:\n{out}");
+            assert!(
+                out.contains(&format!("user.big=\"{big}\"")),
+                "getfattr -d {p}:\n{out}"
+            );
             assert!(out.ends_with("---\nbar\n"), "{out}");
             let backend = lab.backend_path(b, &format!("{d}/{n}"));
-            let on_backend = sh(&format!(r#"getfattr -n user.foo --only-values "{}""#, backend.display()));
-            assert_eq!(on_backend, "bar", "xattr should be stored on the backend object");
+            let on_backend = sh(&format!(
+                r#"getfattr -n user.foo --only-values "{}""#,
+                backend.display()
+            ));
+            assert_eq!(
+                on_backend, "bar",
+                "xattr should be stored on the backend object"
+            );
             lab.sh(&format!(r#"setfattr -x user.foo "{p}""#));
             let out = lab.sh(&format!(r#"getfattr -d "{p}""#));
-            assert!(!out.contains("user.foo"), "user.foo still listed after removal:\n{out}");
+            assert!(
+                !out.contains("user.foo"),
+                "user.foo still listed after removal:\n{out}"
+            );
             let (code, _, err) = lab.sh_status(&format!(r#"getfattr -n user.foo "{p}""#));
             assert_ne!(code, 0);
             assert!(err.contains("No such attribute"), "{err}");
@@ -359,7 +327,7 @@ fn user_xattrs_set_get_list_remove() {
 
 #[test]
 fn acls_set_with_setfacl_are_listed_by_getfacl() {
-    let lab = lab();
+    let lab = MountedLab::with_dirs();
     for b in BOTH {
         let d = b.dir();
         let out = lab.sh(&format!(
@@ -369,36 +337,28 @@ fn acls_set_with_setfacl_are_listed_by_getfacl() {
             getfacl -n "$LAB/{d}/f"
             "#
         ));
-        assert!(out.contains("user:1000:rw-"), "getfacl after setfacl:\n{out}");
+        assert!(
+            out.contains("user:1000:rw-"),
+            "getfacl after setfacl:\n{out}"
+        );
         let backend = lab.backend_path(b, &format!("{d}/f"));
         let on_backend = sh(&format!(r#"getfacl -n "{}""#, backend.display()));
-        assert!(on_backend.contains("user:1000:rw-"), "backend ACL:\n{on_backend}");
+        assert!(
+            on_backend.contains("user:1000:rw-"),
+            "backend ACL:\n{on_backend}"
+        );
         lab.sh(&format!(r#"setfacl -x u:1000 "$LAB/{d}/f""#));
         let out = lab.sh(&format!(r#"getfacl -n "$LAB/{d}/f""#));
-        assert!(!out.contains("user:1000:"), "ACL entry still there after setfacl -x:\n{out}");
-    }
-}
-
-#[test]
-fn acl_entries_grant_and_revoke_access() {
-    let lab = lab();
-    for b in BOTH {
-        let d = b.dir();
-        lab.sh(&format!(
-            r#"echo secret > "$LAB/{d}/f"; chmod 600 "$LAB/{d}/f"; setfacl -m u:1000:r "$LAB/{d}/f""#
-        ));
-        assert_eq!(lab.sh_as(USER, USER, &format!(r#"cat "$LAB/{d}/f""#)), "secret\n");
-        let (code, _, err) = lab.sh_as_status(1001, 1001, &format!(r#"cat "$LAB/{d}/f""#));
-        assert!(code != 0 && err.contains("Permission denied"), "uid 1001: {err}");
-        lab.sh(&format!(r#"setfacl -x u:1000 "$LAB/{d}/f""#));
-        let (code, _, err) = lab.sh_as_status(USER, USER, &format!(r#"cat "$LAB/{d}/f""#));
-        assert!(code != 0 && err.contains("Permission denied"), "after revoke: {err}");
+        assert!(
+            !out.contains("user:1000:"),
+            "ACL entry still there after setfacl -x:\n{out}"
+        );
     }
 }
 
 #[test]
 fn default_acl_is_inherited_by_new_entries() {
-    let lab = lab();
+    let lab = MountedLab::with_dirs();
     for b in BOTH {
         let d = b.dir();
         let out = lab.sh(&format!(
@@ -410,25 +370,20 @@ fn default_acl_is_inherited_by_new_entries() {
             "#
         ));
         let (file, dir) = out.split_once("---").unwrap();
-        assert!(file.contains("user:1000:rwx"), "new file lacks the inherited entry:\n{file}");
-        assert!(dir.contains("default:user:1000:rwx"), "new dir lacks the default ACL:\n{dir}");
-    }
-}
-
-fn renameat2(from: &Path, to: &Path, flags: u32) -> std::io::Result<()> {
-    let f = CString::new(from.as_os_str().as_bytes()).unwrap();
-    let t = CString::new(to.as_os_str().as_bytes()).unwrap();
-    let r = unsafe { libc::renameat2(libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), flags) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+        assert!(
+            file.contains("user:1000:rwx"),
+            "new file lacks the inherited entry:\n{file}"
+        );
+        assert!(
+            dir.contains("default:user:1000:rwx"),
+            "new dir lacks the default ACL:\n{dir}"
+        );
     }
 }
 
 #[test]
 fn renameat2_noreplace_refuses_an_existing_target() {
-    let lab = lab();
+    let lab = MountedLab::with_dirs();
     for b in BOTH {
         let d = b.dir();
         lab.sh(&format!(r#"echo A > "$LAB/{d}/a"; echo B > "$LAB/{d}/b""#));
@@ -449,18 +404,25 @@ fn renameat2_noreplace_refuses_an_existing_target() {
 
 #[test]
 fn renameat2_exchange_swaps_two_entries() {
-    let lab = lab();
+    let _no_cache_drop = inode_numbers_compared();
+    let lab = MountedLab::with_dirs();
     for b in BOTH {
         let d = b.dir();
         lab.sh(&format!(
             r#"cd "$LAB/{d}"; echo A > a; echo B > b; mkdir -p d1 d2; touch d1/one d2/two"#
         ));
         let p = |n: &str| lab.path(&format!("{d}/{n}"));
-        let (ia, ib) = (fs::metadata(p("a")).unwrap().ino(), fs::metadata(p("b")).unwrap().ino());
+        let (ia, ib) = (
+            fs::metadata(p("a")).unwrap().ino(),
+            fs::metadata(p("b")).unwrap().ino(),
+        );
         renameat2(&p("a"), &p("b"), libc::RENAME_EXCHANGE).expect("exchange files");
         assert_eq!((read(&p("a")), read(&p("b"))), ("B\n".into(), "A\n".into()));
         assert_eq!(
-            (fs::metadata(p("a")).unwrap().ino(), fs::metadata(p("b")).unwrap().ino()),
+            (
+                fs::metadata(p("a")).unwrap().ino(),
+                fs::metadata(p("b")).unwrap().ino()
+            ),
             (ib, ia),
             "inode numbers travel with the files"
         );
@@ -469,8 +431,12 @@ fn renameat2_exchange_swaps_two_entries() {
         assert_eq!(names(p("d1")), vec!["two"]);
         assert_eq!(names(p("d2")), vec!["one"]);
     }
-    let err = renameat2(&lab.path("docs/a"), &lab.path("cache/a"), libc::RENAME_EXCHANGE)
-        .expect_err("exchange across backends");
+    let err = renameat2(
+        &lab.path("docs/a"),
+        &lab.path("cache/a"),
+        libc::RENAME_EXCHANGE,
+    )
+    .expect_err("exchange across backends");
     assert_eq!(err.raw_os_error(), Some(libc::EXDEV), "{err}");
 }
 
@@ -488,13 +454,17 @@ fn flock_holder(lab: &MountedLab, rel: &str) -> Bg {
         ],
     )
     .spawn();
-    wait_until("the flock holder holds the lock", Duration::from_secs(30), || mark.exists());
+    wait_until(
+        "the flock holder holds the lock",
+        Duration::from_secs(30),
+        || mark.exists(),
+    );
     holder
 }
 
 #[test]
 fn flock_conflicting_nonblocking_lock_fails() {
-    let lab = lab();
+    let lab = MountedLab::with_dirs();
     for b in BOTH {
         let rel = format!("{}/lockfile", b.dir());
         lab.sh(&format!(r#"touch "$LAB/{rel}""#));
@@ -503,7 +473,10 @@ fn flock_conflicting_nonblocking_lock_fails() {
         let f = f.to_string_lossy();
         for args in [vec!["-n", &*f, "true"], vec!["-n", "-s", &*f, "true"]] {
             let (code, _, err) = run_status("flock", &args);
-            assert_eq!(code, 1, "flock {args:?} while held should fail with 1: {err}");
+            assert_eq!(
+                code, 1,
+                "flock {args:?} while held should fail with 1: {err}"
+            );
         }
         holder.signal_group(libc::SIGKILL);
         assert!(holder.wait_timeout(Duration::from_secs(10)).is_some());
@@ -527,7 +500,11 @@ fn assert_waiter_killable(waiter: &mut Bg, syscall: i64, what: &str) {
     waiter.signal(libc::SIGTERM);
     if let Some(status) = waiter.wait_timeout(Duration::from_secs(10)) {
         use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(libc::SIGTERM), "{what} should die of SIGTERM");
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGTERM),
+            "{what} should die of SIGTERM"
+        );
         return;
     }
     let state = waiter.state();
@@ -541,13 +518,17 @@ fn assert_waiter_killable(waiter: &mut Bg, syscall: i64, what: &str) {
 
 #[test]
 fn blocked_flock_waiter_is_interruptible() {
-    let lab = lab();
+    let lab = MountedLab::with_dirs();
     for b in BOTH {
         let rel = format!("{}/lockfile", b.dir());
         lab.sh(&format!(r#"touch "$LAB/{rel}""#));
         let _holder = flock_holder(&lab, &rel);
         let mut waiter = Sh::program("flock", &[&lab.path(&rel).to_string_lossy(), "true"]).spawn();
-        assert_waiter_killable(&mut waiter, libc::SYS_flock, &format!("flock waiter on {rel}"));
+        assert_waiter_killable(
+            &mut waiter,
+            libc::SYS_flock,
+            &format!("flock waiter on {rel}"),
+        );
     }
 }
 
@@ -578,36 +559,48 @@ print("locked")
 
 #[test]
 fn posix_record_locks_conflict_and_blocked_waiter_is_interruptible() {
-    let lab = lab();
+    let lab = MountedLab::with_dirs();
     for b in BOTH {
         let rel = format!("{}/lockf", b.dir());
         lab.sh(&format!(r#"echo data > "$LAB/{rel}""#));
         let file = lab.path(&rel).to_string_lossy().into_owned();
         let mark = lab.scratch_path(&format!("lockf-held-{}", b.dir()));
-        let mut holder =
-            Sh::program("python3", &["-c", LOCKF_HOLDER, &file, &mark.to_string_lossy()]).spawn();
-        wait_until("the fcntl lock holder holds the lock", Duration::from_secs(30), || {
-            mark.exists()
-        });
+        let mut holder = Sh::program(
+            "python3",
+            &["-c", LOCKF_HOLDER, &file, &mark.to_string_lossy()],
+        )
+        .spawn();
+        wait_until(
+            "the fcntl lock holder holds the lock",
+            Duration::from_secs(30),
+            || mark.exists(),
+        );
         let out = run("python3", &["-c", LOCKF_TRY, &file]);
         assert!(
             matches!(out.trim(), "EAGAIN" | "EACCES"),
             "F_SETLK on a locked file should fail with EAGAIN/EACCES, got {out}"
         );
         let mut waiter = Sh::program("python3", &["-c", LOCKF_WAIT, &file]).spawn();
-        assert_waiter_killable(&mut waiter, libc::SYS_fcntl, &format!("F_SETLKW waiter on {rel}"));
+        assert_waiter_killable(
+            &mut waiter,
+            libc::SYS_fcntl,
+            &format!("F_SETLKW waiter on {rel}"),
+        );
         holder.signal_group(libc::SIGKILL);
         assert!(holder.wait_timeout(Duration::from_secs(10)).is_some());
-        wait_until("the record lock is free again", Duration::from_secs(10), || {
-            run("python3", &["-c", LOCKF_TRY, &file]).trim() == "locked"
-        });
+        wait_until(
+            "the record lock is free again",
+            Duration::from_secs(10),
+            || run("python3", &["-c", LOCKF_TRY, &file]).trim() == "locked",
+        );
     }
 }
 
 #[test]
 fn o_tmpfile_works_or_is_cleanly_unsupported() {
-    // Observed against labfs: (recorded in the final report; either outcome is accepted).
-    let lab = lab();
+    // Either outcome is accepted; a hang, EIO or a half-working file is not.
+    // Observed (labfs at 7ee9366, kernel 6.18): EOPNOTSUPP on both backends.
+    let lab = MountedLab::with_dirs();
     for b in BOTH {
         let d = b.dir();
         let out = lab
@@ -635,7 +628,10 @@ PY"#
         match out.trim() {
             "EOPNOTSUPP" => eprintln!("O_TMPFILE on {}: EOPNOTSUPP", b.name()),
             "tmpfile-data" => {
-                assert_eq!(read(&lab.backend_path(b, &format!("{d}/linked"))), "tmpfile-data");
+                assert_eq!(
+                    read(&lab.backend_path(b, &format!("{d}/linked"))),
+                    "tmpfile-data"
+                );
                 eprintln!("O_TMPFILE on {}: supported", b.name());
             }
             other => panic!("unexpected O_TMPFILE outcome: {other}"),
@@ -644,43 +640,8 @@ PY"#
 }
 
 #[test]
-fn sparse_files_stay_sparse_and_report_holes() {
-    let lab = lab();
-    for b in BOTH {
-        let d = b.dir();
-        let out = lab.sh(&format!(
-            r#"
-            cd "$LAB/{d}"
-            truncate -s 1G sparse
-            dd if=/dev/urandom of=sparse bs=4096 count=1 seek=1000 conv=notrunc status=none
-            cp --sparse=always sparse copy
-            cmp sparse copy
-            stat -c %s sparse copy
-            du -k sparse copy | cut -f1
-            python3 -c '
-import os, sys
-fd = os.open("sparse", os.O_RDONLY)
-print(os.lseek(fd, 0, os.SEEK_DATA), os.lseek(fd, 0, os.SEEK_HOLE), os.lseek(fd, 4096000, os.SEEK_HOLE))
-'
-            "#
-        ));
-        let lines: Vec<&str> = out.lines().collect();
-        assert_eq!(&lines[..2], ["1073741824", "1073741824"], "{out}");
-        for (name, kb) in ["sparse", "copy"].iter().zip(&lines[2..4]) {
-            let kb: u64 = kb.parse().unwrap();
-            assert!(kb <= 1024, "{} {name} uses {kb} KiB; should stay sparse", b.name());
-        }
-        assert_eq!(lines[4], "4096000 0 4100096", "SEEK_DATA/SEEK_HOLE on {}", b.name());
-        let backend_blocks = fs::metadata(lab.backend_path(b, &format!("{d}/copy")))
-            .unwrap()
-            .blocks();
-        assert!(backend_blocks <= 2048, "backend copy is not sparse: {backend_blocks} blocks");
-    }
-}
-
-#[test]
 fn fallocate_reserves_space() {
-    let lab = lab();
+    let lab = MountedLab::with_dirs();
     for b in BOTH {
         let d = b.dir();
         let out = lab.sh(&format!(
@@ -688,16 +649,23 @@ fn fallocate_reserves_space() {
         ));
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines[0], "10485760");
-        assert!(lines[1].parse::<u64>().unwrap() >= 10240, "du after fallocate: {out}");
+        assert!(
+            lines[1].parse::<u64>().unwrap() >= 10240,
+            "du after fallocate: {out}"
+        );
         let m = fs::metadata(lab.backend_path(b, &format!("{d}/fa"))).unwrap();
         assert_eq!(m.len(), 10485760);
-        assert!(m.blocks() * 512 >= 10485760, "backend blocks: {}", m.blocks());
+        assert!(
+            m.blocks() * 512 >= 10485760,
+            "backend blocks: {}",
+            m.blocks()
+        );
     }
 }
 
 #[test]
 fn mmap_writes_are_read_back() {
-    let lab = lab();
+    let lab = MountedLab::with_dirs();
     for b in BOTH {
         let d = b.dir();
         let out = lab.sh(&format!(
@@ -724,13 +692,16 @@ PY"#
         assert_eq!(out, "hello world\n");
         let data = fs::read(lab.backend_path(b, &format!("{d}/mapped"))).unwrap();
         assert_eq!(data.len(), 8192);
-        assert_eq!((&data[0..5], &data[4096..4101]), (&b"hello"[..], &b"world"[..]));
+        assert_eq!(
+            (&data[0..5], &data[4096..4101]),
+            (&b"hello"[..], &b"world"[..])
+        );
     }
 }
 
 #[test]
 fn statfs_reports_the_filesystem() {
-    let lab = lab();
+    let lab = MountedLab::with_dirs();
     let out = lab.sh(r#"df -P "$LAB" "$LAB/docs" "$LAB/cache""#);
     let rows: Vec<&str> = out.lines().skip(1).collect();
     assert_eq!(rows.len(), 3, "{out}");
@@ -738,16 +709,22 @@ fn statfs_reports_the_filesystem() {
         let cols: Vec<&str> = row.split_whitespace().collect();
         let total: u64 = cols[1].parse().unwrap_or(0);
         assert!(total > 0, "df reports no space: {row}");
-        assert!(row.ends_with(&*lab.mnt().to_string_lossy()), "df mount column: {row}");
+        assert!(
+            row.ends_with(&*lab.mnt().to_string_lossy()),
+            "df mount column: {row}"
+        );
     }
     let stat = lab.sh(r#"stat -f -c '%b %S' "$LAB""#);
-    let nums: Vec<u64> = stat.split_whitespace().map(|n| n.parse().unwrap()).collect();
+    let nums: Vec<u64> = stat
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
     assert!(nums[0] > 0 && nums[1] > 0, "stat -f: {stat}");
 }
 
 #[test]
 fn fsync_and_fdatasync_succeed() {
-    let lab = lab();
+    let lab = MountedLab::with_dirs();
     for b in BOTH {
         let d = b.dir();
         let out = lab.sh(&format!(
@@ -767,13 +744,16 @@ PY
             sync "$LAB/{d}/synced""#
         ));
         assert_eq!(out, "ok\n");
-        assert_eq!(read(&lab.backend_path(b, &format!("{d}/synced"))), "durable");
+        assert_eq!(
+            read(&lab.backend_path(b, &format!("{d}/synced"))),
+            "durable"
+        );
     }
 }
 
 #[test]
 fn copy_file_range_within_and_across_backends() {
-    let lab = lab();
+    let lab = MountedLab::with_dirs();
     lab.sh(r#"head -c 3000000 /dev/urandom > "$LAB/docs/src""#);
     let out = lab.sh(
         r#"python3 - "$LAB/docs/src" "$LAB/docs/dst" "$LAB/cache/dst" <<'PY'
@@ -799,31 +779,4 @@ PY"#,
     assert_eq!(fs::read(lab.path("cache/dst")).unwrap(), src);
     assert_eq!(fs::read(lab.atlas_path("docs/dst")).unwrap(), src);
     assert_eq!(fs::read(lab.local_path("cache/dst")).unwrap(), src);
-}
-
-#[test]
-fn xattr_less_atlas_still_serves_files_and_refuses_xattrs_cleanly() {
-    let lab = MountedLab::builder().xattr_less_atlas().mount();
-    lab.sh(
-        r#"
-        mkdir -p "$LAB/docs/d" "$LAB/cache"
-        echo a > "$LAB/docs/d/a"
-        chmod 600 "$LAB/docs/d/a"
-        mv "$LAB/docs/d/a" "$LAB/docs/d/b"
-        ln -s b "$LAB/docs/d/l"
-        mv "$LAB/docs/d" "$LAB/cache/d"
-        mv "$LAB/cache/d" "$LAB/docs/d2"
-        "#,
-    );
-    assert_eq!(read(&lab.atlas_path("docs/d2/b")), "a\n");
-    assert_eq!(read(&lab.path("docs/d2/l")), "a\n");
-    assert_eq!(mode(&lab.path("docs/d2/b")) & 0o777, 0o600);
-    let (code, _, err) = lab.sh_status(r#"setfattr -n user.foo -v bar "$LAB/docs/d2/b""#);
-    assert_ne!(code, 0, "user xattr on an xattr-less Atlas cannot be stored");
-    assert!(err.contains("Operation not supported"), "expected EOPNOTSUPP: {err}");
-    // The local backend (tmpfs) still has them.
-    lab.sh(r#"echo c > "$LAB/cache/c""#);
-    if backend_takes_user_xattrs(&lab, &lab.local_path("cache/c")) {
-        lab.sh(r#"setfattr -n user.foo -v bar "$LAB/cache/c""#);
-    }
 }

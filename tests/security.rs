@@ -23,9 +23,19 @@ fn outside_tree(lab: &MountedLab, name: &str, inner: &str) -> std::path::PathBuf
 
 fn assert_outside_untouched(root: &Path, inner: &str) {
     let dir = root.join(inner);
-    assert_eq!(names(&dir), vec!["secret"], "labfs changed {}", dir.display());
+    assert_eq!(
+        names(&dir),
+        vec!["secret"],
+        "labfs changed {}",
+        dir.display()
+    );
     let secret = dir.join("secret");
-    assert_eq!(fs::read_to_string(&secret).unwrap(), SECRET, "labfs changed {}", secret.display());
+    assert_eq!(
+        fs::read_to_string(&secret).unwrap(),
+        SECRET,
+        "labfs changed {}",
+        secret.display()
+    );
     assert_eq!(fs::metadata(&secret).unwrap().mode() & 0o7777, 0o600);
 }
 
@@ -90,7 +100,10 @@ fn swap_probe(mnt_dir: &Path, backend_swap: &Path, outside: &Path) -> String {
             &outside.to_string_lossy(),
         ],
     );
-    assert!(!out.contains(SECRET), "labfs served a file outside its backend: {out}");
+    assert!(
+        !out.contains(SECRET),
+        "labfs served a file outside its backend: {out}"
+    );
     assert!(
         !out.contains("'secret'"),
         "labfs listed a directory outside its backend: {out}"
@@ -103,7 +116,9 @@ fn held_directory_swapped_for_a_symlink_does_not_reach_outside() {
     let lab = MountedLab::new();
     for b in BOTH {
         let d = b.dir();
-        lab.sh(&format!(r#"mkdir -p "$LAB/{d}/victim"; echo inside > "$LAB/{d}/victim/inside.txt""#));
+        lab.sh(&format!(
+            r#"mkdir -p "$LAB/{d}/victim"; echo inside > "$LAB/{d}/victim/inside.txt""#
+        ));
         let outside = outside_tree(&lab, &format!("outside-{d}"), "");
         let out = swap_probe(
             &lab.path(&format!("{d}/victim")),
@@ -120,7 +135,9 @@ fn held_directory_whose_ancestor_is_swapped_for_a_symlink_does_not_reach_outside
     let lab = MountedLab::new();
     for b in BOTH {
         let d = b.dir();
-        lab.sh(&format!(r#"mkdir -p "$LAB/{d}/a/b/c"; echo inside > "$LAB/{d}/a/b/c/inside.txt""#));
+        lab.sh(&format!(
+            r#"mkdir -p "$LAB/{d}/a/b/c"; echo inside > "$LAB/{d}/a/b/c/inside.txt""#
+        ));
         let outside = outside_tree(&lab, &format!("outside-anc-{d}"), "b/c");
         let out = swap_probe(
             &lab.path(&format!("{d}/a/b/c")),
@@ -146,7 +163,10 @@ fn cached_directory_swapped_for_symlink_to_etc_does_not_list_or_read_etc() {
         "cat /lab/cache/d/passwd must fail, got exit {code}: {out}{err}"
     );
     let (_, out, _) = lab.sh_status(r#"ls "$LAB/cache/d/""#);
-    assert!(!out.contains("passwd"), "ls /lab/cache/d/ listed /etc:\n{out}");
+    assert!(
+        !out.contains("passwd"),
+        "ls /lab/cache/d/ listed /etc:\n{out}"
+    );
     let (code, out, _) = lab.sh_status(r#"ls -d "$LAB/cache/d/passwd" "$LAB/cache/d/hostname""#);
     assert_ne!(code, 0, "/etc entries visible under /lab/cache/d:\n{out}");
 }
@@ -178,7 +198,9 @@ fn held_file_swapped_for_a_symlink_does_not_reach_outside() {
     let lab = MountedLab::new();
     for b in BOTH {
         let d = b.dir();
-        lab.sh(&format!(r#"mkdir -p "$LAB/{d}"; echo inside > "$LAB/{d}/f""#));
+        lab.sh(&format!(
+            r#"mkdir -p "$LAB/{d}"; echo inside > "$LAB/{d}/f""#
+        ));
         let outside = outside_tree(&lab, &format!("outside-file-{d}"), "");
         let out = run(
             "python3",
@@ -191,7 +213,10 @@ fn held_file_swapped_for_a_symlink_does_not_reach_outside() {
             ],
         );
         eprintln!("{} file swap: {out}", b.name());
-        assert!(!out.contains(SECRET), "labfs read a file outside its backend: {out}");
+        assert!(
+            !out.contains(SECRET),
+            "labfs read a file outside its backend: {out}"
+        );
         assert_outside_untouched(&outside, "");
     }
 }
@@ -206,11 +231,19 @@ fn user_cannot_read_a_root_only_file() {
         ));
         let (code, out, err) = lab.sh_as_status(USER, USER, &format!(r#"cat "$LAB/{d}/secret""#));
         assert!(code != 0 && err.contains("Permission denied"), "{out}{err}");
-        let (code, _, err) =
-            lab.sh_as_status(USER, USER, &format!(r#"echo x >> "$LAB/{d}/pub""#));
-        assert!(code != 0 && err.contains("Permission denied"), "append to root 0644: {err}");
-        assert_eq!(lab.sh_as(USER, USER, &format!(r#"cat "$LAB/{d}/pub""#)), "pub\n");
-        assert_eq!(fs::read_to_string(lab.backend_path(b, &format!("{d}/pub"))).unwrap(), "pub\n");
+        let (code, _, err) = lab.sh_as_status(USER, USER, &format!(r#"echo x >> "$LAB/{d}/pub""#));
+        assert!(
+            code != 0 && err.contains("Permission denied"),
+            "append to root 0644: {err}"
+        );
+        assert_eq!(
+            lab.sh_as(USER, USER, &format!(r#"cat "$LAB/{d}/pub""#)),
+            "pub\n"
+        );
+        assert_eq!(
+            fs::read_to_string(lab.backend_path(b, &format!("{d}/pub"))).unwrap(),
+            "pub\n"
+        );
     }
 }
 
@@ -234,11 +267,22 @@ fn user_cannot_chown_or_chgrp_to_foreign_ids() {
                 "{script} as uid 1000 should fail with EPERM: {err}"
             );
         }
-        assert_eq!(owner(lab.backend_path(b, &format!("{d}/mine"))), "1000:1000");
+        assert_eq!(
+            owner(lab.backend_path(b, &format!("{d}/mine"))),
+            "1000:1000"
+        );
         assert_eq!(owner(lab.backend_path(b, &format!("{d}/roots"))), "0:0");
         // Changing to a group the user is in is allowed.
-        lab.sh_as_groups(USER, USER, &[1234], &format!(r#"chgrp 1234 "$LAB/{d}/mine""#));
-        assert_eq!(owner(lab.backend_path(b, &format!("{d}/mine"))), "1000:1234");
+        lab.sh_as_groups(
+            USER,
+            USER,
+            &[1234],
+            &format!(r#"chgrp 1234 "$LAB/{d}/mine""#),
+        );
+        assert_eq!(
+            owner(lab.backend_path(b, &format!("{d}/mine"))),
+            "1000:1234"
+        );
     }
 }
 
@@ -264,14 +308,19 @@ fn user_cannot_write_into_a_root_owned_0755_directory() {
                 "{script} as uid 1000 should fail with EACCES: {err}"
             );
         }
-        assert_eq!(names(lab.backend_path(b, &format!("{d}/rootdir"))), vec!["existing"]);
+        assert_eq!(
+            names(lab.backend_path(b, &format!("{d}/rootdir"))),
+            vec!["existing"]
+        );
     }
 }
 
 #[test]
 fn nothing_a_user_creates_is_root_owned_on_the_backend() {
     let lab = MountedLab::new();
-    lab.sh(r#"mkdir -p "$LAB/docs/pub" "$LAB/cache/pub"; chmod 1777 "$LAB/docs/pub" "$LAB/cache/pub""#);
+    lab.sh(
+        r#"mkdir -p "$LAB/docs/pub" "$LAB/cache/pub"; chmod 1777 "$LAB/docs/pub" "$LAB/cache/pub""#,
+    );
     lab.sh_as(
         USER,
         USER,
@@ -293,9 +342,15 @@ fn nothing_a_user_creates_is_root_owned_on_the_backend() {
             r#"find "{}" -mindepth 1 \( -uid 0 -o -gid 0 \) -printf '%p %U:%G\n'"#,
             root.display()
         ));
-        assert_eq!(found, "", "entries created by uid 1000 but owned by root/gid 0");
+        assert_eq!(
+            found, "",
+            "entries created by uid 1000 but owned by root/gid 0"
+        );
         let all = sh(&format!(r#"find "{}" -mindepth 1 | wc -l"#, root.display()));
-        assert!(all.trim().parse::<u32>().unwrap() >= 8, "too few entries: {all}");
+        assert!(
+            all.trim().parse::<u32>().unwrap() >= 8,
+            "too few entries: {all}"
+        );
     }
 }
 
@@ -305,9 +360,18 @@ fn implicit_parent_directories_made_for_a_user_are_not_root_owned() {
     // which labfs makes on the user's behalf.
     let lab = MountedLab::new();
     lab.sh(r#"mkdir "$LAB/scans"; chmod 1777 "$LAB/scans""#);
-    lab.sh_as(USER, USER, r#"mkdir -p "$LAB/scans/s9/work/x"; echo w > "$LAB/scans/s9/work/x/f""#);
+    lab.sh_as(
+        USER,
+        USER,
+        r#"mkdir -p "$LAB/scans/s9/work/x"; echo w > "$LAB/scans/s9/work/x/f""#,
+    );
     assert_eq!(owner(lab.atlas_path("scans/s9")), "1000:1000");
-    for rel in ["scans/s9", "scans/s9/work", "scans/s9/work/x", "scans/s9/work/x/f"] {
+    for rel in [
+        "scans/s9",
+        "scans/s9/work",
+        "scans/s9/work/x",
+        "scans/s9/work/x/f",
+    ] {
         assert_eq!(owner(lab.local_path(rel)), "1000:1000", "local {rel}");
     }
 }
@@ -321,13 +385,86 @@ fn writing_a_setuid_file_as_another_user_clears_the_setuid_bit() {
             r#"mkdir -p "$LAB/{d}"; printf '#!/bin/sh\n' > "$LAB/{d}/suid"; chmod 6777 "$LAB/{d}/suid""#
         ));
         lab.sh_as(USER, USER, &format!(r#"echo 'id' >> "$LAB/{d}/suid""#));
-        for p in [lab.path(&format!("{d}/suid")), lab.backend_path(b, &format!("{d}/suid"))] {
+        for p in [
+            lab.path(&format!("{d}/suid")),
+            lab.backend_path(b, &format!("{d}/suid")),
+        ] {
             let m = fs::metadata(&p).unwrap().mode() & 0o7777;
-            assert_eq!(m & 0o6000, 0, "{} kept set-id bits after a write by uid 1000: {m:o}", p.display());
+            assert_eq!(
+                m & 0o6000,
+                0,
+                "{} kept set-id bits after a write by uid 1000: {m:o}",
+                p.display()
+            );
         }
         assert_eq!(
             fs::read_to_string(lab.backend_path(b, &format!("{d}/suid"))).unwrap(),
             "#!/bin/sh\nid\n"
+        );
+    }
+}
+
+#[test]
+fn files_created_by_a_user_are_owned_by_that_user_on_the_backend() {
+    let lab = MountedLab::with_dirs();
+    for b in BOTH {
+        let d = b.dir();
+        lab.sh(&format!(
+            r#"mkdir "$LAB/{d}/pub" "$LAB/{d}/mine"; chmod 1777 "$LAB/{d}/pub"; chown 1000:1000 "$LAB/{d}/mine""#
+        ));
+        lab.sh_as(
+            USER,
+            USER,
+            &format!(
+                r#"
+                cd "$LAB/{d}"
+                echo x > pub/f; mkdir pub/d; ln -s f pub/l; mkfifo pub/p; ln pub/f pub/hl
+                cp pub/f pub/copy
+                echo y > mine/f; mkdir -p mine/a/b
+                "#
+            ),
+        );
+        for n in [
+            "pub/f", "pub/d", "pub/l", "pub/p", "pub/hl", "pub/copy", "mine/f", "mine/a",
+            "mine/a/b",
+        ] {
+            let rel = format!("{d}/{n}");
+            assert_eq!(
+                owner(lab.backend_path(b, &rel)),
+                "1000:1000",
+                "backend owner of /{rel}"
+            );
+            assert_eq!(
+                owner(lab.path(&rel)),
+                "1000:1000",
+                "owner of /{rel} through the mount"
+            );
+        }
+    }
+}
+
+#[test]
+fn acl_entries_grant_and_revoke_access() {
+    let lab = MountedLab::with_dirs();
+    for b in BOTH {
+        let d = b.dir();
+        lab.sh(&format!(
+            r#"echo secret > "$LAB/{d}/f"; chmod 600 "$LAB/{d}/f"; setfacl -m u:1000:r "$LAB/{d}/f""#
+        ));
+        assert_eq!(
+            lab.sh_as(USER, USER, &format!(r#"cat "$LAB/{d}/f""#)),
+            "secret\n"
+        );
+        let (code, _, err) = lab.sh_as_status(1001, 1001, &format!(r#"cat "$LAB/{d}/f""#));
+        assert!(
+            code != 0 && err.contains("Permission denied"),
+            "uid 1001: {err}"
+        );
+        lab.sh(&format!(r#"setfacl -x u:1000 "$LAB/{d}/f""#));
+        let (code, _, err) = lab.sh_as_status(USER, USER, &format!(r#"cat "$LAB/{d}/f""#));
+        assert!(
+            code != 0 && err.contains("Permission denied"),
+            "after revoke: {err}"
         );
     }
 }

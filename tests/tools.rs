@@ -1,5 +1,9 @@
 //! Everyday tools round-tripping data through the mount, on an Atlas path and on a
-//! local path: `cp -a`, `tar`, `git`, `rsync -a`, `sqlite3` (WAL).
+//! local path: `cp -a`, `tar`, `git`, `rsync -a`, `sqlite3` (WAL), and sparse files
+//! through `truncate`, `dd`, `cp --sparse=always`, `du` and SEEK_DATA/SEEK_HOLE.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
 
 use crate::common::*;
 
@@ -47,11 +51,16 @@ fn cp_a_round_trip(b: Backend) {
     let d = b.dir();
     lab.sh(&format!(r#"mkdir "$LAB/{d}""#));
     let src = make_tree(&lab, "src", true);
-    let inside = lab.path(&format!("{d}/tree")).to_string_lossy().into_owned();
+    let inside = lab
+        .path(&format!("{d}/tree"))
+        .to_string_lossy()
+        .into_owned();
     let out = lab.scratch_path("out").to_string_lossy().into_owned();
     lab.sh(&format!(r#"cp -a "{src}" "{inside}""#));
     assert_same_tree(&lab, &src, &inside);
-    assert!(lab.backend_path(b, &format!("{d}/tree/sub/blob.bin")).is_file());
+    assert!(lab
+        .backend_path(b, &format!("{d}/tree/sub/blob.bin"))
+        .is_file());
     assert!(!lab.backend_path(b.other(), &format!("{d}/tree")).exists());
     lab.sh(&format!(r#"cp -a "{inside}" "{out}""#));
     assert_same_tree(&lab, &src, &out);
@@ -142,14 +151,22 @@ fn git_workflow(b: Backend) {
         test -x "$SCRATCH/clone/build.sh"
         "#
     ));
-    assert!(out.contains("status1=[]\n"), "git status after commit not clean:\n{out}");
+    assert!(
+        out.contains("status1=[]\n"),
+        "git status after commit not clean:\n{out}"
+    );
     assert!(out.contains("status2=[ M README]\n"), "{out}");
-    assert!(out.contains("status3=[]\n"), "git status after gc not clean:\n{out}");
+    assert!(
+        out.contains("status3=[]\n"),
+        "git status after gc not clean:\n{out}"
+    );
     assert!(
         out.ends_with("rename\nsecond commit\nfirst commit\n"),
         "git log:\n{out}"
     );
-    assert!(lab.backend_path(b, &format!("{d}/repo/.git/HEAD")).is_file());
+    assert!(lab
+        .backend_path(b, &format!("{d}/repo/.git/HEAD"))
+        .is_file());
 }
 
 #[test]
@@ -171,7 +188,9 @@ fn rsync_round_trip(b: Backend) {
     let out = lab.scratch_path("out").to_string_lossy().into_owned();
     lab.sh(&format!(r#"rsync -a "{src}/" "{inside}/""#));
     assert_same_tree(&lab, &src, &inside);
-    assert!(lab.backend_path(b, &format!("{d}/r/sub/blob.bin")).is_file());
+    assert!(lab
+        .backend_path(b, &format!("{d}/r/sub/blob.bin"))
+        .is_file());
     // A second run finds nothing to do: sizes, mtimes, modes and owners all match.
     let again = lab.sh(&format!(r#"rsync -a -i "{src}/" "{inside}/""#));
     assert_eq!(again, "", "rsync -a found differences on the second run");
@@ -221,7 +240,9 @@ SQL
     ));
     assert_eq!(out, "wal\n1000|6893\n1001\nok\n");
     assert!(lab.backend_path(b, &format!("{d}/db.sqlite")).is_file());
-    assert!(!lab.backend_path(b.other(), &format!("{d}/db.sqlite")).exists());
+    assert!(!lab
+        .backend_path(b.other(), &format!("{d}/db.sqlite"))
+        .exists());
 }
 
 #[test]
@@ -232,4 +253,51 @@ fn sqlite_wal_transaction_on_atlas() {
 #[test]
 fn sqlite_wal_transaction_on_local() {
     sqlite_wal(Backend::Local);
+}
+
+#[test]
+fn sparse_files_stay_sparse_and_report_holes() {
+    let lab = MountedLab::with_dirs();
+    for b in BOTH {
+        let d = b.dir();
+        let out = lab.sh(&format!(
+            r#"
+            cd "$LAB/{d}"
+            truncate -s 1G sparse
+            dd if=/dev/urandom of=sparse bs=4096 count=1 seek=1000 conv=notrunc status=none
+            cp --sparse=always sparse copy
+            cmp sparse copy
+            stat -c %s sparse copy
+            du -k sparse copy | cut -f1
+            python3 -c '
+import os, sys
+fd = os.open("sparse", os.O_RDONLY)
+print(os.lseek(fd, 0, os.SEEK_DATA), os.lseek(fd, 0, os.SEEK_HOLE), os.lseek(fd, 4096000, os.SEEK_HOLE))
+'
+            "#
+        ));
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(&lines[..2], ["1073741824", "1073741824"], "{out}");
+        for (name, kb) in ["sparse", "copy"].iter().zip(&lines[2..4]) {
+            let kb: u64 = kb.parse().unwrap();
+            assert!(
+                kb <= 1024,
+                "{} {name} uses {kb} KiB; should stay sparse",
+                b.name()
+            );
+        }
+        assert_eq!(
+            lines[4],
+            "4096000 0 4100096",
+            "SEEK_DATA/SEEK_HOLE on {}",
+            b.name()
+        );
+        let backend_blocks = fs::metadata(lab.backend_path(b, &format!("{d}/copy")))
+            .unwrap()
+            .blocks();
+        assert!(
+            backend_blocks <= 2048,
+            "backend copy is not sparse: {backend_blocks} blocks"
+        );
+    }
 }

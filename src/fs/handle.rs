@@ -336,8 +336,8 @@ impl LabFs {
             if !wanted {
                 continue;
             }
-            if b != primary && b == BackendKind::Atlas && self.health.is_down() {
-                // Listing the local part must not wait for a hung Atlas.
+            if b != primary && b == BackendKind::Atlas && self.health.is_stalled() {
+                // Listing the local part must not wait for a stalled or hung Atlas.
                 continue;
             }
             self.atlas_gate(b, &path)?;

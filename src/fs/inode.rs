@@ -52,7 +52,12 @@ pub struct InodeTable {
     nodes: DashMap<u64, Node>,
     by_key: DashMap<BackingKey, u64>,
     next: AtomicU64,
+    /// Forgets since the table last considered giving memory back.
+    forgets: AtomicU64,
 }
+
+/// How often (in dropped inodes) the table checks whether to shrink.
+const SHRINK_EVERY: u64 = 1 << 16;
 
 impl Default for InodeTable {
     fn default() -> Self {
@@ -77,6 +82,7 @@ impl InodeTable {
             nodes,
             by_key: DashMap::new(),
             next: AtomicU64::new(ROOT_INO + 1),
+            forgets: AtomicU64::new(0),
         }
     }
 
@@ -181,6 +187,20 @@ impl InodeTable {
             if let Some(key) = node.key {
                 self.by_key.remove_if(&key, |_, v| *v == ino);
             }
+            if self.forgets.fetch_add(1, Ordering::Relaxed) % SHRINK_EVERY == SHRINK_EVERY - 1 {
+                self.maybe_shrink();
+            }
+        }
+    }
+
+    /// Give memory back once the kernel has forgotten most of what it once held
+    /// (hash tables never shrink by themselves, nor does malloc return freed chunks).
+    fn maybe_shrink(&self) {
+        if self.nodes.len() * 4 < self.nodes.capacity() {
+            self.nodes.shrink_to_fit();
+            self.by_key.shrink_to_fit();
+            // SAFETY: malloc_trim only releases free memory back to the system.
+            unsafe { libc::malloc_trim(0) };
         }
     }
 

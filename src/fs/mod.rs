@@ -18,6 +18,7 @@ pub mod health;
 pub mod identity;
 pub mod inode;
 mod ops;
+mod promote_support;
 pub mod xattr;
 
 use std::ffi::{CString, OsStr, OsString};
@@ -161,7 +162,9 @@ impl LabFs {
     }
 
     pub fn placement(&self, path: &str) -> Placement {
-        self.live().rules.resolve(path)
+        let p = self.live().rules.resolve(path);
+        crate::stats::rule_hit(&p);
+        p
     }
 
     /// The namespace path of an inode.

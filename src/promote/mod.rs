@@ -1,12 +1,342 @@
 //! Promotion of transitional data to Atlas (see docs/promote.md).
+//!
+//! - [`client`]: the `labfs promote` command (talks to the daemon through the mount).
+//! - control hooks ([`control_get`], [`control_set`]): the daemon side of that protocol.
+//! - [`engine`]: one job, on its own threads: plan, stage, verify, commit, clean.
+//! - [`journal`]: the per-job journal on the local backend; [`recover`] replays it.
+//! - [`atrisk`]: the at-risk report of `labfs status`.
 
-/// Whether a promotion of `path` (or a tree containing it) is under way.
-pub fn in_flight(_path: &str) -> bool {
-    false
+pub mod atrisk;
+pub mod client;
+mod copy;
+mod engine;
+pub mod job;
+pub mod journal;
+mod plan;
+pub mod recover;
+pub mod util;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
+use crate::fs::{Ctx, LabFs};
+use job::{Job, Phase, Request};
+
+/// `setxattr(PATH, PROMOTE, request JSON)` starts a job.
+pub const CTL_PROMOTE: &str = "user.labfs.ctl.promote";
+/// `getxattr(PATH, "user.labfs.ctl.promote.<id>")` -> progress JSON; `setxattr` of
+/// the same name with the value `cancel` cancels the job.
+pub const CTL_JOB_PREFIX: &str = "user.labfs.ctl.promote.";
+
+/// Finished jobs stay queryable this long.
+const KEEP_FINISHED: Duration = Duration::from_secs(15 * 60);
+/// At most this many jobs (running or finished) are remembered.
+const MAX_JOBS: usize = 4096;
+
+struct Registry {
+    jobs: Mutex<HashMap<String, Arc<Job>>>,
+    fs: Mutex<Option<Weak<LabFs>>>,
+    running: AtomicUsize,
+    stopping: AtomicBool,
 }
 
-/// Complete or roll back promotions interrupted by a crash (journal replay).
-pub fn recover_on_mount(_fs: &crate::fs::LabFs) {}
+fn registry() -> &'static Registry {
+    static R: OnceLock<Registry> = OnceLock::new();
+    R.get_or_init(|| Registry {
+        jobs: Mutex::new(HashMap::new()),
+        fs: Mutex::new(None),
+        running: AtomicUsize::new(0),
+        stopping: AtomicBool::new(false),
+    })
+}
 
-/// Stop or journal promotions before unmounting.
-pub fn shutdown(_fs: &crate::fs::LabFs) {}
+/// Whether the daemon is stopping (jobs stop at their next safe point).
+pub(crate) fn stopping() -> bool {
+    registry().stopping.load(Ordering::Relaxed)
+}
+
+/// Whether a promotion of `path` (or a tree containing it) is under way.
+pub fn in_flight(path: &str) -> bool {
+    registry()
+        .jobs
+        .lock()
+        .values()
+        .any(|j| j.phase().is_active() && j.covers(path))
+}
+
+/// Complete or roll back promotions interrupted by a crash (journal replay); probe
+/// whether Atlas takes user xattrs. Runs before the mount serves requests.
+pub fn recover_on_mount(fs: &Arc<LabFs>) {
+    *registry().fs.lock() = Some(Arc::downgrade(fs));
+    registry().stopping.store(false, Ordering::Relaxed);
+    if fs.health.is_down() {
+        warn!("Atlas is not answering at mount: promotion recovery and the xattr probe are deferred to the next mount");
+        return;
+    }
+    crate::tags::probe(&fs.atlas);
+    recover::run(fs);
+}
+
+/// Stop jobs at a safe point before unmounting: copies stop between chunks, the
+/// journal stays, and the next mount completes or rolls back each job.
+pub fn shutdown(_fs: &Arc<LabFs>) {
+    let r = registry();
+    r.stopping.store(true, Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while r.running.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left = r.running.load(Ordering::Relaxed);
+    if left > 0 {
+        warn!("{left} promotion(s) still running at shutdown; the next mount recovers them from the journal");
+    }
+}
+
+/// A job as `labfs status` lists it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct InFlight {
+    pub id: String,
+    pub path: String,
+    pub state: String,
+    pub files_done: u64,
+    pub files_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub rate_bytes_per_sec: u64,
+    pub elapsed_secs: f64,
+}
+
+/// Promotions not finished yet.
+pub fn in_flight_list() -> Vec<InFlight> {
+    let mut v: Vec<InFlight> = registry()
+        .jobs
+        .lock()
+        .values()
+        .filter(|j| j.phase().is_active())
+        .map(|j| {
+            let p = j.progress();
+            InFlight {
+                id: p.id,
+                path: p.path,
+                state: p.state,
+                files_done: p.files_done,
+                files_total: p.files_total,
+                bytes_done: p.bytes_done,
+                bytes_total: p.bytes_total,
+                rate_bytes_per_sec: p.rate_bytes_per_sec,
+                elapsed_secs: p.elapsed_secs,
+            }
+        })
+        .collect();
+    v.sort_by(|a, b| a.path.cmp(&b.path));
+    v
+}
+
+/// Answer a promote control getxattr; `None` when `name` is not one of ours.
+pub fn control_get(_fs: &LabFs, ctx: &Ctx, _ino: u64, name: &str) -> Option<Result<Vec<u8>>> {
+    if name == CTL_PROMOTE {
+        let list: Vec<job::Progress> = registry()
+            .jobs
+            .lock()
+            .values()
+            .filter(|j| ctx.uid == 0 || j.ctx.uid == ctx.uid)
+            .map(|j| j.progress())
+            .collect();
+        return Some(Ok(serde_json::to_vec(&list).unwrap_or_default()));
+    }
+    let id = name.strip_prefix(CTL_JOB_PREFIX)?;
+    let job = registry().jobs.lock().get(id).cloned();
+    Some(match job {
+        Some(j) if ctx.uid == 0 || j.ctx.uid == ctx.uid => {
+            Ok(serde_json::to_vec(&j.progress()).unwrap_or_default())
+        }
+        _ => Err(Error::Errno(libc::ENODATA)),
+    })
+}
+
+/// Handle a promote control setxattr; `None` when `name` is not one of ours.
+///
+/// Starting a job does no I/O here (this runs on a FUSE thread): the request is
+/// parsed, the namespace path computed from the inode, and the job handed to its own
+/// thread, which checks everything else and reports through the progress JSON.
+pub fn control_set(
+    fs: &LabFs,
+    ctx: &Ctx,
+    ino: u64,
+    name: &str,
+    value: &[u8],
+) -> Option<Result<()>> {
+    if let Some(id) = name.strip_prefix(CTL_JOB_PREFIX) {
+        let job = registry().jobs.lock().get(id).cloned();
+        return Some(match job {
+            Some(j)
+                if (ctx.uid == 0 || j.ctx.uid == ctx.uid) && value.trim_ascii() == b"cancel" =>
+            {
+                j.cancel.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Some(_) => Err(Error::Errno(libc::EINVAL)),
+            None => Err(Error::Errno(libc::ENODATA)),
+        });
+    }
+    if name != CTL_PROMOTE {
+        return None;
+    }
+    Some(start(fs, ctx, ino, value))
+}
+
+fn start(fs: &LabFs, ctx: &Ctx, ino: u64, value: &[u8]) -> Result<()> {
+    let req: Request = serde_json::from_slice(value).map_err(|_| Error::Errno(libc::EINVAL))?;
+    if !Request::valid_id(&req.id) {
+        return Err(Error::Errno(libc::EINVAL));
+    }
+    let base = fs.path_of(ino)?;
+    let path = match &req.name {
+        Some(n) => {
+            let n = crate::fs::name_str(std::ffi::OsStr::new(n))?;
+            crate::fs::backend::join(&base, n)
+        }
+        None => base,
+    };
+    let r = registry();
+    let arc =
+        r.fs.lock()
+            .as_ref()
+            .and_then(Weak::upgrade)
+            .filter(|a| std::ptr::eq(Arc::as_ptr(a), fs))
+            .ok_or(Error::Errno(libc::EAGAIN))?;
+    if r.stopping.load(Ordering::Relaxed) {
+        return Err(Error::Errno(libc::ESHUTDOWN));
+    }
+    let job = Arc::new(Job::new(
+        req.id.clone(),
+        path.clone(),
+        *ctx,
+        fs.creds(ctx),
+        &req,
+    ));
+    {
+        let mut jobs = r.jobs.lock();
+        jobs.retain(|_, j| j.finished_for().is_none_or(|d| d < KEEP_FINISHED));
+        if jobs.contains_key(&req.id) {
+            return Err(Error::Errno(libc::EEXIST));
+        }
+        if jobs.len() >= MAX_JOBS {
+            return Err(Error::Errno(libc::EAGAIN));
+        }
+        let overlapping = jobs
+            .values()
+            .find(|j| j.phase().is_active() && (j.covers(&path) || job::covers(&path, &j.path)))
+            .map(|j| j.path.clone());
+        jobs.insert(req.id.clone(), job.clone());
+        if let Some(other) = overlapping {
+            job.set_error(format!(
+                "{path}: a promotion of {other} is already running; wait for it to finish"
+            ));
+            job.set_phase(Phase::Refused);
+            return Ok(());
+        }
+    }
+    r.running.fetch_add(1, Ordering::Relaxed);
+    let spawned = std::thread::Builder::new()
+        .name(format!("promote-{}", &req.id[..8.min(req.id.len())]))
+        .spawn({
+            let job = job.clone();
+            move || {
+                engine::run(&arc, &job);
+                registry().running.fetch_sub(1, Ordering::Relaxed);
+            }
+        });
+    if let Err(e) = spawned {
+        r.running.fetch_sub(1, Ordering::Relaxed);
+        job.set_error(format!("cannot start a promotion thread: {e}"));
+        job.set_phase(Phase::Failed);
+    }
+    info!(id = %req.id, uid = ctx.uid, "promotion of {path} requested");
+    Ok(())
+}
+
+/// The status fields promotion adds to `labfs status`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct StatusPart {
+    /// `xattr` or `store` (where stored tags live on Atlas).
+    pub xattr_mode: String,
+    pub promotions: Vec<InFlight>,
+    pub at_risk: atrisk::AtRisk,
+}
+
+/// Collect promotion's part of `labfs status`.
+pub fn status_part(fs: &LabFs) -> StatusPart {
+    StatusPart {
+        xattr_mode: crate::tags::mode().as_str().to_string(),
+        promotions: in_flight_list(),
+        at_risk: atrisk::report(fs),
+    }
+}
+
+/// The promotion lines of the `labfs status` table: xattr mode, promotions in flight
+/// and the at-risk report (oldest first).
+pub fn print_status(v: &serde_json::Value) {
+    let mode = v["xattr_mode"].as_str().unwrap_or("?");
+    let what = match mode {
+        "xattr" => "tags are user.labfs.* xattrs on Atlas",
+        "store" => "Atlas has no user xattrs; tags are kept in ATLAS/.labfs/tags",
+        _ => "not probed",
+    };
+    println!("xattr mode: {mode} ({what})");
+    let jobs: Vec<InFlight> = serde_json::from_value(v["promotions"].clone()).unwrap_or_default();
+    if jobs.is_empty() {
+        println!("promotions in flight: none");
+    } else {
+        println!("promotions in flight: {}", jobs.len());
+        for j in &jobs {
+            println!(
+                "  {:<40} {:<10} {}/{} files  {}/{}  {}/s",
+                j.path,
+                j.state,
+                j.files_done,
+                j.files_total,
+                engine::human(j.bytes_done),
+                engine::human(j.bytes_total),
+                engine::human(j.rate_bytes_per_sec)
+            );
+        }
+    }
+    let r: atrisk::AtRisk = serde_json::from_value(v["at_risk"].clone()).unwrap_or_default();
+    if r.subtrees.is_empty() {
+        println!("at risk (transitional data not yet promoted): none");
+    } else {
+        println!(
+            "at risk (transitional data not yet promoted): {} in {} file(s){}",
+            engine::human(r.total_bytes),
+            r.total_files,
+            if r.complete {
+                ""
+            } else {
+                " (scan incomplete: more may exist)"
+            }
+        );
+        println!(
+            "  {:<40} {:>10} {:>8}  {:<8} OLDEST",
+            "SUBTREE", "SIZE", "FILES", "AGE"
+        );
+        for s in &r.subtrees {
+            println!(
+                "  {:<40} {:>10} {:>8}  {:<8} {}{}",
+                s.path,
+                engine::human(s.bytes),
+                s.files,
+                atrisk::age(s.age_secs),
+                s.oldest,
+                if s.promoting { "  (promoting)" } else { "" }
+            );
+        }
+    }
+}

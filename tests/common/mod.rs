@@ -268,7 +268,8 @@ impl Sh {
             }
             Some((uid, gid, groups)) => {
                 let mut c = Command::new("setpriv");
-                c.arg(format!("--reuid={uid}")).arg(format!("--regid={gid}"));
+                c.arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={gid}"));
                 match groups {
                     Some(g) if !g.is_empty() => {
                         let list: Vec<String> = g.iter().map(u32::to_string).collect();
@@ -505,7 +506,10 @@ impl Drop for Bg {
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting until {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting until {what}"
+        );
         thread::sleep(Duration::from_millis(5));
     }
 }
@@ -515,7 +519,12 @@ pub fn names(dir: impl AsRef<Path>) -> Vec<String> {
     let dir = dir.as_ref();
     let mut v: Vec<String> = fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
-        .map(|e| e.expect("dir entry").file_name().to_string_lossy().into_owned())
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect();
     v.sort();
     v
@@ -527,6 +536,80 @@ pub fn owner(path: impl AsRef<Path>) -> String {
     let p = path.as_ref();
     let m = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
     format!("{}:{}", m.uid(), m.gid())
+}
+
+/// Contents of a file (panics with the path on error).
+pub fn read(p: &Path) -> String {
+    fs::read_to_string(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+}
+
+/// `st_mode` without following symlinks.
+pub fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    fs::symlink_metadata(p)
+        .unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()))
+        .mode()
+}
+
+/// `st_ino` without following symlinks.
+pub fn ino(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::symlink_metadata(p)
+        .unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()))
+        .ino()
+}
+
+/// `renameat2(AT_FDCWD, from, AT_FDCWD, to, flags)`.
+pub fn renameat2(from: &Path, to: &Path, flags: u32) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let f = std::ffi::CString::new(from.as_os_str().as_bytes()).expect("no NUL in path");
+    let t = std::ffi::CString::new(to.as_os_str().as_bytes()).expect("no NUL in path");
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            flags,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Whether the backend filesystem itself takes `user.*` xattrs (tmpfs: kernel >= 6.6).
+pub fn backend_takes_user_xattrs(lab: &MountedLab, backend_file: &Path) -> bool {
+    let f = backend_file.display();
+    let (code, _, err) = lab.sh_status(&format!(
+        r#"setfattr -n user.probe -v 1 "{f}" && setfattr -x user.probe "{f}""#
+    ));
+    if code != 0 {
+        eprintln!("SKIP user xattr assertions: backend {f} does not take user xattrs: {err}");
+    }
+    code == 0
+}
+
+/// Serialises `drop_caches` (global to the machine) against tests that compare inode
+/// numbers over time, so one test's cache drop cannot disturb another test.
+static INODE_CACHE_LOCK: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Held by a test that compares inode numbers over time: no cache drop meanwhile.
+pub fn inode_numbers_compared() -> std::sync::RwLockReadGuard<'static, ()> {
+    INODE_CACHE_LOCK.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Asks the kernel to forget unused dentries/inodes (of every filesystem), so the next
+/// lookups reach labfs again. Returns false (with a note) where that is not allowed.
+pub fn drop_kernel_caches() -> bool {
+    let _excl = INODE_CACHE_LOCK.write().unwrap_or_else(|e| e.into_inner());
+    let (code, _, err) = sh_status("sync; echo 2 > /proc/sys/vm/drop_caches");
+    if code != 0 {
+        eprintln!("note: cannot drop caches ({err}); checking without it");
+    }
+    code == 0
 }
 
 // ---------------------------------------------------------------------------
@@ -844,6 +927,14 @@ impl MountedLab {
         MountedLab::builder().mount()
     }
 
+    /// A lab with [`DEFAULT_RULES`] and `/docs` (atlas) and `/cache` (local) created
+    /// through the mount.
+    pub fn with_dirs() -> MountedLab {
+        let lab = MountedLab::new();
+        lab.sh(r#"mkdir "$LAB/docs" "$LAB/cache""#);
+        lab
+    }
+
     pub fn mnt(&self) -> &Path {
         &self.mnt
     }
@@ -1093,10 +1184,7 @@ impl MountedLab {
                 let _ = child.kill();
                 let _ = child.wait();
                 force_unmount(&self.mnt);
-                return Err((
-                    None,
-                    format!("mount not ready within {READY_TIMEOUT:?}"),
-                ));
+                return Err((None, format!("mount not ready within {READY_TIMEOUT:?}")));
             }
             thread::sleep(Duration::from_millis(5));
         }

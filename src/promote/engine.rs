@@ -1,0 +1,1124 @@
+//! One promotion job, on its own thread (plus a few copy workers), never on a FUSE
+//! thread and never holding a lock across I/O:
+//!
+//! plan -> journal `planned` -> stage (copy + digest + metadata + tags, fsync) ->
+//! journal `staged` -> verify (re-read every staged file against its digest) ->
+//! journal `verified` -> commit (rename into place, fsync the parent, store records) ->
+//! journal `committed` -> clean (remove the local copy, re-key inodes, invalidate
+//! kernel caches) -> journal removed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tracing::{error, info, warn};
+
+use super::copy;
+use super::job::{failed, Job, JobError, JobResult, Phase};
+use super::journal::{Entry, EntryKind, Journal, State};
+use super::plan;
+use super::util::{self, cstr};
+use crate::error::Result;
+use crate::fs::backend::{fstat, fstatat, split};
+use crate::fs::inode::BackingKey;
+use crate::fs::{Creds, LabFs};
+use crate::rules::{BackendKind, Class};
+use crate::tags;
+
+/// Copy workers per job.
+const WORKERS: usize = 4;
+
+/// Test-only crash hook: `LABFS_PROMOTE_CRASH_AT=planned|staged|verified|committed|cleaning`
+/// makes the daemon abort() right after that step (see docs/promote.md).
+pub fn crash_point(at: &str) {
+    if std::env::var("LABFS_PROMOTE_CRASH_AT").is_ok_and(|v| v == at) {
+        error!("LABFS_PROMOTE_CRASH_AT={at}: aborting (test hook)");
+        let none = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: plain syscall; no core file for a deliberate crash.
+        unsafe { libc::setrlimit(libc::RLIMIT_CORE, &none) };
+        std::process::abort();
+    }
+}
+
+/// Run a job to its end and record the outcome.
+pub fn run(fs: &Arc<LabFs>, job: &Arc<Job>) {
+    let _root = Creds::root().assume();
+    job.set_phase(Phase::Planning);
+    match execute(fs, job) {
+        Ok(msg) => {
+            info!(id = %job.id, "promoted {}: {msg}", job.path);
+            job.set_message(msg);
+            job.set_phase(Phase::Done);
+        }
+        Err(JobError::Already(m)) => {
+            info!(id = %job.id, "{m}");
+            job.set_message(m);
+            job.set_phase(Phase::AlreadyPromoted);
+        }
+        Err(JobError::Refused(m)) => {
+            info!(id = %job.id, "promotion refused: {m}");
+            job.set_error(m);
+            job.set_phase(Phase::Refused);
+        }
+        Err(JobError::Failed(m)) => {
+            warn!(id = %job.id, "promotion of {} failed: {m}", job.path);
+            job.set_error(m);
+            job.set_phase(Phase::Failed);
+        }
+        Err(JobError::Stopped(m)) => {
+            let m = if job.cancel.load(Ordering::Relaxed) {
+                format!("cancelled ({m}); nothing was changed")
+            } else {
+                format!("{m}: the daemon is stopping; the next mount completes or rolls back this promotion")
+            };
+            info!(id = %job.id, "promotion of {}: {m}", job.path);
+            job.set_error(m);
+            job.set_phase(Phase::Interrupted);
+        }
+    }
+}
+
+fn stop_requested(job: &Job) -> bool {
+    super::stopping() || job.cancel.load(Ordering::Relaxed)
+}
+
+/// lstat of a namespace path on the local backend, `None` when missing.
+fn local_lstat(fs: &LabFs, ns: &str) -> Result<Option<libc::stat>> {
+    let (dir, name) = split(ns);
+    let pfd = match fs.local.open_dir(dir) {
+        Ok(fd) => fd,
+        Err(e) if e.errno() == libc::ENOENT || e.errno() == libc::ENOTDIR => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    match fstatat(pfd.as_raw_fd(), &cstr(name)?) {
+        Ok(st) => Ok(Some(st)),
+        Err(e) if e.errno() == libc::ENOENT => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The caller must be allowed to write the parent directory (checked as the caller).
+fn check_caller(fs: &LabFs, job: &Job) -> JobResult<()> {
+    let (parent, _) = split(&job.path);
+    let refuse = |why: String| {
+        JobError::Refused(format!(
+            "{}: permission denied: promoting needs write permission on {parent} ({why})",
+            job.path
+        ))
+    };
+    let loc = fs
+        .locate(&job.creds, parent)
+        .map_err(|e| refuse(e.to_string()))?;
+    let _as = job.creds.assume();
+    let (dirfd, name) = if parent == "/" {
+        (
+            fs.backend(loc.backend).root_fd(),
+            cstr(".").map_err(failed("."))?,
+        )
+    } else {
+        (loc.parent_fd.as_raw_fd(), loc.name.clone())
+    };
+    // SAFETY: valid dirfd and C string; AT_EACCESS checks with the assumed fsuid/fsgid.
+    let r = unsafe {
+        libc::faccessat(
+            dirfd,
+            name.as_ptr(),
+            libc::W_OK | libc::X_OK,
+            libc::AT_EACCESS,
+        )
+    };
+    if r != 0 {
+        return Err(refuse(std::io::Error::last_os_error().to_string()));
+    }
+    drop(_as);
+    fs.check_writable(&job.ctx, &job.path, &fs.placement(&job.path))
+        .map_err(|e| JobError::Refused(e.to_string()))
+}
+
+fn tag_text(fs: &LabFs, ns: &str, tag: &str) -> Option<String> {
+    let (dir, name) = split(ns);
+    let pfd = fs.atlas.open_dir(dir).ok()?;
+    let c = cstr(name).ok()?;
+    tags::read_tag(&fs.atlas, pfd.as_raw_fd(), &c, ns, tag).and_then(|v| String::from_utf8(v).ok())
+}
+
+fn execute(fs: &LabFs, job: &Job) -> JobResult<String> {
+    let path = job.path.as_str();
+    if path == "/" {
+        return Err(JobError::Refused(
+            "cannot promote the root of the namespace".into(),
+        ));
+    }
+    check_caller(fs, job)?;
+    let p = fs.placement(path);
+    if fs.health.is_down() {
+        return Err(JobError::Refused(format!(
+            "{path}: Atlas is not answering; promote again once `labfs status` shows it answering"
+        )));
+    }
+    let top = match local_lstat(fs, path).map_err(failed(path))? {
+        Some(st) => st,
+        None => {
+            let on_atlas =
+                plan::atlas_lstat(fs, path).map_err(failed(format!("{path} on Atlas")))?;
+            return Err(match (on_atlas, tag_text(fs, path, tags::CLASS)) {
+                (Some(_), Some(class)) => JobError::Already(format!(
+                    "{path}: already promoted (class {class}{}); nothing to do",
+                    tag_text(fs, path, tags::PROMOTED_AT)
+                        .map(|t| format!(", promoted {t}"))
+                        .unwrap_or_default()
+                )),
+                (Some(_), None) if p.class == Class::Transitional => JobError::Refused(format!(
+                    "{path}: is on Atlas but carries no promotion tag (written there behind labfs's back?); \
+                     see `labfs check`"
+                )),
+                (Some(_), None) => JobError::Refused(format!(
+                    "{path}: is {} data (rule {}), already stored on Atlas; only transitional data is promoted",
+                    p.class,
+                    p.rule_label()
+                )),
+                (None, _) => JobError::Failed(format!("{path}: no such file or directory")),
+            });
+        }
+    };
+    if p.class != Class::Transitional {
+        return Err(JobError::Refused(format!(
+            "{path}: is {} data (rule {}), stored on {}; only data under a transitional rule is promoted",
+            p.class,
+            p.rule_label(),
+            p.backend()
+        )));
+    }
+    if let (Some(want), Some(have)) = (job.expect_ino, fs.inodes.peek(&local_key(&top))) {
+        if want != have {
+            return Err(JobError::Refused(format!(
+                "{path}: changed while the promotion was starting; try again"
+            )));
+        }
+    }
+    let plan = plan::walk(fs, job, &top)?;
+    wait_for_writers(fs, job, &plan.entries)?;
+    let mut entries = plan.entries;
+    plan::assign_units(fs, path, &mut entries, job.merge)?;
+    check_space(fs, path, &entries)?;
+    for s in &plan.skipped {
+        job.warn(format!("{s}: placed by another rule; left where it is"));
+    }
+
+    let class = p
+        .rule
+        .as_ref()
+        .and_then(|r| r.promote_class)
+        .unwrap_or(Class::Authoritative);
+    let host = util::hostname();
+    let mut j = Journal {
+        version: 1,
+        id: job.id.clone(),
+        path: path.to_string(),
+        host: host.clone(),
+        merge: job.merge,
+        state: State::Planned,
+        staging: format!("/.labfs/staging/{host}/{}", job.id),
+        class: class.to_string(),
+        promoted_at: util::rfc3339(job.created_unix),
+        origin: host,
+        entries,
+    };
+    j.save(&fs.local)
+        .map_err(failed("writing the promotion journal"))?;
+    crash_point("planned");
+
+    if let Err(e) = stage(fs, job, &mut j).and_then(|()| verify(fs, job, &mut j)) {
+        rollback(fs, &j);
+        return Err(e);
+    }
+    job.set_phase(Phase::Committing);
+    let renamed = commit(fs, &j);
+    match renamed {
+        Ok(()) => {}
+        Err((0, e)) => {
+            rollback(fs, &j);
+            return Err(e);
+        }
+        Err((_, JobError::Failed(m))) => {
+            return Err(JobError::Failed(format!(
+                "{m}; part of the tree is already in place on Atlas and the local copy is kept: \
+                 the next mount completes this promotion from its journal"
+            )))
+        }
+        Err((_, e)) => return Err(e),
+    }
+    j.state = State::Committed;
+    j.save(&fs.local)
+        .map_err(failed("writing the promotion journal (committed)"))?;
+    crash_point("committed");
+
+    job.set_phase(Phase::Cleaning);
+    let kept = clean_entries(fs, &j, false, &|m| job.warn(m)).map_err(|e| match e {
+        JobError::Failed(m) => JobError::Failed(format!(
+            "{m}; the data is safely on Atlas, the next mount finishes removing the local copy"
+        )),
+        other => other,
+    })?;
+    finish(fs, &j);
+    let files = j.entries.iter().filter(|e| !e.is_dir()).count();
+    let bytes: u64 = j
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .map(|e| e.size)
+        .sum();
+    let mut msg = format!(
+        "{path}: promoted to Atlas as {} ({files} file(s), {bytes} bytes)",
+        j.class
+    );
+    if kept > 0 {
+        msg.push_str(&format!(
+            "; {kept} local object(s) changed during the promotion and were kept on local"
+        ));
+    }
+    Ok(msg)
+}
+
+fn local_key(st: &libc::stat) -> BackingKey {
+    crate::fs::key_of(BackendKind::Local, st)
+}
+
+fn entry_key(e: &Entry) -> BackingKey {
+    BackingKey {
+        backend: BackendKind::Local,
+        dev: e.dev,
+        ino: e.ino,
+    }
+}
+
+/// Files of the plan open for writing through the mount.
+fn open_writers(fs: &LabFs, j_path: &str, entries: &[Entry]) -> Vec<String> {
+    entries
+        .iter()
+        .filter(|e| matches!(e.kind, EntryKind::File | EntryKind::Link))
+        .filter(|e| {
+            fs.inodes
+                .peek(&entry_key(e))
+                .is_some_and(|ino| fs.handles.writers_of(ino) > 0)
+        })
+        .map(|e| ns_of(j_path, &e.rel))
+        .collect()
+}
+
+fn ns_of(top: &str, rel: &str) -> String {
+    if rel.is_empty() {
+        top.to_string()
+    } else {
+        crate::fs::backend::join(top, rel)
+    }
+}
+
+fn wait_for_writers(fs: &LabFs, job: &Job, entries: &[Entry]) -> JobResult<()> {
+    loop {
+        let busy = open_writers(fs, &job.path, entries);
+        if busy.is_empty() {
+            return Ok(());
+        }
+        let shown = busy.iter().take(3).cloned().collect::<Vec<_>>().join(", ");
+        let more = if busy.len() > 3 {
+            format!(" and {} more", busy.len() - 3)
+        } else {
+            String::new()
+        };
+        if !job.wait {
+            return Err(JobError::Refused(format!(
+                "{}: {shown}{more} {} open for writing; finish writing first (or use --wait)",
+                job.path,
+                if busy.len() == 1 { "is" } else { "are" }
+            )));
+        }
+        if job.phase() != Phase::Waiting {
+            job.set_message(format!("waiting for {shown}{more} to be closed"));
+            job.set_phase(Phase::Waiting);
+        }
+        if stop_requested(job) {
+            return Err(JobError::Stopped(
+                "stopped while waiting for writers".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn check_space(fs: &LabFs, path: &str, entries: &[Entry]) -> JobResult<()> {
+    let need: u64 = entries
+        .iter()
+        .map(|e| match e.kind {
+            EntryKind::File => {
+                e.alloc
+                    .min(e.size.next_multiple_of(4096))
+                    .next_multiple_of(4096)
+                    + 4096
+            }
+            _ => 4096,
+        })
+        .sum();
+    if let Some(free) = util::free_bytes(fs.atlas.root_fd()) {
+        if need > free {
+            return Err(JobError::Refused(format!(
+                "{path}: needs about {} on Atlas but only {} is free; free space on Atlas first",
+                human(need),
+                human(free)
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub fn human(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+/// The tags of one entry.
+pub fn tags_for(j: &Journal, e: &Entry) -> BTreeMap<String, String> {
+    tag_map(j, e.digest.as_deref())
+}
+
+/// The tags of an object of job `j` with content digest `digest` (files only).
+pub fn tag_map(j: &Journal, digest: Option<&str>) -> BTreeMap<String, String> {
+    let mut t = BTreeMap::new();
+    t.insert(tags::CLASS.to_string(), j.class.clone());
+    t.insert(tags::PROMOTED_AT.to_string(), j.promoted_at.clone());
+    t.insert(tags::ORIGIN.to_string(), j.origin.clone());
+    if let Some(d) = digest {
+        t.insert(tags::DIGEST.to_string(), d.to_string());
+    }
+    t
+}
+
+/// Set tags as xattrs on an open file or directory; `false` when the filesystem (or
+/// the mode) wants them in the store instead.
+pub fn set_tag_xattrs(fd: i32, t: &BTreeMap<String, String>) -> Result<bool> {
+    if tags::mode() == tags::Mode::Store {
+        return Ok(false);
+    }
+    for (k, v) in t {
+        match util::set_xattr_fd(fd, &cstr(k)?, v.as_bytes()) {
+            Ok(()) => {}
+            Err(e) if util::xattr_unsupported(&e) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Split "data/a/b" into ("data/a", "b"); "data" into ("", "data").
+fn split_rel(rel: &str) -> (&str, &str) {
+    match rel.rfind('/') {
+        Some(i) => (&rel[..i], &rel[i + 1..]),
+        None => ("", rel),
+    }
+}
+
+fn staging_fd(fs: &LabFs, j: &Journal) -> Result<OwnedFd> {
+    fs.atlas.open_dir(&j.staging)
+}
+
+/// Whether a local object is no longer what was planned.
+pub fn changed(e: &Entry, st: &libc::stat) -> bool {
+    st.st_ino != e.ino
+        || st.st_dev != e.dev
+        || (st.st_ctime, st.st_ctime_nsec) != e.ctime
+        || (e.kind != EntryKind::Dir && st.st_size as u64 != e.size)
+}
+
+/// Run `f` over `items` on a few workers (as root); the first error stops the rest.
+fn parallel<T: Sync>(
+    items: &[T],
+    f: impl Fn(&T, &mut Vec<u8>) -> JobResult<()> + Sync,
+) -> JobResult<()> {
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let first_err: Mutex<Option<JobError>> = Mutex::new(None);
+    let workers = WORKERS.min(items.len()).max(1);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                let _root = Creds::root().assume();
+                let mut buf = vec![0u8; copy::CHUNK];
+                while !stop.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    if let Err(e) = f(item, &mut buf) {
+                        stop.store(true, Ordering::Relaxed);
+                        let mut g = first_err.lock();
+                        if g.is_none() {
+                            *g = Some(e);
+                        }
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    match first_err.into_inner() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+struct StagedInfo {
+    digest: Option<String>,
+    ino: u64,
+}
+
+fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
+    job.set_phase(Phase::Staging);
+    // The staging directory: ATLAS/.labfs/staging/<host>/<id>, root only.
+    {
+        let root = fs.atlas.open_dir("/").map_err(failed("Atlas root"))?;
+        let mut at = root;
+        for comp in j.staging.trim_start_matches('/').split('/') {
+            let c = cstr(comp).map_err(failed(comp))?;
+            util::mkdir_p1(at.as_raw_fd(), &c, 0o700)
+                .map_err(failed(format!("creating {}", j.staging)))?;
+            at = util::open_at(at.as_raw_fd(), &c, libc::O_PATH | libc::O_DIRECTORY, 0)
+                .map_err(failed(format!("opening {}", j.staging)))?;
+        }
+    }
+    let sfd = staging_fd(fs, j).map_err(failed("opening the staging directory"))?;
+    // Directories first, parents before children (mode 0700 until they are complete).
+    for e in j.entries.iter().filter(|e| e.is_dir()) {
+        let sr = Journal::staged_rel(&e.rel);
+        let (sdir, sname) = split_rel(&sr);
+        let dfd = util::open_under(sfd.as_raw_fd(), sdir, libc::O_PATH | libc::O_DIRECTORY, 0)
+            .map_err(failed("staging"))?;
+        util::mkdir_at(dfd.as_raw_fd(), &cstr(sname).map_err(failed(sname))?, 0o700)
+            .map_err(failed(format!("staging {}", j.ns_path(&e.rel))))?;
+    }
+    let use_cfr = AtomicBool::new(true);
+    let results: Mutex<HashMap<usize, StagedInfo>> = Mutex::new(HashMap::new());
+    let mut order: Vec<usize> = (0..j.entries.len())
+        .filter(|&i| matches!(j.entries[i].kind, EntryKind::File | EntryKind::Symlink))
+        .collect();
+    // Largest first: the workers finish together.
+    order.sort_by_key(|&i| std::cmp::Reverse(j.entries[i].size));
+    {
+        let jr: &Journal = j;
+        parallel(&order, |&i, buf| {
+            let e = &jr.entries[i];
+            let info = match e.kind {
+                EntryKind::File => stage_file(fs, job, jr, e, &sfd, buf, &use_cfr)?,
+                _ => stage_symlink(fs, jr, e, &sfd)?,
+            };
+            results.lock().insert(i, info);
+            job.files_done.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        })?;
+    }
+    let mut results = results.into_inner();
+    for (i, info) in results.drain() {
+        j.entries[i].digest = info.digest;
+        j.entries[i].staged_ino = Some(info.ino);
+    }
+    // Other names of hard-linked files.
+    let firsts: HashMap<String, (Option<String>, Option<u64>)> = j
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .map(|e| (e.rel.clone(), (e.digest.clone(), e.staged_ino)))
+        .collect();
+    for e in j.entries.iter_mut().filter(|e| e.kind == EntryKind::Link) {
+        let first = e.link_to.clone().unwrap_or_default();
+        let (from_dir, from_name) = {
+            let s = Journal::staged_rel(&first);
+            let (a, b) = split_rel(&s);
+            (a.to_string(), b.to_string())
+        };
+        let sr = Journal::staged_rel(&e.rel);
+        let (sdir, sname) = split_rel(&sr);
+        let ffd = util::open_under(
+            sfd.as_raw_fd(),
+            &from_dir,
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )
+        .map_err(failed("staging a hard link"))?;
+        let tfd = util::open_under(sfd.as_raw_fd(), sdir, libc::O_PATH | libc::O_DIRECTORY, 0)
+            .map_err(failed("staging a hard link"))?;
+        let (cf, ct) = (
+            cstr(&from_name).map_err(failed("name"))?,
+            cstr(sname).map_err(failed("name"))?,
+        );
+        // SAFETY: valid dirfds and C strings.
+        crate::error::check(unsafe {
+            libc::linkat(
+                ffd.as_raw_fd(),
+                cf.as_ptr(),
+                tfd.as_raw_fd(),
+                ct.as_ptr(),
+                0,
+            )
+        })
+        .map_err(failed(format!(
+            "staging the hard link {}",
+            ns_of(&j.path, &e.rel)
+        )))?;
+        if let Some((d, ino)) = firsts.get(&first) {
+            e.digest = d.clone();
+            e.staged_ino = *ino;
+        }
+        job.files_done.fetch_add(1, Ordering::Relaxed);
+    }
+    // Directories last, children before parents: metadata, tags, fsync, times.
+    let snapshot = j.clone();
+    for i in (0..j.entries.len()).rev() {
+        if !j.entries[i].is_dir() {
+            continue;
+        }
+        if stop_requested(job) {
+            return Err(JobError::Stopped("stopped while staging".into()));
+        }
+        let ino = stage_dir_meta(fs, job, &snapshot, &snapshot.entries[i], &sfd)?;
+        j.entries[i].staged_ino = Some(ino);
+    }
+    util::fsync_dir(sfd.as_raw_fd()).map_err(failed("fsync of the staging directory"))?;
+    j.state = State::Staged;
+    j.save(&fs.local)
+        .map_err(failed("writing the promotion journal (staged)"))?;
+    crash_point("staged");
+    Ok(())
+}
+
+fn open_src(fs: &LabFs, ns: &str, flags: i32) -> Result<OwnedFd> {
+    let (dir, name) = split(ns);
+    let pfd = fs.local.open_dir(dir)?;
+    let c = cstr(name)?;
+    match util::open_at(pfd.as_raw_fd(), &c, flags | libc::O_NOATIME, 0) {
+        Err(e) if e.errno() == libc::EPERM => util::open_at(pfd.as_raw_fd(), &c, flags, 0),
+        r => r,
+    }
+}
+
+fn stage_file(
+    fs: &LabFs,
+    job: &Job,
+    j: &Journal,
+    e: &Entry,
+    sfd: &OwnedFd,
+    buf: &mut [u8],
+    use_cfr: &AtomicBool,
+) -> JobResult<StagedInfo> {
+    let ns = j.ns_path(&e.rel);
+    let src = open_src(fs, &ns, libc::O_RDONLY).map_err(failed(&ns))?;
+    let st = fstat(src.as_raw_fd()).map_err(failed(&ns))?;
+    if changed(e, &st) {
+        return Err(JobError::Failed(format!(
+            "{ns}: changed while it was being promoted; try again"
+        )));
+    }
+    let sr = Journal::staged_rel(&e.rel);
+    let (sdir, sname) = split_rel(&sr);
+    let dfd = util::open_under(sfd.as_raw_fd(), sdir, libc::O_PATH | libc::O_DIRECTORY, 0)
+        .map_err(failed("staging"))?;
+    let dst = util::open_at(
+        dfd.as_raw_fd(),
+        &cstr(sname).map_err(failed(sname))?,
+        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+        0o600,
+    )
+    .map_err(failed(format!("staging {ns}")))?;
+    let stop = || stop_requested(job);
+    let digest = copy::copy_data(
+        src.as_raw_fd(),
+        dst.as_raw_fd(),
+        e.size,
+        buf,
+        use_cfr,
+        &job.bytes_done,
+        &stop,
+    )
+    .map_err(|err| match err {
+        JobError::Failed(m) => JobError::Failed(format!("{ns}: {m}")),
+        other => other,
+    })?;
+    let digest = format!("blake3:{}", digest.to_hex());
+    let mut with_digest = e.clone();
+    with_digest.digest = Some(digest.clone());
+    apply_meta(
+        job,
+        &ns,
+        src.as_raw_fd(),
+        dst.as_raw_fd(),
+        e,
+        &tags_for(j, &with_digest),
+    )?;
+    util::set_times_fd(dst.as_raw_fd(), &st).map_err(failed(format!("{ns}: timestamps")))?;
+    util::fsync_fd(dst.as_raw_fd()).map_err(failed(format!("{ns}: fsync on Atlas")))?;
+    let ino = fstat(dst.as_raw_fd()).map_err(failed(&ns))?.st_ino;
+    Ok(StagedInfo {
+        digest: Some(digest),
+        ino,
+    })
+}
+
+/// Owner, mode, user xattrs and ACLs, then tags (as xattrs where possible).
+fn apply_meta(
+    job: &Job,
+    ns: &str,
+    src: i32,
+    dst: i32,
+    e: &Entry,
+    t: &BTreeMap<String, String>,
+) -> JobResult<()> {
+    copy::set_owner_mode(dst, e.uid, e.gid, e.mode)
+        .map_err(failed(format!("{ns}: owner and mode on Atlas")))?;
+    let lost = copy::copy_xattrs(src, dst).map_err(failed(format!("{ns}: extended attributes")))?;
+    if !lost.is_empty() {
+        job.warn(format!(
+            "{ns}: Atlas does not support extended attributes; not kept: {}",
+            lost.join(", ")
+        ));
+    }
+    set_tag_xattrs(dst, t).map_err(failed(format!("{ns}: tags")))?;
+    Ok(())
+}
+
+fn stage_symlink(fs: &LabFs, j: &Journal, e: &Entry, sfd: &OwnedFd) -> JobResult<StagedInfo> {
+    let ns = j.ns_path(&e.rel);
+    let (dir, name) = split(&ns);
+    let pfd = fs.local.open_dir(dir).map_err(failed(&ns))?;
+    let c = cstr(name).map_err(failed(&ns))?;
+    let target = util::readlink_at(pfd.as_raw_fd(), &c).map_err(failed(&ns))?;
+    let st = fstatat(pfd.as_raw_fd(), &c).map_err(failed(&ns))?;
+    if changed(e, &st) {
+        return Err(JobError::Failed(format!(
+            "{ns}: changed while it was being promoted; try again"
+        )));
+    }
+    let sr = Journal::staged_rel(&e.rel);
+    let (sdir, sname) = split_rel(&sr);
+    let dfd = util::open_under(sfd.as_raw_fd(), sdir, libc::O_PATH | libc::O_DIRECTORY, 0)
+        .map_err(failed("staging"))?;
+    let cs = cstr(sname).map_err(failed(sname))?;
+    let ct = std::ffi::CString::new(target)
+        .map_err(|_| JobError::Failed(format!("{ns}: bad link target")))?;
+    // SAFETY: valid dirfd and C strings.
+    crate::error::check(unsafe { libc::symlinkat(ct.as_ptr(), dfd.as_raw_fd(), cs.as_ptr()) })
+        .map_err(failed(format!("staging {ns}")))?;
+    // SAFETY: valid dirfd and C string.
+    crate::error::check(unsafe {
+        libc::fchownat(
+            dfd.as_raw_fd(),
+            cs.as_ptr(),
+            e.uid,
+            e.gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map_err(failed(format!("{ns}: owner on Atlas")))?;
+    util::set_times_at(dfd.as_raw_fd(), &cs, &st).map_err(failed(format!("{ns}: timestamps")))?;
+    let ino = fstatat(dfd.as_raw_fd(), &cs).map_err(failed(&ns))?.st_ino;
+    Ok(StagedInfo { digest: None, ino })
+}
+
+fn stage_dir_meta(fs: &LabFs, job: &Job, j: &Journal, e: &Entry, sfd: &OwnedFd) -> JobResult<u64> {
+    let ns = j.ns_path(&e.rel);
+    let src = fs
+        .local
+        .open_beneath(&ns, libc::O_RDONLY | libc::O_DIRECTORY)
+        .map_err(failed(&ns))?;
+    let st = fstat(src.as_raw_fd()).map_err(failed(&ns))?;
+    let sr = Journal::staged_rel(&e.rel);
+    let dst = util::open_under(sfd.as_raw_fd(), &sr, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+        .map_err(failed(format!("staging {ns}")))?;
+    apply_meta(
+        job,
+        &ns,
+        src.as_raw_fd(),
+        dst.as_raw_fd(),
+        e,
+        &tags_for(j, e),
+    )?;
+    // The planned times, not the current ones: creating the staged children does
+    // not touch the source, but files created there meanwhile would.
+    let mut times = st;
+    (times.st_atime, times.st_atime_nsec) = e.atime;
+    (times.st_mtime, times.st_mtime_nsec) = e.mtime;
+    util::set_times_fd(dst.as_raw_fd(), &times).map_err(failed(format!("{ns}: timestamps")))?;
+    util::fsync_fd(dst.as_raw_fd()).map_err(failed(format!("{ns}: fsync on Atlas")))?;
+    Ok(fstat(dst.as_raw_fd()).map_err(failed(&ns))?.st_ino)
+}
+
+fn verify(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
+    job.set_phase(Phase::Verifying);
+    let sfd = staging_fd(fs, j).map_err(failed("opening the staging directory"))?;
+    let files: Vec<&Entry> = j
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .collect();
+    parallel(&files, |e, buf| {
+        let ns = j.ns_path(&e.rel);
+        let sr = Journal::staged_rel(&e.rel);
+        let fd = util::open_under(sfd.as_raw_fd(), &sr, libc::O_RDONLY, 0)
+            .map_err(failed(format!("{ns}: re-opening the staged copy")))?;
+        let stop = || stop_requested(job);
+        let (d, n) = copy::digest_fd(fd.as_raw_fd(), buf, &stop)?;
+        let got = format!("blake3:{}", d.to_hex());
+        if Some(&got) != e.digest.as_ref() || n != e.size {
+            return Err(JobError::Failed(format!(
+                "{ns}: the copy on Atlas does not match the local file ({got}, {n} bytes; expected {}, {} bytes); \
+                 nothing was changed",
+                e.digest.as_deref().unwrap_or("?"),
+                e.size
+            )));
+        }
+        Ok(())
+    })?;
+    // The sources must still be what was copied, and nobody may have opened them for
+    // writing meanwhile.
+    for e in j.entries.iter().filter(|e| !e.is_dir()) {
+        let ns = j.ns_path(&e.rel);
+        match local_lstat(fs, &ns).map_err(failed(&ns))? {
+            Some(st) if !changed(e, &st) => {}
+            _ => {
+                return Err(JobError::Failed(format!(
+                    "{ns}: changed while it was being promoted; nothing was changed, try again"
+                )))
+            }
+        }
+    }
+    let busy = open_writers(fs, &j.path, &j.entries);
+    if let Some(b) = busy.first() {
+        return Err(JobError::Failed(format!(
+            "{b}: was opened for writing during the promotion; nothing was changed, try again"
+        )));
+    }
+    j.state = State::Verified;
+    j.save(&fs.local)
+        .map_err(failed("writing the promotion journal (verified)"))?;
+    crash_point("verified");
+    Ok(())
+}
+
+/// Make the Atlas parent chain of `path` exist (mirroring the namespace's directories)
+/// and tag the directories of it that lie under a transitional rule, so the promoted
+/// object is reachable through them once the local directories are gone.
+pub fn ensure_parent_chain(fs: &LabFs, j: &Journal) -> Result<OwnedFd> {
+    let (parent, _) = split(&j.path);
+    let template =
+        |d: &str| -> Option<libc::stat> { fs.locate(&Creds::root(), d).ok().map(|l| l.stat) };
+    let fd = fs.atlas.ensure_dirs(parent, &template)?;
+    let rules = fs.live().rules.clone();
+    let mut cur = parent.to_string();
+    let mut chain = Vec::new();
+    while cur != "/" && rules.resolve(&cur).class == Class::Transitional {
+        chain.push(cur.clone());
+        cur = split(&cur).0.to_string();
+    }
+    for d in chain {
+        if tag_text(fs, &d, tags::CLASS).is_none() {
+            tag_existing(fs, &d, &tag_map(j, None))?;
+        }
+    }
+    Ok(fd)
+}
+
+/// Tag an object already on Atlas (xattrs, else a store record).
+fn tag_existing(fs: &LabFs, ns: &str, t: &BTreeMap<String, String>) -> Result<()> {
+    let (dir, name) = split(ns);
+    let pfd = fs.atlas.open_dir(dir)?;
+    let c = cstr(name)?;
+    let st = fstatat(pfd.as_raw_fd(), &c)?;
+    let in_xattr = if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+        false
+    } else {
+        let flags = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            libc::O_RDONLY | libc::O_DIRECTORY
+        } else {
+            libc::O_RDONLY
+        };
+        let fd = util::open_at(pfd.as_raw_fd(), &c, flags, 0)?;
+        set_tag_xattrs(fd.as_raw_fd(), t)?
+    };
+    if !in_xattr {
+        tags::write_record(&fs.atlas, ns, st.st_ino, t)?;
+    }
+    Ok(())
+}
+
+/// Rename the commit units into place. On error: how many were renamed already.
+fn commit(fs: &LabFs, j: &Journal) -> std::result::Result<(), (usize, JobError)> {
+    ensure_parent_chain(fs, j)
+        .map_err(|e| (0, failed("creating the parent directories on Atlas")(e)))?;
+    let sfd = staging_fd(fs, j).map_err(|e| (0, failed("opening the staging directory")(e)))?;
+    let mut renamed = 0usize;
+    let mut touched: BTreeSet<String> = BTreeSet::new();
+    for e in j.entries.iter() {
+        let ns = j.ns_path(&e.rel);
+        let (dir, name) = split(&ns);
+        if !e.unit {
+            if e.is_dir() && e.target_exists {
+                // Merge into an existing directory: it becomes a promoted directory.
+                tag_existing(fs, &ns, &tags_for(j, e))
+                    .map_err(|err| (renamed, failed(format!("{ns}: tags"))(err)))?;
+            }
+            continue;
+        }
+        let res = (|| -> Result<()> {
+            let sr = Journal::staged_rel(&e.rel);
+            let (sdir, sname) = split_rel(&sr);
+            let from =
+                util::open_under(sfd.as_raw_fd(), sdir, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+            let to = fs.atlas.open_dir(dir)?;
+            let cname = cstr(name)?;
+            util::rename_at(
+                from.as_raw_fd(),
+                &cstr(sname)?,
+                to.as_raw_fd(),
+                &cname,
+                !e.target_exists,
+            )?;
+            if e.is_dir() {
+                // Renaming a directory may touch its times on some servers.
+                let mut st = fstatat(to.as_raw_fd(), &cname)?;
+                (st.st_atime, st.st_atime_nsec) = e.atime;
+                (st.st_mtime, st.st_mtime_nsec) = e.mtime;
+                util::set_times_at(to.as_raw_fd(), &cname, &st)?;
+            }
+            Ok(())
+        })();
+        if let Err(err) = res {
+            let msg = if err.errno() == libc::EEXIST || err.errno() == libc::ENOTEMPTY {
+                format!("{ns}: appeared on Atlas during the promotion; nothing was replaced")
+            } else {
+                format!("{ns}: renaming into place on Atlas: {err}")
+            };
+            return Err((renamed, JobError::Failed(msg)));
+        }
+        renamed += 1;
+        touched.insert(dir.to_string());
+    }
+    for d in &touched {
+        if let Ok(fd) = fs.atlas.open_dir(d) {
+            util::fsync_dir(fd.as_raw_fd())
+                .map_err(|e| (renamed, failed(format!("fsync of {d} on Atlas"))(e)))?;
+        }
+    }
+    write_store_records(fs, j).map_err(|e| (renamed, e))
+}
+
+/// Store records for every promoted object whose tags are not in its xattrs.
+pub fn write_store_records(fs: &LabFs, j: &Journal) -> JobResult<()> {
+    let entries: Vec<&Entry> = j.entries.iter().collect();
+    parallel(&entries, |e, _| {
+        let ns = j.ns_path(&e.rel);
+        let (dir, name) = split(&ns);
+        let pfd = fs
+            .atlas
+            .open_dir(dir)
+            .map_err(failed(format!("{ns} on Atlas")))?;
+        let c = cstr(name).map_err(failed(&ns))?;
+        let st = fstatat(pfd.as_raw_fd(), &c).map_err(failed(format!("{ns} on Atlas")))?;
+        if tags::get_xattr(pfd.as_raw_fd(), &c, tags::CLASS).is_some() {
+            return Ok(());
+        }
+        tags::write_record(&fs.atlas, &ns, st.st_ino, &tags_for(j, e))
+            .map_err(failed(format!("{ns}: writing its tag record on Atlas")))
+    })
+}
+
+/// Remove the local copy (only what was promoted and is unchanged), re-keying each
+/// inode to its Atlas object and invalidating the kernel's caches. Returns how many
+/// local objects were kept because they changed. `recovering`: no inode table to
+/// update, and every file is compared by content with both journal and Atlas first.
+pub fn clean_entries(
+    fs: &LabFs,
+    j: &Journal,
+    recovering: bool,
+    warn_fn: &dyn Fn(String),
+) -> JobResult<usize> {
+    // Pass 1: decide what is kept, before any unlink changes link counts and ctimes.
+    let mut keep: BTreeSet<usize> = BTreeSet::new();
+    let mut buf = vec![0u8; copy::CHUNK];
+    let digests: HashMap<&str, &str> = j
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .filter_map(|e| e.digest.as_deref().map(|d| (e.rel.as_str(), d)))
+        .collect();
+    for (i, e) in j.entries.iter().enumerate() {
+        if e.is_dir() {
+            continue;
+        }
+        let ns = j.ns_path(&e.rel);
+        let Some(st) = local_lstat(fs, &ns).map_err(failed(&ns))? else {
+            continue;
+        };
+        let ok = if recovering {
+            same_on_both(fs, e, &ns, &digests, &mut buf)
+        } else {
+            !changed(e, &st)
+                && fs
+                    .inodes
+                    .peek(&entry_key(e))
+                    .is_none_or(|ino| fs.handles.writers_of(ino) == 0)
+        };
+        if !ok {
+            warn_fn(format!(
+                "{ns}: changed during the promotion; the local copy is kept (it shadows the promoted one): \
+                 promote again with --merge"
+            ));
+            keep.insert(i);
+        }
+    }
+    // Pass 2: children before parents.
+    let mut removed_any = false;
+    for (i, e) in j.entries.iter().enumerate().rev() {
+        if keep.contains(&i) {
+            continue;
+        }
+        let ns = j.ns_path(&e.rel);
+        let (dir, name) = split(&ns);
+        let pfd = match fs.local.open_dir(dir) {
+            Ok(fd) => fd,
+            Err(err) if err.errno() == libc::ENOENT => continue,
+            Err(err) => return Err(failed(&ns)(err)),
+        };
+        let c = cstr(name).map_err(failed(&ns))?;
+        let atlas_st = plan::atlas_lstat(fs, &ns).map_err(failed(format!("{ns} on Atlas")))?;
+        let Some(atlas_st) = atlas_st else {
+            // Never remove a local object whose Atlas copy is not there.
+            warn_fn(format!("{ns}: not found on Atlas; the local copy is kept"));
+            continue;
+        };
+        let known = if recovering {
+            None
+        } else {
+            fs.inodes.peek(&entry_key(e))
+        };
+        let atlas_key = crate::fs::key_of(BackendKind::Atlas, &atlas_st);
+        if let Some(ino) = known {
+            fs.promote_rekey(ino, atlas_key, false);
+        }
+        match util::unlink_at(pfd.as_raw_fd(), &c, e.is_dir()) {
+            Ok(()) => {
+                removed_any = true;
+                if let Some(ino) = known {
+                    fs.promote_rekey(ino, atlas_key, true);
+                }
+            }
+            Err(err) if err.errno() == libc::ENOENT => {}
+            Err(err)
+                if e.is_dir()
+                    && (err.errno() == libc::ENOTEMPTY || err.errno() == libc::EEXIST) =>
+            {
+                // New files were created in it meanwhile: it stays as a structural
+                // local directory next to the promoted one.
+                if let Some(ino) = known {
+                    if let Ok(st) = fstatat(pfd.as_raw_fd(), &c) {
+                        fs.promote_rekey(ino, crate::fs::key_of(BackendKind::Local, &st), false);
+                    }
+                }
+            }
+            Err(err) => return Err(failed(format!("removing the local copy of {ns}"))(err)),
+        }
+        if removed_any && !recovering {
+            crash_point("cleaning");
+        }
+    }
+    if let Ok(fd) = fs.local.open_dir(split(&j.path).0) {
+        let _ = util::fsync_dir(fd.as_raw_fd());
+    }
+    Ok(keep.len())
+}
+
+/// Recovery's check before removing a local file: the local content, the journal's
+/// digest and the Atlas copy all agree.
+fn same_on_both(
+    fs: &LabFs,
+    e: &Entry,
+    ns: &str,
+    digests: &HashMap<&str, &str>,
+    buf: &mut [u8],
+) -> bool {
+    let never = || false;
+    match e.kind {
+        EntryKind::Symlink => {
+            let (dir, name) = split(ns);
+            let (Ok(l), Ok(a), Ok(c)) =
+                (fs.local.open_dir(dir), fs.atlas.open_dir(dir), cstr(name))
+            else {
+                return false;
+            };
+            matches!((util::readlink_at(l.as_raw_fd(), &c), util::readlink_at(a.as_raw_fd(), &c)), (Ok(x), Ok(y)) if x == y)
+        }
+        _ => {
+            let rel = if e.kind == EntryKind::Link {
+                e.link_to.as_deref().unwrap_or("")
+            } else {
+                e.rel.as_str()
+            };
+            let Some(want) = digests.get(rel) else {
+                return false;
+            };
+            let local = open_src(fs, ns, libc::O_RDONLY).ok();
+            let atlas = fs.atlas.open_beneath(ns, libc::O_RDONLY).ok();
+            let (Some(l), Some(a)) = (local, atlas) else {
+                return false;
+            };
+            let dl = copy::digest_fd(l.as_raw_fd(), buf, &never).ok();
+            let da = copy::digest_fd(a.as_raw_fd(), buf, &never).ok();
+            match (dl, da) {
+                (Some((x, _)), Some((y, _))) => {
+                    let want = want.strip_prefix("blake3:").unwrap_or(want);
+                    x == y && x.to_hex().as_str() == want
+                }
+                _ => false,
+            }
+        }
+    }
+}
+
+/// Remove what is left of the staging directory, then the journal.
+pub fn finish(fs: &LabFs, j: &Journal) {
+    remove_staging(fs, &j.staging);
+    if let Err(e) = Journal::remove(&fs.local, &j.id) {
+        warn!("promotion {}: cannot remove its journal: {e}", j.id);
+    }
+}
+
+pub fn remove_staging(fs: &LabFs, staging: &str) {
+    let (dir, name) = split(staging);
+    let Ok(pfd) = fs.atlas.open_dir(dir) else {
+        return;
+    };
+    let Ok(c) = cstr(name) else { return };
+    if let Err(e) = util::remove_tree(pfd.as_raw_fd(), &c) {
+        warn!("cannot remove the staging directory {staging} on Atlas: {e}");
+    }
+    let _ = util::fsync_dir(pfd.as_raw_fd());
+}
+
+/// Undo a job that did not reach commit: only the staging copy goes; the local
+/// copy was never touched.
+fn rollback(fs: &LabFs, j: &Journal) {
+    remove_staging(fs, &j.staging);
+    if let Err(e) = Journal::remove(&fs.local, &j.id) {
+        warn!("promotion {}: cannot remove its journal: {e}", j.id);
+    }
+}

@@ -1,0 +1,224 @@
+//! Journal replay at mount, before the namespace is served.
+//!
+//! | journal state        | what recovery does                                            |
+//! |----------------------|---------------------------------------------------------------|
+//! | `planned`, `staged`  | roll back: delete the staging copy; the local copy is intact  |
+//! | `verified`           | roll forward: rename every staged unit whose local source is  |
+//! |                      | unchanged into place, then as `committed`                     |
+//! | `committed`          | roll forward: remove each local file only if its content, the |
+//! |                      | journal's digest and the Atlas copy all agree                 |
+//! | unreadable           | nothing is touched; logged as an error                        |
+//!
+//! Then every staging directory of this host with no journal is removed (it can only
+//! hold copies: the local originals are removed after their staging is renamed away).
+
+use std::collections::HashSet;
+use std::os::fd::AsRawFd;
+
+use tracing::{error, info, warn};
+
+use super::engine;
+use super::journal::{EntryKind, Journal, State};
+use super::plan;
+use super::util::{self, cstr};
+use crate::fs::backend::{fstatat, split};
+use crate::fs::{Creds, LabFs};
+
+pub fn run(fs: &LabFs) {
+    let _root = Creds::root().assume();
+    let journals = match Journal::list(&fs.local) {
+        Ok(v) => v,
+        Err(e) => {
+            error!("cannot read the promotion journals: {e}; nothing recovered");
+            return;
+        }
+    };
+    let mut known: HashSet<String> = HashSet::new();
+    for (id, parsed) in journals {
+        known.insert(id.clone());
+        match parsed {
+            Err(msg) => error!(
+                "promotion journal {id}: {msg}; left in place and nothing touched (inspect {}/{id}.json)",
+                super::journal::DIR
+            ),
+            Ok(mut j) => recover_one(fs, &mut j),
+        }
+    }
+    sweep(fs, &known);
+}
+
+fn recover_one(fs: &LabFs, j: &mut Journal) {
+    info!(id = %j.id, "recovering the promotion of {} (journal state {})", j.path, j.state.as_str());
+    match j.state {
+        State::Planned | State::Staged => {
+            engine::remove_staging(fs, &j.staging);
+            match Journal::remove(&fs.local, &j.id) {
+                Ok(()) => info!(id = %j.id, "rolled back: {} stays on local, unchanged", j.path),
+                Err(e) => {
+                    warn!(id = %j.id, "rolled back, but the journal could not be removed: {e}")
+                }
+            }
+        }
+        State::Verified => {
+            if let Err(e) = roll_forward_commit(fs, j) {
+                error!(id = %j.id, "cannot complete the promotion of {}: {e}; the local copy is kept and the journal stays for the next mount", j.path);
+                return;
+            }
+            clean(fs, j);
+        }
+        State::Committed => {
+            if let Err(e) = store_records(fs, j) {
+                error!(id = %j.id, "{}: {e}; the local copy is kept and the journal stays for the next mount", j.path);
+                return;
+            }
+            clean(fs, j);
+        }
+    }
+}
+
+/// Finish the renames of a verified job.
+fn roll_forward_commit(fs: &LabFs, j: &mut Journal) -> Result<(), String> {
+    engine::ensure_parent_chain(fs, j).map_err(|e| format!("parent directories on Atlas: {e}"))?;
+    let sfd = fs.atlas.open_dir(&j.staging).ok();
+    for e in j.entries.iter().filter(|e| e.unit) {
+        let ns = j.ns_path(&e.rel);
+        let Some(sfd) = sfd.as_ref() else { break };
+        let sr = Journal::staged_rel(&e.rel);
+        let (sdir, sname) = match sr.rfind('/') {
+            Some(i) => (&sr[..i], &sr[i + 1..]),
+            None => ("", sr.as_str()),
+        };
+        let Ok(spfd) = util::open_under(sfd.as_raw_fd(), sdir, libc::O_PATH | libc::O_DIRECTORY, 0)
+        else {
+            continue;
+        };
+        let cs = cstr(sname).map_err(|e| e.to_string())?;
+        if fstatat(spfd.as_raw_fd(), &cs).is_err() {
+            continue; // renamed into place before the crash
+        }
+        // Only if every local source of the unit is still what was verified.
+        let prefix = format!("{}/", e.rel);
+        let unchanged = j
+            .entries
+            .iter()
+            .filter(|x| x.rel == e.rel || e.rel.is_empty() || x.rel.starts_with(&prefix))
+            .filter(|x| !x.is_dir())
+            .all(|x| {
+                let xns = j.ns_path(&x.rel);
+                let (d, n) = split(&xns);
+                let Ok(pfd) = fs.local.open_dir(d) else {
+                    return false;
+                };
+                let Ok(c) = cstr(n) else { return false };
+                fstatat(pfd.as_raw_fd(), &c).is_ok_and(|st| !engine::changed(x, &st))
+            });
+        if !unchanged {
+            warn!(id = %j.id, "{ns}: the local copy changed since it was verified; not promoting it");
+            continue;
+        }
+        let (dir, name) = split(&ns);
+        let to = fs
+            .atlas
+            .open_dir(dir)
+            .map_err(|err| format!("{dir} on Atlas: {err}"))?;
+        let cn = cstr(name).map_err(|e| e.to_string())?;
+        match util::rename_at(spfd.as_raw_fd(), &cs, to.as_raw_fd(), &cn, !e.target_exists) {
+            Ok(()) => {
+                let _ = util::fsync_dir(to.as_raw_fd());
+            }
+            Err(err) if err.errno() == libc::EEXIST || err.errno() == libc::ENOTEMPTY => {
+                warn!(id = %j.id, "{ns}: something else is there on Atlas now; not replacing it, the local copy is kept");
+            }
+            Err(err) => return Err(format!("{ns}: renaming into place: {err}")),
+        }
+    }
+    store_records(fs, j)?;
+    j.state = State::Committed;
+    j.save(&fs.local)
+        .map_err(|e| format!("writing the journal: {e}"))?;
+    Ok(())
+}
+
+/// Store records (or tags on merged-into directories) for what is in place.
+fn store_records(fs: &LabFs, j: &Journal) -> Result<(), String> {
+    for e in &j.entries {
+        let ns = j.ns_path(&e.rel);
+        let Ok(Some(st)) = plan::atlas_lstat(fs, &ns) else {
+            continue;
+        };
+        let ours = Some(st.st_ino) == e.staged_ino;
+        let merged_dir = e.is_dir() && e.target_exists && !e.unit;
+        if !(ours || merged_dir) {
+            continue;
+        }
+        let (dir, name) = split(&ns);
+        let pfd = fs
+            .atlas
+            .open_dir(dir)
+            .map_err(|err| format!("{ns}: {err}"))?;
+        let c = cstr(name).map_err(|err| err.to_string())?;
+        if crate::tags::get_xattr(pfd.as_raw_fd(), &c, crate::tags::CLASS).is_some() {
+            continue;
+        }
+        let t = engine::tags_for(j, e);
+        let in_xattr = if e.kind == EntryKind::Symlink {
+            false
+        } else {
+            let flags = if e.is_dir() {
+                libc::O_RDONLY | libc::O_DIRECTORY
+            } else {
+                libc::O_RDONLY
+            };
+            match util::open_at(pfd.as_raw_fd(), &c, flags, 0) {
+                Ok(fd) => engine::set_tag_xattrs(fd.as_raw_fd(), &t).unwrap_or(false),
+                Err(_) => false,
+            }
+        };
+        if !in_xattr {
+            crate::tags::write_record(&fs.atlas, &ns, st.st_ino, &t)
+                .map_err(|err| format!("{ns}: writing its tag record: {err}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn clean(fs: &LabFs, j: &Journal) {
+    let id = j.id.clone();
+    match engine::clean_entries(fs, j, true, &|m| warn!(id = %id, "{m}")) {
+        Ok(kept) => {
+            engine::finish(fs, j);
+            info!(id = %j.id, "completed the promotion of {} ({kept} local object(s) kept)", j.path);
+        }
+        Err(e) => {
+            error!(id = %j.id, "removing the local copy of {}: {e:?}; the journal stays for the next mount", j.path)
+        }
+    }
+}
+
+/// Remove staging directories of this host that no journal refers to.
+fn sweep(fs: &LabFs, known: &HashSet<String>) {
+    let dir = format!("/.labfs/staging/{}", util::hostname());
+    let Ok(rd) = fs
+        .atlas
+        .open_beneath(&dir, libc::O_RDONLY | libc::O_DIRECTORY)
+    else {
+        return;
+    };
+    let Ok(pfd) = fs.atlas.open_dir(&dir) else {
+        return;
+    };
+    let Ok(names) = crate::fs::handle::list_dir(rd) else {
+        return;
+    };
+    for (name, _) in names {
+        let Some(n) = name.to_str() else { continue };
+        if n == "." || n == ".." || known.contains(n) {
+            continue;
+        }
+        let Ok(c) = cstr(n) else { continue };
+        match util::remove_tree(pfd.as_raw_fd(), &c) {
+            Ok(()) => info!("removed the leftover staging directory {dir}/{n} on Atlas"),
+            Err(e) => warn!("cannot remove the leftover staging directory {dir}/{n}: {e}"),
+        }
+    }
+}

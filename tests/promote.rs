@@ -1,0 +1,808 @@
+//! `labfs promote` through a real mount: tags, content and metadata, inode numbers,
+//! atomicity for Atlas readers, crash recovery at every step, refusals, bind-mounted
+//! subpaths, Atlas without user xattrs, and the at-risk report of `labfs status`.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use crate::common::*;
+
+/// `$LABFS promote ARGS` from the mountpoint → (code, stdout, stderr).
+fn promote(lab: &MountedLab, args: &str) -> (i32, String, String) {
+    lab.sh_status(&format!(r#""$LABFS" promote {args}"#))
+}
+
+fn promote_ok(lab: &MountedLab, args: &str) -> String {
+    let (code, out, err) = promote(lab, args);
+    assert_eq!(
+        code,
+        0,
+        "labfs promote {args} failed:\n{out}\n{err}\n--- daemon log ---\n{}",
+        lab.daemon_log()
+    );
+    out
+}
+
+/// `getfattr -d -m '^user.labfs' FILE` as a name -> value map.
+fn labfs_attrs(lab: &MountedLab, file: &Path) -> BTreeMap<String, String> {
+    let out = lab.sh(&format!(
+        r#"getfattr -d -m '^user\.labfs\.' --absolute-names "{}""#,
+        file.display()
+    ));
+    out.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+        .collect()
+}
+
+fn digest_of(p: &Path) -> String {
+    let data = fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+    format!("blake3:{}", blake3::hash(&data).to_hex())
+}
+
+/// A tree of every kind promotion must keep: nested dirs with modes and owners, a
+/// hard link, symlinks, a sparse file, user xattrs, fixed mtimes.
+fn make_tree(lab: &MountedLab, rel: &str) {
+    lab.sh(&format!(
+        r#"
+        T="$LAB/{rel}"
+        mkdir -p "$T/sub/deeper" "$T/empty"
+        printf 'hello\n' > "$T/a.txt"
+        head -c 700000 /dev/urandom > "$T/sub/blob.bin"
+        printf '#!/bin/sh\necho hi\n' > "$T/sub/run.sh"; chmod 755 "$T/sub/run.sh"
+        printf 'secret\n' > "$T/sub/deeper/private"; chmod 600 "$T/sub/deeper/private"
+        : > "$T/sub/empty-file"
+        ln -s ../a.txt "$T/sub/link"
+        ln -s /nonexistent/target "$T/dangling"
+        ln "$T/a.txt" "$T/sub/hard"
+        truncate -s 64M "$T/sparse"
+        printf 'middle' | dd of="$T/sparse" bs=1 seek=33554432 conv=notrunc 2>/dev/null
+        chown 1000:1000 "$T/sub/blob.bin"
+        chgrp 1234 "$T/sub/deeper"
+        chmod 2750 "$T/sub/deeper"
+        setfattr -n user.note -v kept "$T/a.txt"
+        setfattr -n user.dirnote -v alsokept "$T/sub"
+        find "$T" -depth -exec touch -h -d '2020-01-02 03:04:05' {{}} +
+        touch -h -d '2019-05-06 07:08:09' "$T/sub/link" "$T/sub/run.sh"
+        "#
+    ));
+}
+
+/// Names, types, modes, owners, mtimes, inode numbers, link targets (+ sizes and
+/// link counts of non-directories) of everything under a directory, sorted.
+fn tree_meta(lab: &MountedLab, dir: &Path) -> String {
+    lab.sh(&format!(
+        r#"cd "{}" && find . \( -type d -printf '%p d %m %U:%G %T@ %i\n' \) -o -printf '%p %y %m %U:%G %T@ %s %n %l %i\n' | sort"#,
+        dir.display()
+    ))
+}
+
+fn tree_content(lab: &MountedLab, dir: &Path) -> String {
+    lab.sh(&format!(
+        r#"cd "{}" && find . -type f -exec sha256sum {{}} + | sort -k2"#,
+        dir.display()
+    ))
+}
+
+/// What is left under `ATLAS/.labfs/staging` and the local journal directory.
+fn leftovers(lab: &MountedLab) -> String {
+    lab.sh(
+        r#"{ find "$ATLAS/.labfs/staging" -mindepth 2 2>/dev/null; find "$LOCAL/.labfs/promote" -mindepth 1 2>/dev/null; } || true"#,
+    )
+}
+
+#[test]
+fn promote_single_file_tags_visible_on_mount_and_atlas() {
+    let lab = MountedLab::new();
+    lab.sh(r#"mkdir -p "$LAB/scans/s1/work" && printf 'result 42\n' > "$LAB/scans/s1/work/result.txt""#);
+    let f = lab.path("scans/s1/work/result.txt");
+    let before_ino = ino(&f);
+    let want = digest_of(&f);
+    let out = promote_ok(&lab, r#""$LAB/scans/s1/work/result.txt""#);
+    assert!(out.contains("promoted"), "{out}");
+
+    assert!(
+        !lab.local_path("scans/s1/work/result.txt").exists(),
+        "the local copy is removed"
+    );
+    assert_eq!(
+        read(&lab.atlas_path("scans/s1/work/result.txt")),
+        "result 42\n"
+    );
+    assert_eq!(read(&f), "result 42\n");
+    assert_eq!(ino(&f), before_ino, "ls -i does not change");
+
+    let a = labfs_attrs(&lab, &f);
+    assert_eq!(
+        a.get("user.labfs.class").map(String::as_str),
+        Some("authoritative"),
+        "{a:?}"
+    );
+    assert_eq!(
+        a.get("user.labfs.backend").map(String::as_str),
+        Some("atlas"),
+        "{a:?}"
+    );
+    assert_eq!(
+        a.get("user.labfs.state").map(String::as_str),
+        Some("promoted"),
+        "{a:?}"
+    );
+    assert!(
+        a.get("user.labfs.rule")
+            .is_some_and(|r| r.starts_with("/scans/*/work")),
+        "{a:?}"
+    );
+    assert_eq!(a.get("user.labfs.digest"), Some(&want), "{a:?}");
+    assert!(
+        a.get("user.labfs.origin").is_some_and(|o| !o.is_empty()),
+        "{a:?}"
+    );
+    let at = a.get("user.labfs.promoted_at").cloned().unwrap_or_default();
+    assert!(
+        at.len() == 20 && at.ends_with('Z') && at.as_bytes()[10] == b'T',
+        "RFC 3339 UTC: {at}"
+    );
+
+    // The stored tags are real xattrs on Atlas (tmpfs takes user xattrs).
+    let atlas_file = lab.atlas_path("scans/s1/work/result.txt");
+    if backend_takes_user_xattrs(&lab, &lab.atlas_path(".labfs/atlas-id")) {
+        let stored = labfs_attrs(&lab, &atlas_file);
+        assert_eq!(
+            stored.get("user.labfs.class").map(String::as_str),
+            Some("authoritative")
+        );
+        assert_eq!(stored.get("user.labfs.digest"), Some(&want));
+        assert!(
+            stored.get("user.labfs.state").is_none(),
+            "computed names are never stored: {stored:?}"
+        );
+    }
+
+    // Writes to the promoted file go to Atlas; new files in the directory go to local.
+    lab.sh(r#"printf 'more\n' >> "$LAB/scans/s1/work/result.txt"; printf 'next\n' > "$LAB/scans/s1/work/next.txt""#);
+    assert_eq!(read(&atlas_file), "result 42\nmore\n");
+    assert!(lab.local_path("scans/s1/work/next.txt").exists());
+    assert!(!lab.atlas_path("scans/s1/work/next.txt").exists());
+    assert_eq!(
+        names(lab.path("scans/s1/work")),
+        vec!["next.txt", "result.txt"]
+    );
+    let n = labfs_attrs(&lab, &lab.path("scans/s1/work/next.txt"));
+    assert_eq!(
+        n.get("user.labfs.state").map(String::as_str),
+        Some("at-risk"),
+        "{n:?}"
+    );
+    assert_eq!(leftovers(&lab), "");
+}
+
+#[test]
+fn promote_tree_keeps_content_metadata_and_inode_numbers() {
+    let lab = MountedLab::new();
+    let _guard = inode_numbers_compared();
+    make_tree(&lab, "scans/s1/work/out");
+    let top = lab.path("scans/s1/work/out");
+    let meta_before = tree_meta(&lab, &top);
+    let content_before = tree_content(&lab, &top);
+    let out = promote_ok(&lab, r#"--json "$LAB/scans/s1/work/out""#);
+    let v: serde_json::Value =
+        serde_json::from_str(out.trim()).expect("--json prints one JSON object");
+    assert_eq!(v["state"], "done", "{v}");
+    assert_eq!(v["done"], true);
+    assert_eq!(v["files_total"], 9, "{v}");
+
+    assert!(
+        !lab.local_path("scans/s1/work/out").exists(),
+        "local copy removed"
+    );
+    let atlas_top = lab.atlas_path("scans/s1/work/out");
+    assert_eq!(
+        tree_meta(&lab, &top),
+        meta_before,
+        "names, modes, owners, mtimes, links, inode numbers"
+    );
+    assert_eq!(tree_content(&lab, &top), content_before);
+    assert_eq!(tree_content(&lab, &atlas_top), content_before);
+
+    // Hard link kept as a link on Atlas; sparse file still sparse there.
+    let a = fs::metadata(atlas_top.join("a.txt")).expect("a.txt");
+    let h = fs::metadata(atlas_top.join("sub/hard")).expect("hard");
+    assert_eq!((a.ino(), a.nlink()), (h.ino(), 2), "hard link preserved");
+    let sp = fs::metadata(atlas_top.join("sparse")).expect("sparse");
+    assert_eq!(sp.len(), 64 << 20);
+    assert!(
+        sp.blocks() * 512 < 1 << 20,
+        "holes preserved: {} blocks",
+        sp.blocks()
+    );
+    assert_eq!(
+        fs::read_link(atlas_top.join("sub/link"))
+            .expect("link")
+            .to_str(),
+        Some("../a.txt")
+    );
+    assert_eq!(
+        read(&top.join("sub/link")),
+        "hello\n",
+        "symlink resolves through the mount"
+    );
+
+    // User xattrs survive (on files and directories).
+    let x = lab.sh(&format!(
+        r#"getfattr --only-values -n user.note "{}""#,
+        top.join("a.txt").display()
+    ));
+    assert_eq!(x, "kept");
+    let x = lab.sh(&format!(
+        r#"getfattr --only-values -n user.dirnote "{}""#,
+        top.join("sub").display()
+    ));
+    assert_eq!(x, "alsokept");
+
+    // Every promoted file and directory is tagged, on the mount and on Atlas.
+    for rel in [
+        "",
+        "sub",
+        "sub/deeper",
+        "empty",
+        "a.txt",
+        "sub/blob.bin",
+        "sparse",
+    ] {
+        let a = labfs_attrs(&lab, &top.join(rel));
+        assert_eq!(
+            a.get("user.labfs.state").map(String::as_str),
+            Some("promoted"),
+            "{rel}: {a:?}"
+        );
+        assert_eq!(
+            a.get("user.labfs.class").map(String::as_str),
+            Some("authoritative"),
+            "{rel}: {a:?}"
+        );
+        if backend_takes_user_xattrs(&lab, &lab.atlas_path(".labfs/atlas-id")) {
+            let s = labfs_attrs(&lab, &atlas_top.join(rel));
+            assert!(
+                s.contains_key("user.labfs.promoted_at"),
+                "{rel} on Atlas: {s:?}"
+            );
+        }
+    }
+    let d = labfs_attrs(&lab, &top.join("sub/blob.bin"));
+    assert_eq!(
+        d.get("user.labfs.digest"),
+        Some(&digest_of(&atlas_top.join("sub/blob.bin")))
+    );
+    assert!(
+        labfs_attrs(&lab, &top).get("user.labfs.digest").is_none(),
+        "directories have no digest"
+    );
+
+    // Creating new files under the promoted tree goes to local again, per the rule.
+    lab.sh(r#"echo later > "$LAB/scans/s1/work/out/sub/later.txt""#);
+    assert!(lab.local_path("scans/s1/work/out/sub/later.txt").exists());
+    assert_eq!(read(&top.join("sub/later.txt")), "later\n");
+    assert_eq!(leftovers(&lab), "");
+}
+
+#[test]
+fn promote_class_from_the_rule_is_used() {
+    let lab = MountedLab::builder()
+        .rules(
+            r#"
+[[rule]]
+path = "/runs/*/out"
+class = "transitional"
+promote_class = "runtime"
+"#,
+        )
+        .mount();
+    lab.sh(r#"mkdir -p "$LAB/runs/r1/out/d" && echo x > "$LAB/runs/r1/out/d/f""#);
+    promote_ok(&lab, r#""$LAB/runs/r1/out/d""#);
+    let a = labfs_attrs(&lab, &lab.path("runs/r1/out/d/f"));
+    assert_eq!(
+        a.get("user.labfs.class").map(String::as_str),
+        Some("runtime"),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn atlas_reader_never_sees_a_partial_tree() {
+    let lab = MountedLab::new();
+    const FILES: usize = 240;
+    const SIZE: usize = 512 * 1024;
+    lab.sh(&format!(
+        r#"mkdir -p "$LAB/scans/s1/work/big"; i=0; while [ $i -lt {FILES} ]; do mkdir -p "$LAB/scans/s1/work/big/d$((i % 8))"; head -c {SIZE} /dev/urandom > "$LAB/scans/s1/work/big/d$((i % 8))/f$i"; i=$((i+1)); done"#
+    ));
+    let target = lab.atlas_path("scans/s1/work/big");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (absent, complete) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let reader = {
+        let (stop, absent, complete, target) = (
+            stop.clone(),
+            absent.clone(),
+            complete.clone(),
+            target.clone(),
+        );
+        thread::spawn(move || -> Result<(), String> {
+            while !stop.load(Ordering::Relaxed) {
+                if !target.exists() {
+                    absent.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let mut files = 0;
+                for d in fs::read_dir(&target).map_err(|e| e.to_string())? {
+                    let d = d.map_err(|e| e.to_string())?.path();
+                    for f in fs::read_dir(&d).map_err(|e| e.to_string())? {
+                        let f = f.map_err(|e| e.to_string())?.path();
+                        let len = fs::metadata(&f).map_err(|e| e.to_string())?.len();
+                        if len != SIZE as u64 {
+                            return Err(format!("{} seen at {len} bytes", f.display()));
+                        }
+                        files += 1;
+                    }
+                }
+                if files != FILES {
+                    return Err(format!("saw a partial tree: {files} of {FILES} files"));
+                }
+                complete.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        })
+    };
+    promote_ok(&lab, r#""$LAB/scans/s1/work/big""#);
+    thread::sleep(Duration::from_millis(50));
+    stop.store(true, Ordering::Relaxed);
+    let r = reader.join().expect("reader thread");
+    assert_eq!(r, Ok(()), "Atlas reader saw a partial tree");
+    assert!(
+        absent.load(Ordering::Relaxed) > 0,
+        "the reader polled before the rename"
+    );
+    assert!(
+        complete.load(Ordering::Relaxed) > 0,
+        "the reader saw the complete tree"
+    );
+}
+
+/// Kill the daemon (abort) right after `point`, remount, check nothing is lost.
+fn crash_and_recover(point: &str) {
+    let mut lab = MountedLab::builder()
+        .env("LABFS_PROMOTE_CRASH_AT", point)
+        .mount();
+    make_tree(&lab, "scans/s1/work/out");
+    let top = lab.path("scans/s1/work/out");
+    let content = tree_content(&lab, &top);
+    let meta: String = tree_meta(&lab, &top)
+        .lines()
+        .map(|l| l.rsplit_once(' ').map(|(a, _)| a).unwrap_or(l).to_string() + "\n")
+        .collect();
+    let (code, _, err) = promote(&lab, r#""$LAB/scans/s1/work/out""#);
+    assert_ne!(
+        code, 0,
+        "the daemon died during the promotion: the client must fail"
+    );
+    assert!(err.contains("daemon"), "{err}");
+    assert!(lab.wait_for_log(
+        &format!("LABFS_PROMOTE_CRASH_AT={point}"),
+        Duration::from_secs(10)
+    ));
+    lab.kill9();
+    lab.remount();
+
+    assert_eq!(
+        tree_content(&lab, &top),
+        content,
+        "content after recovery from a crash at {point}"
+    );
+    let meta_after: String = tree_meta(&lab, &top)
+        .lines()
+        .map(|l| l.rsplit_once(' ').map(|(a, _)| a).unwrap_or(l).to_string() + "\n")
+        .collect();
+    assert_eq!(
+        meta_after, meta,
+        "metadata after recovery from a crash at {point}"
+    );
+    assert_eq!(
+        leftovers(&lab),
+        "",
+        "no staging junk or journal after recovery"
+    );
+    let rolled_forward = matches!(point, "verified" | "committed" | "cleaning");
+    assert_eq!(
+        lab.local_path("scans/s1/work/out").exists(),
+        !rolled_forward,
+        "crash at {point}: local copy {}",
+        if rolled_forward {
+            "removed (rolled forward)"
+        } else {
+            "kept (rolled back)"
+        }
+    );
+    assert_eq!(lab.atlas_path("scans/s1/work/out").exists(), rolled_forward);
+    let state = labfs_attrs(&lab, &top.join("sub/blob.bin"));
+    let want = if rolled_forward {
+        "promoted"
+    } else {
+        "at-risk"
+    };
+    assert_eq!(
+        state.get("user.labfs.state").map(String::as_str),
+        Some(want),
+        "{state:?}"
+    );
+    assert!(
+        lab.daemon_log().contains("recovering the promotion"),
+        "recovery ran"
+    );
+}
+
+#[test]
+fn crash_after_planned_rolls_back() {
+    crash_and_recover("planned");
+}
+
+#[test]
+fn crash_after_staged_rolls_back() {
+    crash_and_recover("staged");
+}
+
+#[test]
+fn crash_after_verified_rolls_forward() {
+    crash_and_recover("verified");
+}
+
+#[test]
+fn crash_after_committed_rolls_forward() {
+    crash_and_recover("committed");
+}
+
+#[test]
+fn crash_while_removing_the_local_copy_rolls_forward() {
+    crash_and_recover("cleaning");
+}
+
+#[test]
+fn staging_junk_without_a_journal_is_removed_at_mount() {
+    let mut lab = MountedLab::new();
+    let host = lab.sh("hostname").trim().to_string();
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-._".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    lab.sh(&format!(
+        r#"mkdir -p "$ATLAS/.labfs/staging/{host}/deadbeefdeadbeef/data/x" && echo junk > "$ATLAS/.labfs/staging/{host}/deadbeefdeadbeef/data/x/f"
+           mkdir -p "$ATLAS/.labfs/staging/other-node/cafecafecafecafe""#
+    ));
+    assert!(
+        !lab.sh(r#"ls -a "$LAB""#).contains(".labfs"),
+        "staging is hidden from the namespace"
+    );
+    lab.kill9();
+    lab.remount();
+    assert!(!lab
+        .atlas_path(&format!(".labfs/staging/{host}/deadbeefdeadbeef"))
+        .exists());
+    assert!(
+        lab.atlas_path(".labfs/staging/other-node/cafecafecafecafe")
+            .exists(),
+        "another node's staging is not ours to remove"
+    );
+}
+
+#[test]
+fn refuses_paths_outside_a_transitional_rule() {
+    let lab = MountedLab::new();
+    lab.sh(
+        r#"mkdir -p "$LAB/docs" "$LAB/cache" && echo a > "$LAB/docs/a" && echo c > "$LAB/cache/c""#,
+    );
+    let (code, out, err) = promote(&lab, r#""$LAB/docs/a""#);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("authoritative") && err.contains("already stored on Atlas"),
+        "{err}"
+    );
+    let (code, _, err) = promote(&lab, r#""$LAB/cache/c""#);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("ephemeral") && err.contains("transitional"),
+        "{err}"
+    );
+    let (code, _, err) = promote(&lab, r#""$LAB/nope""#);
+    assert_eq!(code, 1);
+    assert!(err.contains("No such file"), "{err}");
+    let (code, _, err) = promote(&lab, r#""$SCRATCH""#);
+    assert_eq!(code, 1);
+    assert!(err.contains("not on a labfs mount"), "{err}");
+    let (code, _, _) = lab.sh_status(r#""$LABFS" promote"#);
+    assert_eq!(code, 2, "usage error");
+}
+
+#[test]
+fn already_promoted_exits_zero_and_existing_target_needs_merge() {
+    let lab = MountedLab::new();
+    lab.sh(r#"mkdir -p "$LAB/scans/s1/work/out" && echo 1 > "$LAB/scans/s1/work/out/f""#);
+    promote_ok(&lab, r#""$LAB/scans/s1/work/out""#);
+    let (code, out, err) = promote(&lab, r#""$LAB/scans/s1/work/out""#);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("already promoted"), "{out}");
+
+    // New local data under the promoted directory: refused without --merge.
+    lab.sh(r#"echo 2 > "$LAB/scans/s1/work/out/g"; echo 1b > "$LAB/scans/s1/work/out/f.new""#);
+    let (code, _, err) = promote(&lab, r#""$LAB/scans/s1/work/out""#);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("already exists on Atlas") && err.contains("--merge"),
+        "{err}"
+    );
+    assert!(
+        lab.local_path("scans/s1/work/out/g").exists(),
+        "nothing moved"
+    );
+    promote_ok(&lab, r#"--merge "$LAB/scans/s1/work/out""#);
+    assert!(!lab.local_path("scans/s1/work/out").exists());
+    assert_eq!(
+        names(lab.atlas_path("scans/s1/work/out")),
+        vec!["f", "f.new", "g"]
+    );
+    assert_eq!(read(&lab.path("scans/s1/work/out/g")), "2\n");
+    let a = labfs_attrs(&lab, &lab.path("scans/s1/work/out/g"));
+    assert_eq!(
+        a.get("user.labfs.state").map(String::as_str),
+        Some("promoted")
+    );
+}
+
+#[test]
+fn refuses_files_open_for_writing_unless_wait() {
+    let lab = MountedLab::new();
+    lab.sh(r#"mkdir -p "$LAB/scans/s1/work/out" && echo 1 > "$LAB/scans/s1/work/out/busy""#);
+    let mut writer = lab
+        .cmd(r#"exec 3>>"$LAB/scans/s1/work/out/busy"; echo more >&3; sleep 30"#)
+        .spawn();
+    let pid = writer.pid();
+    wait_until(
+        "the writer has the file open",
+        Duration::from_secs(10),
+        || fs::read_link(format!("/proc/{pid}/fd/3")).is_ok(),
+    );
+    let (code, _, err) = promote(&lab, r#""$LAB/scans/s1/work/out""#);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("open for writing") && err.contains("--wait"),
+        "{err}"
+    );
+    assert!(lab.local_path("scans/s1/work/out/busy").exists());
+
+    let waiter = lab.cmd(r#""$LABFS" promote --wait "$LAB/scans/s1/work/out" > "$SCRATCH/wait.out" 2>&1; echo $? > "$SCRATCH/wait.rc""#).spawn();
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        !lab.scratch_path("wait.rc").exists(),
+        "--wait waits while the file is open"
+    );
+    writer.signal_group(libc::SIGKILL);
+    writer.wait_timeout(Duration::from_secs(10));
+    wait_until("promote --wait finishes", Duration::from_secs(30), || {
+        lab.scratch_path("wait.rc").exists()
+    });
+    drop(waiter);
+    assert_eq!(
+        read(&lab.scratch_path("wait.rc")).trim(),
+        "0",
+        "{}",
+        read(&lab.scratch_path("wait.out"))
+    );
+    assert_eq!(read(&lab.path("scans/s1/work/out/busy")), "1\nmore\n");
+    assert!(!lab.local_path("scans/s1/work/out").exists());
+}
+
+#[test]
+fn refuses_trees_with_special_files() {
+    let lab = MountedLab::new();
+    lab.sh(r#"mkdir -p "$LAB/scans/s1/work/out" && echo 1 > "$LAB/scans/s1/work/out/f" && mkfifo "$LAB/scans/s1/work/out/pipe""#);
+    let (code, _, err) = promote(&lab, r#""$LAB/scans/s1/work/out""#);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("special file") && err.contains("pipe") && err.contains("fifo"),
+        "{err}"
+    );
+    assert!(
+        !lab.atlas_path("scans/s1/work/out").exists(),
+        "nothing written to Atlas"
+    );
+    let (code, _, err) = promote(&lab, r#""$LAB/scans/s1/work/out/pipe""#);
+    assert_eq!(code, 1);
+    assert!(err.contains("special file"), "{err}");
+    assert_eq!(leftovers(&lab), "");
+}
+
+#[test]
+fn refuses_trees_larger_than_atlas_free_space() {
+    let lab = MountedLab::new();
+    // Leave about 16 MiB free on the 512 MiB Atlas tmpfs.
+    lab.sh(r#"free=$(df -B1 --output=avail "$ATLAS" | tail -1); fallocate -l $((free - 16*1024*1024)) "$ATLAS/.labfs/filler""#);
+    lab.sh(r#"mkdir -p "$LAB/scans/s1/work/out" && head -c 40000000 /dev/urandom > "$LAB/scans/s1/work/out/big""#);
+    let (code, _, err) = promote(&lab, r#""$LAB/scans/s1/work/out""#);
+    assert_eq!(code, 1);
+    assert!(err.contains("free") && err.contains("Atlas"), "{err}");
+    assert!(lab.local_path("scans/s1/work/out/big").exists());
+    assert!(!lab.atlas_path("scans/s1/work/out").exists());
+    assert_eq!(leftovers(&lab), "");
+}
+
+#[test]
+fn only_who_may_write_the_parent_may_promote() {
+    let lab = MountedLab::new();
+    lab.sh(&format!(
+        r#"mkdir -p "$LAB/scans/s1/work/rootdir/out" "$LAB/scans/s1/work/mine"
+           echo r > "$LAB/scans/s1/work/rootdir/out/f"; chmod 777 "$LAB/scans/s1/work/rootdir/out"
+           chown {USER}:{USER} "$LAB/scans/s1/work/mine""#
+    ));
+    lab.sh_as(
+        USER,
+        USER,
+        r#"mkdir "$LAB/scans/s1/work/mine/out" && echo m > "$LAB/scans/s1/work/mine/out/f""#,
+    );
+    let (code, _, err) = lab.sh_as_status(
+        USER,
+        USER,
+        r#""$LABFS" promote "$LAB/scans/s1/work/rootdir/out""#,
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("ermission denied"), "{err}");
+    assert!(lab.local_path("scans/s1/work/rootdir/out/f").exists());
+    let (code, out, err) = lab.sh_as_status(
+        USER,
+        USER,
+        r#""$LABFS" promote "$LAB/scans/s1/work/mine/out""#,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        owner(lab.atlas_path("scans/s1/work/mine/out/f")),
+        format!("{USER}:{USER}")
+    );
+}
+
+#[test]
+fn promote_through_a_bind_mount_of_a_subpath() {
+    let lab = MountedLab::new();
+    lab.sh(r#"mkdir -p "$LAB/scans/s1/work/out" "$LAB/scans/s1/work/out2" && echo a > "$LAB/scans/s1/work/out/f" && echo b > "$LAB/scans/s1/work/out2/g"; mkdir -p "$SCRATCH/x" "$SCRATCH/y""#);
+    // A private mount namespace sees only bind mounts of subpaths, like a container.
+    let out = lab.sh(r#"unshare -m sh -c '
+            set -e
+            mount --bind "$LAB/scans/s1" "$SCRATCH/x"
+            mount --bind "$LAB/scans/s1/work/out2" "$SCRATCH/y"
+            cd /
+            "$LABFS" promote "$SCRATCH/x/work/out"
+            "$LABFS" promote --json "$SCRATCH/y"
+        '"#);
+    assert!(out.contains("promoted"), "{out}");
+    assert_eq!(read(&lab.atlas_path("scans/s1/work/out/f")), "a\n");
+    assert_eq!(read(&lab.atlas_path("scans/s1/work/out2/g")), "b\n");
+    assert!(!lab.local_path("scans/s1/work/out").exists());
+    assert!(!lab.local_path("scans/s1/work/out2").exists());
+}
+
+#[test]
+fn atlas_without_user_xattrs_keeps_tags_in_the_store() {
+    let mut lab = MountedLab::builder().xattr_less_atlas().mount();
+    let (code, _, _) =
+        lab.sh_status(r#"touch "$ATLAS/probe" && setfattr -n user.x -v 1 "$ATLAS/probe""#);
+    assert_ne!(
+        code, 0,
+        "the xattr-less Atlas must refuse user xattrs for this test"
+    );
+    lab.sh(r#"rm -f "$ATLAS/probe""#);
+    make_tree(&lab, "scans/s1/work/out");
+    let top = lab.path("scans/s1/work/out");
+    let content = tree_content(&lab, &top);
+    let (code, out, err) = promote(&lab, r#""$LAB/scans/s1/work/out""#);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("not kept: user.note"),
+        "lost user xattrs are reported: {err}"
+    );
+    let status = lab.sh(r#""$LABFS" status "$LAB""#);
+    assert!(status.contains("xattr mode: store"), "{status}");
+    let json: serde_json::Value =
+        serde_json::from_str(&lab.sh(r#""$LABFS" status --json "$LAB""#)).expect("status JSON");
+    assert_eq!(json["xattr_mode"], "store");
+
+    let check = |lab: &MountedLab| {
+        assert_eq!(tree_content(lab, &top), content);
+        for rel in ["", "sub", "a.txt", "sub/blob.bin"] {
+            let a = labfs_attrs(lab, &top.join(rel));
+            assert_eq!(
+                a.get("user.labfs.state").map(String::as_str),
+                Some("promoted"),
+                "{rel}: {a:?}"
+            );
+            assert_eq!(
+                a.get("user.labfs.class").map(String::as_str),
+                Some("authoritative"),
+                "{rel}: {a:?}"
+            );
+            assert!(a.contains_key("user.labfs.promoted_at"), "{rel}: {a:?}");
+        }
+        let d = labfs_attrs(lab, &top.join("sub/blob.bin"));
+        assert_eq!(
+            d.get("user.labfs.digest"),
+            Some(&digest_of(
+                &lab.atlas_path("scans/s1/work/out/sub/blob.bin")
+            ))
+        );
+        assert_eq!(
+            read(&top.join("sub/link")),
+            "hello\n",
+            "promoted symlinks stay visible"
+        );
+    };
+    check(&lab);
+    assert!(lab
+        .atlas_path(".labfs/tags/scans/s1/work/out/sub/blob.bin.labfs-tags")
+        .exists());
+    // The store lives on Atlas: a fresh daemon (a rebuilt node) still sees the tags.
+    lab.kill9();
+    lab.sh(r#"rm -rf "$LOCAL/.labfs/promote""#);
+    lab.remount();
+    check(&lab);
+}
+
+#[test]
+fn status_reports_at_risk_data_oldest_first() {
+    let lab = MountedLab::new();
+    lab.sh(
+        r#"mkdir -p "$LAB/scans/s1/work/a" "$LAB/scans/s2/work" "$LAB/cache"
+           head -c 3000 /dev/zero > "$LAB/scans/s1/work/a/f1"; echo x > "$LAB/scans/s1/work/f2"
+           head -c 5000 /dev/zero > "$LAB/scans/s2/work/old"
+           touch -d '2021-03-04 05:06:07' "$LAB/scans/s2/work/old"
+           touch -d '2022-01-01 00:00:00' "$LAB/scans/s1/work/f2"
+           echo e > "$LAB/cache/ephemeral""#,
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&lab.sh(r#""$LABFS" status --json "$LAB""#)).expect("status JSON");
+    let subs = v["at_risk"]["subtrees"]
+        .as_array()
+        .expect("subtrees")
+        .clone();
+    let paths: Vec<&str> = subs.iter().filter_map(|s| s["path"].as_str()).collect();
+    assert_eq!(paths, vec!["/scans/s2/work", "/scans/s1/work"], "{v}");
+    assert_eq!(subs[0]["bytes"], 5000);
+    assert_eq!(subs[0]["files"], 1);
+    assert_eq!(subs[0]["oldest"], "2021-03-04T05:06:07Z");
+    assert_eq!(subs[1]["bytes"], 3002);
+    assert_eq!(subs[1]["files"], 2);
+    assert!(subs[0]["age_secs"].as_i64().unwrap_or(0) > 86_400 * 365);
+    assert_eq!(v["at_risk"]["complete"], true);
+    let table = lab.sh(r#""$LABFS" status "$LAB""#);
+    assert!(
+        table.contains("at risk") && table.contains("/scans/s2/work"),
+        "{table}"
+    );
+    assert!(table.contains("promotions in flight: none"), "{table}");
+
+    promote_ok(&lab, r#""$LAB/scans/s2/work" "$LAB/scans/s1/work/a""#);
+    let v: serde_json::Value =
+        serde_json::from_str(&lab.sh(r#""$LABFS" status --json "$LAB""#)).expect("status JSON");
+    let subs = v["at_risk"]["subtrees"]
+        .as_array()
+        .expect("subtrees")
+        .clone();
+    assert_eq!(subs.len(), 1, "{v}");
+    assert_eq!(subs[0]["path"], "/scans/s1/work");
+    assert_eq!(subs[0]["files"], 1);
+}
