@@ -333,12 +333,14 @@ io_battery() { # TARGET DIR
     measure "seq write $IO_LABEL (+fsync)" "$t" "$META" io seqwrite "$f" "$IO_MIB"
     drop 3
     measure "seq read $IO_LABEL (cold cache)" "$t" "$META" io seqread "$f"
+    measure "seq read $IO_LABEL (page cache)" "$t" "$META" io seqread "$f"
     drop 3
     local -a rr=("$META" io randread "$f" "$RAND_SECS") rw=("$META" io randwrite "$f" "$RAND_SECS")
     if [ "$HAVE_FIO" = 1 ]; then
         rr=(fio_iops "$f" randread)
         rw=(fio_iops "$f" randwrite --end_fsync=1)
     fi
+    # Informational: with a cold cache this is the device plus readahead policy.
     measure "4k rand read (cold start, ${RAND_SECS}s)" "$t" "${rr[@]}"
     cat "$f" >/dev/null
     measure "4k rand read (file in page cache)" "$t" "${rr[@]}"
@@ -471,9 +473,21 @@ if want mem; then
     before=$(rss_kib "$DAEMON_PID")
     inodes0=$(status_inodes)
     measure "walk $MEM_TOTAL files: readdir+lstat (cold)" native-local "$META" walk "$mem"
+    # Sample the table and RSS while the walk runs: the kernel may reclaim inodes (and
+    # send FORGET) before the walk ends if anything on the machine needs memory.
+    (
+        while :; do
+            echo "$(status_inodes) $(rss_kib "$DAEMON_PID")"
+            sleep 0.5
+        done
+    ) >"$OUT/mem-samples.txt" 2>/dev/null &
+    sampler=$!
     measure "walk $MEM_TOTAL files: readdir+lstat (cold)" labfs-local "$META" walk "$MNT/cache/mil"
-    peak=$(rss_kib "$DAEMON_PID")
-    inodes1=$(status_inodes)
+    echo "$(status_inodes) $(rss_kib "$DAEMON_PID")" >>"$OUT/mem-samples.txt"
+    kill "$sampler" 2>/dev/null
+    wait "$sampler" 2>/dev/null || true
+    read -r inodes1 peak < <(sort -n -k1,1 "$OUT/mem-samples.txt" | tail -1)
+    peak_rss=$(sort -n -k2,2 "$OUT/mem-samples.txt" | tail -1 | cut -d' ' -f2)
     t0=$EPOCHREALTIME
     drop 2
     # FORGETs arrive asynchronously: wait until the table stops shrinking.
@@ -487,7 +501,10 @@ if want mem; then
     after=$(rss_kib "$DAEMON_PID")
     inodes2=$(status_inodes)
     record memory "RSS before the walk" "$((before / 1024))" "MiB (inodes in table: $inodes0)"
-    record memory "RSS after looking up $MEM_TOTAL files" "$((peak / 1024))" "MiB (inodes in table: $inodes1)"
+    record memory "RSS at the largest table during the walk" "$((peak / 1024))" "MiB (inodes in table: $inodes1 of $MEM_TOTAL)"
+    record memory "RSS high-water mark during the walk" "$((peak_rss / 1024))" MiB
+    [ "${inodes1:-0}" -gt 1 ] && record memory "RSS per remembered inode (at the largest table)" \
+        "$(((peak - before) * 1024 / inodes1))" "bytes"
     record memory "RSS after drop_caches (kernel FORGET)" "$((after / 1024))" \
         "MiB (inodes in table: $inodes2, settled after $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", b - a }') s)"
     log "  RSS KiB: before $before, peak $peak, after forget $after; inodes $inodes0 -> $inodes1 -> $inodes2"

@@ -63,8 +63,12 @@ fn segs(pattern: &str) -> Vec<Seg> {
 fn intersects(a: &[Seg], b: &[Seg]) -> bool {
     match (a.first(), b.first()) {
         (None, None) => true,
-        (Some(Seg::DStar), _) => intersects(&a[1..], b) || (!b.is_empty() && intersects(a, &b[1..])),
-        (_, Some(Seg::DStar)) => intersects(a, &b[1..]) || (!a.is_empty() && intersects(&a[1..], b)),
+        (Some(Seg::DStar), _) => {
+            intersects(&a[1..], b) || (!b.is_empty() && intersects(a, &b[1..]))
+        }
+        (_, Some(Seg::DStar)) => {
+            intersects(a, &b[1..]) || (!a.is_empty() && intersects(&a[1..], b))
+        }
         (None, Some(_)) | (Some(_), None) => false,
         (Some(x), Some(y)) => {
             let one = match (x, y) {
@@ -164,7 +168,10 @@ fn entries(rules: &[std::sync::Arc<Rule>]) -> Vec<Entry> {
         o => o,
     });
     v.insert(0, builtin(STATE, Class::Runtime, "labfs identity and tags"));
-    v.insert(0, builtin(STAGING, Class::Ephemeral, "promotions in progress"));
+    v.insert(
+        0,
+        builtin(STAGING, Class::Ephemeral, "promotions in progress"),
+    );
     // v[i] is more specific than v[j] for i < j.
     for j in 0..v.len() {
         if v[j].included() {
@@ -287,12 +294,24 @@ pub fn render(rules: &[std::sync::Arc<Rule>], format: Format, root: &Path, sourc
         t,
         "# in: authoritative, runtime, transitional (promoted; unpromoted data is never on Atlas), paths no rule matches, /.labfs"
     );
-    let _ = writeln!(t, "# out: ephemeral, /.labfs/staging (promotions in progress)");
+    let _ = writeln!(
+        t,
+        "# out: ephemeral, /.labfs/staging (promotions in progress)"
+    );
     match format {
         Format::Rsync => {
-            let _ = writeln!(t, "# use: rsync -aHAX --exclude-from=THIS_FILE {root_s}/ DEST/");
-            let _ = writeln!(t, "# (first matching line wins; DIR/*** is DIR and everything in it)");
-            let nested: Vec<&Entry> = es.iter().filter(|e| e.included() && e.inside_exclude).collect();
+            let _ = writeln!(
+                t,
+                "# use: rsync -aHAX --exclude-from=THIS_FILE {root_s}/ DEST/"
+            );
+            let _ = writeln!(
+                t,
+                "# (first matching line wins; DIR/*** is DIR and everything in it)"
+            );
+            let nested: Vec<&Entry> = es
+                .iter()
+                .filter(|e| e.included() && e.inside_exclude)
+                .collect();
             if !nested.is_empty() {
                 let _ = writeln!(t, "# directories leading to data kept inside excluded subtrees (the directories only)");
                 let mut seen: Vec<String> = Vec::new();
@@ -319,13 +338,23 @@ pub fn render(rules: &[std::sync::Arc<Rule>], format: Format, root: &Path, sourc
             let _ = writeln!(t, "# anything else: no rule, authoritative: backed up");
         }
         Format::Borg => {
-            let _ = writeln!(t, "# use: borg create --patterns-from THIS_FILE REPO::ARCHIVE");
-            let _ = writeln!(t, "# (first matching line wins; sh:DIR matches DIR and everything in it)");
+            let _ = writeln!(
+                t,
+                "# use: borg create --patterns-from THIS_FILE REPO::ARCHIVE"
+            );
+            let _ = writeln!(
+                t,
+                "# (first matching line wins; sh:DIR matches DIR and everything in it)"
+            );
             let _ = writeln!(t, "R {root_s}");
             for e in &es {
                 let _ = writeln!(t, "# {}: {}", e.label(), e.why());
                 let pat = format!("sh:{root_s}{}", join(&e.segs, escape_brackets));
-                let pat = if e.segs.is_empty() { format!("sh:{root_s}") } else { pat };
+                let pat = if e.segs.is_empty() {
+                    format!("sh:{root_s}")
+                } else {
+                    pat
+                };
                 let sign = match (e.included(), e.nested_includes.is_empty()) {
                     (true, _) => '+',
                     // Descend: more specific included rules live inside.
@@ -388,7 +417,12 @@ pub fn run(config: &Path, format: Format, root: Option<PathBuf>) -> i32 {
         eprintln!("labfs: a rule pattern contains a line break, which no backup tool's pattern file can hold");
         return EXIT_FAIL;
     }
-    let scope = render(cfg.rules.rules(), format, &root, &config.display().to_string());
+    let scope = render(
+        cfg.rules.rules(),
+        format,
+        &root,
+        &config.display().to_string(),
+    );
     for w in &scope.warnings {
         eprintln!("labfs: warning: {w}");
     }
@@ -434,13 +468,21 @@ mod tests {
         assert!(intersects(&segs("/**/x"), &segs("/a/*/x")));
         assert!(!intersects(&segs("/a"), &segs("/b")));
         assert!(may_be_below(&segs("/cache"), &segs("/cache/*/keep")));
-        assert!(may_be_below(&segs("/**/node_modules"), &segs("/x/node_modules/keep")));
+        assert!(may_be_below(
+            &segs("/**/node_modules"),
+            &segs("/x/node_modules/keep")
+        ));
         assert!(!may_be_below(&segs("/cache"), &segs("/docs")));
     }
 
     #[test]
     fn rsync_lists_most_specific_first_with_ancestors_of_nested_includes() {
-        let s = render(&sample(), Format::Rsync, Path::new("/mnt/atlas/lab"), "t.toml");
+        let s = render(
+            &sample(),
+            Format::Rsync,
+            Path::new("/mnt/atlas/lab"),
+            "t.toml",
+        );
         assert_eq!(
             lines(&s),
             vec![
@@ -460,7 +502,12 @@ mod tests {
 
     #[test]
     fn borg_descends_only_into_excludes_with_nested_includes() {
-        let s = render(&sample(), Format::Borg, Path::new("/mnt/atlas/lab/"), "t.toml");
+        let s = render(
+            &sample(),
+            Format::Borg,
+            Path::new("/mnt/atlas/lab/"),
+            "t.toml",
+        );
         assert_eq!(
             lines(&s),
             vec![
@@ -478,13 +525,25 @@ mod tests {
 
     #[test]
     fn restic_keeps_what_it_cannot_exclude_exactly_and_says_so() {
-        let s = render(&sample(), Format::Restic, Path::new("/mnt/atlas/lab"), "t.toml");
+        let s = render(
+            &sample(),
+            Format::Restic,
+            Path::new("/mnt/atlas/lab"),
+            "t.toml",
+        );
         assert_eq!(
             lines(&s),
-            vec!["/mnt/atlas/lab/appdata/*/node_modules", "/mnt/atlas/lab/.labfs/staging"]
+            vec![
+                "/mnt/atlas/lab/appdata/*/node_modules",
+                "/mnt/atlas/lab/.labfs/staging"
+            ]
         );
         assert_eq!(s.warnings.len(), 1);
-        assert!(s.warnings[0].contains("/cache (line 1)"), "{}", s.warnings[0]);
+        assert!(
+            s.warnings[0].contains("/cache (line 1)"),
+            "{}",
+            s.warnings[0]
+        );
         assert!(s.text.contains("# NOT EXCLUDED: /cache (line 1)"));
     }
 
@@ -510,11 +569,19 @@ mod tests {
 
     #[test]
     fn a_root_rule_covers_everything() {
-        let r = vec![rule("/", Class::Ephemeral, 1), rule("/keep", Class::Runtime, 2)];
+        let r = vec![
+            rule("/", Class::Ephemeral, 1),
+            rule("/keep", Class::Runtime, 2),
+        ];
         let s = render(&r, Format::Rsync, Path::new("/x"), "t");
         assert_eq!(
             lines(&s),
-            vec!["- /.labfs/staging/***", "+ /.labfs/***", "+ /keep/***", "- /***"]
+            vec![
+                "- /.labfs/staging/***",
+                "+ /.labfs/***",
+                "+ /keep/***",
+                "- /***"
+            ]
         );
     }
 }

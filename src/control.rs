@@ -85,13 +85,18 @@ pub fn reload_cli(mountpoint: &std::path::Path) -> i32 {
     };
     match xattr::set(mountpoint, RELOAD, b"1") {
         Ok(()) => {
-            println!("labfs: {}: rules reloaded from {rules_file}", mountpoint.display());
+            println!(
+                "labfs: {}: rules reloaded from {rules_file}",
+                mountpoint.display()
+            );
             EXIT_OK
         }
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             let why = match crate::config::Config::load(std::path::Path::new(&rules_file)) {
                 Err(errors) => errors.to_string(),
-                Ok(_) if rules_file == "<demo>" => "the demo's built-in rules cannot be reloaded".into(),
+                Ok(_) if rules_file == "<demo>" => {
+                    "the demo's built-in rules cannot be reloaded".into()
+                }
                 Ok(_) => "see the daemon's log".into(),
             };
             eprintln!(
@@ -100,8 +105,11 @@ pub fn reload_cli(mountpoint: &std::path::Path) -> i32 {
             );
             EXIT_USAGE
         }
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-            eprintln!("labfs: {}: only root may reload the rules", mountpoint.display());
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => {
+            eprintln!(
+                "labfs: {}: only root may reload the rules",
+                mountpoint.display()
+            );
             EXIT_FAIL
         }
         Err(e) => {

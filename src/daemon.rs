@@ -321,8 +321,20 @@ pub fn reload(fs: &LabFs, path: Option<&Path>) -> Result<(), String> {
     }
 }
 
-/// After daemonizing: stdin/stdout to /dev/null; stderr too if it is a terminal or
-/// the log goes to a file.
+/// Whether the daemon may keep logging to the stderr it inherited: a regular file
+/// (`2>>log`) or the journal (systemd). A terminal, pipe or socket would keep the
+/// caller's `$(labfs mount ...)` or ssh session waiting for the daemon to exit.
+fn stderr_is_a_log() -> bool {
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        return true;
+    }
+    crate::fs::backend::fstat(2)
+        .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
+        .unwrap_or(false)
+}
+
+/// After daemonizing: stdin/stdout to /dev/null; stderr too unless it is a log
+/// ([`stderr_is_a_log`]) or the log goes to a file.
 fn detach_stdio(detach_stderr: bool) {
     let null = CString::new("/dev/null").unwrap_or_default();
     // SAFETY: plain descriptor manipulation on the process's own stdio.
@@ -331,7 +343,7 @@ fn detach_stdio(detach_stderr: bool) {
         if fd >= 0 {
             libc::dup2(fd, 0);
             libc::dup2(fd, 1);
-            if detach_stderr || libc::isatty(2) == 1 {
+            if detach_stderr || !stderr_is_a_log() {
                 libc::dup2(fd, 2);
             }
             if fd > 2 {

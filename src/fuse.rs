@@ -544,7 +544,9 @@ impl Filesystem for LabFuse {
             | InitFlags::FUSE_DONT_MASK
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_ATOMIC_O_TRUNC
-            | InitFlags::FUSE_CACHE_SYMLINKS;
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            // The kernel enforces POSIX ACLs (stored on the backend) like mode bits.
+            | InitFlags::FUSE_POSIX_ACL;
         let _ = config.add_capabilities(want & caps);
         if caps.contains(InitFlags::FUSE_PASSTHROUGH)
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()

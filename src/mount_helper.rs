@@ -203,8 +203,7 @@ pub fn parse_args(args: &[OsString]) -> Result<HelperArgs, String> {
         let bytes = a.as_encoded_bytes();
         if bytes.len() > 1 && bytes[0] == b'-' {
             let s = text(a)?;
-            let mut chars = s[1..].char_indices();
-            while let Some((at, c)) = chars.next() {
+            for (at, c) in s[1..].char_indices() {
                 match c {
                     's' => sloppy = true,
                     'f' => fake = true,
@@ -226,7 +225,8 @@ pub fn parse_args(args: &[OsString]) -> Result<HelperArgs, String> {
                             't' => fstype = Some(value),
                             _ => {
                                 return Err(
-                                    "-N (mount in another namespace) is not supported by labfs".into(),
+                                    "-N (mount in another namespace) is not supported by labfs"
+                                        .into(),
                                 )
                             }
                         }
@@ -294,10 +294,16 @@ fn run(args: &[OsString]) -> i32 {
         return MOUNT_EX_USAGE;
     }
     if !h.options.dropped.is_empty() {
-        tracing::debug!("options for mount(8)/systemd, not passed on: {}", h.options.dropped.join(","));
+        tracing::debug!(
+            "options for mount(8)/systemd, not passed on: {}",
+            h.options.dropped.join(",")
+        );
     }
     if !h.options.ignored.is_empty() {
-        tracing::warn!("unknown options ignored (-s): {}", h.options.ignored.join(","));
+        tracing::warn!(
+            "unknown options ignored (-s): {}",
+            h.options.ignored.join(",")
+        );
     }
     if h.verbose {
         eprintln!(
@@ -346,7 +352,9 @@ mod tests {
     fn helper_names() {
         assert!(is_helper_name(Path::new("/sbin/mount.fuse.labfs")));
         assert!(is_helper_name(Path::new("mount.labfs")));
-        assert!(is_helper_name(Path::new("/usr/sbin/mount.fuse.labfs-test1")));
+        assert!(is_helper_name(Path::new(
+            "/usr/sbin/mount.fuse.labfs-test1"
+        )));
         assert!(!is_helper_name(Path::new("/usr/bin/labfs")));
         assert!(!is_helper_name(Path::new("mount.labfsx")));
         assert!(!is_helper_name(Path::new("mount.fuse")));
@@ -369,7 +377,12 @@ mod tests {
         assert!(h.options.kernel.is_empty(), "{:?}", h.options);
         assert_eq!(
             h.options.dropped,
-            vec!["rw", "allow_other", "_netdev", "x-systemd.requires-mounts-for=/mnt/atlas"]
+            vec![
+                "rw",
+                "allow_other",
+                "_netdev",
+                "x-systemd.requires-mounts-for=/mnt/atlas"
+            ]
         );
         assert!(!h.fake && !h.sloppy && !h.verbose);
     }
@@ -406,13 +419,17 @@ mod tests {
         assert!(h.fake && h.sloppy && h.verbose);
         assert_eq!(h.options.kernel, vec!["ro", "max_read=131072"]);
         assert!(h.options.allow_unmarked && h.options.recover && !h.options.atlas_passthrough);
-        assert_eq!(h.options.log_file, Some(PathBuf::from("/var/log/labfs.log")));
+        assert_eq!(
+            h.options.log_file,
+            Some(PathBuf::from("/var/log/labfs.log"))
+        );
         assert_eq!(h.options.log_level.as_deref(), Some("debug"));
     }
 
     #[test]
     fn several_o_flags_are_joined() {
-        let h = parse_args(&args(&["c.toml", "/lab", "-o", "noatime", "-o", "recover"])).expect("parses");
+        let h = parse_args(&args(&["c.toml", "/lab", "-o", "noatime", "-o", "recover"]))
+            .expect("parses");
         assert_eq!(h.options.kernel, vec!["noatime"]);
         assert!(h.options.recover);
     }
@@ -421,17 +438,32 @@ mod tests {
     fn unknown_options_are_refused_unless_sloppy() {
         let e = parse_args(&args(&["c.toml", "/lab", "-o", "allow_unmarkd,noatime"])).unwrap_err();
         assert!(e.contains("allow_unmarkd"), "{e}");
-        let h = parse_args(&args(&["c.toml", "/lab", "-s", "-o", "allow_unmarkd,noatime"])).expect("sloppy");
+        let h = parse_args(&args(&[
+            "c.toml",
+            "/lab",
+            "-s",
+            "-o",
+            "allow_unmarkd,noatime",
+        ]))
+        .expect("sloppy");
         assert_eq!(h.options.ignored, vec!["allow_unmarkd"]);
         assert_eq!(h.options.kernel, vec!["noatime"]);
     }
 
     #[test]
     fn bad_invocations() {
-        assert!(parse_args(&args(&["c.toml"])).unwrap_err().contains("got 1 argument"));
-        assert!(parse_args(&args(&["c.toml", "/lab", "-o"])).unwrap_err().contains("-o needs a value"));
-        assert!(parse_args(&args(&["c.toml", "/lab", "-x"])).unwrap_err().contains("-x"));
-        assert!(parse_args(&args(&["c.toml", "/lab", "-t", "nfs"])).unwrap_err().contains("labfs only"));
+        assert!(parse_args(&args(&["c.toml"]))
+            .unwrap_err()
+            .contains("got 1 argument"));
+        assert!(parse_args(&args(&["c.toml", "/lab", "-o"]))
+            .unwrap_err()
+            .contains("-o needs a value"));
+        assert!(parse_args(&args(&["c.toml", "/lab", "-x"]))
+            .unwrap_err()
+            .contains("-x"));
+        assert!(parse_args(&args(&["c.toml", "/lab", "-t", "nfs"]))
+            .unwrap_err()
+            .contains("labfs only"));
         assert!(parse_args(&args(&["c.toml", "/lab", "-N", "/proc/1/ns/mnt"])).is_err());
         assert!(split_options("log_file=", false).is_err());
         assert!(split_options("max_read=abc", false).is_err());

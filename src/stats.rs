@@ -59,7 +59,11 @@ impl Lane {
 
     fn snapshot(&self) -> LaneStats {
         let requests = self.requests.load(Ordering::Relaxed);
-        let hist: Vec<u64> = self.hist.iter().map(|h| h.load(Ordering::Relaxed)).collect();
+        let hist: Vec<u64> = self
+            .hist
+            .iter()
+            .map(|h| h.load(Ordering::Relaxed))
+            .collect();
         let total = self.total_us.load(Ordering::Relaxed);
         let max_ms = self.max_us.load(Ordering::Relaxed) as f64 / 1000.0;
         LaneStats {
@@ -125,7 +129,9 @@ fn quantile_ms(hist: &[u64], q: f64) -> f64 {
 
 /// Mark the start of the counting period (the mount); later calls do nothing.
 pub fn mark_start() {
-    let _ = STATS.started.get_or_init(|| (SystemTime::now(), Instant::now()));
+    let _ = STATS
+        .started
+        .get_or_init(|| (SystemTime::now(), Instant::now()));
 }
 
 /// Count one request on `backend`'s lane that took `us` microseconds and ended with
@@ -299,9 +305,11 @@ pub fn print_table(v: &serde_json::Value) {
     }
     if let Some(errs) = v["errors_by_errno"].as_object() {
         if !errs.is_empty() {
-            let mut list: Vec<(&String, u64)> =
-                errs.iter().map(|(k, c)| (k, c.as_u64().unwrap_or(0))).collect();
-            list.sort_by(|a, b| b.1.cmp(&a.1));
+            let mut list: Vec<(&String, u64)> = errs
+                .iter()
+                .map(|(k, c)| (k, c.as_u64().unwrap_or(0)))
+                .collect();
+            list.sort_by_key(|e| std::cmp::Reverse(e.1));
             let text: Vec<String> = list.iter().map(|(k, c)| format!("{k} {c}")).collect();
             println!("failed requests by errno: {}", text.join(", "));
         }
@@ -318,7 +326,7 @@ pub fn print_table(v: &serde_json::Value) {
                 h["rule"].as_str().unwrap_or("?"),
                 h["class"].as_str().unwrap_or("?"),
                 line,
-                h["hits"].to_string()
+                h["hits"]
             );
         }
     }

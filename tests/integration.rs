@@ -3,7 +3,9 @@
 //! Must run as root with /dev/fuse present (`.ci/run` sets that up).
 
 mod common;
+mod failclosed;
 mod namespace;
+mod operations;
 mod posix;
 mod promote;
 mod security;

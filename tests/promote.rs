@@ -74,6 +74,33 @@ fn make_tree(lab: &MountedLab, rel: &str) {
     ));
 }
 
+/// O_PATH descriptors on everything under `top` (no FUSE open: they only pin inodes).
+fn pin_tree(top: &Path) -> BTreeMap<std::path::PathBuf, std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = BTreeMap::new();
+    let mut stack = vec![top.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let m = fs::symlink_metadata(&p).expect("lstat");
+        let flags = libc::O_PATH | libc::O_NOFOLLOW;
+        let c = std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path");
+        let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
+        assert!(
+            fd >= 0,
+            "open {}: {}",
+            p.display(),
+            std::io::Error::last_os_error()
+        );
+        out.insert(p.clone(), unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        if m.is_dir() {
+            for e in fs::read_dir(&p).expect("read_dir") {
+                stack.push(e.expect("entry").path());
+            }
+        }
+    }
+    out
+}
+
 /// Names, types, modes, owners, mtimes, inode numbers, link targets (+ sizes and
 /// link counts of non-directories) of everything under a directory, sorted.
 fn tree_meta(lab: &MountedLab, dir: &Path) -> String {
@@ -189,6 +216,9 @@ fn promote_tree_keeps_content_metadata_and_inode_numbers() {
     let _guard = inode_numbers_compared();
     make_tree(&lab, "scans/s1/work/out");
     let top = lab.path("scans/s1/work/out");
+    // O_PATH descriptors pin the kernel's inodes (cache drops by other processes on
+    // the machine would otherwise make it forget them and look them up afresh).
+    let pins = pin_tree(&top);
     let meta_before = tree_meta(&lab, &top);
     let content_before = tree_content(&lab, &top);
     let out = promote_ok(&lab, r#"--json "$LAB/scans/s1/work/out""#);
@@ -284,6 +314,8 @@ fn promote_tree_keeps_content_metadata_and_inode_numbers() {
         labfs_attrs(&lab, &top).get("user.labfs.digest").is_none(),
         "directories have no digest"
     );
+
+    drop(pins);
 
     // Creating new files under the promoted tree goes to local again, per the rule.
     lab.sh(r#"echo later > "$LAB/scans/s1/work/out/sub/later.txt""#);
@@ -805,4 +837,43 @@ fn status_reports_at_risk_data_oldest_first() {
     assert_eq!(subs.len(), 1, "{v}");
     assert_eq!(subs[0]["path"], "/scans/s1/work");
     assert_eq!(subs[0]["files"], 1);
+}
+
+#[test]
+fn a_file_open_during_promotion_stays_local_until_closed() {
+    let lab = MountedLab::new();
+    lab.sh(r#"mkdir -p "$LAB/scans/s1/work/out" && echo open > "$LAB/scans/s1/work/out/open.log" && echo done > "$LAB/scans/s1/work/out/done.txt""#);
+    let top = lab.path("scans/s1/work/out");
+    let mut reader = fs::File::open(top.join("open.log")).expect("open for reading");
+    let (code, out, err) = promote(&lab, r#"--json "$LAB/scans/s1/work/out""#);
+    assert_eq!(code, 1, "partial promotion exits 1: {out}{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
+    assert_eq!(v["state"], "partial", "{v}");
+    assert!(
+        err.contains("open.log") && err.contains("open through the mount"),
+        "{err}"
+    );
+    // Nothing fails for anyone: the old handle, new opens, the promoted neighbour.
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut s).expect("read through the old handle");
+    assert_eq!(s, "open\n");
+    assert_eq!(
+        read(&top.join("open.log")),
+        "open\n",
+        "a new open works while the old one is open"
+    );
+    assert_eq!(read(&top.join("done.txt")), "done\n");
+    assert!(lab.local_path("scans/s1/work/out/open.log").exists());
+    assert!(!lab.local_path("scans/s1/work/out/done.txt").exists());
+    assert!(lab.atlas_path("scans/s1/work/out/done.txt").exists());
+    drop(reader);
+    promote_ok(&lab, r#"--merge "$LAB/scans/s1/work/out""#);
+    assert!(!lab.local_path("scans/s1/work/out").exists());
+    assert_eq!(read(&top.join("open.log")), "open\n");
+    let a = labfs_attrs(&lab, &top.join("open.log"));
+    assert_eq!(
+        a.get("user.labfs.state").map(String::as_str),
+        Some("promoted"),
+        "{a:?}"
+    );
 }

@@ -1,6 +1,7 @@
 //! Everyday tools round-tripping data through the mount, on an Atlas path and on a
-//! local path: `cp -a`, `tar`, `git`, `rsync -a`, `sqlite3` (WAL), and sparse files
-//! through `truncate`, `dd`, `cp --sparse=always`, `du` and SEEK_DATA/SEEK_HOLE.
+//! local path: `cp -a`, `tar`, `git`, `rsync -a`, `sqlite3` (WAL), sparse files
+//! through `truncate`, `dd`, `cp --sparse=always`, `du` and SEEK_DATA/SEEK_HOLE, and
+//! `fallocate`.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -298,6 +299,30 @@ print(os.lseek(fd, 0, os.SEEK_DATA), os.lseek(fd, 0, os.SEEK_HOLE), os.lseek(fd,
         assert!(
             backend_blocks <= 2048,
             "backend copy is not sparse: {backend_blocks} blocks"
+        );
+    }
+}
+
+#[test]
+fn fallocate_reserves_space() {
+    let lab = MountedLab::with_dirs();
+    for b in BOTH {
+        let d = b.dir();
+        let out = lab.sh(&format!(
+            r#"fallocate -l 10M "$LAB/{d}/fa"; stat -c %s "$LAB/{d}/fa"; du -k "$LAB/{d}/fa" | cut -f1"#
+        ));
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "10485760");
+        assert!(
+            lines[1].parse::<u64>().unwrap() >= 10240,
+            "du after fallocate: {out}"
+        );
+        let m = fs::metadata(lab.backend_path(b, &format!("{d}/fa"))).unwrap();
+        assert_eq!(m.len(), 10485760);
+        assert!(
+            m.blocks() * 512 >= 10485760,
+            "backend blocks: {}",
+            m.blocks()
         );
     }
 }

@@ -454,7 +454,7 @@ impl LabFs {
                     }),
                 });
             } else {
-                let ino = self.inodes.peek(&key).unwrap_or(st.st_ino | (1 << 63));
+                let ino = self.inodes.peek(&key).or_else(|| self.inodes.number(&key)).unwrap_or(0);
                 out.push(DirEntryOut {
                     name: item.name.clone(),
                     offset: off,

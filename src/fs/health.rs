@@ -15,7 +15,7 @@
 //! ([`Health::note_dir`]), transitional names from their local part only. The next
 //! probe that answers clears it.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 
 use super::attr::{Attr, Kind};
 use super::backend::{cstring, fstatat, split};
+use super::inode::BackingKey;
 use super::LabFs;
 use crate::rules::{BackendKind, Class};
 
@@ -50,10 +51,9 @@ pub struct Health {
     last_ok: Mutex<Option<SystemTime>>,
     /// Free and total bytes of Atlas as of the last probe that answered.
     space: Mutex<Option<(u64, u64)>>,
-    /// Last-known attributes of Atlas directories that lead to local paths, by inode.
-    dirs: DashMap<u64, Attr>,
-    /// The same directories by (parent inode, name).
-    dir_names: DashMap<(u64, OsString), u64>,
+    /// Last-known backing and attributes of the Atlas directories on the way to local
+    /// paths, by namespace path (their inode numbers may be forgotten and renewed).
+    dirs: DashMap<String, (BackingKey, Attr)>,
     pub timeout: Duration,
 }
 
@@ -119,7 +119,6 @@ impl Health {
             last_ok: Mutex::new(None),
             space: Mutex::new(None),
             dirs: DashMap::new(),
-            dir_names: DashMap::new(),
             timeout,
         }
     }
@@ -218,24 +217,12 @@ impl Health {
         }
     }
 
-    /// Remember the attributes of directory `ino` (seen at `parent/name`) for outages.
-    pub fn note_dir(&self, parent: u64, name: &OsStr, attr: &Attr) {
-        if attr.kind != Kind::Dir {
-            return;
-        }
+    /// Remember directory `path` (its backing and attributes) for outages.
+    fn note_dir(&self, path: String, key: BackingKey, attr: &Attr) {
         if self.dirs.len() >= MAX_REMEMBERED_DIRS {
             self.dirs.clear();
-            self.dir_names.clear();
         }
-        self.dirs.insert(attr.ino, *attr);
-        self.dir_names.insert((parent, name.to_os_string()), attr.ino);
-    }
-
-    /// Update the remembered attributes of a directory already noted.
-    pub fn note_attr(&self, attr: &Attr) {
-        if let Some(mut a) = self.dirs.get_mut(&attr.ino) {
-            *a = *attr;
-        }
+        self.dirs.insert(path, (key, *attr));
     }
 
     /// Start the probe thread for the Atlas root descriptor `root` (kept open by the caller).
@@ -310,9 +297,12 @@ impl LabFs {
         if attr.kind != Kind::Dir {
             return;
         }
-        if let Ok(path) = self.child_path(parent, name) {
-            if self.leads_to_local(&path) {
-                self.health.note_dir(parent, name, attr);
+        let Ok(path) = self.child_path(parent, name) else {
+            return;
+        };
+        if let Some(key) = self.inodes.get(attr.ino).and_then(|n| n.key) {
+            if key.backend == BackendKind::Atlas && self.leads_to_local(&path) {
+                self.health.note_dir(path, key, attr);
             }
         }
     }
@@ -322,32 +312,44 @@ impl LabFs {
         if attr.kind != Kind::Dir {
             return;
         }
-        if self.health.dirs.contains_key(&ino) {
-            self.health.note_attr(attr);
-        } else if let (Some(n), Some(path)) = (self.inodes.get(ino), self.inodes.path(ino)) {
-            if self.leads_to_local(&path) {
-                self.health.note_dir(n.parent, &n.name, attr);
-            }
+        let (Some(path), Some(key)) = (self.inodes.path(ino), self.inodes.get(ino).and_then(|n| n.key)) else {
+            return;
+        };
+        if key.backend != BackendKind::Atlas {
+            return;
+        }
+        if let Some(mut known) = self.health.dirs.get_mut(&path) {
+            *known = (key, *attr);
+        } else if self.leads_to_local(&path) {
+            self.health.note_dir(path, key, attr);
         }
     }
 
     /// The last-known attributes of directory `ino`, for an outage.
     pub fn last_known_dir(&self, ino: u64) -> Option<Attr> {
-        self.inodes.get(ino)?;
-        self.health.dirs.get(&ino).map(|a| *a)
-    }
-
-    /// The last-known entry `parent/name` (a directory on the way to local paths), with
-    /// one more lookup counted, as a lookup reply during an outage would.
-    pub fn last_known_entry(&self, parent: u64, name: &OsStr) -> Option<Attr> {
-        let ino = *self.health.dir_names.get(&(parent, name.to_os_string()))?;
-        let n = self.inodes.get(ino)?;
-        if n.parent != parent || n.name != name || n.key.is_none() {
+        let path = self.inodes.path(ino)?;
+        let (key, attr) = *self.health.dirs.get(&path)?;
+        if self.inodes.get(ino)?.key != Some(key) {
             return None;
         }
-        let attr = *self.health.dirs.get(&ino)?;
-        self.inodes.add_lookup(ino);
-        Some(attr)
+        Some(Attr { ino, ..attr })
+    }
+
+    /// The last-known entry `parent/name` (a directory on the way to local paths), for
+    /// an outage: counted as a lookup, under the number it had (or a new one if the
+    /// kernel has forgotten it meanwhile, as it does with expired unused entries).
+    pub fn last_known_entry(&self, parent: u64, name: &OsStr) -> Option<Attr> {
+        let path = self.child_path(parent, name).ok()?;
+        let (key, attr) = *self.health.dirs.get(&path)?;
+        if let Some(known) = self.inodes.peek(&key) {
+            // Known under another name (renamed): not what this name leads to.
+            let n = self.inodes.get(known)?;
+            if n.parent != parent || n.name != name {
+                return None;
+            }
+        }
+        let ino = self.inodes.remember(key, parent, &name.to_os_string(), true);
+        Some(Attr { ino, ..attr })
     }
 
     /// Whether directory `ino` is stored on the local SSD, by the rules too: its listing

@@ -1,17 +1,24 @@
 //! labfs-owned inode numbers and the lookup-count contract.
 //!
-//! An inode number is allocated the first time labfs shows the kernel a backing object
-//! and is keyed by that object's identity (backend, st_dev, st_ino), so hard links share
-//! a number and a rename keeps it, as on a local filesystem. Numbers are never reused
-//! for the life of the mount. Promotion moves a file's backing to Atlas and re-keys the
-//! same number ([`InodeTable::rekey`]): the kernel, `ls -i` and open handles never see
-//! the move.
+//! An inode number is derived from the backing object's identity (backend, st_dev,
+//! st_ino): `(dev_index + 1) << 46 | st_ino`, where `dev_index` numbers the backend
+//! filesystems labfs has met. So hard links share a number, a rename keeps it, and a
+//! file gets the same number again after the kernel forgot it: numbers are stable for
+//! the life of the mount without remembering forgotten inodes. Two cases need a number
+//! that is not derived, kept in small side tables:
+//! - a promoted file keeps the number it had on the local SSD although its backing is
+//!   now on Atlas ([`InodeTable::rekey`], an alias kept for the life of the mount);
+//! - a collision: a backend reused the st_ino of an object that the kernel still holds
+//!   (an unlinked file still open, see [`InodeTable::unbind`]), or an st_ino too large
+//!   to derive from; such an object gets a fresh number above 2^62 while the kernel
+//!   holds it.
 //!
 //! The lookup-count contract: every reply that hands the kernel an entry (lookup,
 //! create, mkdir, mknod, symlink, link, and each readdirplus entry other than `.` and
 //! `..`) adds one to the inode's count; `forget(ino, n)` subtracts `n`; an inode whose
-//! count reaches zero is dropped from the table (the root is never dropped). The table
-//! is sharded (dashmap) and no lock is held across a backend call.
+//! count reaches zero is dropped from the table (the root is never dropped), so the
+//! table holds exactly what the kernel holds. The table is sharded (dashmap) and no
+//! lock is held across a backend call.
 
 use std::ffi::OsString;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +30,13 @@ use crate::rules::BackendKind;
 
 pub const ROOT_INO: u64 = 1;
 
+/// Bits of st_ino kept in a derived number.
+const INO_BITS: u32 = 46;
+/// Backend filesystems that can be told apart in derived numbers.
+const MAX_DEVS: u64 = (1 << 15) - 1;
+/// Numbers that are not derived start here.
+const FRESH_BASE: u64 = 1 << 62;
+
 /// Identity of a backing object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BackingKey {
@@ -31,12 +45,13 @@ pub struct BackingKey {
     pub ino: u64,
 }
 
-/// What labfs remembers about one inode.
+/// What labfs remembers about one inode the kernel holds.
 #[derive(Clone, Debug)]
 pub struct Node {
     /// Where it was last seen in the namespace (for hard links: the latest name).
     pub parent: u64,
     pub name: OsString,
+    /// `None` once the object is gone from its backend (last link removed).
     pub key: Option<BackingKey>,
     pub nlookup: u64,
     pub is_dir: bool,
@@ -50,8 +65,13 @@ impl Node {
 
 pub struct InodeTable {
     nodes: DashMap<u64, Node>,
-    by_key: DashMap<BackingKey, u64>,
-    next: AtomicU64,
+    /// (backend, st_dev) -> index used in derived numbers.
+    devs: DashMap<(BackendKind, u64), u64>,
+    /// Promoted objects keep their earlier number (for the life of the mount).
+    aliases: DashMap<BackingKey, u64>,
+    /// Objects whose derived number was taken, while the kernel holds them.
+    fresh: DashMap<BackingKey, u64>,
+    next_fresh: AtomicU64,
     /// Forgets since the table last considered giving memory back.
     forgets: AtomicU64,
 }
@@ -80,8 +100,10 @@ impl InodeTable {
         );
         InodeTable {
             nodes,
-            by_key: DashMap::new(),
-            next: AtomicU64::new(ROOT_INO + 1),
+            devs: DashMap::new(),
+            aliases: DashMap::new(),
+            fresh: DashMap::new(),
+            next_fresh: AtomicU64::new(FRESH_BASE),
             forgets: AtomicU64::new(0),
         }
     }
@@ -105,13 +127,11 @@ impl InodeTable {
         }
         let mut parts: Vec<OsString> = Vec::new();
         let mut cur = ino;
-        let mut guard = 0;
         while cur != ROOT_INO {
             let n = self.nodes.get(&cur)?;
             parts.push(n.name.clone());
             cur = n.parent;
-            guard += 1;
-            if guard > 4096 {
+            if parts.len() > 4096 {
                 return None;
             }
         }
@@ -123,48 +143,85 @@ impl InodeTable {
         Some(s)
     }
 
+    fn derived(&self, key: &BackingKey) -> Option<u64> {
+        if key.ino >= 1 << INO_BITS {
+            return None;
+        }
+        let idx = match self.devs.get(&(key.backend, key.dev)) {
+            Some(i) => *i,
+            None => {
+                let n = self.devs.len() as u64;
+                if n >= MAX_DEVS {
+                    return None;
+                }
+                *self.devs.entry((key.backend, key.dev)).or_insert(n)
+            }
+        };
+        Some((idx + 1) << INO_BITS | key.ino)
+    }
+
+    /// The number `key` has (or would get), without touching counts.
+    pub fn number(&self, key: &BackingKey) -> Option<u64> {
+        if let Some(i) = self.aliases.get(key) {
+            return Some(*i);
+        }
+        if let Some(i) = self.fresh.get(key) {
+            return Some(*i);
+        }
+        self.derived(key)
+    }
+
     /// Remember that the kernel now holds one more reference to the object `key`,
     /// seen at `parent/name`; returns its inode number.
     pub fn remember(&self, key: BackingKey, parent: u64, name: &OsString, is_dir: bool) -> u64 {
         loop {
-            if let Some(ino) = self.by_key.get(&key).map(|r| *r) {
-                if let Some(mut n) = self.nodes.get_mut(&ino) {
-                    n.nlookup += 1;
-                    if n.parent != parent || &n.name != name {
-                        n.parent = parent;
-                        n.name = name.clone();
+            let ino = match self.number(&key) {
+                Some(i) => i,
+                None => self.assign_fresh(key),
+            };
+            match self.nodes.entry(ino) {
+                Entry::Occupied(mut o) => {
+                    let n = o.get_mut();
+                    if n.key == Some(key) {
+                        n.nlookup += 1;
+                        if n.parent != parent || &n.name != name {
+                            n.parent = parent;
+                            n.name = name.clone();
+                        }
+                        n.is_dir = is_dir;
+                        return ino;
                     }
-                    n.is_dir = is_dir;
-                    return ino;
+                    // The number belongs to another object the kernel still holds.
+                    drop(o);
+                    self.assign_fresh(key);
                 }
-                // Racing with a forget that is removing it: drop the stale key and retry.
-                self.by_key.remove_if(&key, |_, v| *v == ino);
-                continue;
-            }
-            let ino = self.next.fetch_add(1, Ordering::Relaxed);
-            match self.by_key.entry(key) {
-                Entry::Occupied(_) => continue,
                 Entry::Vacant(v) => {
-                    self.nodes.insert(
-                        ino,
-                        Node {
-                            parent,
-                            name: name.clone(),
-                            key: Some(key),
-                            nlookup: 1,
-                            is_dir,
-                        },
-                    );
-                    v.insert(ino);
+                    v.insert(Node {
+                        parent,
+                        name: name.clone(),
+                        key: Some(key),
+                        nlookup: 1,
+                        is_dir,
+                    });
                     return ino;
                 }
             }
         }
     }
 
-    /// The inode number already given to `key`, if any (no count change).
+    fn assign_fresh(&self, key: BackingKey) -> u64 {
+        let ino = self.next_fresh.fetch_add(1, Ordering::Relaxed);
+        self.fresh.insert(key, ino);
+        ino
+    }
+
+    /// The inode number the kernel holds for `key`, if it holds one (no count change).
     pub fn peek(&self, key: &BackingKey) -> Option<u64> {
-        self.by_key.get(key).map(|r| *r)
+        let ino = self.number(key)?;
+        self.nodes
+            .get(&ino)
+            .filter(|n| n.key.as_ref() == Some(key))
+            .map(|_| ino)
     }
 
     /// Add to an inode's lookup count (readdirplus entries already known).
@@ -185,7 +242,7 @@ impl InodeTable {
         });
         if let Some((_, node)) = removed {
             if let Some(key) = node.key {
-                self.by_key.remove_if(&key, |_, v| *v == ino);
+                self.fresh.remove_if(&key, |_, v| *v == ino);
             }
             if self.forgets.fetch_add(1, Ordering::Relaxed) % SHRINK_EVERY == SHRINK_EVERY - 1 {
                 self.maybe_shrink();
@@ -198,18 +255,20 @@ impl InodeTable {
     fn maybe_shrink(&self) {
         if self.nodes.len() * 4 < self.nodes.capacity() {
             self.nodes.shrink_to_fit();
-            self.by_key.shrink_to_fit();
+            self.fresh.shrink_to_fit();
             // SAFETY: malloc_trim only releases free memory back to the system.
             unsafe { libc::malloc_trim(0) };
         }
     }
 
     /// The object behind `ino` is gone from its backend (last link removed): a new
-    /// object that reuses its backing inode number must get a new labfs number.
+    /// object that reuses its backing inode number must not be taken for it while the
+    /// kernel still holds this one.
     pub fn unbind(&self, ino: u64) {
         if let Some(mut n) = self.nodes.get_mut(&ino) {
             if let Some(key) = n.key.take() {
-                self.by_key.remove_if(&key, |_, v| *v == ino);
+                self.fresh.remove_if(&key, |_, v| *v == ino);
+                self.aliases.remove_if(&key, |_, v| *v == ino);
             }
         }
     }
@@ -222,14 +281,15 @@ impl InodeTable {
         }
     }
 
-    /// The same inode now has a different backing (promotion to Atlas).
+    /// The same inode now has a different backing (promotion to Atlas): it keeps its
+    /// number for the life of the mount.
     pub fn rekey(&self, ino: u64, key: BackingKey) {
         if let Some(mut n) = self.nodes.get_mut(&ino) {
             if let Some(old) = n.key.replace(key) {
-                self.by_key.remove_if(&old, |_, v| *v == ino);
+                self.fresh.remove_if(&old, |_, v| *v == ino);
             }
-            self.by_key.insert(key, ino);
         }
+        self.aliases.insert(key, ino);
     }
 
     /// The root's backing key, set once the backend of "/" is known.
@@ -237,7 +297,7 @@ impl InodeTable {
         if let Some(mut n) = self.nodes.get_mut(&ROOT_INO) {
             n.key = Some(key);
         }
-        self.by_key.insert(key, ROOT_INO);
+        self.aliases.insert(key, ROOT_INO);
     }
 }
 
@@ -266,7 +326,9 @@ mod tests {
         t.forget(a, 1);
         assert!(t.get(a).is_none());
         let c = t.remember(key(10), ROOT_INO, &"a".into(), false);
-        assert_ne!(c, a, "numbers are never reused");
+        assert_eq!(c, a, "a forgotten object gets its number back");
+        let other = t.remember(key(11), ROOT_INO, &"o".into(), false);
+        assert_ne!(other, a);
     }
 
     #[test]
@@ -275,9 +337,11 @@ mod tests {
         let a = t.remember(key(10), ROOT_INO, &"a".into(), false);
         t.unbind(a);
         let b = t.remember(key(10), ROOT_INO, &"b".into(), false);
-        assert_ne!(a, b);
+        assert_ne!(a, b, "the unlinked object still held by the kernel keeps its number");
         t.forget(a, 1);
         assert_eq!(t.peek(&key(10)), Some(b));
+        t.forget(b, 1);
+        assert_eq!(t.remember(key(10), ROOT_INO, &"b".into(), false), a, "derived again once free");
     }
 
     #[test]
@@ -293,6 +357,26 @@ mod tests {
         assert_eq!(t.peek(&atlas), Some(a));
         assert_eq!(t.peek(&key(10)), None);
         assert_eq!(t.remember(atlas, ROOT_INO, &"a".into(), false), a);
+        t.forget(a, 2);
+        assert_eq!(t.remember(atlas, ROOT_INO, &"a".into(), false), a, "kept after forget");
+    }
+
+    #[test]
+    fn huge_backend_inode_numbers_get_fresh_numbers() {
+        let t = InodeTable::new();
+        let big = BackingKey { backend: BackendKind::Atlas, dev: 1, ino: u64::MAX - 5 };
+        let a = t.remember(big, ROOT_INO, &"a".into(), false);
+        assert!(a >= FRESH_BASE);
+        assert_eq!(t.remember(big, ROOT_INO, &"a".into(), false), a);
+    }
+
+    #[test]
+    fn backends_never_share_numbers() {
+        let t = InodeTable::new();
+        let l = t.remember(key(10), ROOT_INO, &"l".into(), false);
+        let a = t.remember(BackingKey { backend: BackendKind::Atlas, dev: 7, ino: 10 }, ROOT_INO, &"a".into(), false);
+        assert_ne!(l, a);
+        assert_ne!(l, ROOT_INO);
     }
 
     #[test]

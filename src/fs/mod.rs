@@ -374,23 +374,8 @@ impl LabFs {
             return Ok((Attr::from_stat(&st, ino), self.ttl(h.backend)));
         }
         let loc = self.locate_ino(&self.creds(ctx), ino)?;
-        self.check_identity(ino, &loc);
         let ttl = self.entry_ttl(loc.backend, &loc.placement);
         Ok((Attr::from_stat(&loc.stat, ino), ttl))
-    }
-
-    /// The object at an inode's path may have been replaced behind labfs's back (on
-    /// Atlas, by another node); keep the table's key current.
-    fn check_identity(&self, ino: u64, loc: &Located) {
-        if ino == ROOT_INO {
-            return;
-        }
-        let key = key_of(loc.backend, &loc.stat);
-        if let Some(n) = self.inodes.get(ino) {
-            if n.key != Some(key) && self.inodes.peek(&key).is_none() {
-                self.inodes.rekey(ino, key);
-            }
-        }
     }
 
     pub fn readlink(&self, ctx: &Ctx, ino: u64) -> Result<Vec<u8>> {

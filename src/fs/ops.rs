@@ -303,10 +303,22 @@ impl LabFs {
         let is_link = loc.stat.st_mode & libc::S_IFMT == libc::S_IFLNK;
         if let Some(mode) = set.mode {
             if !is_link {
+                let old = loc.stat.st_mode & 0o7777;
+                let new = mode & 0o7777;
+                // The kernel clears setuid/setgid on a write by someone who does not own
+                // the file (file_remove_privs, which skips the ownership check). Under
+                // default_permissions it never sends a non-owner's plain chmod, so a
+                // non-owner asking exactly for "the same mode minus those bits" is that
+                // path, and the backend needs root's right to do it.
+                let kill_priv = ctx.uid != 0
+                    && ctx.uid != loc.stat.st_uid
+                    && new == old & !(libc::S_ISUID | libc::S_ISGID)
+                    && new != old;
+                let _root = kill_priv.then(|| Creds::root().assume());
                 // SAFETY: valid dirfd and C string (or the handle's descriptor).
                 match &handle {
-                    Some(h) => check(unsafe { libc::fchmod(h.fd.as_raw_fd(), mode & 0o7777) })?,
-                    None => check(unsafe { libc::fchmodat(pfd, name, mode & 0o7777, 0) })?,
+                    Some(h) => check(unsafe { libc::fchmod(h.fd.as_raw_fd(), new) })?,
+                    None => check(unsafe { libc::fchmodat(pfd, name, new, 0) })?,
                 };
             }
         }

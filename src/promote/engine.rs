@@ -61,6 +61,11 @@ pub fn run(fs: &Arc<LabFs>, job: &Arc<Job>) {
             job.set_message(m);
             job.set_phase(Phase::AlreadyPromoted);
         }
+        Err(JobError::Partial(m)) => {
+            warn!(id = %job.id, "{m}");
+            job.set_error(m);
+            job.set_phase(Phase::Partial);
+        }
         Err(JobError::Refused(m)) => {
             info!(id = %job.id, "promotion refused: {m}");
             job.set_error(m);
@@ -274,16 +279,18 @@ fn execute(fs: &LabFs, job: &Job) -> JobResult<String> {
         .filter(|e| e.kind == EntryKind::File)
         .map(|e| e.size)
         .sum();
-    let mut msg = format!(
+    if kept > 0 {
+        return Err(JobError::Partial(format!(
+            "{path}: promoted to Atlas as {}, except {kept} file(s) that were open or changed during \
+             the promotion: they stay on local (listed above); close them and run \
+             `labfs promote --merge` on {path} again",
+            j.class
+        )));
+    }
+    Ok(format!(
         "{path}: promoted to Atlas as {} ({files} file(s), {bytes} bytes)",
         j.class
-    );
-    if kept > 0 {
-        msg.push_str(&format!(
-            "; {kept} local object(s) changed during the promotion and were kept on local"
-        ));
-    }
-    Ok(msg)
+    ))
 }
 
 fn local_key(st: &libc::stat) -> BackingKey {
@@ -942,9 +949,9 @@ pub fn write_store_records(fs: &LabFs, j: &Journal) -> JobResult<()> {
     })
 }
 
-/// Remove the local copy (only what was promoted and is unchanged), re-keying each
-/// inode to its Atlas object and invalidating the kernel's caches. Returns how many
-/// local objects were kept because they changed. `recovering`: no inode table to
+/// Remove the local copy (only what was promoted, unchanged and not open), re-keying
+/// each inode to its Atlas object and invalidating the kernel's caches. Returns how
+/// many local objects were kept because they changed or were open. `recovering`: no inode table to
 /// update, and every file is compared by content with both journal and Atlas first.
 pub fn clean_entries(
     fs: &LabFs,
@@ -954,6 +961,11 @@ pub fn clean_entries(
 ) -> JobResult<usize> {
     // Pass 1: decide what is kept, before any unlink changes link counts and ctimes.
     let mut keep: BTreeSet<usize> = BTreeSet::new();
+    let open = if recovering {
+        Default::default()
+    } else {
+        util::open_files()
+    };
     let mut buf = vec![0u8; copy::CHUNK];
     let digests: HashMap<&str, &str> = j
         .entries
@@ -969,19 +981,26 @@ pub fn clean_entries(
         let Some(st) = local_lstat(fs, &ns).map_err(failed(&ns))? else {
             continue;
         };
-        let ok = if recovering {
-            same_on_both(fs, e, &ns, &digests, &mut buf)
+        let why = if recovering {
+            (!same_on_both(fs, e, &ns, &digests, &mut buf)).then_some("changed since it was copied")
+        } else if changed(e, &st) {
+            Some("changed during the promotion")
+        } else if open.contains(&(e.dev, e.ino))
+            || fs
+                .inodes
+                .peek(&entry_key(e))
+                .is_some_and(|ino| fs.handles.writers_of(ino) > 0)
+        {
+            // Removing it would leave the kernel's inode passing through to a
+            // deleted file while new opens go to Atlas: keep it until it is closed.
+            Some("open through the mount")
         } else {
-            !changed(e, &st)
-                && fs
-                    .inodes
-                    .peek(&entry_key(e))
-                    .is_none_or(|ino| fs.handles.writers_of(ino) == 0)
+            None
         };
-        if !ok {
+        if let Some(why) = why {
             warn_fn(format!(
-                "{ns}: changed during the promotion; the local copy is kept (it shadows the promoted one): \
-                 promote again with --merge"
+                "{ns}: {why}; its local copy is kept (and still shadows the promoted copy): \
+                 promote again with --merge once it is closed"
             ));
             keep.insert(i);
         }

@@ -51,6 +51,9 @@ pub enum Phase {
     Done,
     /// Terminal: it was promoted already; nothing done.
     AlreadyPromoted,
+    /// Terminal: promoted, except local objects kept because they were open or
+    /// changed during the promotion (they still shadow the promoted copies).
+    Partial,
     /// Terminal: refused before anything was written to Atlas.
     Refused,
     /// Terminal: failed; rolled back (or, after commit, left for recovery).
@@ -71,6 +74,7 @@ impl Phase {
             Phase::Cleaning => "cleaning",
             Phase::Done => "done",
             Phase::AlreadyPromoted => "already-promoted",
+            Phase::Partial => "partial",
             Phase::Refused => "refused",
             Phase::Failed => "failed",
             Phase::Interrupted => "interrupted",
@@ -78,7 +82,7 @@ impl Phase {
     }
 
     fn from_u8(v: u8) -> Phase {
-        const ALL: [Phase; 12] = [
+        const ALL: [Phase; 13] = [
             Phase::Queued,
             Phase::Planning,
             Phase::Waiting,
@@ -88,6 +92,7 @@ impl Phase {
             Phase::Cleaning,
             Phase::Done,
             Phase::AlreadyPromoted,
+            Phase::Partial,
             Phase::Refused,
             Phase::Failed,
             Phase::Interrupted,
@@ -100,6 +105,7 @@ impl Phase {
             self,
             Phase::Done
                 | Phase::AlreadyPromoted
+                | Phase::Partial
                 | Phase::Refused
                 | Phase::Failed
                 | Phase::Interrupted
@@ -119,6 +125,8 @@ pub enum JobError {
     Refused(String),
     /// Nothing to do: already promoted.
     Already(String),
+    /// Committed, but some local objects were kept (open or changed meanwhile).
+    Partial(String),
     /// Something failed.
     Failed(String),
     /// The daemon is stopping or the client cancelled.

@@ -310,6 +310,26 @@ pub fn free_bytes(fd: RawFd) -> Option<u64> {
     Some(sv.f_bavail.saturating_mul(sv.f_frsize))
 }
 
+/// `(st_dev, st_ino)` of every regular file this process has open: each handle open
+/// through the mount holds a descriptor of its backing file in the daemon.
+pub fn open_files() -> std::collections::HashSet<(u64, u64)> {
+    let mut out = std::collections::HashSet::new();
+    let Ok(rd) = std::fs::read_dir("/proc/self/fd") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<RawFd>().ok()) else {
+            continue;
+        };
+        if let Ok(st) = crate::fs::backend::fstat(fd) {
+            if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+                out.insert((st.st_dev, st.st_ino));
+            }
+        }
+    }
+    out
+}
+
 /// A random hex id from /dev/urandom.
 pub fn random_hex(bytes: usize) -> String {
     use std::io::Read;
