@@ -11,6 +11,7 @@
 #   $UNITDIR/labfs@.service                (UNITDIR=/etc/systemd/system)
 #   $DOCDIR/operations.md                  (DOCDIR=$PREFIX/share/doc/labfs)
 #   /etc/labfs/                            created if missing; no file in it is touched
+#   /etc/xattr.conf                        gains `user.labfs.* skip` (cp -a, mv)
 # mount(8) looks for helpers in /sbin only (not in PATH), hence SBIN.
 # DESTDIR=/some/root installs below that root (packaging, tests); systemd is then not
 # told about the unit.
@@ -66,6 +67,12 @@ done
 sed "s|/usr/local/bin/labfs|$bin|g; s|/usr/local/share/doc/labfs|$DOCDIR|g" \
     "$here/labfs@.service" > "$DESTDIR$UNITDIR/labfs@.service"
 chmod 0644 "$DESTDIR$UNITDIR/labfs@.service"
+# cp -a/mv between labfs paths must not try to copy labfs's computed user.labfs.*
+# attributes (docs/semantics.md): coreutils skips what /etc/xattr.conf says to skip.
+xattr_conf="$DESTDIR/etc/xattr.conf"
+if ! grep -qs '^user\.labfs\.\*' "$xattr_conf"; then
+    printf '# labfs: computed per-path attributes, never copied\nuser.labfs.*\tskip\n' >> "$xattr_conf"
+fi
 if [ -f "$repo/docs/operations.md" ]; then
     install -m 0644 "$repo/docs/operations.md" "$DESTDIR$DOCDIR/operations.md"
 fi

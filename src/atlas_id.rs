@@ -98,7 +98,11 @@ pub fn verify_within(
     timeout: Duration,
 ) -> Result<String, IdentityError> {
     let (tx, rx) = mpsc::channel();
-    let (a, l, c) = (atlas.to_path_buf(), local.to_path_buf(), configured.map(str::to_string));
+    let (a, l, c) = (
+        atlas.to_path_buf(),
+        local.to_path_buf(),
+        configured.map(str::to_string),
+    );
     let helper = thread::Builder::new()
         .name("atlas-id".into())
         .spawn(move || {
@@ -118,7 +122,11 @@ pub fn verify_within(
 }
 
 /// All the checks `labfs mount` makes before mounting.
-pub fn verify(atlas: &Path, local: &Path, configured: Option<&str>) -> Result<String, IdentityError> {
+pub fn verify(
+    atlas: &Path,
+    local: &Path,
+    configured: Option<&str>,
+) -> Result<String, IdentityError> {
     let am = fs::metadata(atlas).map_err(|source| IdentityError::Unreachable {
         atlas: atlas.to_path_buf(),
         source,
@@ -147,7 +155,11 @@ pub fn verify(atlas: &Path, local: &Path, configured: Option<&str>) -> Result<St
     let marker = atlas.join(MARKER);
     let found = match read_id(&marker) {
         Ok(id) if !id.is_empty() => id,
-        Ok(_) => return Err(IdentityError::Missing { atlas: atlas.to_path_buf() }),
+        Ok(_) => {
+            return Err(IdentityError::Missing {
+                atlas: atlas.to_path_buf(),
+            })
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(IdentityError::Missing {
                 atlas: atlas.to_path_buf(),
@@ -157,7 +169,8 @@ pub fn verify(atlas: &Path, local: &Path, configured: Option<&str>) -> Result<St
     };
     if let Some(want) = configured {
         if want != found {
-            let fix = format!("If Atlas was replaced on purpose, set storage.atlas_id = \"{found}\".");
+            let fix =
+                format!("If Atlas was replaced on purpose, set storage.atlas_id = \"{found}\".");
             return Err(IdentityError::Mismatch {
                 atlas: atlas.to_path_buf(),
                 found,

@@ -38,7 +38,13 @@ pub fn find_misplaced(cfg: &Config) -> std::io::Result<Vec<Misplaced>> {
     Ok(out)
 }
 
-fn walk(cfg: &Config, kind: BackendKind, root: &Path, dir: &str, out: &mut Vec<Misplaced>) -> std::io::Result<()> {
+fn walk(
+    cfg: &Config,
+    kind: BackendKind,
+    root: &Path,
+    dir: &str,
+    out: &mut Vec<Misplaced>,
+) -> std::io::Result<()> {
     let disk = root.join(crate::fs::backend::relative(dir));
     let mut entries: Vec<_> = std::fs::read_dir(&disk)?.filter_map(|e| e.ok()).collect();
     entries.sort_by_key(|e| e.file_name());
@@ -53,7 +59,9 @@ fn walk(cfg: &Config, kind: BackendKind, root: &Path, dir: &str, out: &mut Vec<M
         let ft = e.file_type()?;
         let is_dir = ft.is_dir();
         let ok = p.backend() == kind
-            || (kind == BackendKind::Atlas && p.class == Class::Transitional && promoted(&e.path()));
+            || (kind == BackendKind::Atlas
+                && p.class == Class::Transitional
+                && promoted(&e.path()));
         if ok {
             if is_dir {
                 walk(cfg, kind, root, &path, out)?;
@@ -77,7 +85,11 @@ pub fn run(config: &Path, rules_only: bool) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    println!("{}: rules file is valid ({} rules)", config.display(), cfg.rules.rules().len());
+    println!(
+        "{}: rules file is valid ({} rules)",
+        config.display(),
+        cfg.rules.rules().len()
+    );
     if rules_only {
         return EXIT_OK;
     }

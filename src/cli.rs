@@ -25,7 +25,12 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 pub struct ConfigArg {
     /// The rules file.
-    #[arg(long, short = 'c', value_name = "FILE", default_value = "/etc/labfs/labfs.toml")]
+    #[arg(
+        long,
+        short = 'c',
+        value_name = "FILE",
+        default_value = "/etc/labfs/labfs.toml"
+    )]
     pub config: PathBuf,
 }
 
@@ -175,7 +180,10 @@ pub fn init_logging_to(level: Option<&str>, file: Option<&Path>) -> Result<(), S
 
 pub fn load_config(path: &Path) -> Result<Config, i32> {
     Config::load(path).map_err(|e| {
-        eprintln!("labfs: {}: invalid rules file, nothing mounted:\n{e}", path.display());
+        eprintln!(
+            "labfs: {}: invalid rules file, nothing mounted:\n{e}",
+            path.display()
+        );
         EXIT_USAGE
     })
 }
@@ -216,7 +224,10 @@ pub fn main() -> i32 {
             };
             match crate::atlas_id::init(&cfg.storage.atlas) {
                 Ok(id) => {
-                    println!("Atlas {} initialised with id {id}", cfg.storage.atlas.display());
+                    println!(
+                        "Atlas {} initialised with id {id}",
+                        cfg.storage.atlas.display()
+                    );
                     println!("Record it in the rules file to pin this node to it:\n  [storage]\n  atlas_id = \"{id}\"");
                     EXIT_OK
                 }

@@ -147,8 +147,13 @@ fn precheck(req: &MountRequest) -> Result<(), MountError> {
             s.atlas.display()
         );
     } else {
-        crate::atlas_id::verify_within(&s.atlas, &s.local, s.atlas_id.as_deref(), req.config.atlas_health.timeout)
-            .map_err(|e| MountError::Refused(e.to_string()))?;
+        crate::atlas_id::verify_within(
+            &s.atlas,
+            &s.local,
+            s.atlas_id.as_deref(),
+            req.config.atlas_health.timeout,
+        )
+        .map_err(|e| MountError::Refused(e.to_string()))?;
     }
     Ok(())
 }
@@ -195,7 +200,9 @@ pub fn mount(req: MountRequest) -> Result<(), MountError> {
             if msg.starts_with("ready") {
                 Ok(())
             } else if msg.is_empty() {
-                Err(MountError::Refused("the daemon exited before the mount was ready (see its log)".into()))
+                Err(MountError::Refused(
+                    "the daemon exited before the mount was ready (see its log)".into(),
+                ))
             } else {
                 Err(MountError::Refused(msg.trim().to_string()))
             }
@@ -241,21 +248,26 @@ fn serve(req: MountRequest, mut ready_pipe: Option<fs::File>) -> Result<(), Moun
     let config_path = req.config_path.clone();
     let fs2 = fs.clone();
     let mut pipe_for_error = ready_pipe.take();
-    let result = crate::fuse::serve(fs.clone(), &mountpoint, &fsname, &req.options, |unmounter| {
-        info!(
-            "mounted {} (atlas {}, local {})",
-            mountpoint.display(),
-            req.config.storage.atlas.display(),
-            req.config.storage.local.display()
-        );
-        if let Some(mut p) = pipe_for_error.take() {
-            let _ = p.write_all(b"ready");
-            drop(p);
-            detach_stdio(req.detach_stderr);
-        }
-        let mut unmounter = unmounter;
-        let mp = mountpoint.clone();
-        let _ = thread::Builder::new().name("signals".into()).spawn(move || loop {
+    let result = crate::fuse::serve(
+        fs.clone(),
+        &mountpoint,
+        &fsname,
+        &req.options,
+        |unmounter| {
+            info!(
+                "mounted {} (atlas {}, local {})",
+                mountpoint.display(),
+                req.config.storage.atlas.display(),
+                req.config.storage.local.display()
+            );
+            if let Some(mut p) = pipe_for_error.take() {
+                let _ = p.write_all(b"ready");
+                drop(p);
+                detach_stdio(req.detach_stderr);
+            }
+            let mut unmounter = unmounter;
+            let mp = mountpoint.clone();
+            let _ = thread::Builder::new().name("signals".into()).spawn(move || loop {
             let mut sig: libc::c_int = 0;
             // SAFETY: waiting on the blocked set.
             if unsafe { libc::sigwait(&sigset, &mut sig) } != 0 {
@@ -272,11 +284,16 @@ fn serve(req: MountRequest, mut ready_pipe: Option<fs::File>) -> Result<(), Moun
                         warn!("unmount {}: {e}; lazily detaching", mp.display());
                         let _ = lazy_unmount(&mp);
                     }
+                    info!(
+                        "{} detached; the daemon exits once no open file or bind mount of it (a container's volume) remains",
+                        mp.display()
+                    );
                     return;
                 }
             }
         });
-    });
+        },
+    );
     match result {
         Ok(()) => {
             info!("{} unmounted; exiting", req.mountpoint.display());

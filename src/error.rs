@@ -89,12 +89,34 @@ impl Error {
 /// The level of a plain errno: expected outcomes of normal programs are debug.
 pub fn errno_level(errno: i32) -> Level {
     match errno {
-        libc::ENOENT | libc::EEXIST | libc::ENOTEMPTY | libc::ENODATA | libc::ENOTDIR
-        | libc::EISDIR | libc::EAGAIN | libc::EINTR | libc::ENOSYS | libc::EOPNOTSUPP
-        | libc::ERANGE | libc::ELOOP | libc::EXDEV | libc::ENOTTY | libc::ESPIPE
-        | libc::ENXIO | libc::EINVAL | libc::EBADF | libc::ENAMETOOLONG => Level::DEBUG,
-        libc::EACCES | libc::EPERM | libc::EROFS | libc::ENOSPC | libc::EDQUOT
-        | libc::EFBIG | libc::EMLINK | libc::EBUSY | libc::ETXTBSY => Level::INFO,
+        libc::ENOENT
+        | libc::EEXIST
+        | libc::ENOTEMPTY
+        | libc::ENODATA
+        | libc::ENOTDIR
+        | libc::EISDIR
+        | libc::EAGAIN
+        | libc::EINTR
+        | libc::ENOSYS
+        | libc::EOPNOTSUPP
+        | libc::ERANGE
+        | libc::ELOOP
+        | libc::EXDEV
+        | libc::ENOTTY
+        | libc::ESPIPE
+        | libc::ENXIO
+        | libc::EINVAL
+        | libc::EBADF
+        | libc::ENAMETOOLONG => Level::DEBUG,
+        libc::EACCES
+        | libc::EPERM
+        | libc::EROFS
+        | libc::ENOSPC
+        | libc::EDQUOT
+        | libc::EFBIG
+        | libc::EMLINK
+        | libc::EBUSY
+        | libc::ETXTBSY => Level::INFO,
         _ => Level::WARN,
     }
 }

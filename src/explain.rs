@@ -72,12 +72,18 @@ pub fn labfs_mount_of(path: &Path) -> Option<PathBuf> {
     let mut best: Option<PathBuf> = None;
     for line in text.lines() {
         let f: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = f.iter().position(|x| *x == "-") else { continue };
+        let Some(sep) = f.iter().position(|x| *x == "-") else {
+            continue;
+        };
         if f.get(sep + 1) != Some(&"fuse.labfs") || f.len() < 5 {
             continue;
         }
         let mp = PathBuf::from(f[4].replace("\\040", " "));
-        if canon.starts_with(&mp) && best.as_ref().is_none_or(|b| mp.as_os_str().len() > b.as_os_str().len()) {
+        if canon.starts_with(&mp)
+            && best
+                .as_ref()
+                .is_none_or(|b| mp.as_os_str().len() > b.as_os_str().len())
+        {
             best = Some(mp);
         }
     }
@@ -93,7 +99,10 @@ pub fn run(config: &Path, path: &Path) -> i32 {
                     EXIT_OK
                 }
                 Err(e) => {
-                    eprintln!("labfs: {}: unreadable answer from the mount: {e}", path.display());
+                    eprintln!(
+                        "labfs: {}: unreadable answer from the mount: {e}",
+                        path.display()
+                    );
                     EXIT_FAIL
                 }
             },
@@ -108,7 +117,10 @@ pub fn run(config: &Path, path: &Path) -> i32 {
         };
     }
     let Some(ns) = path.to_str().filter(|s| s.starts_with('/')) else {
-        eprintln!("labfs: {}: give a path inside a labfs mount or an absolute namespace path", path.display());
+        eprintln!(
+            "labfs: {}: give a path inside a labfs mount or an absolute namespace path",
+            path.display()
+        );
         return EXIT_USAGE;
     };
     let cfg = match load_config(config) {
@@ -122,6 +134,9 @@ pub fn run(config: &Path, path: &Path) -> i32 {
 
 /// "/a//b/./" -> "/a/b".
 pub fn normalize(p: &str) -> String {
-    let parts: Vec<&str> = p.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
+    let parts: Vec<&str> = p
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
     format!("/{}", parts.join("/"))
 }

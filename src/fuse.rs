@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::fs::handle::Opened;
 use crate::fs::xattr::XattrOut;
 use crate::fs::{Attr, Ctx, EntryOut, Invalidate, Kind, LabFs, SetAttr, SetTime};
-use crate::rules::BackendKind;
+use crate::rules::{BackendKind, Class};
 
 /// Threads of the Atlas lane: how many Atlas calls may be outstanding at once.
 const ATLAS_WORKERS: usize = 16;
@@ -88,8 +88,18 @@ macro_rules! fail_impl {
     ($($t:ty),*) => { $(impl Fail for $t { fn fail(self, e: Errno) { self.error(e) } })* };
 }
 fail_impl!(
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr
+    ReplyAttr,
+    ReplyCreate,
+    ReplyData,
+    ReplyDirectory,
+    ReplyDirectoryPlus,
+    ReplyEmpty,
+    ReplyEntry,
+    ReplyLseek,
+    ReplyOpen,
+    ReplyStatfs,
+    ReplyWrite,
+    ReplyXattr
 );
 
 /// Log a failed request at its errno's level.
@@ -165,6 +175,17 @@ type Job = Box<dyn FnOnce() + Send>;
 /// (each hung NFS call holds a thread until the server answers; requests refused at
 /// once while Atlas is down still need a free thread to be refused promptly).
 const ATLAS_WORKERS_MAX: usize = 256;
+/// Requests on an open file's descriptor: refused at once while Atlas is down (they
+/// have no path to check and would only hang).
+const OPEN_FILE_OPS: [&str; 7] = [
+    "read",
+    "write",
+    "flush",
+    "fsync",
+    "fallocate",
+    "lseek",
+    "copy_file_range",
+];
 /// A thread beyond [`ATLAS_WORKERS`] that has been idle this long exits.
 const ATLAS_IDLE_EXIT: Duration = Duration::from_secs(30);
 
@@ -256,27 +277,30 @@ impl AtlasLane {
         let hedge = fs.health.hedge();
         let tick = (hedge / 5).clamp(Duration::from_millis(10), Duration::from_millis(100));
         let weak_fs = Arc::downgrade(&fs);
-        let _ = thread::Builder::new().name("atlas-watchdog".into()).spawn(move || loop {
-            thread::sleep(tick);
-            let Some(fs) = weak_fs.upgrade() else {
-                return;
-            };
-            let now = Instant::now();
-            let mut expired = Vec::new();
-            watch.lock().retain(|w| match w.upgrade() {
-                Some(s) if s.deadline() <= now => {
-                    expired.push(s);
-                    false
+        let _ = thread::Builder::new()
+            .name("atlas-watchdog".into())
+            .spawn(move || loop {
+                thread::sleep(tick);
+                let Some(fs) = weak_fs.upgrade() else {
+                    return;
+                };
+                let now = Instant::now();
+                let mut expired = Vec::new();
+                watch.lock().retain(|w| match w.upgrade() {
+                    Some(s) if s.deadline() <= now => {
+                        expired.push(s);
+                        false
+                    }
+                    Some(_) => true,
+                    None => false,
+                });
+                for s in expired {
+                    if s.expire(&fs) && !s.hedged() {
+                        fs.health
+                            .mark_down("a request waited longer than the timeout");
+                    }
                 }
-                Some(_) => true,
-                None => false,
             });
-            for s in expired {
-                if s.expire(&fs) && !s.hedged() {
-                    fs.health.mark_down("a request waited longer than the timeout");
-                }
-            }
-        });
         AtlasLane {
             pool,
             inflight,
@@ -331,24 +355,38 @@ impl LabFuse {
     /// directories on the way to local paths answer from their last-known entry; a
     /// transitional name that is not on the local SSD (it may have been promoted) asks
     /// Atlas on the Atlas lane, and is absent while Atlas does not answer.
-    fn lookup_lane(&self, parent: INodeNo, name: &OsStr) -> (BackendKind, Option<Fallback<ReplyEntry>>) {
-        let lane = self.lane_child(parent, name);
+    fn lookup_lane(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+    ) -> (BackendKind, Option<Fallback<ReplyEntry>>) {
         let Ok(path) = self.fs.child_path(parent.0, name) else {
-            return (lane, None);
+            return (BackendKind::Local, None);
         };
-        if lane == BackendKind::Atlas && self.fs.leads_to_local(&path) {
+        let p = self.fs.placement(&path);
+        let lane = p.backend();
+        let rules = self.fs.live().rules.clone();
+        if lane == BackendKind::Atlas && rules.may_place_below(&path, BackendKind::Local) {
             let n = name.to_os_string();
-            let f: Fallback<ReplyEntry> = Box::new(move |fs: &LabFs, reply: ReplyEntry| match fs.last_known_entry(parent.0, &n) {
-                Some(a) => reply.entry(&fs.ttl(BackendKind::Atlas), &file_attr(&a), Generation(0)),
-                None => {
-                    debug!(parent = parent.0, name = ?n, "lookup: Atlas not answering and no last-known entry");
-                    reply.error(Errno::from_i32(libc::ETIMEDOUT))
+            let f: Fallback<ReplyEntry> = Box::new(move |fs: &LabFs, reply: ReplyEntry| {
+                match fs.last_known_entry(parent.0, &n) {
+                    Some(a) => {
+                        reply.entry(&fs.ttl(BackendKind::Atlas), &file_attr(&a), Generation(0))
+                    }
+                    None => {
+                        debug!(parent = parent.0, name = ?n, "lookup: Atlas not answering and no last-known entry");
+                        reply.error(Errno::from_i32(libc::ETIMEDOUT))
+                    }
                 }
             });
             return (lane, Some(f));
         }
-        if lane == BackendKind::Local && self.fs.may_need_atlas(&path) {
-            let f: Fallback<ReplyEntry> = Box::new(|_: &LabFs, reply: ReplyEntry| reply.error(Errno::ENOENT));
+        if p.class == Class::Transitional
+            && lane == BackendKind::Local
+            && self.fs.local_lacks(&path)
+        {
+            let f: Fallback<ReplyEntry> =
+                Box::new(|_: &LabFs, reply: ReplyEntry| reply.error(Errno::ENOENT));
             return (BackendKind::Atlas, Some(f));
         }
         (lane, None)
@@ -402,6 +440,12 @@ impl LabFuse {
             }
             return;
         }
+        if OPEN_FILE_OPS.contains(&op) && self.fs.health.is_down() {
+            // A call on the descriptor of an open Atlas file would hang with Atlas.
+            self.fs.health.refuse_open_file(op);
+            reply.fail(Errno::from_i32(libc::ETIMEDOUT));
+            return;
+        }
         let hedged = fallback.is_some();
         let fallback = match fallback {
             Some(f) if self.fs.health.is_stalled() => {
@@ -410,7 +454,11 @@ impl LabFuse {
             }
             f => f,
         };
-        let wait = if hedged { self.atlas.hedge } else { self.atlas.timeout };
+        let wait = if hedged {
+            self.atlas.hedge
+        } else {
+            self.atlas.timeout
+        };
         let slot = Arc::new(Slot {
             reply: Mutex::new(Some(reply)),
             fallback: Mutex::new(fallback),
@@ -461,10 +509,23 @@ impl Passthrough {
         let attr = file_attr(&e.attr);
         match self.backing_for(e.attr.ino, &o, |fd| reply.open_backing(fd)) {
             Ok(id) => {
-                reply.created_passthrough(&e.ttl, &attr, Generation(0), FileHandle(o.fh), FopenFlags::empty(), &id);
+                reply.created_passthrough(
+                    &e.ttl,
+                    &attr,
+                    Generation(0),
+                    FileHandle(o.fh),
+                    FopenFlags::empty(),
+                    &id,
+                );
                 self.fh_backing.insert(o.fh, id);
             }
-            Err(direct) => reply.created(&e.ttl, &attr, Generation(0), FileHandle(o.fh), open_flags(&o, direct)),
+            Err(direct) => reply.created(
+                &e.ttl,
+                &attr,
+                Generation(0),
+                FileHandle(o.fh),
+                open_flags(&o, direct),
+            ),
         }
     }
 
@@ -506,11 +567,11 @@ impl Passthrough {
 
     fn released(&self, ino: u64, fh: u64) {
         if self.fh_backing.remove(&fh).is_some() {
-            self.backing.remove_if(&ino, |_, (_, w)| w.strong_count() == 0);
+            self.backing
+                .remove_if(&ino, |_, (_, w)| w.strong_count() == 0);
         }
     }
 }
-
 
 fn open_flags(o: &Opened, direct: bool) -> FopenFlags {
     if direct {
@@ -564,29 +625,35 @@ impl Filesystem for LabFuse {
         let c = ctx(req);
         let n = name.to_os_string();
         let (lane, fallback) = self.lookup_lane(parent, name);
-        self.run_hedged(lane, "lookup", reply, move |fs| {
-            match fs.lookup(&c, parent.0, &n) {
+        self.run_hedged(
+            lane,
+            "lookup",
+            reply,
+            move |fs| match fs.lookup(&c, parent.0, &n) {
                 Ok(e) => {
                     fs.note_entry(parent.0, &n, &e.attr);
                     Ok(Ok(e))
                 }
                 Err(e) if e.errno() == libc::ENOENT => Ok(Err(fs.negative_ttl(parent.0, &n))),
                 Err(e) => Err(e),
-            }
-        }, |reply, r| match r {
-            Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
-            Err(Some(ttl)) => {
-                // A negative entry: the kernel caches "no such file" for ttl.
-                let mut a = file_attr(&neg_attr());
-                a.ino = INodeNo(0);
-                reply.entry(&ttl, &a, Generation(0));
-            }
-            Err(None) => reply.error(Errno::ENOENT),
-        }, fallback, |fs, r| {
-            if let Ok(e) = r {
-                fs.forget(e.attr.ino, 1); // never handed to the kernel
-            }
-        });
+            },
+            |reply, r| match r {
+                Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
+                Err(Some(ttl)) => {
+                    // A negative entry: the kernel caches "no such file" for ttl.
+                    let mut a = file_attr(&neg_attr());
+                    a.ino = INodeNo(0);
+                    reply.entry(&ttl, &a, Generation(0));
+                }
+                Err(None) => reply.error(Errno::ENOENT),
+            },
+            fallback,
+            |fs, r| {
+                if let Ok(e) = r {
+                    fs.forget(e.attr.ino, 1); // never handed to the kernel
+                }
+            },
+        );
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -598,22 +665,36 @@ impl Filesystem for LabFuse {
         let lane = self.lane_ino(ino);
         // A directory on the way to local paths answers from its last-known attributes
         // while Atlas does not answer.
-        let fallback = (lane == BackendKind::Atlas && self.fs.last_known_dir(ino.0).is_some()).then(|| {
-            Box::new(move |fs: &LabFs, reply: ReplyAttr| match fs.last_known_dir(ino.0) {
-                Some(a) => reply.attr(&fs.ttl(BackendKind::Atlas), &file_attr(&a)),
-                None => {
-                    debug!(ino = ino.0, "getattr: Atlas not answering and no last-known attributes");
-                    reply.error(Errno::from_i32(libc::ETIMEDOUT))
+        let fallback = (lane == BackendKind::Atlas && self.fs.last_known_dir(ino.0).is_some())
+            .then(|| {
+                Box::new(
+                    move |fs: &LabFs, reply: ReplyAttr| match fs.last_known_dir(ino.0) {
+                        Some(a) => reply.attr(&fs.ttl(BackendKind::Atlas), &file_attr(&a)),
+                        None => {
+                            debug!(
+                                ino = ino.0,
+                                "getattr: Atlas not answering and no last-known attributes"
+                            );
+                            reply.error(Errno::from_i32(libc::ETIMEDOUT))
+                        }
+                    },
+                ) as Fallback<ReplyAttr>
+            });
+        self.run_hedged(
+            lane,
+            "getattr",
+            reply,
+            move |fs| {
+                let r = fs.getattr(&c, ino.0, fh.map(|f| f.0))?;
+                if lane == BackendKind::Atlas {
+                    fs.note_getattr(ino.0, &r.0);
                 }
-            }) as Fallback<ReplyAttr>
-        });
-        self.run_hedged(lane, "getattr", reply, move |fs| {
-            let r = fs.getattr(&c, ino.0, fh.map(|f| f.0))?;
-            if lane == BackendKind::Atlas {
-                fs.note_getattr(ino.0, &r.0);
-            }
-            Ok(r)
-        }, |reply, (a, ttl)| reply.attr(&ttl, &file_attr(&a)), fallback, |_, _| {});
+                Ok(r)
+            },
+            |reply, (a, ttl)| reply.attr(&ttl, &file_attr(&a)),
+            fallback,
+            |_, _| {},
+        );
     }
 
     fn setattr(
@@ -644,55 +725,121 @@ impl Filesystem for LabFuse {
             mtime: time(mtime),
             fh: fh.map(|f| f.0),
         };
-        self.run(self.lane_ino(ino), "setattr", reply, move |fs| fs.setattr(&c, ino.0, &set), |reply, (a, ttl)| {
-            reply.attr(&ttl, &file_attr(&a))
-        });
+        self.run(
+            self.lane_ino(ino),
+            "setattr",
+            reply,
+            move |fs| fs.setattr(&c, ino.0, &set),
+            |reply, (a, ttl)| reply.attr(&ttl, &file_attr(&a)),
+        );
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
         let c = ctx(req);
-        self.run(self.lane_ino(ino), "readlink", reply, move |fs| fs.readlink(&c, ino.0), |reply, d| reply.data(&d));
+        self.run(
+            self.lane_ino(ino),
+            "readlink",
+            reply,
+            move |fs| fs.readlink(&c, ino.0),
+            |reply, d| reply.data(&d),
+        );
     }
 
-    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
         let c = ctx(req);
         let n = name.to_os_string();
-        self.run(self.lane_child(parent, name), "mknod", reply, move |fs| fs.mknod(&c, parent.0, &n, mode, umask, rdev), entry_ok);
+        self.run(
+            self.lane_child(parent, name),
+            "mknod",
+            reply,
+            move |fs| fs.mknod(&c, parent.0, &n, mode, umask, rdev),
+            entry_ok,
+        );
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
         let c = ctx(req);
         let n = name.to_os_string();
-        self.run(self.lane_child(parent, name), "mkdir", reply, move |fs| {
-            let e = fs.mkdir(&c, parent.0, &n, mode, umask)?;
-            fs.note_entry(parent.0, &n, &e.attr);
-            Ok(e)
-        }, entry_ok);
+        self.run(
+            self.lane_child(parent, name),
+            "mkdir",
+            reply,
+            move |fs| {
+                let e = fs.mkdir(&c, parent.0, &n, mode, umask)?;
+                fs.note_entry(parent.0, &n, &e.attr);
+                Ok(e)
+            },
+            entry_ok,
+        );
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let c = ctx(req);
         let n = name.to_os_string();
-        self.run(self.lane_child(parent, name), "unlink", reply, move |fs| fs.unlink(&c, parent.0, &n), |r, ()| r.ok());
+        self.run(
+            self.lane_child(parent, name),
+            "unlink",
+            reply,
+            move |fs| fs.unlink(&c, parent.0, &n),
+            |r, ()| r.ok(),
+        );
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let c = ctx(req);
         let n = name.to_os_string();
         // rmdir may look at both backends' parts of the directory.
-        let lane = if self.fs.backend_of_child(parent.0, name) == Some(BackendKind::Local) && !self.fs.may_touch_atlas_below(parent.0, name) {
+        let lane = if self.fs.backend_of_child(parent.0, name) == Some(BackendKind::Local)
+            && !self.fs.may_touch_atlas_below(parent.0, name)
+        {
             BackendKind::Local
         } else {
             BackendKind::Atlas
         };
-        self.run(lane, "rmdir", reply, move |fs| fs.rmdir(&c, parent.0, &n), |r, ()| r.ok());
+        self.run(
+            lane,
+            "rmdir",
+            reply,
+            move |fs| fs.rmdir(&c, parent.0, &n),
+            |r, ()| r.ok(),
+        );
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
         let c = ctx(req);
         let n = link_name.to_os_string();
         let t = target.as_os_str().to_os_string();
-        self.run(self.lane_child(parent, link_name), "symlink", reply, move |fs| fs.symlink(&c, parent.0, &n, &t), entry_ok);
+        self.run(
+            self.lane_child(parent, link_name),
+            "symlink",
+            reply,
+            move |fs| fs.symlink(&c, parent.0, &n, &t),
+            entry_ok,
+        );
     }
 
     fn rename(
@@ -707,26 +854,53 @@ impl Filesystem for LabFuse {
     ) {
         let c = ctx(req);
         let (n, nn) = (name.to_os_string(), newname.to_os_string());
-        let lane = if self.lane_child(parent, name) == BackendKind::Local && self.lane_child(newparent, newname) == BackendKind::Local {
+        let lane = if self.lane_child(parent, name) == BackendKind::Local
+            && self.lane_child(newparent, newname) == BackendKind::Local
+        {
             BackendKind::Local
         } else {
             BackendKind::Atlas
         };
-        self.run(lane, "rename", reply, move |fs| fs.rename(&c, parent.0, &n, newparent.0, &nn, flags.bits()), |r, ()| r.ok());
+        self.run(
+            lane,
+            "rename",
+            reply,
+            move |fs| fs.rename(&c, parent.0, &n, newparent.0, &nn, flags.bits()),
+            |r, ()| r.ok(),
+        );
     }
 
-    fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         let c = ctx(req);
         let n = newname.to_os_string();
-        self.run(self.lane_ino(ino), "link", reply, move |fs| fs.link(&c, ino.0, newparent.0, &n), entry_ok);
+        self.run(
+            self.lane_ino(ino),
+            "link",
+            reply,
+            move |fs| fs.link(&c, ino.0, newparent.0, &n),
+            entry_ok,
+        );
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let c = ctx(req);
         let pass = self.pass.clone();
-        self.run_hedged(self.lane_ino(ino), "open", reply, move |fs| fs.open(&c, ino.0, flags.0), move |reply, o| {
-            pass.reply_open(ino.0, o, reply)
-        }, None, |fs, o| fs.release(o.fh));
+        self.run_hedged(
+            self.lane_ino(ino),
+            "open",
+            reply,
+            move |fs| fs.open(&c, ino.0, flags.0),
+            move |reply, o| pass.reply_open(ino.0, o, reply),
+            None,
+            |fs, o| fs.release(o.fh),
+        );
     }
 
     fn read(
@@ -740,7 +914,13 @@ impl Filesystem for LabFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.run(self.lane_ino(ino), "read", reply, move |fs| fs.read(fh.0, offset, size), |r, d| r.data(&d));
+        self.run(
+            self.lane_ino(ino),
+            "read",
+            reply,
+            move |fs| fs.read(fh.0, offset, size),
+            |r, d| r.data(&d),
+        );
     }
 
     fn write(
@@ -756,7 +936,10 @@ impl Filesystem for LabFuse {
         reply: ReplyWrite,
     ) {
         if self.lane_ino(ino) == BackendKind::Local {
-            match crate::stats::timed(BackendKind::Local, |fs: &LabFs| fs.write(fh.0, offset, data))(&self.fs) {
+            match crate::stats::timed(BackendKind::Local, |fs: &LabFs| {
+                fs.write(fh.0, offset, data)
+            })(&self.fs)
+            {
                 Ok(n) => reply.written(n),
                 Err(e) => {
                     log_failure("write", &e);
@@ -766,11 +949,30 @@ impl Filesystem for LabFuse {
             return;
         }
         let d = data.to_vec();
-        self.run(BackendKind::Atlas, "write", reply, move |fs| fs.write(fh.0, offset, &d), |r, n| r.written(n));
+        self.run(
+            BackendKind::Atlas,
+            "write",
+            reply,
+            move |fs| fs.write(fh.0, offset, &d),
+            |r, n| r.written(n),
+        );
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        self.run(self.lane_ino(ino), "flush", reply, move |fs| fs.flush(fh.0), |r, ()| r.ok());
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        self.run(
+            self.lane_ino(ino),
+            "flush",
+            reply,
+            move |fs| fs.flush(fh.0),
+            |r, ()| r.ok(),
+        );
     }
 
     fn release(
@@ -794,8 +996,21 @@ impl Filesystem for LabFuse {
         }
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        self.run(self.lane_ino(ino), "fsync", reply, move |fs| fs.fsync(fh.0, datasync), |r, ()| r.ok());
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.run(
+            self.lane_ino(ino),
+            "fsync",
+            reply,
+            move |fs| fs.fsync(fh.0, datasync),
+            |r, ()| r.ok(),
+        );
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -804,137 +1019,314 @@ impl Filesystem for LabFuse {
         // A directory stored on the local SSD lists its local part while Atlas does not
         // answer (the core skips Atlas while it is stalled).
         let fallback = (lane == BackendKind::Atlas && self.fs.lists_locally(ino.0)).then(|| {
-            Box::new(move |fs: &LabFs, reply: ReplyOpen| match fs.opendir(&c, ino.0) {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-                Err(e) => {
-                    log_failure("opendir", &e);
-                    reply.error(Errno::from_i32(e.errno()));
-                }
-            }) as Fallback<ReplyOpen>
+            Box::new(
+                move |fs: &LabFs, reply: ReplyOpen| match fs.opendir(&c, ino.0) {
+                    Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                    Err(e) => {
+                        log_failure("opendir", &e);
+                        reply.error(Errno::from_i32(e.errno()));
+                    }
+                },
+            ) as Fallback<ReplyOpen>
         });
-        self.run_hedged(lane, "opendir", reply, move |fs| fs.opendir(&c, ino.0), |r, fh| r.opened(FileHandle(fh), FopenFlags::empty()), fallback, |fs, fh| {
-            fs.releasedir(fh)
-        });
+        self.run_hedged(
+            lane,
+            "opendir",
+            reply,
+            move |fs| fs.opendir(&c, ino.0),
+            |r, fh| r.opened(FileHandle(fh), FopenFlags::empty()),
+            fallback,
+            |fs, fh| fs.releasedir(fh),
+        );
     }
 
-    fn readdir(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectory,
+    ) {
         let c = ctx(req);
-        self.run(self.lane_dir(ino), "readdir", reply, move |fs| fs.readdir(&c, fh.0, offset, false, READDIR_BATCH), |mut reply, entries| {
-            for e in entries {
-                if reply.add(INodeNo(e.ino), e.offset, kind(e.kind), &e.name) {
-                    break;
+        self.run(
+            self.lane_dir(ino),
+            "readdir",
+            reply,
+            move |fs| fs.readdir(&c, fh.0, offset, false, READDIR_BATCH),
+            |mut reply, entries| {
+                for e in entries {
+                    if reply.add(INodeNo(e.ino), e.offset, kind(e.kind), &e.name) {
+                        break;
+                    }
                 }
-            }
-            reply.ok();
-        });
+                reply.ok();
+            },
+        );
     }
 
-    fn readdirplus(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
+    fn readdirplus(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectoryPlus,
+    ) {
         let c = ctx(req);
         let fs = self.fs.clone();
         let lane = self.lane_dir(ino);
         // Entries of directories on the way to local paths are remembered for outages.
-        let note = lane == BackendKind::Atlas && self.fs.path_of(ino.0).is_ok_and(|p| self.fs.leads_to_local(&p));
-        self.run(lane, "readdirplus", reply, move |fs| {
-            let entries = fs.readdir(&c, fh.0, offset, true, READDIR_BATCH)?;
-            if note {
-                for e in &entries {
-                    if let Some(en) = &e.entry {
-                        fs.note_entry(ino.0, &e.name, &en.attr);
+        let note = lane == BackendKind::Atlas
+            && self
+                .fs
+                .path_of(ino.0)
+                .is_ok_and(|p| self.fs.leads_to_local(&p));
+        self.run(
+            lane,
+            "readdirplus",
+            reply,
+            move |fs| {
+                let entries = fs.readdir(&c, fh.0, offset, true, READDIR_BATCH)?;
+                if note {
+                    for e in &entries {
+                        if let Some(en) = &e.entry {
+                            fs.note_entry(ino.0, &e.name, &en.attr);
+                        }
                     }
                 }
-            }
-            Ok(entries)
-        }, move |mut reply, entries| {
-            let mut full = false;
-            for e in entries {
-                if !full {
-                    full = match e.entry {
-                        Some(en) => reply.add(INodeNo(e.ino), e.offset, &e.name, &en.ttl, &file_attr(&en.attr), Generation(0)),
-                        None => {
-                            let mut a = file_attr(&neg_attr());
-                            a.ino = INodeNo(e.ino);
-                            a.kind = FileType::Directory;
-                            reply.add(INodeNo(e.ino), e.offset, &e.name, &Duration::ZERO, &a, Generation(0))
-                        }
-                    };
+                Ok(entries)
+            },
+            move |mut reply, entries| {
+                let mut full = false;
+                for e in entries {
+                    if !full {
+                        full = match e.entry {
+                            Some(en) => reply.add(
+                                INodeNo(e.ino),
+                                e.offset,
+                                &e.name,
+                                &en.ttl,
+                                &file_attr(&en.attr),
+                                Generation(0),
+                            ),
+                            None => {
+                                let mut a = file_attr(&neg_attr());
+                                a.ino = INodeNo(e.ino);
+                                a.kind = FileType::Directory;
+                                reply.add(
+                                    INodeNo(e.ino),
+                                    e.offset,
+                                    &e.name,
+                                    &Duration::ZERO,
+                                    &a,
+                                    Generation(0),
+                                )
+                            }
+                        };
+                    }
+                    if full && e.entry.is_some() {
+                        // Not handed to the kernel after all.
+                        fs.forget(e.ino, 1);
+                    }
                 }
-                if full && e.entry.is_some() {
-                    // Not handed to the kernel after all.
-                    fs.forget(e.ino, 1);
-                }
-            }
-            reply.ok();
-        });
+                reply.ok();
+            },
+        );
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.fs.releasedir(fh.0);
         reply.ok();
     }
 
-    fn fsyncdir(&self, req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         let c = ctx(req);
-        self.run(self.lane_ino(ino), "fsyncdir", reply, move |fs| fs.fsyncdir(&c, ino.0), |r, ()| r.ok());
+        self.run(
+            self.lane_ino(ino),
+            "fsyncdir",
+            reply,
+            move |fs| fs.fsyncdir(&c, ino.0),
+            |r, ()| r.ok(),
+        );
     }
 
     fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
         let c = ctx(req);
-        self.run(self.lane_ino(ino), "statfs", reply, move |fs| fs.statfs(&c, ino.0), |r, s| {
-            r.statfs(s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree, s.f_bsize as u32, s.f_namemax as u32, s.f_frsize as u32)
-        });
+        self.run(
+            self.lane_ino(ino),
+            "statfs",
+            reply,
+            move |fs| fs.statfs(&c, ino.0),
+            |r, s| {
+                r.statfs(
+                    s.f_blocks,
+                    s.f_bfree,
+                    s.f_bavail,
+                    s.f_files,
+                    s.f_ffree,
+                    s.f_bsize as u32,
+                    s.f_namemax as u32,
+                    s.f_frsize as u32,
+                )
+            },
+        );
     }
 
-    fn setxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
         let c = ctx(req);
         let (n, v) = (name.to_os_string(), value.to_vec());
-        self.run(self.lane_ino(ino), "setxattr", reply, move |fs| fs.setxattr(&c, ino.0, &n, &v, flags), |r, ()| r.ok());
+        self.run(
+            self.lane_ino(ino),
+            "setxattr",
+            reply,
+            move |fs| fs.setxattr(&c, ino.0, &n, &v, flags),
+            |r, ()| r.ok(),
+        );
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let c = ctx(req);
         let n = name.to_os_string();
-        let lane = if n.to_str().is_some_and(|s| s.starts_with(crate::control::PREFIX)) { BackendKind::Local } else { self.lane_ino(ino) };
-        self.run(lane, "getxattr", reply, move |fs| fs.getxattr(&c, ino.0, &n, size), xattr_reply);
+        let lane = if n
+            .to_str()
+            .is_some_and(|s| s.starts_with(crate::control::PREFIX))
+        {
+            BackendKind::Local
+        } else {
+            self.lane_ino(ino)
+        };
+        self.run(
+            lane,
+            "getxattr",
+            reply,
+            move |fs| fs.getxattr(&c, ino.0, &n, size),
+            xattr_reply,
+        );
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let c = ctx(req);
-        self.run(self.lane_ino(ino), "listxattr", reply, move |fs| fs.listxattr(&c, ino.0, size), xattr_reply);
+        self.run(
+            self.lane_ino(ino),
+            "listxattr",
+            reply,
+            move |fs| fs.listxattr(&c, ino.0, size),
+            xattr_reply,
+        );
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let c = ctx(req);
         let n = name.to_os_string();
-        self.run(self.lane_ino(ino), "removexattr", reply, move |fs| fs.removexattr(&c, ino.0, &n), |r, ()| r.ok());
+        self.run(
+            self.lane_ino(ino),
+            "removexattr",
+            reply,
+            move |fs| fs.removexattr(&c, ino.0, &n),
+            |r, ()| r.ok(),
+        );
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         let c = ctx(req);
-        self.run(self.lane_ino(ino), "access", reply, move |fs| fs.access(&c, ino.0, mask.bits()), |r, ()| r.ok());
+        self.run(
+            self.lane_ino(ino),
+            "access",
+            reply,
+            move |fs| fs.access(&c, ino.0, mask.bits()),
+            |r, ()| r.ok(),
+        );
     }
 
-    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
         let c = ctx(req);
         let n = name.to_os_string();
         let pass = self.pass.clone();
-        self.run_hedged(self.lane_child(parent, name), "create", reply, move |fs| fs.create(&c, parent.0, &n, mode, umask, flags), move |reply, (e, o)| {
-            pass.reply_create(e, o, reply)
-        }, None, |fs, (e, o)| {
-            // Created on Atlas after the caller was told ETIMEDOUT: keep the file, drop
-            // the handle and the lookup nobody received.
-            fs.release(o.fh);
-            fs.forget(e.attr.ino, 1);
-        });
+        self.run_hedged(
+            self.lane_child(parent, name),
+            "create",
+            reply,
+            move |fs| fs.create(&c, parent.0, &n, mode, umask, flags),
+            move |reply, (e, o)| pass.reply_create(e, o, reply),
+            None,
+            |fs, (e, o)| {
+                // Created on Atlas after the caller was told ETIMEDOUT: keep the file, drop
+                // the handle and the lookup nobody received.
+                fs.release(o.fh);
+                fs.forget(e.attr.ino, 1);
+            },
+        );
     }
 
-    fn fallocate(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
         let c = ctx(req);
-        self.run(self.lane_ino(ino), "fallocate", reply, move |fs| fs.fallocate(&c, fh.0, offset, length, mode), |r, ()| r.ok());
+        self.run(
+            self.lane_ino(ino),
+            "fallocate",
+            reply,
+            move |fs| fs.fallocate(&c, fh.0, offset, length, mode),
+            |r, ()| r.ok(),
+        );
     }
 
-    fn lseek(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
-        self.run(self.lane_ino(ino), "lseek", reply, move |fs| fs.lseek(fh.0, offset, whence), |r, o| r.offset(o));
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        self.run(
+            self.lane_ino(ino),
+            "lseek",
+            reply,
+            move |fs| fs.lseek(fh.0, offset, whence),
+            |r, o| r.offset(o),
+        );
     }
 
     fn copy_file_range(
@@ -950,12 +1342,20 @@ impl Filesystem for LabFuse {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let lane = if self.lane_ino(ino_in) == BackendKind::Local && self.lane_ino(ino_out) == BackendKind::Local {
+        let lane = if self.lane_ino(ino_in) == BackendKind::Local
+            && self.lane_ino(ino_out) == BackendKind::Local
+        {
             BackendKind::Local
         } else {
             BackendKind::Atlas
         };
-        self.run(lane, "copy_file_range", reply, move |fs| fs.copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len), |r, n| r.written(n));
+        self.run(
+            lane,
+            "copy_file_range",
+            reply,
+            move |fs| fs.copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len),
+            |r, n| r.written(n),
+        );
     }
 }
 
@@ -980,7 +1380,6 @@ fn neg_attr() -> Attr {
         blksize: 4096,
     }
 }
-
 
 /// A mount flag by name (from fstab's `-o`); anything else goes to the kernel as is.
 fn mount_option(o: &str) -> MountOption {
@@ -1014,7 +1413,9 @@ pub fn session_config(fsname: &str, extra: &[String]) -> FuseConfig {
         c.mount_options.push(mount_option(o));
     }
     c.acl = SessionACL::All;
-    let cpus = thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let cpus = thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
     c.n_threads = Some((cpus * 2).clamp(4, 16));
     c.clone_fd = true;
     c

@@ -9,20 +9,20 @@
 //! - [`daemon`]: mount lifecycle: readiness, signals, clean unmount.
 //! - [`cli`]: the command line.
 
+pub mod atlas_id;
+pub mod backup_scope;
+pub mod check;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod error;
+pub mod explain;
 pub mod fs;
 pub mod fuse;
-pub mod rules;
-pub mod control;
+pub mod mount_helper;
 pub mod promote;
+pub mod rules;
+pub mod stats;
 pub mod status;
 pub mod tags;
-pub mod atlas_id;
-pub mod check;
-pub mod explain;
-pub mod backup_scope;
-pub mod mount_helper;
-pub mod stats;

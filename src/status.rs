@@ -127,7 +127,10 @@ fn print_table(v: &serde_json::Value) {
         let health = if b == "local" {
             "ok".to_string()
         } else if answering {
-            format!("answering ({:.1} ms)", h["last_probe_latency_ms"].as_f64().unwrap_or(0.0))
+            format!(
+                "answering ({:.1} ms)",
+                h["last_probe_latency_ms"].as_f64().unwrap_or(0.0)
+            )
         } else {
             format!(
                 "NOT ANSWERING since {} ({:.0} s; {}; {} requests refused with ETIMEDOUT)",
@@ -146,7 +149,10 @@ fn print_table(v: &serde_json::Value) {
             health
         );
     }
-    println!("inodes remembered: {}   open files: {}", v["inodes"], v["open_files"]);
+    println!(
+        "inodes remembered: {}   open files: {}",
+        v["inodes"], v["open_files"]
+    );
     crate::stats::print_table(&v["stats"]);
     crate::promote::print_status(v);
 }

@@ -20,8 +20,9 @@
 //!   A record holds the namespace path, the Atlas inode number of the object it
 //!   describes, and the tags; it only counts while the object at that path still has
 //!   that inode number, so a record left behind by a deleted object never tags a new
-//!   one. Records are written with write-temporary + fsync + rename and live on Atlas,
-//!   so they survive rebuilding the compute node.
+//!   one. Records are written with write-temporary + rename (made durable by fsync, or
+//!   by one syncfs for a whole promotion) and live on Atlas, so they survive
+//!   rebuilding the compute node.
 //!
 //! Reading ([`read_tag`]) always tries the xattr first and the store second, so a fleet
 //! that mixes both modes on one Atlas still sees every node's tags.
@@ -221,13 +222,15 @@ fn mkdir_chain(atlas: &Backend, dir: &str) -> Result<OwnedFd> {
     atlas.open_dir(dir)
 }
 
-/// Write (or replace) the store record of `path`: temporary file, fsync, rename, fsync
-/// of the directory. Runs as root.
+/// Write (or replace) the store record of `path`: temporary file, rename; with
+/// `durable`, fsync of the file before the rename and of the directory after (else
+/// the caller makes a batch of records durable with one syncfs). Runs as root.
 pub fn write_record(
     atlas: &Backend,
     path: &str,
     ino: u64,
     tags: &BTreeMap<String, String>,
+    durable: bool,
 ) -> Result<()> {
     let (dir, file) = record_location(path).ok_or(Error::Errno(libc::EINVAL))?;
     let rec = Record {
@@ -271,8 +274,10 @@ pub fn write_record(
                 Err(e) => return Err(e),
             }
         }
-        // SAFETY: valid descriptor.
-        check(unsafe { libc::fsync(fd.as_raw_fd()) })?;
+        if durable {
+            // SAFETY: valid descriptor.
+            check(unsafe { libc::fsync(fd.as_raw_fd()) })?;
+        }
         // SAFETY: valid dirfds and C strings.
         check(unsafe {
             libc::renameat(
@@ -282,8 +287,10 @@ pub fn write_record(
                 cfile.as_ptr(),
             )
         })?;
-        // SAFETY: valid descriptor.
-        check(unsafe { libc::fsync(dir_rd.as_raw_fd()) })?;
+        if durable {
+            // SAFETY: valid descriptor.
+            check(unsafe { libc::fsync(dir_rd.as_raw_fd()) })?;
+        }
         Ok(())
     })();
     if res.is_err() {

@@ -102,7 +102,11 @@ fn mount_refused_when_this_nodes_record_differs() {
         "the message names the local record: {}",
         out.stderr
     );
-    assert!(out.stderr.contains("delete"), "the message says how to accept a replaced Atlas: {}", out.stderr);
+    assert!(
+        out.stderr.contains("delete"),
+        "the message says how to accept a replaced Atlas: {}",
+        out.stderr
+    );
     assert!(!lab.is_mounted(), "nothing may be mounted after a refusal");
 
     // The documented way to accept a deliberately replaced Atlas.
@@ -136,7 +140,17 @@ impl Scratch {
     fn tmpfs(&mut self, rel: &str) -> PathBuf {
         let p = self.root.join(rel);
         fs::create_dir_all(&p).unwrap();
-        run("mount", &["-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", &p.to_string_lossy()]);
+        run(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                "size=16m,mode=0755",
+                "tmpfs",
+                &p.to_string_lossy(),
+            ],
+        );
         self.mounted.push(p.clone());
         p
     }
@@ -201,7 +215,11 @@ fn mount_refused_when_atlas_is_a_directory_on_the_local_filesystem() {
         "{}",
         out.stderr
     );
-    assert!(out.stderr.contains("findmnt"), "says what to check: {}", out.stderr);
+    assert!(
+        out.stderr.contains("findmnt"),
+        "says what to check: {}",
+        out.stderr
+    );
 }
 
 /// A directory for scratch files on the same filesystem as `/`, if there is one.
@@ -224,12 +242,20 @@ fn mount_refused_when_atlas_is_on_the_root_filesystem() {
     let atlas = s.dir("atlas");
     let out = s.init_and_mount(&s.config(&atlas, &local));
     assert_eq!(out.code, 1, "{out:?}");
-    assert!(out.stderr.contains("same filesystem as the root filesystem"), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("same filesystem as the root filesystem"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
 fn allow_unmarked_mounts_and_warns_loudly() {
-    let lab = MountedLab::builder().skip_init_atlas().allow_unmarked().mount();
+    let lab = MountedLab::builder()
+        .skip_init_atlas()
+        .allow_unmarked()
+        .mount();
     let log = lab.daemon_log();
     assert!(
         log.contains("WARNING") && log.contains("--allow-unmarked") && log.contains("demos"),
@@ -323,7 +349,11 @@ fn wait_mounted(path: &Path, fstype: &str, child: &mut Child, bound: Duration) {
         if let Ok(Some(s)) = child.try_wait() {
             panic!("{fstype} at {} exited before mounting: {s}", path.display());
         }
-        assert!(Instant::now() < deadline, "{fstype} not mounted at {} within {bound:?}", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{fstype} not mounted at {} within {bound:?}",
+            path.display()
+        );
         thread::sleep(Duration::from_millis(10));
     }
 }
@@ -348,10 +378,20 @@ struct FrozenLab {
 impl FrozenLab {
     /// Backends, stand-in, identity marker; labfs mounted if `mount`.
     fn new(mount: bool) -> FrozenLab {
-        assert!(unsafe { libc::geteuid() } == 0, "must run as root (see .ci/run)");
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "must run as root (see .ci/run)"
+        );
         let merger = mergerfs();
-        let dir = tempfile::Builder::new().prefix("labfs-frozen-").tempdir().unwrap();
-        fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("labfs-frozen-")
+            .tempdir()
+            .unwrap();
+        fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
         let root = dir.path().canonicalize().unwrap();
         let [store, atlas, local, mnt] = ["store", "atlas", "local", "mnt"].map(|d| {
             let p = root.join(d);
@@ -373,7 +413,17 @@ impl FrozenLab {
             tmpfs: Vec::new(),
         };
         for p in [lab.store.clone(), lab.local.clone()] {
-            run("mount", &["-t", "tmpfs", "-o", "size=256m,mode=0755", "tmpfs", &p.to_string_lossy()]);
+            run(
+                "mount",
+                &[
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    "size=256m,mode=0755",
+                    "tmpfs",
+                    &p.to_string_lossy(),
+                ],
+            );
             lab.tmpfs.push(p);
         }
         // No attribute or entry caching in the stand-in: every request reaches it, so a
@@ -392,12 +442,20 @@ impl FrozenLab {
             .process_group(0)
             .spawn()
             .expect("start mergerfs");
-        wait_mounted(&lab.atlas, "fuse.mergerfs", &mut child, Duration::from_secs(20));
+        wait_mounted(
+            &lab.atlas,
+            "fuse.mergerfs",
+            &mut child,
+            Duration::from_secs(20),
+        );
         let pid = child.id();
         lab.stand_in = Some(child);
         // Thaws the stand-in even if this process dies without running Drop.
         lab.guardian = Command::new("sh")
-            .args(["-c", &format!("sleep {}; kill -CONT {pid}", GUARDIAN.as_secs())])
+            .args([
+                "-c",
+                &format!("sleep {}; kill -CONT {pid}", GUARDIAN.as_secs()),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -416,7 +474,10 @@ impl FrozenLab {
             ),
         )
         .unwrap();
-        run(LABFS, &["init-atlas", "--config", &lab.cfg.to_string_lossy()]);
+        run(
+            LABFS,
+            &["init-atlas", "--config", &lab.cfg.to_string_lossy()],
+        );
         if mount {
             lab.mount();
         }
@@ -424,7 +485,11 @@ impl FrozenLab {
     }
 
     fn mount(&mut self) {
-        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let mut child = Command::new(LABFS)
             .arg("mount")
             .arg("--foreground")
@@ -448,12 +513,20 @@ impl FrozenLab {
     fn freeze(&self) {
         unsafe { libc::kill(self.stand_in_pid(), libc::SIGSTOP) };
         // SIGSTOP is asynchronous: wait until every thread of the stand-in is stopped.
-        wait_until("the Atlas stand-in is stopped", Duration::from_secs(10), || {
-            fs::read_to_string(format!("/proc/{}/stat", self.stand_in_pid()))
-                .ok()
-                .and_then(|s| s.rsplit(')').next().map(|r| r.trim_start().starts_with('T')))
-                .unwrap_or(false)
-        });
+        wait_until(
+            "the Atlas stand-in is stopped",
+            Duration::from_secs(10),
+            || {
+                fs::read_to_string(format!("/proc/{}/stat", self.stand_in_pid()))
+                    .ok()
+                    .and_then(|s| {
+                        s.rsplit(')')
+                            .next()
+                            .map(|r| r.trim_start().starts_with('T'))
+                    })
+                    .unwrap_or(false)
+            },
+        );
     }
 
     fn thaw(&self) {
@@ -463,7 +536,9 @@ impl FrozenLab {
     }
 
     fn log_text(&self) -> String {
-        fs::read(&self.log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+        fs::read(&self.log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
     }
 
     /// A script with `LAB`, `STORE` (what Atlas holds), `LOCAL`, `CFG`, `LABFS` set; its
@@ -481,7 +556,10 @@ impl FrozenLab {
     /// Runs `script`, asserting it completes within `bound`; returns its output.
     fn timed(&self, script: &str, bound: Duration) -> Out {
         let t = Instant::now();
-        let out = self.cmd(script).timeout(bound + Duration::from_secs(30)).status();
+        let out = self
+            .cmd(script)
+            .timeout(bound + Duration::from_secs(30))
+            .status();
         let took = t.elapsed();
         assert!(
             took < bound,
@@ -495,7 +573,12 @@ impl FrozenLab {
     /// A local-path operation: succeeds within [`LOCAL_BOUND`].
     fn local_ok(&self, script: &str) -> String {
         let out = self.timed(script, LOCAL_BOUND);
-        assert!(out.ok(), "local-path operation failed (exit {}): {script}\n{}", out.code, out.stderr);
+        assert!(
+            out.ok(),
+            "local-path operation failed (exit {}): {script}\n{}",
+            out.code,
+            out.stderr
+        );
         out.stdout
     }
 
@@ -503,9 +586,14 @@ impl FrozenLab {
     /// ETIMEDOUT (or EIO).
     fn atlas_fails(&self, script: &str) {
         let out = self.timed(script, FAIL_BOUND);
-        assert!(!out.ok(), "Atlas operation succeeded while Atlas is frozen: {script}\n{}", out.stdout);
         assert!(
-            out.stderr.contains("Connection timed out") || out.stderr.contains("Input/output error"),
+            !out.ok(),
+            "Atlas operation succeeded while Atlas is frozen: {script}\n{}",
+            out.stdout
+        );
+        assert!(
+            out.stderr.contains("Connection timed out")
+                || out.stderr.contains("Input/output error"),
             "expected ETIMEDOUT or EIO from {script}, got:\n{}",
             out.stderr
         );
@@ -514,7 +602,8 @@ impl FrozenLab {
     fn status_json(&self) -> serde_json::Value {
         let out = self.timed(r#""$LABFS" status --json "$LAB""#, LOCAL_BOUND);
         assert!(out.ok(), "labfs status failed: {}", out.stderr);
-        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("status JSON: {e}\n{}", out.stdout))
+        serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("status JSON: {e}\n{}", out.stdout))
     }
 
     fn wait_answering(&self, want: bool, bound: Duration) -> serde_json::Value {
@@ -538,15 +627,24 @@ impl FrozenLab {
         for dir in ["cache", "scans/s1/work"] {
             let d = format!("$LAB/{dir}");
             self.local_ok(&format!(r#"echo {tag} > "{d}/f-{tag}""#));
-            self.local_ok(&format!(r#"dd if=/dev/zero of="{d}/big-{tag}" bs=64k count=16 status=none"#));
+            self.local_ok(&format!(
+                r#"dd if=/dev/zero of="{d}/big-{tag}" bs=64k count=16 status=none"#
+            ));
             assert_eq!(self.local_ok(&format!(r#"cat "{d}/f-{tag}""#)).trim(), tag);
             self.local_ok(&format!(r#"stat "{d}/f-{tag}" >/dev/null"#));
             let ls = self.local_ok(&format!(r#"ls "{d}""#));
             assert!(ls.contains(&format!("f-{tag}")), "ls {dir}: {ls}");
             self.local_ok(&format!(r#"mv "{d}/f-{tag}" "{d}/g-{tag}""#));
-            self.local_ok(&format!(r#"mkdir "{d}/dir-{tag}" && echo in > "{d}/dir-{tag}/in""#));
-            self.local_ok(&format!(r#"echo more >> "{d}/g-{tag}" && rm "{d}/big-{tag}""#));
-            assert_eq!(self.local_ok(&format!(r#"cat "{d}/g-{tag}""#)), format!("{tag}\nmore\n"));
+            self.local_ok(&format!(
+                r#"mkdir "{d}/dir-{tag}" && echo in > "{d}/dir-{tag}/in""#
+            ));
+            self.local_ok(&format!(
+                r#"echo more >> "{d}/g-{tag}" && rm "{d}/big-{tag}""#
+            ));
+            assert_eq!(
+                self.local_ok(&format!(r#"cat "{d}/g-{tag}""#)),
+                format!("{tag}\nmore\n")
+            );
             self.local_ok(&format!(r#"rm "{d}/g-{tag}""#));
         }
     }
@@ -565,8 +663,18 @@ impl Drop for FrozenLab {
         let panicking = thread::panicking();
         // Thaw first: unmounting over a frozen stand-in would hang.
         self.thaw();
-        if mount_fstype(&self.mnt).is_some() && !quietly("umount", &[&self.mnt.to_string_lossy()], Duration::from_secs(30)) {
-            quietly("umount", &["-l", &self.mnt.to_string_lossy()], Duration::from_secs(30));
+        if mount_fstype(&self.mnt).is_some()
+            && !quietly(
+                "umount",
+                &[&self.mnt.to_string_lossy()],
+                Duration::from_secs(30),
+            )
+        {
+            quietly(
+                "umount",
+                &["-l", &self.mnt.to_string_lossy()],
+                Duration::from_secs(30),
+            );
         }
         if let Some(mut d) = self.daemon.take() {
             if !wait_child(&mut d, Duration::from_secs(15)) {
@@ -574,8 +682,18 @@ impl Drop for FrozenLab {
                 let _ = d.wait();
             }
         }
-        if mount_fstype(&self.atlas).is_some() && !quietly("umount", &[&self.atlas.to_string_lossy()], Duration::from_secs(30)) {
-            quietly("umount", &["-l", &self.atlas.to_string_lossy()], Duration::from_secs(30));
+        if mount_fstype(&self.atlas).is_some()
+            && !quietly(
+                "umount",
+                &[&self.atlas.to_string_lossy()],
+                Duration::from_secs(30),
+            )
+        {
+            quietly(
+                "umount",
+                &["-l", &self.atlas.to_string_lossy()],
+                Duration::from_secs(30),
+            );
         }
         if let Some(mut m) = self.stand_in.take() {
             if !wait_child(&mut m, Duration::from_secs(10)) {
@@ -588,7 +706,11 @@ impl Drop for FrozenLab {
             let _ = g.wait();
         }
         for p in self.tmpfs.drain(..).rev() {
-            quietly("umount", &["-l", &p.to_string_lossy()], Duration::from_secs(30));
+            quietly(
+                "umount",
+                &["-l", &p.to_string_lossy()],
+                Duration::from_secs(30),
+            );
         }
         if panicking {
             let log = self.log_text();
@@ -601,6 +723,26 @@ impl Drop for FrozenLab {
         }
     }
 }
+
+/// Opens argv[1], creates argv[2], waits for argv[3], reads 4 KiB and writes
+/// "<errno or ok> <seconds>" to argv[4].
+const OPEN_FILE_READER: &str = r#"
+import os, sys, time
+path, ready, go, out = sys.argv[1:5]
+fd = os.open(path, os.O_RDONLY)
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.01)
+t = time.time()
+try:
+    os.pread(fd, 4096, 0)
+    r = "ok"
+except OSError as e:
+    r = str(e.errno)
+with open(out + ".tmp", "w") as f:
+    f.write("%s %.3f" % (r, time.time() - t))
+os.rename(out + ".tmp", out)
+"#;
 
 fn count(haystack: &str, needle: &str) -> usize {
     haystack.lines().filter(|l| l.contains(needle)).count()
@@ -622,10 +764,38 @@ fn frozen_atlas_fails_closed_while_local_paths_keep_working() {
     let docs_line = {
         let text = fs::read_to_string(&lab.cfg).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        let at = lines.iter().position(|l| l.trim() == r#"path = "/docs""#).unwrap();
-        lines[..at].iter().rposition(|l| l.trim() == "[[rule]]").unwrap() + 1
+        let at = lines
+            .iter()
+            .position(|l| l.trim() == r#"path = "/docs""#)
+            .unwrap();
+        lines[..at]
+            .iter()
+            .rposition(|l| l.trim() == "[[rule]]")
+            .unwrap()
+            + 1
     };
     let before = lab.store_manifest();
+    // A file on Atlas held open across the outage.
+    let (ready, go, result) = (
+        lab.root.join("ready"),
+        lab.root.join("go"),
+        lab.root.join("result"),
+    );
+    let _holder = Sh::program(
+        "python3",
+        &[
+            "-c",
+            OPEN_FILE_READER,
+            &lab.mnt.join("docs/blob").to_string_lossy(),
+            &ready.to_string_lossy(),
+            &go.to_string_lossy(),
+            &result.to_string_lossy(),
+        ],
+    )
+    .spawn();
+    wait_until("the Atlas file is open", Duration::from_secs(20), || {
+        ready.exists()
+    });
     let v = lab.status_json();
     assert_eq!(v["atlas_health"]["answering"], true, "{v:#}");
 
@@ -663,10 +833,19 @@ fn frozen_atlas_fails_closed_while_local_paths_keep_working() {
     let v = lab.wait_answering(false, PROBE + TIMEOUT + Duration::from_secs(5));
     let h = &v["atlas_health"];
     assert!(h["down_since"].as_u64().is_some(), "{v:#}");
-    assert!(h["down_since_utc"].as_str().is_some_and(|s| s.ends_with('Z')), "{v:#}");
+    assert!(
+        h["down_since_utc"]
+            .as_str()
+            .is_some_and(|s| s.ends_with('Z')),
+        "{v:#}"
+    );
     assert!(!h["reason"].as_str().unwrap_or("").is_empty(), "{v:#}");
     let table = lab.timed(r#""$LABFS" status "$LAB""#, LOCAL_BOUND);
-    assert!(table.ok() && table.stdout.contains("NOT ANSWERING since"), "{}", table.stdout);
+    assert!(
+        table.ok() && table.stdout.contains("NOT ANSWERING since"),
+        "{}",
+        table.stdout
+    );
 
     // Authoritative and runtime operations fail within the bound, never land on local SSD.
     for _ in 0..2 {
@@ -679,8 +858,25 @@ fn frozen_atlas_fails_closed_while_local_paths_keep_working() {
         lab.atlas_fails(r#"echo x > "$LAB/state/new""#);
         lab.atlas_fails(r#"ls "$LAB""#);
     }
+    // Reading an Atlas file that was open before the outage fails at once too.
+    fs::write(&go, "").unwrap();
+    wait_until("the open-file read returns", FAIL_BOUND, || result.exists());
+    let r = read(&result);
+    let (errno, secs) = r.split_once(' ').unwrap();
+    assert_eq!(
+        errno,
+        libc::ETIMEDOUT.to_string(),
+        "read of an open Atlas file: {r}"
+    );
+    assert!(
+        secs.parse::<f64>().unwrap() < LOCAL_BOUND.as_secs_f64(),
+        "{r}"
+    );
     for p in ["docs", "state", "docs/new", "docs/bg-touch", "state/new"] {
-        assert!(!lab.local.join(p).exists(), "{p} appeared on the local SSD during the outage");
+        assert!(
+            !lab.local.join(p).exists(),
+            "{p} appeared on the local SSD during the outage"
+        );
     }
 
     // Local paths still work once the outage is known, and after the kernel's cached
@@ -693,23 +889,46 @@ fn frozen_atlas_fails_closed_while_local_paths_keep_working() {
     // One log line for the outage, one per path refused.
     let log = lab.log_text();
     assert_eq!(count(&log, "Atlas paths fail with ETIMEDOUT"), 1, "{log}");
-    let refused = format!("/docs: refused while Atlas is not answering (rule /docs (line {docs_line}))");
-    assert_eq!(count(&log, &refused), 1, "expected exactly one line {refused:?} in\n{log}");
-    assert_eq!(count(&log, "/state: refused while Atlas is not answering"), 1, "{log}");
+    let refused =
+        format!("/docs: refused while Atlas is not answering (rule /docs (line {docs_line}))");
+    assert_eq!(
+        count(&log, &refused),
+        1,
+        "expected exactly one line {refused:?} in\n{log}"
+    );
+    assert_eq!(
+        count(&log, "/state: refused while Atlas is not answering"),
+        1,
+        "{log}"
+    );
 
     // ---- thaw: service resumes without a remount ----
     lab.thaw();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !lab.cmd(r#"touch "$LAB/docs/new""#).timeout(FAIL_BOUND + Duration::from_secs(5)).status().ok() {
-        assert!(Instant::now() < deadline, "Atlas operations did not resume after the thaw");
+    while !lab
+        .cmd(r#"touch "$LAB/docs/new""#)
+        .timeout(FAIL_BOUND + Duration::from_secs(5))
+        .status()
+        .ok()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "Atlas operations did not resume after the thaw"
+        );
         thread::sleep(Duration::from_millis(100));
     }
     lab.wait_answering(true, PROBE + TIMEOUT + Duration::from_secs(5));
     assert_eq!(lab.cmd(r#"cat "$LAB/docs/existing""#).ok(), "hello\n");
     let ls = lab.cmd(r#"ls "$LAB/docs""#).ok();
     assert!(ls.contains("new") && ls.contains("existing"), "{ls}");
-    assert!(lab.store.join("docs/new").exists(), "the new file is on Atlas");
-    assert!(!lab.local.join("docs").exists(), "nothing of /docs on the local SSD");
+    assert!(
+        lab.store.join("docs/new").exists(),
+        "the new file is on Atlas"
+    );
+    assert!(
+        !lab.local.join("docs").exists(),
+        "nothing of /docs on the local SSD"
+    );
     // Nothing on Atlas was corrupted (a request already executing at the freeze may
     // still complete afterwards: the background touch).
     let after = lab.store_manifest();
@@ -719,7 +938,11 @@ fn frozen_atlas_fails_closed_while_local_paths_keep_working() {
             .collect::<Vec<_>>()
             .join("\n")
     };
-    assert_eq!(strip(&before), strip(&after), "Atlas content changed during the outage");
+    assert_eq!(
+        strip(&before),
+        strip(&after),
+        "Atlas content changed during the outage"
+    );
     // What was written locally during the outage is all there.
     let cache = lab.cmd(r#"ls "$LAB/cache" "$LAB/scans/s1/work""#).ok();
     for n in ["dir-a", "dir-b", "dir-c", "c1", "w1"] {
@@ -752,22 +975,39 @@ fn frozen_atlas_refuses_fast_even_with_many_stuck_requests() {
     lab.freeze();
     // More stuck Atlas requests than the lane has resident threads.
     let mut stuck: Vec<Bg> = (1..=40)
-        .map(|i| lab.cmd(&format!(r#"cat "$LAB/docs/f{i}" >/dev/null"#)).spawn())
+        .map(|i| {
+            lab.cmd(&format!(r#"cat "$LAB/docs/f{i}" >/dev/null"#))
+                .spawn()
+        })
         .collect();
     lab.wait_answering(false, PROBE + TIMEOUT + Duration::from_secs(5));
     // Once Atlas is known down, Atlas requests are refused at once, not after queueing
     // behind the stuck ones for another timeout.
     let t = Instant::now();
-    let out = lab.cmd(r#"touch "$LAB/docs/x""#).timeout(Duration::from_secs(30)).status();
-    assert!(!out.ok() && out.stderr.contains("Connection timed out"), "{out:?}");
+    let out = lab
+        .cmd(r#"touch "$LAB/docs/x""#)
+        .timeout(Duration::from_secs(30))
+        .status();
+    assert!(
+        !out.ok() && out.stderr.contains("Connection timed out"),
+        "{out:?}"
+    );
     assert!(t.elapsed() < LOCAL_BOUND, "refusal took {:?}", t.elapsed());
     lab.local_ok(r#"cat "$LAB/cache/c" && echo d > "$LAB/cache/d""#);
     for b in &mut stuck {
-        assert!(b.wait_timeout(FAIL_BOUND).is_some(), "a stuck cat was never answered");
+        assert!(
+            b.wait_timeout(FAIL_BOUND).is_some(),
+            "a stuck cat was never answered"
+        );
     }
     lab.thaw();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !lab.cmd(r#"cat "$LAB/docs/f40""#).timeout(Duration::from_secs(10)).status().ok() {
+    while !lab
+        .cmd(r#"cat "$LAB/docs/f40""#)
+        .timeout(Duration::from_secs(10))
+        .status()
+        .ok()
+    {
         assert!(Instant::now() < deadline, "Atlas did not resume");
         thread::sleep(Duration::from_millis(100));
     }
@@ -787,8 +1027,15 @@ fn mount_refused_when_atlas_does_not_answer() {
         .status();
     let took = t.elapsed();
     assert_eq!(out.code, 1, "{out:?}");
-    assert!(out.stderr.contains("did not answer within"), "{}", out.stderr);
-    assert!(took < TIMEOUT + Duration::from_secs(3), "refusal took {took:?}");
+    assert!(
+        out.stderr.contains("did not answer within"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        took < TIMEOUT + Duration::from_secs(3),
+        "refusal took {took:?}"
+    );
     assert!(mount_fstype(&lab.mnt).is_none());
 }
 
@@ -798,7 +1045,9 @@ fn mount_refused_when_atlas_does_not_answer() {
 
 /// `getfattr -d -m '^user.labfs' PATH` as name -> value.
 fn labfs_xattrs(lab: &MountedLab, rel: &str) -> std::collections::BTreeMap<String, String> {
-    let out = lab.sh(&format!(r#"getfattr --absolute-names -d -m '^user.labfs' "$LAB/{rel}""#));
+    let out = lab.sh(&format!(
+        r#"getfattr --absolute-names -d -m '^user.labfs' "$LAB/{rel}""#
+    ));
     out.lines()
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
@@ -819,15 +1068,33 @@ fn durability_xattrs_for_each_class_and_state() {
         ("state/s", "runtime", "atlas", "/state", "atlas"),
         ("cache/c", "ephemeral", "local", "/cache", "local-only"),
         ("cache", "ephemeral", "local", "/cache", "local-only"),
-        ("scans/s1/work/w", "transitional", "local", "/scans/*/work", "at-risk"),
+        (
+            "scans/s1/work/w",
+            "transitional",
+            "local",
+            "/scans/*/work",
+            "at-risk",
+        ),
     ];
     for (rel, class, backend, rule, state) in cases {
         let x = labfs_xattrs(&lab, rel);
         let rule_label = format!("{rule} (line {})", lab.rule_line(rule));
-        assert_eq!(x.get("user.labfs.class").map(String::as_str), Some(class), "{rel}: {x:?}");
-        assert_eq!(x.get("user.labfs.backend").map(String::as_str), Some(backend), "{rel}: {x:?}");
+        assert_eq!(
+            x.get("user.labfs.class").map(String::as_str),
+            Some(class),
+            "{rel}: {x:?}"
+        );
+        assert_eq!(
+            x.get("user.labfs.backend").map(String::as_str),
+            Some(backend),
+            "{rel}: {x:?}"
+        );
         assert_eq!(x.get("user.labfs.rule"), Some(&rule_label), "{rel}: {x:?}");
-        assert_eq!(x.get("user.labfs.state").map(String::as_str), Some(state), "{rel}: {x:?}");
+        assert_eq!(
+            x.get("user.labfs.state").map(String::as_str),
+            Some(state),
+            "{rel}: {x:?}"
+        );
         // The same through `labfs explain` on the mount.
         let out = lab.sh(&format!(r#""$LABFS" explain "$LAB/{rel}""#));
         for want in [
@@ -836,7 +1103,10 @@ fn durability_xattrs_for_each_class_and_state() {
             format!("rule:      {rule_label}"),
             format!("state:     {state}"),
         ] {
-            assert!(out.contains(&want), "labfs explain {rel} lacks {want:?}:\n{out}");
+            assert!(
+                out.contains(&want),
+                "labfs explain {rel} lacks {want:?}:\n{out}"
+            );
         }
         // And by the rules alone, for the namespace path (no state: that needs the mount).
         let (code, out, err) = lab.labfs("explain", &[&format!("/{rel}")]);
@@ -846,7 +1116,10 @@ fn durability_xattrs_for_each_class_and_state() {
             format!("backend:   {backend}"),
             format!("rule:      {rule_label}"),
         ] {
-            assert!(out.contains(&want), "labfs explain --config /{rel} lacks {want:?}:\n{out}");
+            assert!(
+                out.contains(&want),
+                "labfs explain --config /{rel} lacks {want:?}:\n{out}"
+            );
         }
         assert!(!out.contains("state:"), "{out}");
     }
@@ -855,20 +1128,32 @@ fn durability_xattrs_for_each_class_and_state() {
 #[test]
 fn durability_xattrs_are_read_only() {
     let lab = MountedLab::new();
-    lab.sh(r#"mkdir -p "$LAB/docs" "$LAB/cache" && echo a > "$LAB/docs/a" && echo c > "$LAB/cache/c""#);
+    lab.sh(
+        r#"mkdir -p "$LAB/docs" "$LAB/cache" && echo a > "$LAB/docs/a" && echo c > "$LAB/cache/c""#,
+    );
     for rel in ["docs/a", "cache/c", "docs", "cache"] {
         for name in ["class", "backend", "rule", "state"] {
             let (code, _, err) = lab.sh_status(&format!(
                 r#"setfattr -n user.labfs.{name} -v x "$LAB/{rel}""#
             ));
             assert_ne!(code, 0, "setting user.labfs.{name} on {rel} succeeded");
-            assert!(err.contains("Operation not permitted"), "{rel} {name}: {err}");
-            let (code, _, err) = lab.sh_status(&format!(r#"setfattr -x user.labfs.{name} "$LAB/{rel}""#));
+            assert!(
+                err.contains("Operation not permitted"),
+                "{rel} {name}: {err}"
+            );
+            let (code, _, err) =
+                lab.sh_status(&format!(r#"setfattr -x user.labfs.{name} "$LAB/{rel}""#));
             assert_ne!(code, 0, "removing user.labfs.{name} on {rel} succeeded");
-            assert!(err.contains("Operation not permitted"), "{rel} {name}: {err}");
+            assert!(
+                err.contains("Operation not permitted"),
+                "{rel} {name}: {err}"
+            );
         }
     }
-    assert_eq!(labfs_xattrs(&lab, "docs/a")["user.labfs.class"], "authoritative");
+    assert_eq!(
+        labfs_xattrs(&lab, "docs/a")["user.labfs.class"],
+        "authoritative"
+    );
     // Ordinary user xattrs still work.
     lab.sh(r#"setfattr -n user.note -v hi "$LAB/docs/a" && getfattr -n user.note "$LAB/docs/a" >/dev/null"#);
 }

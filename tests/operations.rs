@@ -712,7 +712,33 @@ fn a_refusal_by_rule_is_logged_once_per_path_at_info_with_rule_and_line() {
     wait_until("the refusals are logged", WAIT, || {
         log_lines(&lab.daemon_log(), "INFO", &["refused", "/media/existing"]) > 0
     });
+    // EXDEV: a rename across backends, twice on the same path.
+    lab.sh("mkdir -p docs cache && echo a > docs/a");
+    for _ in 0..2 {
+        let (code, _, err) =
+            lab.sh_status(r#"python3 -c 'import os; os.rename("docs/a", "cache/a")'"#);
+        assert!(
+            code != 0 && err.contains("Invalid cross-device link"),
+            "{err}"
+        );
+    }
+    wait_until("the EXDEV refusal is logged", WAIT, || {
+        log_lines(
+            &lab.daemon_log(),
+            "INFO",
+            &["refused", "/docs/a -> /cache/a"],
+        ) > 0
+    });
     let log = lab.daemon_log();
+    assert_eq!(
+        log_lines(
+            &log,
+            "INFO",
+            &["refused", "/docs/a -> /cache/a", "crosses backends"]
+        ),
+        1,
+        "{log}"
+    );
     assert_eq!(
         log_lines(&log, "INFO", &["refused", "/media/x:", &rule]),
         1,
@@ -720,6 +746,28 @@ fn a_refusal_by_rule_is_logged_once_per_path_at_info_with_rule_and_line() {
     );
     assert_eq!(
         log_lines(&log, "INFO", &["refused", "/media/existing:", &rule]),
+        1,
+        "{log}"
+    );
+}
+
+#[test]
+fn an_unplaced_path_is_refused_and_logged_once_naming_the_missing_rule() {
+    let lab = MountedLab::builder().unplaced_deny().mount();
+    for _ in 0..3 {
+        let (code, _, err) = lab.sh_status("mkdir nowhere");
+        assert!(code != 0 && err.contains("Permission denied"), "{err}");
+    }
+    wait_until("the refusal is logged", WAIT, || {
+        log_lines(&lab.daemon_log(), "INFO", &["refused", "/nowhere"]) > 0
+    });
+    let log = lab.daemon_log();
+    assert_eq!(
+        log_lines(
+            &log,
+            "INFO",
+            &["refused", "/nowhere: no rule places this path"]
+        ),
         1,
         "{log}"
     );
@@ -734,6 +782,8 @@ fn successful_reads_and_writes_log_nothing() {
     let before = lab.daemon_log().lines().count();
     lab.sh("for i in $(seq 50); do echo $i >> docs/f; echo $i >> cache/f; cat docs/f cache/f >/dev/null; done");
     let log = lab.daemon_log();
+    // At info and above (the default level). At debug, the kernel's getxattr of
+    // security.capability before each write shows up as an ENODATA line.
     let new: Vec<&str> = log
         .lines()
         .skip(before)
@@ -877,6 +927,8 @@ fn install_sh_installs_the_binary_helpers_and_unit() {
         unit.contains("ExecStart=/usr/local/bin/labfs mount --recover"),
         "{unit}"
     );
+    let xattr_conf = fs::read_to_string(root.join("etc/xattr.conf")).expect("xattr.conf");
+    assert!(xattr_conf.contains("user.labfs.*\tskip"), "{xattr_conf}");
     // The installed binary answers as the helper under the helper's name.
     let link = root.join("mount.fuse.labfs");
     symlink(&bin, &link).expect("link");

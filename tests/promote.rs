@@ -620,7 +620,7 @@ fn refuses_files_open_for_writing_unless_wait() {
     );
     assert!(lab.local_path("scans/s1/work/out/busy").exists());
 
-    let waiter = lab.cmd(r#""$LABFS" promote --wait "$LAB/scans/s1/work/out" > "$SCRATCH/wait.out" 2>&1; echo $? > "$SCRATCH/wait.rc""#).spawn();
+    let waiter = lab.cmd(r#"rc=0; "$LABFS" promote --wait "$LAB/scans/s1/work/out" > "$SCRATCH/wait.out" 2>&1 || rc=$?; echo $rc > "$SCRATCH/wait.rc""#).spawn();
     thread::sleep(Duration::from_millis(500));
     assert!(
         !lab.scratch_path("wait.rc").exists(),
@@ -876,4 +876,61 @@ fn a_file_open_during_promotion_stays_local_until_closed() {
         Some("promoted"),
         "{a:?}"
     );
+}
+
+#[test]
+fn sigterm_stops_a_promotion_at_a_safe_point() {
+    let mut lab = MountedLab::builder()
+        .env("LABFS_PROMOTE_DELAY_MS", "150")
+        .mount();
+    lab.sh(r#"mkdir -p "$LAB/scans/s1/work/out"; for i in $(seq 1 40); do head -c 100000 /dev/urandom > "$LAB/scans/s1/work/out/f$i"; done"#);
+    let top = lab.path("scans/s1/work/out");
+    let content = tree_content(&lab, &top);
+    let client = lab
+        .cmd(r#"rc=0; "$LABFS" promote "$LAB/scans/s1/work/out" > "$SCRATCH/p.out" 2>&1 || rc=$?; echo $rc > "$SCRATCH/p.rc""#)
+        .spawn();
+    // While it runs: the files say `promoting`, and `labfs status` lists the job.
+    wait_until(
+        "the promotion is in flight",
+        Duration::from_secs(20),
+        || {
+            labfs_attrs(&lab, &top.join("f1"))
+                .get("user.labfs.state")
+                .map(String::as_str)
+                == Some("promoting")
+        },
+    );
+    let status = lab.sh(r#""$LABFS" status "$LAB""#);
+    assert!(
+        status.contains("promotions in flight: 1") && status.contains("/scans/s1/work/out"),
+        "{status}"
+    );
+    unsafe { libc::kill(lab.pid() as i32, libc::SIGTERM) };
+    wait_until("the daemon unmounts", Duration::from_secs(30), || {
+        !lab.is_mounted()
+    });
+    wait_until("the client exits", Duration::from_secs(30), || {
+        lab.scratch_path("p.rc").exists()
+    });
+    drop(client);
+    assert_eq!(
+        read(&lab.scratch_path("p.rc")).trim(),
+        "1",
+        "{}",
+        read(&lab.scratch_path("p.out"))
+    );
+    assert!(
+        lab.daemon_log().contains("the daemon is stopping"),
+        "the job stopped at a safe point"
+    );
+    lab.kill9();
+    lab.remount();
+    assert_eq!(tree_content(&lab, &top), content, "nothing lost");
+    assert_eq!(leftovers(&lab), "");
+    assert!(
+        lab.local_path("scans/s1/work/out/f40").exists(),
+        "rolled back: still local"
+    );
+    promote_ok(&lab, r#""$LAB/scans/s1/work/out""#);
+    assert_eq!(tree_content(&lab, &top), content);
 }

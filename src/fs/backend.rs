@@ -74,7 +74,8 @@ impl Backend {
         // SAFETY: open_how is plain data; zero is valid for every field.
         let mut how: libc::open_how = unsafe { std::mem::zeroed() };
         how.flags = (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
-        how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+        how.resolve =
+            libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
         // SAFETY: openat2 with a valid dirfd, C string and open_how of the right size.
         let fd = unsafe {
             libc::syscall(
@@ -188,9 +189,7 @@ pub fn fstatat(dirfd: RawFd, name: &CStr) -> Result<libc::stat> {
     // SAFETY: zeroed stat is a valid out-parameter.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: valid fd, C string and out pointer.
-    check(unsafe {
-        libc::fstatat(dirfd, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW)
-    })?;
+    check(unsafe { libc::fstatat(dirfd, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
     Ok(st)
 }
 
@@ -266,11 +265,7 @@ fn apply(c: &Creds) {
     unsafe {
         libc::syscall(libc::SYS_setfsuid, 0);
         libc::syscall(libc::SYS_setfsgid, 0);
-        libc::syscall(
-            libc::SYS_setgroups,
-            c.groups.len(),
-            c.groups.as_ptr(),
-        );
+        libc::syscall(libc::SYS_setgroups, c.groups.len(), c.groups.as_ptr());
         libc::syscall(libc::SYS_setfsgid, c.gid);
         libc::syscall(libc::SYS_setfsuid, c.uid);
         libc::umask(c.umask as libc::mode_t);

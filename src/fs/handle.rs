@@ -254,7 +254,12 @@ impl LabFs {
         let _as = creds.assume();
         // SAFETY: valid descriptor.
         check(unsafe {
-            libc::fallocate(fd_of(&h), mode, offset as libc::off_t, length as libc::off_t)
+            libc::fallocate(
+                fd_of(&h),
+                mode,
+                offset as libc::off_t,
+                length as libc::off_t,
+            )
         })?;
         Ok(())
     }
@@ -290,7 +295,10 @@ impl LabFs {
         }
         let e = std::io::Error::last_os_error();
         match e.raw_os_error() {
-            Some(libc::EXDEV) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+            Some(libc::EXDEV)
+            | Some(libc::EOPNOTSUPP)
+            | Some(libc::EINVAL)
+            | Some(libc::ENOSYS) => {
                 // Different filesystems underneath: copy a bounded chunk by hand.
                 let chunk = len.min(1 << 20);
                 let data = self.read(fh_in, off_in, chunk as u32)?;
@@ -345,7 +353,12 @@ impl LabFs {
             let _as = creds.assume();
             let dfd = match backend.open_beneath(&path, libc::O_RDONLY | libc::O_DIRECTORY) {
                 Ok(fd) => fd,
-                Err(e) if b != primary && (e.errno() == libc::ENOENT || e.errno() == libc::ENOTDIR) => continue,
+                Err(e)
+                    if b != primary
+                        && (e.errno() == libc::ENOENT || e.errno() == libc::ENOTDIR) =>
+                {
+                    continue
+                }
                 Err(e) => return Err(e),
             };
             let names = list_dir(dfd)?;
@@ -365,7 +378,9 @@ impl LabFs {
                     || (b == BackendKind::Atlas
                         && cp.class == Class::Transitional
                         && cstring(OsStr::new(s))
-                            .map(|c| crate::tags::is_promoted(&self.atlas, pfd.as_raw_fd(), &c, &child))
+                            .map(|c| {
+                                crate::tags::is_promoted(&self.atlas, pfd.as_raw_fd(), &c, &child)
+                            })
                             .unwrap_or(false));
                 if !visible {
                     continue;
@@ -393,7 +408,14 @@ impl LabFs {
     /// The entries from `offset` on that fit in `budget` bytes of the kernel's buffer.
     /// With `plus`, each returned entry (but `.` and `..`) counts as a lookup: the
     /// adapter forgets the ones the buffer had no room for after all ([`LabFs::forget`]).
-    pub fn readdir(&self, ctx: &Ctx, fh: u64, offset: u64, plus: bool, budget: usize) -> Result<Vec<DirEntryOut>> {
+    pub fn readdir(
+        &self,
+        ctx: &Ctx,
+        fh: u64,
+        offset: u64,
+        plus: bool,
+        budget: usize,
+    ) -> Result<Vec<DirEntryOut>> {
         let dh = self
             .handles
             .dirs
@@ -402,7 +424,11 @@ impl LabFs {
             .ok_or(Error::Errno(libc::EBADF))?;
         let dh = dh.lock();
         let creds = self.creds(ctx);
-        let parent_ino = self.inodes.get(dh.ino).map(|n| n.parent).unwrap_or(ROOT_INO);
+        let parent_ino = self
+            .inodes
+            .get(dh.ino)
+            .map(|n| n.parent)
+            .unwrap_or(ROOT_INO);
         let path = self.path_of(dh.ino)?;
         let mut out = Vec::new();
         let mut used = 0usize;
@@ -426,10 +452,17 @@ impl LabFs {
                 });
                 continue;
             };
-            let Some(dfd) = dh.dirs.iter().find(|(b, _)| *b == from).map(|(_, f)| f.as_raw_fd()) else {
+            let Some(dfd) = dh
+                .dirs
+                .iter()
+                .find(|(b, _)| *b == from)
+                .map(|(_, f)| f.as_raw_fd())
+            else {
                 continue;
             };
-            let Ok(cname) = cstring(&item.name) else { continue };
+            let Ok(cname) = cstring(&item.name) else {
+                continue;
+            };
             let st = {
                 let _as = creds.assume();
                 match fstatat(dfd, &cname) {
@@ -440,7 +473,9 @@ impl LabFs {
             let key = key_of(from, &st);
             let kind = Kind::from_mode(st.st_mode);
             if plus {
-                let ino = self.inodes.remember(key, dh.ino, &item.name, kind == Kind::Dir);
+                let ino = self
+                    .inodes
+                    .remember(key, dh.ino, &item.name, kind == Kind::Dir);
                 let child = join(&path, &item.name.to_string_lossy());
                 let p = self.placement(&child);
                 out.push(DirEntryOut {
@@ -454,7 +489,11 @@ impl LabFs {
                     }),
                 });
             } else {
-                let ino = self.inodes.peek(&key).or_else(|| self.inodes.number(&key)).unwrap_or(0);
+                let ino = self
+                    .inodes
+                    .peek(&key)
+                    .or_else(|| self.inodes.number(&key))
+                    .unwrap_or(0);
                 out.push(DirEntryOut {
                     name: item.name.clone(),
                     offset: off,

@@ -31,7 +31,7 @@ use super::attr::{Attr, Kind};
 use super::backend::{cstring, fstatat, split};
 use super::inode::BackingKey;
 use super::LabFs;
-use crate::rules::{BackendKind, Class};
+use crate::rules::BackendKind;
 
 /// At most this many directories are remembered for outages (cleared beyond).
 const MAX_REMEMBERED_DIRS: usize = 100_000;
@@ -188,13 +188,24 @@ impl Health {
         }
     }
 
+    /// A request on an open Atlas file refused during an outage: one line per outage
+    /// and kind of request.
+    pub fn refuse_open_file(&self, op: &str) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        if self.logged.len() < MAX_LOGGED_PATHS && self.logged.insert(format!("\0{op}")) {
+            warn!("{op} on an open Atlas file refused while Atlas is not answering");
+        }
+    }
+
     pub fn report(&self) -> HealthReport {
         let since = *self.down_since.lock();
         HealthReport {
             answering: !self.is_down(),
             down_since: since.map(epoch),
             down_since_utc: since.map(|s| utc(epoch(s))),
-            down_for_s: since.and_then(|s| s.elapsed().ok()).map(|d| d.as_secs_f64()),
+            down_for_s: since
+                .and_then(|s| s.elapsed().ok())
+                .map(|d| d.as_secs_f64()),
             reason: if self.is_down() {
                 self.reason.lock().clone()
             } else {
@@ -250,9 +261,10 @@ impl Health {
                         let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
                         let ok = unsafe { libc::fstatvfs(root, &mut sv) } == 0;
                         let frsize = sv.f_frsize;
-                        let _ = tx.send(ok.then(|| {
-                            (t.elapsed(), sv.f_bavail * frsize, sv.f_blocks * frsize)
-                        }));
+                        let _ =
+                            tx.send(ok.then(|| {
+                                (t.elapsed(), sv.f_bavail * frsize, sv.f_blocks * frsize)
+                            }));
                     });
                 if spawned.is_err() {
                     in_flight = false;
@@ -312,7 +324,10 @@ impl LabFs {
         if attr.kind != Kind::Dir {
             return;
         }
-        let (Some(path), Some(key)) = (self.inodes.path(ino), self.inodes.get(ino).and_then(|n| n.key)) else {
+        let (Some(path), Some(key)) = (
+            self.inodes.path(ino),
+            self.inodes.get(ino).and_then(|n| n.key),
+        ) else {
             return;
         };
         if key.backend != BackendKind::Atlas {
@@ -348,7 +363,9 @@ impl LabFs {
                 return None;
             }
         }
-        let ino = self.inodes.remember(key, parent, &name.to_os_string(), true);
+        let ino = self
+            .inodes
+            .remember(key, parent, &name.to_os_string(), true);
         Some(Attr { ino, ..attr })
     }
 
@@ -362,13 +379,9 @@ impl LabFs {
                 .is_some_and(|p| self.placement(&p).backend() == BackendKind::Local)
     }
 
-    /// Whether looking up `path` may have to ask Atlas although the rules place it on
-    /// the local SSD: a transitional name that is not on the local SSD (it may have been
-    /// promoted). Checked as root on the local backend only.
-    pub fn may_need_atlas(&self, path: &str) -> bool {
-        if self.placement(path).class != Class::Transitional {
-            return false;
-        }
+    /// Whether `path` is missing on the local SSD (checked as root, local backend only):
+    /// a transitional name missing there may have been promoted to Atlas.
+    pub fn local_lacks(&self, path: &str) -> bool {
         let (dir, name) = split(path);
         let Ok(cname) = cstring(OsStr::new(name)) else {
             return false;
@@ -418,7 +431,13 @@ mod tests {
 
     #[test]
     fn hedge_is_bounded() {
-        assert_eq!(Health::new(Duration::from_millis(40)).hedge(), Duration::from_millis(20));
-        assert_eq!(Health::new(Duration::from_secs(60)).hedge(), Duration::from_millis(500));
+        assert_eq!(
+            Health::new(Duration::from_millis(40)).hedge(),
+            Duration::from_millis(20)
+        );
+        assert_eq!(
+            Health::new(Duration::from_secs(60)).hedge(),
+            Duration::from_millis(500)
+        );
     }
 }

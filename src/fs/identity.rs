@@ -31,8 +31,11 @@ impl Ctx {
 
 const GROUPS_TTL: Duration = Duration::from_secs(2);
 
+/// When a process's groups were read, for which uid, and what they were.
+type Cached = (Instant, u32, Arc<[u32]>);
+
 pub struct GroupCache {
-    cache: Mutex<LruCache<u32, (Instant, u32, Arc<[u32]>)>>,
+    cache: Mutex<LruCache<u32, Cached>>,
 }
 
 impl Default for GroupCache {

@@ -337,11 +337,18 @@ mod tests {
         let a = t.remember(key(10), ROOT_INO, &"a".into(), false);
         t.unbind(a);
         let b = t.remember(key(10), ROOT_INO, &"b".into(), false);
-        assert_ne!(a, b, "the unlinked object still held by the kernel keeps its number");
+        assert_ne!(
+            a, b,
+            "the unlinked object still held by the kernel keeps its number"
+        );
         t.forget(a, 1);
         assert_eq!(t.peek(&key(10)), Some(b));
         t.forget(b, 1);
-        assert_eq!(t.remember(key(10), ROOT_INO, &"b".into(), false), a, "derived again once free");
+        assert_eq!(
+            t.remember(key(10), ROOT_INO, &"b".into(), false),
+            a,
+            "derived again once free"
+        );
     }
 
     #[test]
@@ -358,13 +365,21 @@ mod tests {
         assert_eq!(t.peek(&key(10)), None);
         assert_eq!(t.remember(atlas, ROOT_INO, &"a".into(), false), a);
         t.forget(a, 2);
-        assert_eq!(t.remember(atlas, ROOT_INO, &"a".into(), false), a, "kept after forget");
+        assert_eq!(
+            t.remember(atlas, ROOT_INO, &"a".into(), false),
+            a,
+            "kept after forget"
+        );
     }
 
     #[test]
     fn huge_backend_inode_numbers_get_fresh_numbers() {
         let t = InodeTable::new();
-        let big = BackingKey { backend: BackendKind::Atlas, dev: 1, ino: u64::MAX - 5 };
+        let big = BackingKey {
+            backend: BackendKind::Atlas,
+            dev: 1,
+            ino: u64::MAX - 5,
+        };
         let a = t.remember(big, ROOT_INO, &"a".into(), false);
         assert!(a >= FRESH_BASE);
         assert_eq!(t.remember(big, ROOT_INO, &"a".into(), false), a);
@@ -374,7 +389,16 @@ mod tests {
     fn backends_never_share_numbers() {
         let t = InodeTable::new();
         let l = t.remember(key(10), ROOT_INO, &"l".into(), false);
-        let a = t.remember(BackingKey { backend: BackendKind::Atlas, dev: 7, ino: 10 }, ROOT_INO, &"a".into(), false);
+        let a = t.remember(
+            BackingKey {
+                backend: BackendKind::Atlas,
+                dev: 7,
+                ino: 10,
+            },
+            ROOT_INO,
+            &"a".into(),
+            false,
+        );
         assert_ne!(l, a);
         assert_ne!(l, ROOT_INO);
     }

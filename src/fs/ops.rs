@@ -38,13 +38,19 @@ impl LabFs {
         }
         // The namespace directory exists (the kernel looked it up) but not on this
         // backend yet: create it, mirroring the namespace's own directory.
-        let template = |d: &str| -> Option<libc::stat> {
-            self.locate(&Creds::root(), d).ok().map(|l| l.stat)
-        };
+        let template =
+            |d: &str| -> Option<libc::stat> { self.locate(&Creds::root(), d).ok().map(|l| l.stat) };
         b.ensure_dirs(dir, &template)
     }
 
-    fn new_entry(&self, ctx: &Ctx, parent: u64, name: &OsStr, umask: u32, what: NewNode<'_>) -> Result<EntryOut> {
+    fn new_entry(
+        &self,
+        ctx: &Ctx,
+        parent: u64,
+        name: &OsStr,
+        umask: u32,
+        what: NewNode<'_>,
+    ) -> Result<EntryOut> {
         let path = self.child_path(parent, name)?;
         let is_dir = matches!(what, NewNode::Dir { .. });
         let p = self.check_create(ctx, &path, is_dir)?;
@@ -55,9 +61,16 @@ impl LabFs {
         let _as = creds.assume();
         // SAFETY (all three): valid dirfd and C strings.
         match what {
-            NewNode::Dir { mode } => check(unsafe { libc::mkdirat(pfd.as_raw_fd(), cname.as_ptr(), mode as libc::mode_t) })?,
+            NewNode::Dir { mode } => check(unsafe {
+                libc::mkdirat(pfd.as_raw_fd(), cname.as_ptr(), mode as libc::mode_t)
+            })?,
             NewNode::Node { mode, rdev } => check(unsafe {
-                libc::mknodat(pfd.as_raw_fd(), cname.as_ptr(), mode as libc::mode_t, rdev as libc::dev_t)
+                libc::mknodat(
+                    pfd.as_raw_fd(),
+                    cname.as_ptr(),
+                    mode as libc::mode_t,
+                    rdev as libc::dev_t,
+                )
             })?,
             NewNode::Symlink { target } => {
                 let t = cstring(target)?;
@@ -77,15 +90,45 @@ impl LabFs {
         Ok(self.entry_for(parent, name, &loc))
     }
 
-    pub fn mkdir(&self, ctx: &Ctx, parent: u64, name: &OsStr, mode: u32, umask: u32) -> Result<EntryOut> {
+    pub fn mkdir(
+        &self,
+        ctx: &Ctx,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+    ) -> Result<EntryOut> {
         self.new_entry(ctx, parent, name, umask, NewNode::Dir { mode })
     }
 
-    pub fn mknod(&self, ctx: &Ctx, parent: u64, name: &OsStr, mode: u32, umask: u32, rdev: u32) -> Result<EntryOut> {
-        self.new_entry(ctx, parent, name, umask, NewNode::Node { mode, rdev: rdev as u64 })
+    pub fn mknod(
+        &self,
+        ctx: &Ctx,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+    ) -> Result<EntryOut> {
+        self.new_entry(
+            ctx,
+            parent,
+            name,
+            umask,
+            NewNode::Node {
+                mode,
+                rdev: rdev as u64,
+            },
+        )
     }
 
-    pub fn symlink(&self, ctx: &Ctx, parent: u64, name: &OsStr, target: &OsStr) -> Result<EntryOut> {
+    pub fn symlink(
+        &self,
+        ctx: &Ctx,
+        parent: u64,
+        name: &OsStr,
+        target: &OsStr,
+    ) -> Result<EntryOut> {
         self.new_entry(ctx, parent, name, 0, NewNode::Symlink { target })
     }
 
@@ -108,7 +151,8 @@ impl LabFs {
             let _as = creds.assume();
             let f = (flags & !libc::O_NOCTTY) | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC;
             // SAFETY: valid dirfd and C string.
-            let fd = unsafe { libc::openat(pfd.as_raw_fd(), cname.as_ptr(), f, mode as libc::c_uint) };
+            let fd =
+                unsafe { libc::openat(pfd.as_raw_fd(), cname.as_ptr(), f, mode as libc::c_uint) };
             check(fd)?;
             // SAFETY: new descriptor we own.
             unsafe { OwnedFd::from_raw_fd(fd) }
@@ -183,7 +227,9 @@ impl LabFs {
         if dir {
             // The namespace directory is empty only if every backend's part is.
             let other = loc.backend.other();
-            if self.live().rules.may_place_below(&path, other) && !(other == BackendKind::Atlas && self.health.is_down()) {
+            if self.live().rules.may_place_below(&path, other)
+                && !(other == BackendKind::Atlas && self.health.is_down())
+            {
                 let b = self.backend(other);
                 let _as = creds.assume();
                 if let Ok(fd) = b.open_beneath(&path, libc::O_RDONLY | libc::O_DIRECTORY) {
@@ -194,7 +240,9 @@ impl LabFs {
                     // An empty structural directory goes with the namespace one.
                     if let Ok(pfd) = b.open_dir(split(&path).0) {
                         // SAFETY: valid dirfd and C string.
-                        unsafe { libc::unlinkat(pfd.as_raw_fd(), loc.name.as_ptr(), libc::AT_REMOVEDIR) };
+                        unsafe {
+                            libc::unlinkat(pfd.as_raw_fd(), loc.name.as_ptr(), libc::AT_REMOVEDIR)
+                        };
                     }
                 }
             }
@@ -246,7 +294,10 @@ impl LabFs {
         if dp.backend() != src.backend {
             return Err(self.refused(cross(dp.backend())));
         }
-        if is_dir && (!self.subtree_on(&from, true, src.backend) || !self.subtree_on(&to, true, src.backend)) {
+        if is_dir
+            && (!self.subtree_on(&from, true, src.backend)
+                || !self.subtree_on(&to, true, src.backend))
+        {
             // Part of the tree would change backend: let mv copy it path by path.
             return Err(self.refused(cross(src.backend.other())));
         }
@@ -290,7 +341,12 @@ impl LabFs {
         Ok(())
     }
 
-    pub fn setattr(&self, ctx: &Ctx, ino: u64, set: &SetAttr) -> Result<(Attr, std::time::Duration)> {
+    pub fn setattr(
+        &self,
+        ctx: &Ctx,
+        ino: u64,
+        set: &SetAttr,
+    ) -> Result<(Attr, std::time::Duration)> {
         let creds = self.creds(ctx);
         let loc = self.locate_ino(&creds, ino)?;
         if set.is_write() {
@@ -331,7 +387,9 @@ impl LabFs {
         if let Some(size) = set.size {
             match &handle {
                 // SAFETY: valid descriptor.
-                Some(h) => check(unsafe { libc::ftruncate(h.fd.as_raw_fd(), size as libc::off_t) })?,
+                Some(h) => {
+                    check(unsafe { libc::ftruncate(h.fd.as_raw_fd(), size as libc::off_t) })?
+                }
                 None => {
                     let fd = open_at(pfd, &loc.name, libc::O_WRONLY)?;
                     // SAFETY: valid descriptor.
@@ -340,15 +398,23 @@ impl LabFs {
             };
         }
         if set.atime.is_some() || set.mtime.is_some() {
-            let times = [super::attr::timespec(set.atime), super::attr::timespec(set.mtime)];
+            let times = [
+                super::attr::timespec(set.atime),
+                super::attr::timespec(set.mtime),
+            ];
             // SAFETY: valid dirfd, C string and two timespecs.
-            check(unsafe { libc::utimensat(pfd, name, times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })?;
+            check(unsafe {
+                libc::utimensat(pfd, name, times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+            })?;
         }
         let st = match &handle {
             Some(h) => super::backend::fstat(h.fd.as_raw_fd())?,
             None => fstatat(pfd, &loc.name)?,
         };
-        Ok((Attr::from_stat(&st, ino), self.entry_ttl(loc.backend, &loc.placement)))
+        Ok((
+            Attr::from_stat(&st, ino),
+            self.entry_ttl(loc.backend, &loc.placement),
+        ))
     }
 
     /// access(2): the kernel checks mode bits itself (default_permissions); labfs adds
@@ -377,7 +443,13 @@ impl LabFs {
 
 fn open_at(dirfd: i32, name: &CString, flags: i32) -> Result<OwnedFd> {
     // SAFETY: valid dirfd and C string.
-    let fd = unsafe { libc::openat(dirfd, name.as_ptr(), flags | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
+    let fd = unsafe {
+        libc::openat(
+            dirfd,
+            name.as_ptr(),
+            flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
     check(fd)?;
     // SAFETY: new descriptor we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })

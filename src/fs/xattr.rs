@@ -45,11 +45,17 @@ fn target(loc: &Located) -> CString {
 impl LabFs {
     /// The value of a computed `user.labfs.*` name.
     pub fn virtual_xattr(&self, loc: &Located, name: &str) -> Option<String> {
-        let promoted = loc.backend == BackendKind::Atlas
-            && loc.placement.class == Class::Transitional;
+        let promoted =
+            loc.backend == BackendKind::Atlas && loc.placement.class == Class::Transitional;
         let stored_class = if loc.backend == BackendKind::Atlas && loc.path != "/" {
-            tags::read_tag(&self.atlas, loc.parent_fd.as_raw_fd(), &loc.name, &loc.path, tags::CLASS)
-                .and_then(|v| String::from_utf8(v).ok())
+            tags::read_tag(
+                &self.atlas,
+                loc.parent_fd.as_raw_fd(),
+                &loc.name,
+                &loc.path,
+                tags::CLASS,
+            )
+            .and_then(|v| String::from_utf8(v).ok())
         } else {
             None
         };
@@ -84,7 +90,13 @@ impl LabFs {
             return sized(v.into_bytes(), size);
         }
         if n.starts_with(tags::PREFIX) && loc.backend == BackendKind::Atlas && loc.path != "/" {
-            if let Some(v) = tags::read_tag(&self.atlas, loc.parent_fd.as_raw_fd(), &loc.name, &loc.path, n) {
+            if let Some(v) = tags::read_tag(
+                &self.atlas,
+                loc.parent_fd.as_raw_fd(),
+                &loc.name,
+                &loc.path,
+                n,
+            ) {
                 return sized(v, size);
             }
             return Err(Error::Errno(libc::ENODATA));
@@ -95,12 +107,20 @@ impl LabFs {
         let mut buf = vec![0u8; size as usize];
         // SAFETY: valid C strings; a zero-size buffer asks for the size.
         let r = unsafe {
-            libc::lgetxattr(p.as_ptr(), cname.as_ptr(), buf.as_mut_ptr() as *mut libc::c_void, buf.len())
+            libc::lgetxattr(
+                p.as_ptr(),
+                cname.as_ptr(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+            )
         };
         let r = match check_size(r) {
             // The kernel enforces ACLs (FUSE_POSIX_ACL); on a backend without xattrs
             // "no ACL" must read as absent, not as an error, or every check fails.
-            Err(e) if (e.errno() == libc::EOPNOTSUPP || e.errno() == libc::ENOTSUP) && n.starts_with("system.posix_acl_") => {
+            Err(e)
+                if (e.errno() == libc::EOPNOTSUPP || e.errno() == libc::ENOTSUP)
+                    && n.starts_with("system.posix_acl_") =>
+            {
                 return Err(Error::Errno(libc::ENODATA))
             }
             r => r?,
@@ -135,7 +155,11 @@ impl LabFs {
                     let mut buf = vec![0u8; need + 256];
                     // SAFETY: valid buffer.
                     let r = unsafe {
-                        libc::llistxattr(p.as_ptr(), buf.as_mut_ptr() as *mut libc::c_char, buf.len())
+                        libc::llistxattr(
+                            p.as_ptr(),
+                            buf.as_mut_ptr() as *mut libc::c_char,
+                            buf.len(),
+                        )
                     };
                     buf.truncate(check_size(r)?);
                     buf
@@ -144,11 +168,23 @@ impl LabFs {
                 Err(e) => return Err(e),
             }
         };
-        let present: Vec<Vec<u8>> = out.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| s.to_vec()).collect();
+        let present: Vec<Vec<u8>> = out
+            .split(|b| *b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.to_vec())
+            .collect();
         let mut extra: Vec<&str> = VIRTUAL.to_vec();
         if loc.backend == BackendKind::Atlas && loc.path != "/" {
             for t in tags::STORED {
-                if tags::read_tag(&self.atlas, loc.parent_fd.as_raw_fd(), &loc.name, &loc.path, t).is_some() {
+                if tags::read_tag(
+                    &self.atlas,
+                    loc.parent_fd.as_raw_fd(),
+                    &loc.name,
+                    &loc.path,
+                    t,
+                )
+                .is_some()
+                {
                     extra.push(t);
                 }
             }
@@ -162,13 +198,22 @@ impl LabFs {
         sized(out, size)
     }
 
-    pub fn setxattr(&self, ctx: &Ctx, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+    pub fn setxattr(
+        &self,
+        ctx: &Ctx,
+        ino: u64,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+    ) -> Result<()> {
         let n = name.to_str().unwrap_or("");
         if crate::control::set(self, ctx, ino, n, value)? {
             return Ok(());
         }
         if n.starts_with(tags::PREFIX) {
-            return Err(Error::ReservedXattr { name: n.to_string() });
+            return Err(Error::ReservedXattr {
+                name: n.to_string(),
+            });
         }
         let creds = self.creds(ctx);
         let loc = self.locate_ino(&creds, ino)?;
@@ -178,7 +223,13 @@ impl LabFs {
         let _as = creds.assume();
         // SAFETY: valid C strings and value buffer.
         crate::error::check(unsafe {
-            libc::lsetxattr(p.as_ptr(), cname.as_ptr(), value.as_ptr() as *const libc::c_void, value.len(), flags)
+            libc::lsetxattr(
+                p.as_ptr(),
+                cname.as_ptr(),
+                value.as_ptr() as *const libc::c_void,
+                value.len(),
+                flags,
+            )
         })?;
         Ok(())
     }
@@ -186,7 +237,9 @@ impl LabFs {
     pub fn removexattr(&self, ctx: &Ctx, ino: u64, name: &OsStr) -> Result<()> {
         let n = name.to_str().unwrap_or("");
         if n.starts_with(tags::PREFIX) {
-            return Err(Error::ReservedXattr { name: n.to_string() });
+            return Err(Error::ReservedXattr {
+                name: n.to_string(),
+            });
         }
         let creds = self.creds(ctx);
         let loc = self.locate_ino(&creds, ino)?;

@@ -1,7 +1,7 @@
 //! One promotion job, on its own thread (plus a few copy workers), never on a FUSE
 //! thread and never holding a lock across I/O:
 //!
-//! plan -> journal `planned` -> stage (copy + digest + metadata + tags, fsync) ->
+//! plan -> journal `planned` -> stage (copy + digest + metadata + tags; one syncfs) ->
 //! journal `staged` -> verify (re-read every staged file against its digest) ->
 //! journal `verified` -> commit (rename into place, fsync the parent, store records) ->
 //! journal `committed` -> clean (remove the local copy, re-key inodes, invalidate
@@ -43,6 +43,17 @@ pub fn crash_point(at: &str) {
         // SAFETY: plain syscall; no core file for a deliberate crash.
         unsafe { libc::setrlimit(libc::RLIMIT_CORE, &none) };
         std::process::abort();
+    }
+}
+
+/// Test-only: `LABFS_PROMOTE_DELAY_MS=N` sleeps N ms after staging each file, so tests
+/// can observe a promotion in flight (see docs/promote.md).
+fn test_delay() {
+    if let Some(ms) = std::env::var("LABFS_PROMOTE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms.min(10_000)));
     }
 }
 
@@ -239,10 +250,17 @@ fn execute(fs: &LabFs, job: &Job) -> JobResult<String> {
         .map_err(failed("writing the promotion journal"))?;
     crash_point("planned");
 
-    if let Err(e) = stage(fs, job, &mut j).and_then(|()| verify(fs, job, &mut j)) {
+    let t0 = std::time::Instant::now();
+    let mut t_staged = t0;
+    let staged_verified = stage(fs, job, &mut j).and_then(|()| {
+        t_staged = std::time::Instant::now();
+        verify(fs, job, &mut j)
+    });
+    if let Err(e) = staged_verified {
         rollback(fs, &j);
         return Err(e);
     }
+    let t_verified = std::time::Instant::now();
     job.set_phase(Phase::Committing);
     let renamed = commit(fs, &j);
     match renamed {
@@ -263,6 +281,7 @@ fn execute(fs: &LabFs, job: &Job) -> JobResult<String> {
     j.save(&fs.local)
         .map_err(failed("writing the promotion journal (committed)"))?;
     crash_point("committed");
+    let t_committed = std::time::Instant::now();
 
     job.set_phase(Phase::Cleaning);
     let kept = clean_entries(fs, &j, false, &|m| job.warn(m)).map_err(|e| match e {
@@ -272,6 +291,16 @@ fn execute(fs: &LabFs, job: &Job) -> JobResult<String> {
         other => other,
     })?;
     finish(fs, &j);
+    let t_done = std::time::Instant::now();
+    info!(
+        id = %job.id,
+        "{path}: planned in {:.3} s, staged in {:.3} s, verified in {:.3} s, committed in {:.3} s, cleaned in {:.3} s",
+        t0.saturating_duration_since(job.created).as_secs_f64(),
+        t_staged.saturating_duration_since(t0).as_secs_f64(),
+        t_verified.saturating_duration_since(t_staged).as_secs_f64(),
+        t_committed.saturating_duration_since(t_verified).as_secs_f64(),
+        t_done.saturating_duration_since(t_committed).as_secs_f64(),
+    );
     let files = j.entries.iter().filter(|e| !e.is_dir()).count();
     let bytes: u64 = j
         .entries
@@ -507,6 +536,8 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
         }
     }
     let sfd = staging_fd(fs, j).map_err(failed("opening the staging directory"))?;
+    let sync_fd =
+        util::syncfs_handle(sfd.as_raw_fd()).map_err(failed("opening the staging directory"))?;
     // Directories first, parents before children (mode 0700 until they are complete).
     for e in j.entries.iter().filter(|e| e.is_dir()) {
         let sr = Journal::staged_rel(&e.rel);
@@ -533,6 +564,7 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
             };
             results.lock().insert(i, info);
             job.files_done.fetch_add(1, Ordering::Relaxed);
+            test_delay();
             Ok(())
         })?;
     }
@@ -590,7 +622,7 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
         }
         job.files_done.fetch_add(1, Ordering::Relaxed);
     }
-    // Directories last, children before parents: metadata, tags, fsync, times.
+    // Directories last, children before parents: metadata, tags, times.
     let snapshot = j.clone();
     for i in (0..j.entries.len()).rev() {
         if !j.entries[i].is_dir() {
@@ -602,7 +634,9 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
         let ino = stage_dir_meta(fs, job, &snapshot, &snapshot.entries[i], &sfd)?;
         j.entries[i].staged_ino = Some(ino);
     }
-    util::fsync_dir(sfd.as_raw_fd()).map_err(failed("fsync of the staging directory"))?;
+    // Everything staged is durable once syncfs succeeds (one call for the whole tree
+    // instead of an fsync per file and directory).
+    util::syncfs(sync_fd.as_raw_fd()).map_err(failed("syncfs of Atlas after staging"))?;
     j.state = State::Staged;
     j.save(&fs.local)
         .map_err(failed("writing the promotion journal (staged)"))?;
@@ -674,7 +708,7 @@ fn stage_file(
         &tags_for(j, &with_digest),
     )?;
     util::set_times_fd(dst.as_raw_fd(), &st).map_err(failed(format!("{ns}: timestamps")))?;
-    util::fsync_fd(dst.as_raw_fd()).map_err(failed(format!("{ns}: fsync on Atlas")))?;
+    util::start_writeback(dst.as_raw_fd());
     let ino = fstat(dst.as_raw_fd()).map_err(failed(&ns))?.st_ino;
     Ok(StagedInfo {
         digest: Some(digest),
@@ -766,7 +800,6 @@ fn stage_dir_meta(fs: &LabFs, job: &Job, j: &Journal, e: &Entry, sfd: &OwnedFd) 
     (times.st_atime, times.st_atime_nsec) = e.atime;
     (times.st_mtime, times.st_mtime_nsec) = e.mtime;
     util::set_times_fd(dst.as_raw_fd(), &times).map_err(failed(format!("{ns}: timestamps")))?;
-    util::fsync_fd(dst.as_raw_fd()).map_err(failed(format!("{ns}: fsync on Atlas")))?;
     Ok(fstat(dst.as_raw_fd()).map_err(failed(&ns))?.st_ino)
 }
 
@@ -863,7 +896,7 @@ fn tag_existing(fs: &LabFs, ns: &str, t: &BTreeMap<String, String>) -> Result<()
         set_tag_xattrs(fd.as_raw_fd(), t)?
     };
     if !in_xattr {
-        tags::write_record(&fs.atlas, ns, st.st_ino, t)?;
+        tags::write_record(&fs.atlas, ns, st.st_ino, t, true)?;
     }
     Ok(())
 }
@@ -930,8 +963,10 @@ fn commit(fs: &LabFs, j: &Journal) -> std::result::Result<(), (usize, JobError)>
 }
 
 /// Store records for every promoted object whose tags are not in its xattrs.
-pub fn write_store_records(fs: &LabFs, j: &Journal) -> JobResult<()> {
+fn write_store_records(fs: &LabFs, j: &Journal) -> JobResult<()> {
     let entries: Vec<&Entry> = j.entries.iter().collect();
+    let root = fs.atlas.open_dir("/").map_err(failed("Atlas root"))?;
+    let sync_fd = util::syncfs_handle(root.as_raw_fd()).map_err(failed("Atlas root"))?;
     parallel(&entries, |e, _| {
         let ns = j.ns_path(&e.rel);
         let (dir, name) = split(&ns);
@@ -944,9 +979,10 @@ pub fn write_store_records(fs: &LabFs, j: &Journal) -> JobResult<()> {
         if tags::get_xattr(pfd.as_raw_fd(), &c, tags::CLASS).is_some() {
             return Ok(());
         }
-        tags::write_record(&fs.atlas, &ns, st.st_ino, &tags_for(j, e))
+        tags::write_record(&fs.atlas, &ns, st.st_ino, &tags_for(j, e), false)
             .map_err(failed(format!("{ns}: writing its tag record on Atlas")))
-    })
+    })?;
+    util::syncfs(sync_fd.as_raw_fd()).map_err(failed("syncfs of Atlas after writing tag records"))
 }
 
 /// Remove the local copy (only what was promoted, unchanged and not open), re-keying

@@ -175,7 +175,7 @@ fn store_records(fs: &LabFs, j: &Journal) -> Result<(), String> {
             }
         };
         if !in_xattr {
-            crate::tags::write_record(&fs.atlas, &ns, st.st_ino, &t)
+            crate::tags::write_record(&fs.atlas, &ns, st.st_ino, &t, true)
                 .map_err(|err| format!("{ns}: writing its tag record: {err}"))?;
         }
     }

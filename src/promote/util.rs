@@ -186,6 +186,27 @@ pub fn timespecs(st: &libc::stat) -> [libc::timespec; 2] {
     ]
 }
 
+/// A descriptor to [`syncfs`] the filesystem of `dirfd` with; open it *before* the
+/// writes it must make durable (syncfs reports writeback errors seen since then).
+pub fn syncfs_handle(dirfd: RawFd) -> Result<OwnedFd> {
+    open_under(dirfd, ".", libc::O_RDONLY | libc::O_DIRECTORY, 0)
+}
+
+/// Make everything written to the filesystem of `fd` durable (one call instead of an
+/// fsync per file and directory), reporting any writeback error since `fd` was opened.
+pub fn syncfs(fd: RawFd) -> Result<()> {
+    // SAFETY: valid descriptor.
+    check(unsafe { libc::syncfs(fd) })?;
+    Ok(())
+}
+
+/// Start writing a file's dirty pages back now (asynchronously), so the final
+/// [`syncfs`] has less left to wait for.
+pub fn start_writeback(fd: RawFd) {
+    // SAFETY: valid descriptor; a hint whose errors [`syncfs`] reports anyway.
+    unsafe { libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
 /// Set atime and mtime of `name` in `dirfd` (not following a symlink).
 pub fn set_times_at(dirfd: RawFd, name: &CStr, st: &libc::stat) -> Result<()> {
     let t = timespecs(st);
