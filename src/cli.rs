@@ -180,6 +180,10 @@ pub fn init_logging_to(level: Option<&str>, file: Option<&Path>) -> Result<(), S
 
 pub fn load_config(path: &Path) -> Result<Config, i32> {
     Config::load(path).map_err(|e| {
+        if e.operational {
+            eprintln!("labfs: {}: nothing mounted:\n{e}", path.display());
+            return EXIT_FAIL;
+        }
         eprintln!(
             "labfs: {}: invalid rules file, nothing mounted:\n{e}",
             path.display()

@@ -122,6 +122,9 @@ impl Default for HealthConfig {
 pub struct ConfigErrors {
     pub source: PathBuf,
     pub errors: Vec<ConfigError>,
+    /// The file is fine but the machine is not (a storage path that does not answer):
+    /// an operational error (exit 1), not a configuration error (exit 2).
+    pub operational: bool,
 }
 
 /// One problem, at a 1-based line (0 when it belongs to no line).
@@ -154,15 +157,44 @@ impl Config {
     }
 
     /// Reads and parses a rules file, checking the storage directories exist.
+    ///
+    /// Checking the storage paths touches the Atlas NFS mount, which may hang: that
+    /// check runs on a helper thread and gives up after `[atlas] timeout`.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => Config::parse(&text, path, true),
-            Err(e) => Err(ConfigErrors {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            source: path.to_path_buf(),
+            errors: vec![ConfigError {
+                line: 0,
+                message: format!("cannot read the rules file: {e}"),
+            }],
+            operational: false,
+        })?;
+        let offline = Config::parse(&text, path, false)?;
+        let bound = offline.atlas_health.timeout;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (t, p) = (text.clone(), path.to_path_buf());
+        let spawned = std::thread::Builder::new()
+            .name("config-check".into())
+            .spawn(move || {
+                let _ = tx.send(Config::parse(&t, &p, true));
+            });
+        if spawned.is_err() {
+            return Config::parse(&text, path, true);
+        }
+        match rx.recv_timeout(bound) {
+            Ok(r) => r,
+            Err(_) => Err(ConfigErrors {
                 source: path.to_path_buf(),
                 errors: vec![ConfigError {
                     line: 0,
-                    message: format!("cannot read the rules file: {e}"),
+                    message: format!(
+                        "storage paths {} and {} did not answer within {:?}: is the Atlas NFS server up and the export mounted?",
+                        offline.storage.atlas.display(),
+                        offline.storage.local.display(),
+                        bound
+                    ),
                 }],
+                operational: true,
             }),
         }
     }
@@ -174,6 +206,7 @@ impl Config {
         let fail = |errors| ConfigErrors {
             source: source.to_path_buf(),
             errors,
+            operational: false,
         };
         let parsed = parse_text(text, check_paths, true).map_err(fail)?;
         let Some(storage) = parsed.storage else {

@@ -757,12 +757,14 @@ impl Filesystem for LabFuse {
     ) {
         let c = ctx(req);
         let n = name.to_os_string();
-        self.run(
+        self.run_hedged(
             self.lane_child(parent, name),
             "mknod",
             reply,
             move |fs| fs.mknod(&c, parent.0, &n, mode, umask, rdev),
             entry_ok,
+            None,
+            forget_late,
         );
     }
 
@@ -777,7 +779,7 @@ impl Filesystem for LabFuse {
     ) {
         let c = ctx(req);
         let n = name.to_os_string();
-        self.run(
+        self.run_hedged(
             self.lane_child(parent, name),
             "mkdir",
             reply,
@@ -787,6 +789,8 @@ impl Filesystem for LabFuse {
                 Ok(e)
             },
             entry_ok,
+            None,
+            forget_late,
         );
     }
 
@@ -833,12 +837,14 @@ impl Filesystem for LabFuse {
         let c = ctx(req);
         let n = link_name.to_os_string();
         let t = target.as_os_str().to_os_string();
-        self.run(
+        self.run_hedged(
             self.lane_child(parent, link_name),
             "symlink",
             reply,
             move |fs| fs.symlink(&c, parent.0, &n, &t),
             entry_ok,
+            None,
+            forget_late,
         );
     }
 
@@ -880,12 +886,14 @@ impl Filesystem for LabFuse {
     ) {
         let c = ctx(req);
         let n = newname.to_os_string();
-        self.run(
+        self.run_hedged(
             self.lane_ino(ino),
             "link",
             reply,
             move |fs| fs.link(&c, ino.0, newparent.0, &n),
             entry_ok,
+            None,
+            forget_late,
         );
     }
 
@@ -1357,6 +1365,12 @@ impl Filesystem for LabFuse {
             |r, n| r.written(n),
         );
     }
+}
+
+/// An entry made on Atlas after its request was answered ETIMEDOUT: the kernel never
+/// got it, so the lookup it counted is dropped.
+fn forget_late(fs: &LabFs, e: EntryOut) {
+    fs.forget(e.attr.ino, 1);
 }
 
 fn entry_ok(reply: ReplyEntry, e: EntryOut) {

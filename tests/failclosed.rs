@@ -1015,7 +1015,6 @@ fn frozen_atlas_refuses_fast_even_with_many_stuck_requests() {
 }
 
 #[test]
-#[ignore = "labfs hangs in Config::load (storage_dir stats storage.atlas unbounded) before the bounded identity check runs; enable once that check is bounded"]
 fn mount_refused_when_atlas_does_not_answer() {
     let lab = FrozenLab::new(false);
     lab.freeze();

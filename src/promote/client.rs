@@ -189,8 +189,10 @@ fn promote_one(path: &Path, json: bool, merge: bool, wait: bool) -> i32 {
         Err(e) => return fail(json, &shown, format!("{shown}: {e}")),
     };
     // Is this a labfs mount at all? (Listing jobs is cheap and changes nothing.)
-    if let Err(e) = lget(&target, CTL_PROMOTE) {
-        return fail(json, &shown, explain_errno(&e, &shown, &target));
+    match lget(&target, CTL_PROMOTE) {
+        Ok(_) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ERANGE) => {}
+        Err(e) => return fail(json, &shown, explain_errno(&e, &shown, &target)),
     }
     let mut id = super::util::random_hex(8);
     let mut tries = 0;

@@ -708,7 +708,6 @@ fn stage_file(
         &tags_for(j, &with_digest),
     )?;
     util::set_times_fd(dst.as_raw_fd(), &st).map_err(failed(format!("{ns}: timestamps")))?;
-    util::start_writeback(dst.as_raw_fd());
     let ino = fstat(dst.as_raw_fd()).map_err(failed(&ns))?.st_ino;
     Ok(StagedInfo {
         digest: Some(digest),
@@ -993,32 +992,32 @@ pub fn clean_entries(
     fs: &LabFs,
     j: &Journal,
     recovering: bool,
-    warn_fn: &dyn Fn(String),
+    warn_fn: &(dyn Fn(String) + Sync),
 ) -> JobResult<usize> {
     // Pass 1: decide what is kept, before any unlink changes link counts and ctimes.
-    let mut keep: BTreeSet<usize> = BTreeSet::new();
+    let keep: Mutex<BTreeSet<usize>> = Mutex::new(BTreeSet::new());
     let open = if recovering {
         Default::default()
     } else {
         util::open_files()
     };
-    let mut buf = vec![0u8; copy::CHUNK];
     let digests: HashMap<&str, &str> = j
         .entries
         .iter()
         .filter(|e| e.kind == EntryKind::File)
         .filter_map(|e| e.digest.as_deref().map(|d| (e.rel.as_str(), d)))
         .collect();
-    for (i, e) in j.entries.iter().enumerate() {
-        if e.is_dir() {
-            continue;
-        }
+    let files: Vec<usize> = (0..j.entries.len())
+        .filter(|&i| !j.entries[i].is_dir())
+        .collect();
+    parallel(&files, |&i, buf| {
+        let e = &j.entries[i];
         let ns = j.ns_path(&e.rel);
         let Some(st) = local_lstat(fs, &ns).map_err(failed(&ns))? else {
-            continue;
+            return Ok(());
         };
         let why = if recovering {
-            (!same_on_both(fs, e, &ns, &digests, &mut buf)).then_some("changed since it was copied")
+            (!same_on_both(fs, e, &ns, &digests, buf)).then_some("changed since it was copied")
         } else if changed(e, &st) {
             Some("changed during the promotion")
         } else if open.contains(&(e.dev, e.ino))
@@ -1038,68 +1037,82 @@ pub fn clean_entries(
                 "{ns}: {why}; its local copy is kept (and still shadows the promoted copy): \
                  promote again with --merge once it is closed"
             ));
-            keep.insert(i);
+            keep.lock().insert(i);
         }
-    }
-    // Pass 2: children before parents.
-    let mut removed_any = false;
-    for (i, e) in j.entries.iter().enumerate().rev() {
-        if keep.contains(&i) {
-            continue;
-        }
-        let ns = j.ns_path(&e.rel);
-        let (dir, name) = split(&ns);
-        let pfd = match fs.local.open_dir(dir) {
-            Ok(fd) => fd,
-            Err(err) if err.errno() == libc::ENOENT => continue,
-            Err(err) => return Err(failed(&ns)(err)),
-        };
-        let c = cstr(name).map_err(failed(&ns))?;
-        let atlas_st = plan::atlas_lstat(fs, &ns).map_err(failed(format!("{ns} on Atlas")))?;
-        let Some(atlas_st) = atlas_st else {
-            // Never remove a local object whose Atlas copy is not there.
-            warn_fn(format!("{ns}: not found on Atlas; the local copy is kept"));
-            continue;
-        };
-        let known = if recovering {
-            None
-        } else {
-            fs.inodes.peek(&entry_key(e))
-        };
-        let atlas_key = crate::fs::key_of(BackendKind::Atlas, &atlas_st);
-        if let Some(ino) = known {
-            fs.promote_rekey(ino, atlas_key, false);
-        }
-        match util::unlink_at(pfd.as_raw_fd(), &c, e.is_dir()) {
-            Ok(()) => {
-                removed_any = true;
-                if let Some(ino) = known {
-                    fs.promote_rekey(ino, atlas_key, true);
-                }
-            }
-            Err(err) if err.errno() == libc::ENOENT => {}
-            Err(err)
-                if e.is_dir()
-                    && (err.errno() == libc::ENOTEMPTY || err.errno() == libc::EEXIST) =>
-            {
-                // New files were created in it meanwhile: it stays as a structural
-                // local directory next to the promoted one.
-                if let Some(ino) = known {
-                    if let Ok(st) = fstatat(pfd.as_raw_fd(), &c) {
-                        fs.promote_rekey(ino, crate::fs::key_of(BackendKind::Local, &st), false);
-                    }
-                }
-            }
-            Err(err) => return Err(failed(format!("removing the local copy of {ns}"))(err)),
-        }
-        if removed_any && !recovering {
+        Ok(())
+    })?;
+    let keep = keep.into_inner();
+    // Pass 2: files (in parallel), then directories, children before parents.
+    let files: Vec<usize> = files.into_iter().filter(|i| !keep.contains(i)).collect();
+    parallel(&files, |&i, _| {
+        if remove_local(fs, j, &j.entries[i], recovering, warn_fn)? && !recovering {
             crash_point("cleaning");
         }
+        Ok(())
+    })?;
+    for e in j.entries.iter().rev().filter(|e| e.is_dir()) {
+        remove_local(fs, j, e, recovering, warn_fn)?;
     }
     if let Ok(fd) = fs.local.open_dir(split(&j.path).0) {
         let _ = util::fsync_dir(fd.as_raw_fd());
     }
     Ok(keep.len())
+}
+
+/// Remove one promoted object's local copy (re-keying its inode number to the Atlas
+/// object first); `Ok(true)` when something was removed.
+fn remove_local(
+    fs: &LabFs,
+    j: &Journal,
+    e: &Entry,
+    recovering: bool,
+    warn_fn: &(dyn Fn(String) + Sync),
+) -> JobResult<bool> {
+    let ns = j.ns_path(&e.rel);
+    let (dir, name) = split(&ns);
+    let pfd = match fs.local.open_dir(dir) {
+        Ok(fd) => fd,
+        Err(err) if err.errno() == libc::ENOENT => return Ok(false),
+        Err(err) => return Err(failed(&ns)(err)),
+    };
+    let c = cstr(name).map_err(failed(&ns))?;
+    let Some(atlas_st) = plan::atlas_lstat(fs, &ns).map_err(failed(format!("{ns} on Atlas")))?
+    else {
+        // Never remove a local object whose Atlas copy is not there.
+        warn_fn(format!("{ns}: not found on Atlas; the local copy is kept"));
+        return Ok(false);
+    };
+    let known = if recovering {
+        None
+    } else {
+        fs.inodes.peek(&entry_key(e))
+    };
+    let atlas_key = crate::fs::key_of(BackendKind::Atlas, &atlas_st);
+    if let Some(ino) = known {
+        fs.promote_rekey(ino, atlas_key, false);
+    }
+    match util::unlink_at(pfd.as_raw_fd(), &c, e.is_dir()) {
+        Ok(()) => {
+            if let Some(ino) = known {
+                fs.promote_rekey(ino, atlas_key, true);
+            }
+            Ok(true)
+        }
+        Err(err) if err.errno() == libc::ENOENT => Ok(false),
+        Err(err)
+            if e.is_dir() && (err.errno() == libc::ENOTEMPTY || err.errno() == libc::EEXIST) =>
+        {
+            // New files were created in it meanwhile (or kept ones are in it): it
+            // stays as a structural local directory next to the promoted one.
+            if let Some(ino) = known {
+                if let Ok(st) = fstatat(pfd.as_raw_fd(), &c) {
+                    fs.promote_rekey(ino, crate::fs::key_of(BackendKind::Local, &st), false);
+                }
+            }
+            Ok(false)
+        }
+        Err(err) => Err(failed(format!("removing the local copy of {ns}"))(err)),
+    }
 }
 
 /// Recovery's check before removing a local file: the local content, the journal's

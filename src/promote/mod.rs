@@ -142,13 +142,16 @@ pub fn in_flight_list() -> Vec<InFlight> {
 /// Answer a promote control getxattr; `None` when `name` is not one of ours.
 pub fn control_get(_fs: &LabFs, ctx: &Ctx, _ino: u64, name: &str) -> Option<Result<Vec<u8>>> {
     if name == CTL_PROMOTE {
-        let list: Vec<job::Progress> = registry()
+        // The caller's jobs (all for root), newest first, bounded to fit an xattr.
+        let mut jobs: Vec<Arc<Job>> = registry()
             .jobs
             .lock()
             .values()
             .filter(|j| ctx.uid == 0 || j.ctx.uid == ctx.uid)
-            .map(|j| j.progress())
+            .cloned()
             .collect();
+        jobs.sort_by_key(|j| std::cmp::Reverse(j.created));
+        let list: Vec<job::Progress> = jobs.iter().take(50).map(|j| j.progress()).collect();
         return Some(Ok(serde_json::to_vec(&list).unwrap_or_default()));
     }
     let id = name.strip_prefix(CTL_JOB_PREFIX)?;

@@ -41,6 +41,11 @@ pub fn run(fs: &LabFs) {
                 "promotion journal {id}: {msg}; left in place and nothing touched (inspect {}/{id}.json)",
                 super::journal::DIR
             ),
+            Ok(j) if j.version != 1 => error!(
+                "promotion journal {id}: version {} is not understood by this labfs; left in place \
+                 and nothing touched",
+                j.version
+            ),
             Ok(mut j) => recover_one(fs, &mut j),
         }
     }

@@ -200,13 +200,6 @@ pub fn syncfs(fd: RawFd) -> Result<()> {
     Ok(())
 }
 
-/// Start writing a file's dirty pages back now (asynchronously), so the final
-/// [`syncfs`] has less left to wait for.
-pub fn start_writeback(fd: RawFd) {
-    // SAFETY: valid descriptor; a hint whose errors [`syncfs`] reports anyway.
-    unsafe { libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
-}
-
 /// Set atime and mtime of `name` in `dirfd` (not following a symlink).
 pub fn set_times_at(dirfd: RawFd, name: &CStr, st: &libc::stat) -> Result<()> {
     let t = timespecs(st);
