@@ -36,8 +36,9 @@ use crate::rules::{BackendKind, Class};
 
 /// Threads of the Atlas lane: how many Atlas calls may be outstanding at once.
 const ATLAS_WORKERS: usize = 16;
-/// Bytes of entries prepared per readdir request: the kernel's buffer is one page.
-const READDIR_BATCH: usize = 4096;
+/// Bytes of entries prepared per readdir request: the kernel asks for up to the
+/// caller's getdents buffer (32 KiB for ls); entries that do not fit are forgotten.
+const READDIR_BATCH: usize = 32 * 1024;
 
 fn kind(k: Kind) -> FileType {
     match k {
@@ -498,7 +499,7 @@ impl Passthrough {
     fn reply_open(&self, ino: u64, o: Opened, reply: ReplyOpen) {
         match self.backing_for(ino, &o, |fd| reply.open_backing(fd)) {
             Ok(id) => {
-                reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), &id);
+                reply.opened_passthrough(FileHandle(o.fh), pass_flags(&o), &id);
                 self.fh_backing.insert(o.fh, id);
             }
             Err(direct) => reply.opened(FileHandle(o.fh), open_flags(&o, direct)),
@@ -514,7 +515,7 @@ impl Passthrough {
                     &attr,
                     Generation(0),
                     FileHandle(o.fh),
-                    FopenFlags::empty(),
+                    pass_flags(&o),
                     &id,
                 );
                 self.fh_backing.insert(o.fh, id);
@@ -573,14 +574,37 @@ impl Passthrough {
     }
 }
 
-fn open_flags(o: &Opened, direct: bool) -> FopenFlags {
-    if direct {
-        return FopenFlags::FOPEN_DIRECT_IO;
-    }
+/// Flags of an open served by kernel passthrough.
+fn pass_flags(o: &Opened) -> FopenFlags {
     match o.backend {
-        // labfs is the only writer of the local SSD: keep the page cache across opens.
-        BackendKind::Local => FopenFlags::FOPEN_KEEP_CACHE,
+        // close(2) on the SSD reports nothing a FLUSH could add: skip the round trip.
+        BackendKind::Local => FopenFlags::FOPEN_NOFLUSH,
+        // NFS reports deferred write errors at close: keep FLUSH.
         BackendKind::Atlas => FopenFlags::empty(),
+    }
+}
+
+fn open_flags(o: &Opened, direct: bool) -> FopenFlags {
+    let base = if direct {
+        FopenFlags::FOPEN_DIRECT_IO
+    } else {
+        match o.backend {
+            // labfs is the only writer of the local SSD: keep the page cache across opens.
+            BackendKind::Local => FopenFlags::FOPEN_KEEP_CACHE,
+            BackendKind::Atlas => FopenFlags::empty(),
+        }
+    };
+    base | pass_flags(o)
+}
+
+/// Flags of an opened directory: a directory only labfs writes (local, no Atlas part)
+/// may be listed from the kernel's cache, which the kernel drops itself when an entry
+/// changes through the mount.
+fn dir_flags(local_only: bool) -> FopenFlags {
+    if local_only {
+        FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+    } else {
+        FopenFlags::empty()
     }
 }
 
@@ -607,7 +631,10 @@ impl Filesystem for LabFuse {
             | InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_CACHE_SYMLINKS
             // The kernel enforces POSIX ACLs (stored on the backend) like mode bits.
-            | InitFlags::FUSE_POSIX_ACL;
+            | InitFlags::FUSE_POSIX_ACL
+            // labfs clears setuid/setgid itself when the kernel says so; in return the
+            // kernel stops asking for security.capability before every write.
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let _ = config.add_capabilities(want & caps);
         if caps.contains(InitFlags::FUSE_PASSTHROUGH)
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
@@ -938,11 +965,14 @@ impl Filesystem for LabFuse {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            self.fs.kill_suid_sgid(fh.0);
+        }
         if self.lane_ino(ino) == BackendKind::Local {
             match crate::stats::timed(BackendKind::Local, |fs: &LabFs| {
                 fs.write(fh.0, offset, data)
@@ -1037,12 +1067,13 @@ impl Filesystem for LabFuse {
                 },
             ) as Fallback<ReplyOpen>
         });
+        let flags = dir_flags(lane == BackendKind::Local);
         self.run_hedged(
             lane,
             "opendir",
             reply,
             move |fs| fs.opendir(&c, ino.0),
-            |r, fh| r.opened(FileHandle(fh), FopenFlags::empty()),
+            move |r, fh| r.opened(FileHandle(fh), flags),
             fallback,
             |fs, fh| fs.releasedir(fh),
         );

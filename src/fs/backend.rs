@@ -227,7 +227,7 @@ impl Creds {
     pub fn assume(&self) -> CredGuard {
         let prev = CURRENT.with(|c| c.borrow().clone());
         if prev.as_ref() != Some(self) {
-            apply(self);
+            apply(prev.as_ref(), self);
             CURRENT.with(|c| *c.borrow_mut() = Some(self.clone()));
         }
         CredGuard { prev }
@@ -244,13 +244,16 @@ impl Drop for CredGuard {
         let want = self.prev.take().unwrap_or_else(Creds::root);
         let cur = CURRENT.with(|c| c.borrow().clone());
         if cur.as_ref() != Some(&want) {
-            apply(&want);
+            apply(cur.as_ref(), &want);
             CURRENT.with(|c| *c.borrow_mut() = Some(want));
         }
     }
 }
 
-fn apply(c: &Creds) {
+/// Change the thread's credentials from `cur` (unknown: `None`) to `c`, making only
+/// the syscalls for what differs: a request from the same caller as the last one, or
+/// from root, costs nothing.
+fn apply(cur: Option<&Creds>, c: &Creds) {
     UNSHARED.with(|u| {
         if !*u.borrow() {
             // A private fs_struct makes umask per thread.
@@ -259,15 +262,22 @@ fn apply(c: &Creds) {
             *u.borrow_mut() = true;
         }
     });
-    // Raw syscalls: glibc's setgroups/setresuid broadcast to every thread, these must not.
-    // Order: become root for fs first so the group change is permitted, then drop.
+    // Raw syscalls: glibc's setgroups/setresuid broadcast to every thread, these must
+    // not. CAP_SETUID/CAP_SETGID stay effective whatever the fsuid, so the order of the
+    // calls does not matter for permission.
     // SAFETY: these syscalls only change the calling thread's credentials.
     unsafe {
-        libc::syscall(libc::SYS_setfsuid, 0);
-        libc::syscall(libc::SYS_setfsgid, 0);
-        libc::syscall(libc::SYS_setgroups, c.groups.len(), c.groups.as_ptr());
-        libc::syscall(libc::SYS_setfsgid, c.gid);
-        libc::syscall(libc::SYS_setfsuid, c.uid);
-        libc::umask(c.umask as libc::mode_t);
+        if cur.is_none_or(|p| p.groups != c.groups) {
+            libc::syscall(libc::SYS_setgroups, c.groups.len(), c.groups.as_ptr());
+        }
+        if cur.is_none_or(|p| p.gid != c.gid) {
+            libc::syscall(libc::SYS_setfsgid, c.gid);
+        }
+        if cur.is_none_or(|p| p.uid != c.uid) {
+            libc::syscall(libc::SYS_setfsuid, c.uid);
+        }
+        if cur.is_none_or(|p| p.umask != c.umask) {
+            libc::umask(c.umask as libc::mode_t);
+        }
     }
 }

@@ -166,6 +166,27 @@ impl LabFs {
         }
     }
 
+    /// The kernel asks labfs to drop setuid/setgid before a write by someone without
+    /// CAP_FSETID (FUSE_HANDLE_KILLPRIV_V2): labfs writes as root, whose writes would
+    /// keep them, so it clears them itself.
+    pub fn kill_suid_sgid(&self, fh: u64) {
+        if let Some(h) = self.handles.file(fh) {
+            if let Ok(st) = super::backend::fstat(h.fd.as_raw_fd()) {
+                let mode = st.st_mode & 0o7777;
+                let mut new = mode & !libc::S_ISUID;
+                // setgid without group execute is mandatory locking, not a privilege.
+                if mode & libc::S_IXGRP != 0 {
+                    new &= !libc::S_ISGID;
+                }
+                if new != mode {
+                    let _root = super::Creds::root().assume();
+                    // SAFETY: valid descriptor.
+                    unsafe { libc::fchmod(h.fd.as_raw_fd(), new) };
+                }
+            }
+        }
+    }
+
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let h = self.file(fh)?;
         let mut buf = vec![0u8; size as usize];

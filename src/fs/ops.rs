@@ -353,6 +353,22 @@ impl LabFs {
             self.check_writable(ctx, &loc.path, &loc.placement)?;
         }
         let handle = set.fh.and_then(|fh| self.handles.file(fh));
+        if !set.is_write() {
+            // With FUSE_HANDLE_KILLPRIV_V2 an otherwise empty setattr is the kernel's
+            // "kill setuid/setgid" (FATTR_KILL_SUIDGID), sent before a write that goes
+            // straight to the backing file (passthrough) by someone without
+            // CAP_FSETID; the write itself runs with root's backing credentials.
+            let mode = loc.stat.st_mode & 0o7777;
+            let mut new = mode & !libc::S_ISUID;
+            if mode & libc::S_IXGRP != 0 {
+                new &= !libc::S_ISGID;
+            }
+            if new != mode && loc.stat.st_mode & libc::S_IFMT == libc::S_IFREG {
+                let _root = Creds::root().assume();
+                // SAFETY: valid dirfd and C string.
+                check(unsafe { libc::fchmodat(loc.parent_fd.as_raw_fd(), loc.name.as_ptr(), new, 0) })?;
+            }
+        }
         let _as = creds.assume();
         let pfd = loc.parent_fd.as_raw_fd();
         let name = loc.name.as_ptr();

@@ -57,11 +57,51 @@ fn test_delay() {
     }
 }
 
+/// Jobs that run at once; later ones wait in state `queued`.
+const MAX_RUNNING: usize = 2;
+
+static RUNNING: parking_lot::Mutex<usize> = parking_lot::Mutex::new(0);
+static SLOT_FREED: parking_lot::Condvar = parking_lot::Condvar::new();
+
+/// One of the [`MAX_RUNNING`] places, held while a job runs.
+struct Slot;
+
+impl Slot {
+    fn take(job: &Job) -> std::result::Result<Slot, String> {
+        let mut n = RUNNING.lock();
+        while *n >= MAX_RUNNING {
+            if stop_requested(job) {
+                return Err("stopped while queued; nothing was changed".into());
+            }
+            SLOT_FREED.wait_for(&mut n, Duration::from_millis(200));
+        }
+        *n += 1;
+        Ok(Slot)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        *RUNNING.lock() -= 1;
+        SLOT_FREED.notify_one();
+    }
+}
+
 /// Run a job to its end and record the outcome.
 pub fn run(fs: &Arc<LabFs>, job: &Arc<Job>) {
     let _root = Creds::root().assume();
+    let slot = match Slot::take(job) {
+        Ok(s) => s,
+        Err(e) => {
+            job.set_error(e);
+            job.set_phase(Phase::Interrupted);
+            return;
+        }
+    };
     job.set_phase(Phase::Planning);
-    match execute(fs, job) {
+    let outcome = execute(fs, job);
+    drop(slot);
+    match outcome {
         Ok(msg) => {
             info!(id = %job.id, "promoted {}: {msg}", job.path);
             job.set_message(msg);
@@ -153,6 +193,21 @@ fn check_caller(fs: &LabFs, job: &Job) -> JobResult<()> {
         return Err(refuse(std::io::Error::last_os_error().to_string()));
     }
     drop(_as);
+    // A sticky directory (like /tmp) lets only the owner of an entry (or of the
+    // directory) move it away, as rename(2) does.
+    if loc.stat.st_mode & libc::S_ISVTX != 0
+        && job.creds.uid != 0
+        && job.creds.uid != loc.stat.st_uid
+    {
+        let me = fs
+            .locate(&job.creds, &job.path)
+            .map_err(|e| refuse(e.to_string()))?;
+        if me.stat.st_uid != job.creds.uid {
+            return Err(refuse(
+                "the directory is sticky and you own neither it nor the entry".to_string(),
+            ));
+        }
+    }
     fs.check_writable(&job.ctx, &job.path, &fs.placement(&job.path))
         .map_err(|e| JobError::Refused(e.to_string()))
 }
