@@ -144,6 +144,9 @@ fn promote_single_file_tags_visible_on_mount_and_atlas() {
     );
     assert_eq!(read(&f), "result 42\n");
     assert_eq!(ino(&f), before_ino, "ls -i does not change");
+    if drop_kernel_caches() {
+        assert_eq!(ino(&f), before_ino, "nor after the kernel forgot the inode");
+    }
 
     let a = labfs_attrs(&lab, &f);
     assert_eq!(

@@ -359,7 +359,7 @@ impl LabFs {
         if let Some(known) = self.inodes.peek(&key) {
             // Known under another name (renamed): not what this name leads to.
             let n = self.inodes.get(known)?;
-            if n.parent != parent || n.name != name {
+            if n.parent != parent || *n.name != *name {
                 return None;
             }
         }

@@ -20,7 +20,7 @@
 //! table holds exactly what the kernel holds. The table is sharded (dashmap) and no
 //! lock is held across a backend call.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::mapref::entry::Entry;
@@ -50,10 +50,11 @@ pub struct BackingKey {
 pub struct Node {
     /// Where it was last seen in the namespace (for hard links: the latest name).
     pub parent: u64,
-    pub name: OsString,
+    pub name: Box<OsStr>,
     /// `None` once the object is gone from its backend (last link removed).
     pub key: Option<BackingKey>,
-    pub nlookup: u64,
+    /// Lookups the kernel holds (u32: the kernel forgets long before 4 billion).
+    pub nlookup: u32,
     pub is_dir: bool,
 }
 
@@ -92,7 +93,7 @@ impl InodeTable {
             ROOT_INO,
             Node {
                 parent: ROOT_INO,
-                name: OsString::new(),
+                name: OsString::new().into_boxed_os_str(),
                 key: None,
                 nlookup: 1,
                 is_dir: true,
@@ -125,7 +126,7 @@ impl InodeTable {
         if ino == ROOT_INO {
             return Some("/".to_string());
         }
-        let mut parts: Vec<OsString> = Vec::new();
+        let mut parts: Vec<Box<OsStr>> = Vec::new();
         let mut cur = ino;
         while cur != ROOT_INO {
             let n = self.nodes.get(&cur)?;
@@ -183,10 +184,10 @@ impl InodeTable {
                 Entry::Occupied(mut o) => {
                     let n = o.get_mut();
                     if n.key == Some(key) {
-                        n.nlookup += 1;
-                        if n.parent != parent || &n.name != name {
+                        n.nlookup = n.nlookup.saturating_add(1);
+                        if n.parent != parent || *n.name != **name {
                             n.parent = parent;
-                            n.name = name.clone();
+                            n.name = name.clone().into_boxed_os_str();
                         }
                         n.is_dir = is_dir;
                         return ino;
@@ -198,7 +199,7 @@ impl InodeTable {
                 Entry::Vacant(v) => {
                     v.insert(Node {
                         parent,
-                        name: name.clone(),
+                        name: name.clone().into_boxed_os_str(),
                         key: Some(key),
                         nlookup: 1,
                         is_dir,
@@ -227,7 +228,7 @@ impl InodeTable {
     /// Add to an inode's lookup count (readdirplus entries already known).
     pub fn add_lookup(&self, ino: u64) {
         if let Some(mut n) = self.nodes.get_mut(&ino) {
-            n.nlookup += 1;
+            n.nlookup = n.nlookup.saturating_add(1);
         }
     }
 
@@ -237,7 +238,7 @@ impl InodeTable {
             return;
         }
         let removed = self.nodes.remove_if_mut(&ino, |_, node| {
-            node.nlookup = node.nlookup.saturating_sub(n);
+            node.nlookup = node.nlookup.saturating_sub(n.min(u32::MAX as u64) as u32);
             node.nlookup == 0
         });
         if let Some((_, node)) = removed {
@@ -277,7 +278,7 @@ impl InodeTable {
     pub fn moved(&self, ino: u64, parent: u64, name: &OsString) {
         if let Some(mut n) = self.nodes.get_mut(&ino) {
             n.parent = parent;
-            n.name = name.clone();
+            n.name = name.clone().into_boxed_os_str();
         }
     }
 

@@ -1137,19 +1137,22 @@ fn remove_local(
         warn_fn(format!("{ns}: not found on Atlas; the local copy is kept"));
         return Ok(false);
     };
+    // The number the object has (or would get, if the kernel does not hold it now):
+    // its Atlas object keeps it for the life of the mount.
     let known = if recovering {
         None
     } else {
-        fs.inodes.peek(&entry_key(e))
+        fs.inodes.number(&entry_key(e))
     };
+    let held = known.is_some() && fs.inodes.peek(&entry_key(e)).is_some();
     let atlas_key = crate::fs::key_of(BackendKind::Atlas, &atlas_st);
-    if let Some(ino) = known {
+    if let (Some(ino), false) = (known, e.is_dir()) {
         fs.promote_rekey(ino, atlas_key, false);
     }
     match util::unlink_at(pfd.as_raw_fd(), &c, e.is_dir()) {
         Ok(()) => {
             if let Some(ino) = known {
-                fs.promote_rekey(ino, atlas_key, true);
+                fs.promote_rekey(ino, atlas_key, held);
             }
             Ok(true)
         }
@@ -1159,11 +1162,6 @@ fn remove_local(
         {
             // New files were created in it meanwhile (or kept ones are in it): it
             // stays as a structural local directory next to the promoted one.
-            if let Some(ino) = known {
-                if let Ok(st) = fstatat(pfd.as_raw_fd(), &c) {
-                    fs.promote_rekey(ino, crate::fs::key_of(BackendKind::Local, &st), false);
-                }
-            }
             Ok(false)
         }
         Err(err) => Err(failed(format!("removing the local copy of {ns}"))(err)),
