@@ -22,8 +22,9 @@ pub struct Misplaced {
     pub belongs_on: BackendKind,
 }
 
-fn promoted(file: &Path) -> bool {
-    matches!(xattr::get(file, crate::tags::CLASS), Ok(Some(_)))
+/// Promoted data on Atlas is tagged (xattrs, or the tag store on an Atlas without them).
+fn promoted(cfg: &Config, ns_path: &str, file: &Path) -> bool {
+    crate::tags::is_promoted_file(&cfg.storage.atlas, ns_path, file)
 }
 
 /// Every misplaced entry on both backends.
@@ -61,7 +62,7 @@ fn walk(
         let ok = p.backend() == kind
             || (kind == BackendKind::Atlas
                 && p.class == Class::Transitional
-                && promoted(&e.path()));
+                && promoted(cfg, &path, &e.path()));
         if ok {
             if is_dir {
                 walk(cfg, kind, root, &path, out)?;

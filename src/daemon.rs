@@ -294,6 +294,9 @@ fn serve(req: MountRequest, mut ready_pipe: Option<fs::File>) -> Result<(), Moun
         });
         },
     );
+    // A plain `umount` ends the session without a signal: stop promotions at a safe
+    // point here too (the journal lets the next mount finish or roll them back).
+    crate::promote::shutdown(&fs);
     match result {
         Ok(()) => {
             info!("{} unmounted; exiting", req.mountpoint.display());

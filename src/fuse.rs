@@ -532,8 +532,10 @@ impl Passthrough {
 
     /// The inode's backing id for kernel passthrough, registering it on first open.
     /// `Err(direct)`: no passthrough for this open; `direct` when another handle of the
-    /// inode already passes through to a different object (the kernel then allows only
-    /// uncached I/O beside it).
+    /// inode already passes through to a different object. The kernel (6.18) refuses any
+    /// other open of an inode in passthrough mode with EIO, which is the honest answer
+    /// there: promotion never replaces the backing of a file that is open (it keeps the
+    /// local copy and ends `partial`), so this is not expected to happen.
     fn backing_for(
         &self,
         ino: u64,
@@ -550,7 +552,7 @@ impl Passthrough {
         let key = st.st_ino ^ (st.st_dev << 32);
         let mut slot = self.backing.entry(ino).or_insert((key, Weak::new()));
         if let Some(id) = slot.1.upgrade() {
-            // Same object: share the id. Another object (promoted meanwhile): uncached.
+            // Same object: share the id. Another object: see above.
             return if slot.0 == key { Ok(id) } else { Err(true) };
         }
         match register(h.fd.as_fd()) {

@@ -227,7 +227,10 @@ impl LabFs {
         if dir {
             // The namespace directory is empty only if every backend's part is.
             let other = loc.backend.other();
-            if self.live().rules.may_place_below(&path, other)
+            // A transitional directory may also have a promoted part on Atlas.
+            let promoted_part = other == BackendKind::Atlas
+                && loc.placement.class == crate::rules::Class::Transitional;
+            if (self.live().rules.may_place_below(&path, other) || promoted_part)
                 && !(other == BackendKind::Atlas && self.health.is_down())
             {
                 let b = self.backend(other);
@@ -366,7 +369,9 @@ impl LabFs {
             if new != mode && loc.stat.st_mode & libc::S_IFMT == libc::S_IFREG {
                 let _root = Creds::root().assume();
                 // SAFETY: valid dirfd and C string.
-                check(unsafe { libc::fchmodat(loc.parent_fd.as_raw_fd(), loc.name.as_ptr(), new, 0) })?;
+                check(unsafe {
+                    libc::fchmodat(loc.parent_fd.as_raw_fd(), loc.name.as_ptr(), new, 0)
+                })?;
             }
         }
         let _as = creds.assume();
