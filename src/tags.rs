@@ -258,22 +258,7 @@ pub fn write_record(
     // SAFETY: new descriptor owned here.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let res = (|| -> Result<()> {
-        let mut off = 0usize;
-        while off < body.len() {
-            // SAFETY: valid descriptor and buffer.
-            let n = unsafe {
-                libc::write(
-                    fd.as_raw_fd(),
-                    body[off..].as_ptr() as *const libc::c_void,
-                    body.len() - off,
-                )
-            };
-            match crate::error::check_size(n) {
-                Ok(n) => off += n,
-                Err(e) if e.errno() == libc::EINTR => continue,
-                Err(e) => return Err(e),
-            }
-        }
+        crate::fs::backend::write_all(fd.as_raw_fd(), &body)?;
         if durable {
             // SAFETY: valid descriptor.
             check(unsafe { libc::fsync(fd.as_raw_fd()) })?;

@@ -176,6 +176,27 @@ pub fn to_io(e: Error) -> io::Error {
     }
 }
 
+/// write(2) all of `body` to `fd`, retrying short writes and EINTR.
+pub fn write_all(fd: RawFd, body: &[u8]) -> Result<()> {
+    let mut off = 0usize;
+    while off < body.len() {
+        // SAFETY: valid descriptor and buffer.
+        let n = unsafe {
+            libc::write(
+                fd,
+                body[off..].as_ptr() as *const libc::c_void,
+                body.len() - off,
+            )
+        };
+        match crate::error::check_size(n) {
+            Ok(n) => off += n,
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 pub fn fstat(fd: RawFd) -> Result<libc::stat> {
     // SAFETY: zeroed stat is a valid out-parameter.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };

@@ -213,23 +213,7 @@ fn read_file(dfd: &OwnedFd, name: &str) -> std::result::Result<Vec<u8>, String> 
 }
 
 fn write_all(fd: &OwnedFd, body: &[u8]) -> Result<()> {
-    let mut off = 0usize;
-    while off < body.len() {
-        // SAFETY: valid descriptor and buffer.
-        let n = unsafe {
-            libc::write(
-                fd.as_raw_fd(),
-                body[off..].as_ptr() as *const libc::c_void,
-                body.len() - off,
-            )
-        };
-        match crate::error::check_size(n) {
-            Ok(n) => off += n,
-            Err(e) if e.errno() == libc::EINTR => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    crate::fs::backend::write_all(fd.as_raw_fd(), body)
 }
 
 /// `LOCAL/.labfs/promote`, created (0700, root) when missing.
