@@ -6,7 +6,7 @@
 //! map whose entries are atomics, so counting a hit takes a shard read lock and one
 //! relaxed add. One daemon serves one mount, so the counters are process-global.
 //!
-//! What is counted: every request the kernel sends to labfs (`src/fuse.rs` wraps each
+//! What is counted: every request the kernel sends to labfs (`src/fuse/` wraps each
 //! one in [`timed`]). Reads and writes that the kernel serves by FUSE passthrough
 //! never reach labfs and are not counted; that is the point of passthrough.
 

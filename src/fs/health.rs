@@ -294,7 +294,7 @@ impl Health {
 }
 
 /// What the request dispatcher needs to keep local paths working while Atlas is not
-/// answering (used by src/fuse.rs).
+/// answering (used by src/fuse/).
 impl LabFs {
     /// Whether `path`, placed on Atlas, is a directory on the way to local paths (the
     /// root, `/scans` and `/scans/x` for a rule `/scans/*/work`, ...).

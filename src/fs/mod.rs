@@ -2,7 +2,7 @@
 //!
 //! Owns the inode table, the open handles and the two backend roots. Every method
 //! takes the caller's [`Ctx`], acts with the caller's identity on the backend, and
-//! returns `Result<T, Error>`; nothing here knows fuser's reply types (src/fuse.rs
+//! returns `Result<T, Error>`; nothing here knows fuser's reply types (src/fuse/
 //! adapts). Placement is asked of [`crate::rules::Rules`] on every name, so the
 //! mount does exactly what `labfs explain` says.
 //!

@@ -1,0 +1,127 @@
+//! Kernel FUSE passthrough: one backing id per inode while any handle uses it.
+
+use super::*;
+
+/// Kernel passthrough bookkeeping, shared with the lane threads that answer opens.
+pub(super) struct Passthrough {
+    pub(super) fs: Arc<LabFs>,
+    pub(super) enabled: AtomicBool,
+    /// One backing id per inode while any handle uses it (the kernel requires it).
+    pub(super) backing: DashMap<u64, (u64, Weak<BackingId>)>,
+    pub(super) fh_backing: DashMap<u64, Arc<BackingId>>,
+}
+
+impl Passthrough {
+    pub(super) fn reply_open(&self, ino: u64, o: Opened, reply: ReplyOpen) {
+        match self.backing_for(ino, &o, |fd| reply.open_backing(fd)) {
+            Ok(id) => {
+                reply.opened_passthrough(FileHandle(o.fh), pass_flags(&o), &id);
+                self.fh_backing.insert(o.fh, id);
+            }
+            Err(direct) => reply.opened(FileHandle(o.fh), open_flags(&o, direct)),
+        }
+    }
+
+    pub(super) fn reply_create(&self, e: EntryOut, o: Opened, reply: ReplyCreate) {
+        let attr = file_attr(&e.attr);
+        match self.backing_for(e.attr.ino, &o, |fd| reply.open_backing(fd)) {
+            Ok(id) => {
+                reply.created_passthrough(
+                    &e.ttl,
+                    &attr,
+                    Generation(0),
+                    FileHandle(o.fh),
+                    pass_flags(&o),
+                    &id,
+                );
+                self.fh_backing.insert(o.fh, id);
+            }
+            Err(direct) => reply.created(
+                &e.ttl,
+                &attr,
+                Generation(0),
+                FileHandle(o.fh),
+                open_flags(&o, direct),
+            ),
+        }
+    }
+
+    /// The inode's backing id for kernel passthrough, registering it on first open.
+    /// `Err(direct)`: no passthrough for this open; `direct` when another handle of the
+    /// inode already passes through to a different object. The kernel (6.18) refuses any
+    /// other open of an inode in passthrough mode with EIO, which is the honest answer
+    /// there: promotion never replaces the backing of a file that is open (it keeps the
+    /// local copy and ends `partial`), so this is not expected to happen.
+    pub(super) fn backing_for(
+        &self,
+        ino: u64,
+        o: &Opened,
+        register: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> std::io::Result<BackingId>,
+    ) -> std::result::Result<Arc<BackingId>, bool> {
+        use std::os::fd::AsFd;
+        if !self.enabled.load(Ordering::Relaxed) {
+            return Err(false);
+        }
+        let raw = o.passthrough_fd.ok_or(false)?;
+        let h = self.fs.handles.file(o.fh).ok_or(false)?;
+        let st = crate::fs::backend::fstat(raw).map_err(|_| false)?;
+        let key = st.st_ino ^ (st.st_dev << 32);
+        let mut slot = self.backing.entry(ino).or_insert((key, Weak::new()));
+        if let Some(id) = slot.1.upgrade() {
+            // Same object: share the id. Another object: see above.
+            return if slot.0 == key { Ok(id) } else { Err(true) };
+        }
+        match register(h.fd.as_fd()) {
+            Ok(id) => {
+                let id = Arc::new(id);
+                *slot = (key, Arc::downgrade(&id));
+                Ok(id)
+            }
+            Err(e) => {
+                debug!(ino, "passthrough not available for this file: {e}");
+                Err(false)
+            }
+        }
+    }
+
+    pub(super) fn released(&self, ino: u64, fh: u64) {
+        if self.fh_backing.remove(&fh).is_some() {
+            self.backing
+                .remove_if(&ino, |_, (_, w)| w.strong_count() == 0);
+        }
+    }
+}
+
+/// Flags of an open served by kernel passthrough.
+pub(super) fn pass_flags(o: &Opened) -> FopenFlags {
+    match o.backend {
+        // close(2) on the SSD reports nothing a FLUSH could add: skip the round trip.
+        BackendKind::Local => FopenFlags::FOPEN_NOFLUSH,
+        // NFS reports deferred write errors at close: keep FLUSH.
+        BackendKind::Atlas => FopenFlags::empty(),
+    }
+}
+
+pub(super) fn open_flags(o: &Opened, direct: bool) -> FopenFlags {
+    let base = if direct {
+        FopenFlags::FOPEN_DIRECT_IO
+    } else {
+        match o.backend {
+            // labfs is the only writer of the local SSD: keep the page cache across opens.
+            BackendKind::Local => FopenFlags::FOPEN_KEEP_CACHE,
+            BackendKind::Atlas => FopenFlags::empty(),
+        }
+    };
+    base | pass_flags(o)
+}
+
+/// Flags of an opened directory: a directory only labfs writes (local, no Atlas part)
+/// may be listed from the kernel's cache, which the kernel drops itself when an entry
+/// changes through the mount.
+pub(super) fn dir_flags(local_only: bool) -> FopenFlags {
+    if local_only {
+        FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+    } else {
+        FopenFlags::empty()
+    }
+}
