@@ -229,6 +229,12 @@ fn serve(req: MountRequest, mut ready_pipe: Option<fs::File>) -> Result<(), Moun
     // Files are created with the caller's umask (applied per request), never the daemon's.
     // SAFETY: umask is always safe.
     unsafe { libc::umask(0) };
+    // The inode table's hash tables double as the kernel remembers more inodes. With
+    // glibc's default (a threshold that rises after the first large free), the old
+    // tables would stay in the heap; a fixed threshold keeps every large table in its
+    // own mapping, returned to the system as soon as it is freed.
+    // SAFETY: mallopt only tunes the allocator.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024) };
     let fs = match LabFs::new(&req.config, req.mount_options.clone()) {
         Ok(fs) => Arc::new(fs),
         Err(e) => {
