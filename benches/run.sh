@@ -133,7 +133,9 @@ HAVE_GIT=0; command -v git >/dev/null && HAVE_GIT=1
 [ "$HAVE_MERGERFS" = 1 ] || log "mergerfs not installed or disabled (apt-get install -y mergerfs): no mergerfs column"
 
 # ---- build ----
+LABFS_GIVEN=1
 if [ -z "$LABFS_BIN" ]; then
+    LABFS_GIVEN=0
     log "building labfs (cargo build --release) in $REPO"
     if [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then
         (cd "$REPO" && sudo -u "$SUDO_USER" env PATH="$PATH" cargo build --release --bin labfs) >>"$OUT/build.log" 2>&1 \
@@ -154,7 +156,13 @@ rustc -C opt-level=3 --edition 2021 "$REPO/benches/meta.rs" -o "$META" 2>>"$OUT/
     echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //') x $(nproc)"
     echo "kernel: $(uname -r)"
     echo "memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
-    echo "labfs: $LABFS_BIN ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'))"
+    # The tree moves while the suite runs: name what was built, or say that the binary
+    # was given and the repository's HEAD need not be its commit.
+    if [ "$LABFS_GIVEN" = 1 ]; then
+        echo "labfs: $LABFS_BIN (given with --labfs; $REPO is at $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'), not necessarily this binary's commit)"
+    else
+        echo "labfs: $LABFS_BIN (built from $REPO at $(git -C "$REPO" describe --always --dirty --abbrev=7 2>/dev/null || echo '?'))"
+    fi
     echo "mode: $([ "$QUICK" = 1 ] && echo quick || echo full), reps $REPS"
     echo "fio: $([ "$HAVE_FIO" = 1 ] && fio --version || echo none); mergerfs: $([ "$HAVE_MERGERFS" = 1 ] && mergerfs --version 2>&1 | head -1 || echo none)"
     echo "load at start: $(cat /proc/loadavg)"
