@@ -95,6 +95,11 @@ pub fn mountpoint_state(mountpoint: &Path) -> MountpointState {
     }
 }
 
+/// Whether a labfs mount is still at `mountpoint`.
+fn mounted_here(mountpoint: &Path) -> bool {
+    mountinfo_has(mountpoint).is_some_and(|t| t == "fuse.labfs")
+}
+
 /// Lazy-unmount a dead mount left by a daemon that died.
 pub fn lazy_unmount(mountpoint: &Path) -> io::Result<()> {
     let c = CString::new(mountpoint.as_os_str().as_encoded_bytes())
@@ -304,7 +309,16 @@ fn serve(req: MountRequest, mut ready_pipe: Option<fs::File>) -> Result<(), Moun
     // point here too (the journal lets the next mount finish or roll them back).
     crate::promote::shutdown(&fs);
     match result {
+        // The kernel ends the session with ENODEV, or ECONNABORTED when unmounting
+        // tore the connection down first (a race with the last close after a lazy
+        // detach): both are a clean end once the mount is gone.
         Ok(()) => {
+            info!("{} unmounted; exiting", req.mountpoint.display());
+            Ok(())
+        }
+        Err(e)
+            if e.raw_os_error() == Some(libc::ECONNABORTED) && !mounted_here(&req.mountpoint) =>
+        {
             info!("{} unmounted; exiting", req.mountpoint.display());
             Ok(())
         }
