@@ -127,6 +127,11 @@ fn explain_errno(e: &io::Error, shown: &str, target: &Path) -> String {
             target.display()
         ),
         Some(libc::ENOTCONN) => format!("{shown}: the labfs daemon of this mount is not running"),
+        // The daemon died while answering: the kernel aborts the connection.
+        Some(libc::ECONNABORTED) => format!(
+            "{shown}: the labfs daemon of this mount stopped while answering; if a promotion \
+             had started, the next mount completes or rolls it back from its journal"
+        ),
         Some(libc::ETIMEDOUT) => format!("{shown}: Atlas is not answering; try again later"),
         Some(libc::ESHUTDOWN) => {
             format!("{shown}: the labfs daemon is stopping; try again after it is mounted again")
