@@ -225,13 +225,6 @@ impl InodeTable {
             .map(|_| ino)
     }
 
-    /// Add to an inode's lookup count (readdirplus entries already known).
-    pub fn add_lookup(&self, ino: u64) {
-        if let Some(mut n) = self.nodes.get_mut(&ino) {
-            n.nlookup = n.nlookup.saturating_add(1);
-        }
-    }
-
     /// The kernel forgot `n` references.
     pub fn forget(&self, ino: u64, n: u64) {
         if ino == ROOT_INO {

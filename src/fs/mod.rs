@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use parking_lot::RwLock;
-use tracing::{info, warn};
+use tracing::info;
 
 pub use attr::{Attr, EntryOut, Kind, SetAttr, SetTime};
 pub use backend::{Backend, Creds};
@@ -410,11 +410,6 @@ impl LabFs {
         let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
         crate::error::check(unsafe { libc::fstatvfs(b.root_fd(), &mut sv) })?;
         Ok(sv)
-    }
-
-    /// Log a warning about something labfs could not do but that did not fail the call.
-    pub fn note(&self, what: &str, e: &Error) {
-        warn!("{what}: {e}");
     }
 }
 

@@ -9,11 +9,11 @@
 use std::ffi::{CString, OsStr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use super::backend::{cstring, fstatat, split, Backend, Creds};
+use super::backend::{cstring, fstatat, split, Creds};
 use super::handle::Opened;
 use super::{Attr, Ctx, EntryOut, LabFs, Located, SetAttr, ROOT_INO};
 use crate::error::{check, Error, Result};
-use crate::rules::{BackendKind, Placement};
+use crate::rules::BackendKind;
 
 /// What a new entry will be.
 pub enum NewNode<'a> {
@@ -450,15 +450,6 @@ impl LabFs {
             self.check_writable(ctx, &loc.path, &loc.placement)?;
         }
         Ok(())
-    }
-
-    /// Which backend a placement writes to, for callers outside the core.
-    pub fn target_backend(p: &Placement) -> BackendKind {
-        p.backend()
-    }
-
-    pub fn backend_for(&self, kind: BackendKind) -> &Backend {
-        self.backend(kind)
     }
 }
 

@@ -34,14 +34,6 @@ fn sized(v: Vec<u8>, size: u32) -> Result<XattrOut> {
     }
 }
 
-fn target(loc: &Located) -> CString {
-    if loc.path == "/" {
-        CString::new(".").unwrap_or_default()
-    } else {
-        tags::proc_path(loc.parent_fd.as_raw_fd(), &loc.name)
-    }
-}
-
 impl LabFs {
     /// The value of a computed `user.labfs.*` name.
     pub fn virtual_xattr(&self, loc: &Located, name: &str) -> Option<String> {
@@ -137,7 +129,7 @@ impl LabFs {
             let fd = self.backend(loc.backend).root_fd();
             CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default()
         } else {
-            target(loc)
+            tags::proc_path(loc.parent_fd.as_raw_fd(), &loc.name)
         }
     }
 
