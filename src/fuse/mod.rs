@@ -284,15 +284,9 @@ impl Filesystem for LabFuse {
     ) {
         let c = ctx(req);
         let n = name.to_os_string();
-        self.run_hedged(
-            self.lane_child(parent, name),
-            "mknod",
-            reply,
-            move |fs| fs.mknod(&c, parent.0, &n, mode, umask, rdev),
-            entry_ok,
-            None,
-            forget_late,
-        );
+        self.run_entry(self.lane_child(parent, name), "mknod", reply, move |fs| {
+            fs.mknod(&c, parent.0, &n, mode, umask, rdev)
+        });
     }
 
     fn mkdir(
@@ -306,19 +300,11 @@ impl Filesystem for LabFuse {
     ) {
         let c = ctx(req);
         let n = name.to_os_string();
-        self.run_hedged(
-            self.lane_child(parent, name),
-            "mkdir",
-            reply,
-            move |fs| {
-                let e = fs.mkdir(&c, parent.0, &n, mode, umask)?;
-                fs.note_entry(parent.0, &n, &e.attr);
-                Ok(e)
-            },
-            entry_ok,
-            None,
-            forget_late,
-        );
+        self.run_entry(self.lane_child(parent, name), "mkdir", reply, move |fs| {
+            let e = fs.mkdir(&c, parent.0, &n, mode, umask)?;
+            fs.note_entry(parent.0, &n, &e.attr);
+            Ok(e)
+        });
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -364,14 +350,11 @@ impl Filesystem for LabFuse {
         let c = ctx(req);
         let n = link_name.to_os_string();
         let t = target.as_os_str().to_os_string();
-        self.run_hedged(
+        self.run_entry(
             self.lane_child(parent, link_name),
             "symlink",
             reply,
             move |fs| fs.symlink(&c, parent.0, &n, &t),
-            entry_ok,
-            None,
-            forget_late,
         );
     }
 
@@ -413,15 +396,9 @@ impl Filesystem for LabFuse {
     ) {
         let c = ctx(req);
         let n = newname.to_os_string();
-        self.run_hedged(
-            self.lane_ino(ino),
-            "link",
-            reply,
-            move |fs| fs.link(&c, ino.0, newparent.0, &n),
-            entry_ok,
-            None,
-            forget_late,
-        );
+        self.run_entry(self.lane_ino(ino), "link", reply, move |fs| {
+            fs.link(&c, ino.0, newparent.0, &n)
+        });
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -900,6 +877,20 @@ impl Filesystem for LabFuse {
 
 /// An entry made on Atlas after its request was answered ETIMEDOUT: the kernel never
 /// got it, so the lookup it counted is dropped.
+impl LabFuse {
+    /// Run a request that answers with a new entry; if Atlas answers only after the
+    /// watchdog did, the entry's lookup count is given back.
+    fn run_entry(
+        &self,
+        backend: BackendKind,
+        op: &'static str,
+        reply: ReplyEntry,
+        work: impl FnOnce(&LabFs) -> Result<EntryOut> + Send + 'static,
+    ) {
+        self.run_hedged(backend, op, reply, work, entry_ok, None, forget_late);
+    }
+}
+
 fn forget_late(fs: &LabFs, e: EntryOut) {
     fs.forget(e.attr.ino, 1);
 }
