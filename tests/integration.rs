@@ -11,3 +11,4 @@ mod posix;
 mod promote;
 mod security;
 mod tools;
+mod xattrs;
