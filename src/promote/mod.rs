@@ -12,6 +12,7 @@ mod copy;
 mod engine;
 pub mod job;
 pub mod journal;
+mod place;
 mod plan;
 pub mod recover;
 pub mod util;
@@ -81,6 +82,9 @@ pub fn recover_on_mount(fs: &Arc<LabFs>) {
         return;
     }
     crate::tags::probe(&fs.atlas);
+    if let crate::atlas_id::Squash::Yes(_) = crate::atlas_id::root_squash() {
+        warn!("{}", crate::atlas_id::SQUASH_HELP);
+    }
     recover::run(fs);
 }
 
@@ -271,6 +275,9 @@ fn start(fs: &LabFs, ctx: &Ctx, ino: u64, value: &[u8]) -> Result<()> {
 pub struct StatusPart {
     /// `xattr` or `store` (where stored tags live on Atlas).
     pub xattr_mode: String,
+    /// `yes` (Atlas squashes root), `no`, or `unknown` (not probed: `--allow-unmarked`).
+    #[serde(default)]
+    pub root_squash: String,
     pub promotions: Vec<InFlight>,
     pub at_risk: atrisk::AtRisk,
 }
@@ -279,6 +286,12 @@ pub struct StatusPart {
 pub fn status_part(fs: &LabFs) -> StatusPart {
     StatusPart {
         xattr_mode: crate::tags::mode().as_str().to_string(),
+        root_squash: match crate::atlas_id::root_squash() {
+            crate::atlas_id::Squash::Yes(_) => "yes",
+            crate::atlas_id::Squash::No => "no",
+            crate::atlas_id::Squash::Unknown => "unknown",
+        }
+        .to_string(),
         promotions: in_flight_list(),
         at_risk: atrisk::report(fs),
     }
@@ -294,6 +307,11 @@ pub fn print_status(v: &serde_json::Value) {
         _ => "not probed",
     };
     println!("xattr mode: {mode} ({what})");
+    match v["root_squash"].as_str().unwrap_or("unknown") {
+        "yes" => println!("root squash: YES. {}", crate::atlas_id::SQUASH_HELP),
+        "no" => println!("root squash: no (root on this node is root on Atlas)"),
+        _ => println!("root squash: unknown (not probed)"),
+    }
     let jobs: Vec<InFlight> = serde_json::from_value(v["promotions"].clone()).unwrap_or_default();
     if jobs.is_empty() {
         println!("promotions in flight: none");
