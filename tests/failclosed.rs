@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 
 mod lifecycle;
+mod limits;
 
 // ---------------------------------------------------------------------------
 // Atlas identity
