@@ -325,9 +325,7 @@ fn goals_of(workload: &str) -> Goals {
     let w = workload;
     let (local, atlas) = if w.starts_with("seq write") {
         (Speed(0.95), Speed(0.9))
-    } else if w.starts_with("seq read") {
-        (Goal::None, Speed(0.9))
-    } else if w.starts_with("4k rand read (file in page cache)") {
+    } else if w.starts_with("seq read") || w.starts_with("4k rand read (file in page cache)") {
         (Goal::None, Speed(0.9))
     } else if w.starts_with("4k rand write") {
         (Goal::None, Speed(0.8))
@@ -498,7 +496,9 @@ fn report(tsv: &Path, max_load: f64) -> Res<()> {
     println!("targets and the peers, Atlas for the labfs Atlas targets): throughput ratio for");
     println!("rates (higher is better), time ratio for seconds (lower is better). The peers");
     println!("run over the local image. \"load\": the 1-minute load average at the start of");
-    println!("the row's samples, median / max; a row whose median is above {max_load} gets no verdict.");
+    println!(
+        "the row's samples, median / max; a row whose median is above {max_load} gets no verdict."
+    );
     println!();
     println!("| workload | unit | N | load | native local | labfs local | mergerfs | mergerfs off | passthrough_hp | native atlas | labfs atlas | labfs atlas pt | target local / atlas | met |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
@@ -537,7 +537,10 @@ fn report(tsv: &Path, max_load: f64) -> Res<()> {
                 .filter_map(|p| ratio(r, p, "native-local"))
                 .reduce(|a, b| if as_good(&r.unit, a, b) { a } else { b });
             if let (Some(a), Some(b)) = (ra, best) {
-                met.push(format!("atlas vs mergerfs {}", yes_no(as_good(&r.unit, a, b))));
+                met.push(format!(
+                    "atlas vs mergerfs {}",
+                    yes_no(as_good(&r.unit, a, b))
+                ));
             }
         }
         let mut met = met.join("; ");
