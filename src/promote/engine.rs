@@ -89,7 +89,14 @@ impl Drop for Slot {
 
 /// Run a job to its end and record the outcome.
 pub fn run(fs: &Arc<LabFs>, job: &Arc<Job>) {
-    let _root = Creds::root().assume();
+    let _root = match Creds::root().assume() {
+        Ok(g) => g,
+        Err(e) => {
+            job.set_error(e.to_string());
+            job.set_phase(Phase::Failed);
+            return;
+        }
+    };
     let slot = match Slot::take(job) {
         Ok(s) => s,
         Err(e) => {
@@ -171,7 +178,7 @@ fn check_caller(fs: &LabFs, job: &Job) -> JobResult<()> {
     let loc = fs
         .locate(&job.creds, parent)
         .map_err(|e| refuse(e.to_string()))?;
-    let _as = job.creds.assume();
+    let _as = job.creds.assume().map_err(|e| refuse(e.to_string()))?;
     let (dirfd, name) = if parent == "/" {
         (
             fs.backend(loc.backend).root_fd(),
@@ -548,7 +555,16 @@ fn parallel<T: Sync>(
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| {
-                let _root = Creds::root().assume();
+                let _root = match Creds::root().assume() {
+                    Ok(g) => g,
+                    Err(e) => {
+                        stop.store(true, Ordering::Relaxed);
+                        first_err
+                            .lock()
+                            .get_or_insert(JobError::Failed(e.to_string()));
+                        return;
+                    }
+                };
                 let mut buf = vec![0u8; copy::CHUNK];
                 while !stop.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);
