@@ -291,7 +291,9 @@ pub fn remove_record(atlas: &Backend, path: &str) {
     let Some((dir, file)) = record_location(path) else {
         return;
     };
-    let _root = Creds::root().assume();
+    let Ok(_root) = Creds::root().assume() else {
+        return;
+    };
     let (Ok(dfd), Ok(c)) = (atlas.open_dir(&dir), CString::new(file)) else {
         return;
     };
