@@ -7,8 +7,9 @@
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use crate::cli::{load_config, EXIT_FAIL, EXIT_OK};
+use crate::cli::load_config;
 use crate::config::Config;
+use crate::exit::{EXIT_FAIL, EXIT_OK};
 use crate::rules::{BackendKind, Class};
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -17,6 +17,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod error;
+pub mod exit;
 pub mod explain;
 pub mod fs;
 pub mod fuse;

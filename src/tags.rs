@@ -328,7 +328,7 @@ fn probe_inner(atlas: &Backend) -> Result<bool> {
     let dfd = mkdir_chain(atlas, "/.labfs")?;
     let name = format!(
         "xattr-probe.{}.{}",
-        crate::promote::util::hostname(),
+        crate::sys::hostname().replace('/', "_"),
         std::process::id()
     );
     let cname = CString::new(name).map_err(|_| Error::Errno(libc::EINVAL))?;

@@ -11,6 +11,7 @@
 use std::ffi::{CString, OsStr};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::OnceLock;
 
 use super::{Ctx, LabFs, Located};
 use crate::error::{Error, Result};
@@ -22,6 +23,20 @@ use crate::tags;
 /// on symlinks, fifos, sockets and devices).
 pub fn takes_user_xattrs(mode: u32) -> bool {
     matches!(mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFDIR)
+}
+
+/// Asks the promotion registry (src/promote, which uses the core: the core cannot call
+/// it) whether a job is moving `path` now; set once by promote when a mount starts.
+static IN_FLIGHT: OnceLock<fn(&str) -> bool> = OnceLock::new();
+
+/// Register how to tell whether a path is being promoted (`user.labfs.state` =
+/// `promoting`).
+pub fn set_promotion_probe(probe: fn(&str) -> bool) {
+    let _ = IN_FLIGHT.set(probe);
+}
+
+fn promotion_in_flight(path: &str) -> bool {
+    IN_FLIGHT.get().is_some_and(|f| f(path))
 }
 
 /// Computed names, answered on every file and directory.
@@ -38,7 +53,8 @@ pub enum XattrOut {
     Size(u32),
 }
 
-fn sized(v: Vec<u8>, size: u32) -> Result<XattrOut> {
+/// The answer to a getxattr of `size` bytes (0: the size only) with value `v`.
+pub fn sized(v: Vec<u8>, size: u32) -> Result<XattrOut> {
     if size == 0 {
         Ok(XattrOut::Size(v.len() as u32))
     } else if v.len() > size as usize {
@@ -77,7 +93,7 @@ impl LabFs {
                 (BackendKind::Atlas, _) if promoted || stored_class.is_some() => "promoted".into(),
                 (BackendKind::Atlas, _) => "atlas".into(),
                 (BackendKind::Local, Class::Transitional) => {
-                    if crate::promote::in_flight(&loc.path) {
+                    if promotion_in_flight(&loc.path) {
                         "promoting".into()
                     } else {
                         "at-risk".into()
@@ -91,9 +107,6 @@ impl LabFs {
 
     pub fn getxattr(&self, ctx: &Ctx, ino: u64, name: &OsStr, size: u32) -> Result<XattrOut> {
         let n = name.to_str().unwrap_or("");
-        if let Some(v) = crate::control::get(self, ctx, ino, n)? {
-            return sized(v, size);
-        }
         let creds = self.creds(ctx);
         let loc = self.locate_ino(&creds, ino)?;
         if n.starts_with(tags::PREFIX) && !takes_user_xattrs(loc.stat.st_mode) {
@@ -183,9 +196,6 @@ impl LabFs {
         flags: i32,
     ) -> Result<()> {
         let n = name.to_str().unwrap_or("");
-        if crate::control::set(self, ctx, ino, n, value)? {
-            return Ok(());
-        }
         if n.starts_with(tags::PREFIX) {
             return Err(Error::ReservedXattr {
                 name: n.to_string(),

@@ -77,6 +77,7 @@ pub fn in_flight(path: &str) -> bool {
 /// Complete or roll back promotions interrupted by a crash (journal replay); probe
 /// whether Atlas takes user xattrs. Runs before the mount serves requests.
 pub fn recover_on_mount(fs: &Arc<LabFs>) {
+    crate::fs::xattr::set_promotion_probe(in_flight);
     *registry().fs.lock() = Some(Arc::downgrade(fs));
     registry().stopping.store(false, Ordering::Relaxed);
     if fs.health.is_down() {
