@@ -5,6 +5,7 @@
 mod common;
 mod failclosed;
 mod namespace;
+mod nfs;
 mod operations;
 mod posix;
 mod promote;
