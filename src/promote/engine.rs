@@ -58,39 +58,68 @@ fn test_delay() {
     }
 }
 
-/// Jobs that run at once; later ones wait in state `queued`.
+/// Jobs that run at once; later ones wait in state `queued`. A user none of whose jobs
+/// runs may start one beyond this, so one user's long (or writer-waiting) jobs never
+/// hold every place (docs/promote.md, limits).
 const MAX_RUNNING: usize = 2;
 
-static RUNNING: parking_lot::Mutex<usize> = parking_lot::Mutex::new(0);
+/// Running jobs by uid.
+static RUNNING: parking_lot::Mutex<Vec<(u32, usize)>> = parking_lot::Mutex::new(Vec::new());
 static SLOT_FREED: parking_lot::Condvar = parking_lot::Condvar::new();
 
-/// One of the [`MAX_RUNNING`] places, held while a job runs.
-struct Slot;
+/// One of the running places, held while a job runs.
+struct Slot(u32);
 
 impl Slot {
     fn take(job: &Job) -> std::result::Result<Slot, String> {
-        let mut n = RUNNING.lock();
-        while *n >= MAX_RUNNING {
+        let uid = job.ctx.uid;
+        let mut running = RUNNING.lock();
+        loop {
+            let total: usize = running.iter().map(|(_, n)| n).sum();
+            let mine = running
+                .iter()
+                .find(|(u, _)| *u == uid)
+                .map_or(0, |(_, n)| *n);
+            if mine == 0 || (total < MAX_RUNNING && mine < MAX_RUNNING) {
+                break;
+            }
             if stop_requested(job) {
                 return Err("stopped while queued; nothing was changed".into());
             }
-            SLOT_FREED.wait_for(&mut n, Duration::from_millis(200));
+            SLOT_FREED.wait_for(&mut running, Duration::from_millis(200));
         }
-        *n += 1;
-        Ok(Slot)
+        match running.iter_mut().find(|(u, _)| *u == uid) {
+            Some((_, n)) => *n += 1,
+            None => running.push((uid, 1)),
+        }
+        Ok(Slot(uid))
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        *RUNNING.lock() -= 1;
-        SLOT_FREED.notify_one();
+        let mut running = RUNNING.lock();
+        if let Some(i) = running.iter().position(|(u, _)| *u == self.0) {
+            running[i].1 -= 1;
+            if running[i].1 == 0 {
+                running.swap_remove(i);
+            }
+        }
+        drop(running);
+        SLOT_FREED.notify_all();
     }
 }
 
 /// Run a job to its end and record the outcome.
 pub fn run(fs: &Arc<LabFs>, job: &Arc<Job>) {
-    let _root = Creds::root().assume();
+    let _root = match Creds::root().assume() {
+        Ok(g) => g,
+        Err(e) => {
+            job.set_error(e.to_string());
+            job.set_phase(Phase::Failed);
+            return;
+        }
+    };
     let slot = match Slot::take(job) {
         Ok(s) => s,
         Err(e) => {
@@ -119,12 +148,16 @@ pub fn run(fs: &Arc<LabFs>, job: &Arc<Job>) {
             job.set_phase(Phase::Partial);
         }
         Err(JobError::Refused(m)) => {
-            info!(id = %job.id, "promotion refused: {m}");
+            if !job.quiet.load(Ordering::Relaxed) {
+                info!(id = %job.id, "promotion refused: {m}");
+            }
             job.set_error(m);
             job.set_phase(Phase::Refused);
         }
         Err(JobError::Failed(m)) => {
-            warn!(id = %job.id, "promotion of {} failed: {m}", job.path);
+            if !job.quiet.load(Ordering::Relaxed) {
+                warn!(id = %job.id, "promotion of {} failed: {m}", job.path);
+            }
             job.set_error(m);
             job.set_phase(Phase::Failed);
         }
@@ -172,7 +205,7 @@ fn check_caller(fs: &LabFs, job: &Job) -> JobResult<()> {
     let loc = fs
         .locate(&job.creds, parent)
         .map_err(|e| refuse(e.to_string()))?;
-    let _as = job.creds.assume();
+    let _as = job.creds.assume().map_err(|e| refuse(e.to_string()))?;
     let (dirfd, name) = if parent == "/" {
         (
             fs.backend(loc.backend).root_fd(),
@@ -555,7 +588,16 @@ fn parallel<T: Sync>(
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| {
-                let _root = Creds::root().assume();
+                let _root = match Creds::root().assume() {
+                    Ok(g) => g,
+                    Err(e) => {
+                        stop.store(true, Ordering::Relaxed);
+                        first_err
+                            .lock()
+                            .get_or_insert(JobError::Failed(e.to_string()));
+                        return;
+                    }
+                };
                 let mut buf = vec![0u8; copy::CHUNK];
                 while !stop.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);

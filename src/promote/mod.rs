@@ -38,14 +38,14 @@ pub const CTL_JOB_PREFIX: &str = "user.labfs.ctl.promote.";
 
 /// Finished jobs stay queryable this long.
 const KEEP_FINISHED: Duration = Duration::from_secs(15 * 60);
-/// At most this many jobs (running or finished) are remembered.
-const MAX_JOBS: usize = 4096;
 
 struct Registry {
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     fs: Mutex<Option<Weak<LabFs>>>,
     running: AtomicUsize,
     stopping: AtomicBool,
+    refusals: job::RateLog,
+    requests: job::RateLog,
 }
 
 fn registry() -> &'static Registry {
@@ -55,6 +55,8 @@ fn registry() -> &'static Registry {
         fs: Mutex::new(None),
         running: AtomicUsize::new(0),
         stopping: AtomicBool::new(false),
+        refusals: job::RateLog::new(1),
+        requests: job::RateLog::new(job::REQUEST_LOG_BURST),
     })
 }
 
@@ -218,7 +220,7 @@ fn start(fs: &LabFs, ctx: &Ctx, ino: u64, value: &[u8]) -> Result<()> {
             .as_ref()
             .and_then(Weak::upgrade)
             .filter(|a| std::ptr::eq(Arc::as_ptr(a), fs))
-            .ok_or(Error::Errno(libc::EAGAIN))?;
+            .ok_or(Error::Errno(libc::EBUSY))?;
     if r.stopping.load(Ordering::Relaxed) {
         return Err(Error::Errno(libc::ESHUTDOWN));
     }
@@ -235,8 +237,30 @@ fn start(fs: &LabFs, ctx: &Ctx, ino: u64, value: &[u8]) -> Result<()> {
         if jobs.contains_key(&req.id) {
             return Err(Error::Errno(libc::EEXIST));
         }
-        if jobs.len() >= MAX_JOBS {
-            return Err(Error::Errno(libc::EAGAIN));
+        if let Err(why) = job::admit(&mut jobs, ctx.uid) {
+            // Per-uid limits (docs/promote.md): EBUSY (a FUSE setxattr answered EAGAIN reaches
+            // the caller as EOPNOTSUPP), one log line per user and interval.
+            if let Some(suppressed) = r.refusals.allow(ctx.uid) {
+                let more = if suppressed > 0 {
+                    format!(" ({suppressed} more refused since the last line)")
+                } else {
+                    String::new()
+                };
+                match why {
+                    job::Admission::UserBusy { active } => warn!(
+                        uid = ctx.uid,
+                        "promotion of {path} refused: uid {} has {active} promotions in flight (limit {}){more}",
+                        ctx.uid,
+                        job::MAX_ACTIVE_PER_UID
+                    ),
+                    job::Admission::TableFull => warn!(
+                        uid = ctx.uid,
+                        "promotion of {path} refused: {} promotions are in flight, none finished to forget{more}",
+                        job::MAX_JOBS
+                    ),
+                }
+            }
+            return Err(Error::Errno(libc::EBUSY));
         }
         let overlapping = jobs
             .values()
@@ -250,6 +274,18 @@ fn start(fs: &LabFs, ctx: &Ctx, ino: u64, value: &[u8]) -> Result<()> {
             job.set_phase(Phase::Refused);
             return Ok(());
         }
+    }
+    match r.requests.allow(ctx.uid) {
+        Some(suppressed) => {
+            if suppressed > 0 {
+                info!(
+                    uid = ctx.uid,
+                    "{suppressed} promotion requests of uid {} not logged", ctx.uid
+                );
+            }
+            info!(id = %req.id, uid = ctx.uid, "promotion of {path} requested");
+        }
+        None => job.quiet.store(true, Ordering::Relaxed),
     }
     r.running.fetch_add(1, Ordering::Relaxed);
     let spawned = std::thread::Builder::new()
@@ -266,7 +302,6 @@ fn start(fs: &LabFs, ctx: &Ctx, ino: u64, value: &[u8]) -> Result<()> {
         job.set_error(format!("cannot start a promotion thread: {e}"));
         job.set_phase(Phase::Failed);
     }
-    info!(id = %req.id, uid = ctx.uid, "promotion of {path} requested");
     Ok(())
 }
 

@@ -27,7 +27,13 @@ use crate::fs::backend::{fstatat, split};
 use crate::fs::{Creds, LabFs};
 
 pub fn run(fs: &LabFs) {
-    let _root = Creds::root().assume();
+    let _root = match Creds::root().assume() {
+        Ok(g) => g,
+        Err(e) => {
+            error!("promotion recovery: {e}; nothing recovered");
+            return;
+        }
+    };
     let journals = match Journal::list(&fs.local) {
         Ok(v) => v,
         Err(e) => {
