@@ -6,6 +6,7 @@ mod common;
 mod failclosed;
 mod identity;
 mod namespace;
+mod nfs;
 mod operations;
 mod posix;
 mod promote;
