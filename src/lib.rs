@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod declared;
 pub mod error;
 pub mod exit;
 pub mod explain;
