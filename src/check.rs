@@ -55,6 +55,9 @@ fn walk(
         if dir == "/" && n == ".labfs" {
             continue;
         }
+        if kind == BackendKind::Atlas && crate::atlas_id::is_nfs_silly_rename(n.as_bytes()) {
+            continue; // an unlinked file still open on an NFS client: not data
+        }
         let path = crate::fs::backend::join(dir, n);
         let p = cfg.rules.resolve(&path);
         let ft = e.file_type()?;

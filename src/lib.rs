@@ -25,4 +25,5 @@ pub mod promote;
 pub mod rules;
 pub mod stats;
 pub mod status;
+pub mod sys;
 pub mod tags;

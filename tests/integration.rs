@@ -4,6 +4,7 @@
 
 mod common;
 mod failclosed;
+mod identity;
 mod namespace;
 mod operations;
 mod posix;

@@ -95,7 +95,7 @@ impl LabFs {
         }
         let p = self.xattr_path(&loc);
         let cname = CString::new(name.as_bytes()).map_err(|_| Error::Errno(libc::EINVAL))?;
-        let _as = creds.assume();
+        let _as = creds.assume()?;
         let mut buf = vec![0u8; size as usize];
         // SAFETY: valid C strings; a zero-size buffer asks for the size.
         let r = unsafe {
@@ -138,7 +138,7 @@ impl LabFs {
         let loc = self.locate_ino(&creds, ino)?;
         let p = self.xattr_path(&loc);
         let mut out = {
-            let _as = creds.assume();
+            let _as = creds.assume()?;
             // SAFETY: a null buffer of size 0 asks for the size.
             let need = unsafe { libc::llistxattr(p.as_ptr(), std::ptr::null_mut(), 0) };
             match check_size(need) {
@@ -212,7 +212,7 @@ impl LabFs {
         self.check_writable(ctx, &loc.path, &loc.placement)?;
         let p = self.xattr_path(&loc);
         let cname = CString::new(name.as_bytes()).map_err(|_| Error::Errno(libc::EINVAL))?;
-        let _as = creds.assume();
+        let _as = creds.assume()?;
         // SAFETY: valid C strings and value buffer.
         crate::error::check(unsafe {
             libc::lsetxattr(
@@ -238,7 +238,7 @@ impl LabFs {
         self.check_writable(ctx, &loc.path, &loc.placement)?;
         let p = self.xattr_path(&loc);
         let cname = CString::new(name.as_bytes()).map_err(|_| Error::Errno(libc::EINVAL))?;
-        let _as = creds.assume();
+        let _as = creds.assume()?;
         // SAFETY: valid C strings.
         crate::error::check(unsafe { libc::lremovexattr(p.as_ptr(), cname.as_ptr()) })?;
         Ok(())
