@@ -4,6 +4,7 @@
 //! here; it is never deleted. Structural directories (the parents a backend needs to
 //! hold what the rules place on it) and promoted data on Atlas are not misplaced.
 
+use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -14,8 +15,8 @@ use crate::rules::{BackendKind, Class};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Misplaced {
     pub backend: BackendKind,
-    /// Namespace path.
-    pub path: String,
+    /// Namespace path (bytes: any name a backend holds).
+    pub path: OsString,
     /// Where it is on disk.
     pub file: PathBuf,
     /// Where the rules place it.
@@ -23,8 +24,8 @@ pub struct Misplaced {
 }
 
 /// Promoted data on Atlas is tagged (xattrs, or the tag store on an Atlas without them).
-fn promoted(cfg: &Config, ns_path: &str, file: &Path) -> bool {
-    crate::tags::is_promoted_file(&cfg.storage.atlas, ns_path, file)
+fn promoted(cfg: &Config, ns_path: &OsStr, file: &Path) -> bool {
+    crate::tags::is_promoted_file(&cfg.storage.atlas, &ns_path.to_string_lossy(), file)
 }
 
 /// Every misplaced entry on both backends.
@@ -34,7 +35,7 @@ pub fn find_misplaced(cfg: &Config) -> std::io::Result<Vec<Misplaced>> {
         (BackendKind::Atlas, &cfg.storage.atlas),
         (BackendKind::Local, &cfg.storage.local),
     ] {
-        walk(cfg, kind, root, "/", &mut out)?;
+        walk(cfg, kind, root, OsStr::new("/"), &mut out)?;
     }
     Ok(out)
 }
@@ -43,19 +44,19 @@ fn walk(
     cfg: &Config,
     kind: BackendKind,
     root: &Path,
-    dir: &str,
+    dir: &OsStr,
     out: &mut Vec<Misplaced>,
 ) -> std::io::Result<()> {
-    let disk = root.join(crate::fs::backend::relative(dir));
+    let rel = OsStr::from_bytes(dir.as_bytes().strip_prefix(b"/").unwrap_or(dir.as_bytes()));
+    let disk = root.join(rel);
     let mut entries: Vec<_> = std::fs::read_dir(&disk)?.filter_map(|e| e.ok()).collect();
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         let name = e.file_name();
-        let Some(n) = name.to_str() else { continue };
-        if dir == "/" && n == ".labfs" {
+        if dir.as_bytes() == b"/" && name.as_bytes() == b".labfs" {
             continue;
         }
-        let path = crate::fs::backend::join(dir, n);
+        let path = crate::fs::object::join(dir, &name);
         let p = cfg.rules.resolve(&path);
         let ft = e.file_type()?;
         let is_dir = ft.is_dir();
@@ -104,9 +105,9 @@ pub fn run(config: &Path, rules_only: bool) -> i32 {
             for x in &m {
                 println!(
                     "  {} on {} ({}): the rules place it on {}",
-                    x.path,
+                    shown(&x.path),
                     x.backend,
-                    String::from_utf8_lossy(x.file.as_os_str().as_bytes()),
+                    shown(x.file.as_os_str()),
                     x.belongs_on
                 );
             }
@@ -117,4 +118,17 @@ pub fn run(config: &Path, rules_only: bool) -> i32 {
             EXIT_FAIL
         }
     }
+}
+
+/// A path for the terminal: UTF-8 as is, any other byte as `\xNN` (so a name that is
+/// not UTF-8 is reported exactly, not replaced by `?`).
+pub fn shown(p: &OsStr) -> String {
+    let mut out = String::new();
+    for chunk in p.as_bytes().utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
 }

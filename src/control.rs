@@ -34,7 +34,10 @@ pub fn get(fs: &LabFs, ctx: &Ctx, ino: u64, name: &str) -> Result<Option<Vec<u8>
         STATUS => Ok(Some(crate::status::collect(fs).to_json().into_bytes())),
         EXPLAIN => {
             let loc = fs.locate_ino(&fs.creds(ctx), ino)?;
-            let mut e = crate::explain::Explained::from_placement(&loc.path, &loc.placement);
+            let mut e = crate::explain::Explained::from_placement(
+                &loc.path.to_string_lossy(),
+                &loc.placement,
+            );
             e.backend = loc.backend.to_string();
             e.state = fs.virtual_xattr(&loc, "user.labfs.state");
             if let Some(c) = fs.virtual_xattr(&loc, "user.labfs.class") {

@@ -18,6 +18,14 @@ pub const VIRTUAL: [&str; 4] = [
     "user.labfs.state",
 ];
 
+/// Where the xattr calls for one inode go (see [`LabFs::xattr_target`]).
+struct XattrTarget {
+    path: CString,
+    follow: bool,
+    _keep: Option<std::os::fd::OwnedFd>,
+    _obj: super::object::ObjFd,
+}
+
 /// How getxattr answers: the value, or its size when the caller asked for the size.
 pub enum XattrOut {
     Data(Vec<u8>),
@@ -44,7 +52,7 @@ impl LabFs {
                 &self.atlas,
                 loc.parent_fd.as_raw_fd(),
                 &loc.name,
-                &loc.path,
+                &loc.path.to_string_lossy(),
                 tags::CLASS,
             )
             .and_then(|v| String::from_utf8(v).ok())
@@ -59,7 +67,7 @@ impl LabFs {
                 (BackendKind::Atlas, _) if promoted || stored_class.is_some() => "promoted".into(),
                 (BackendKind::Atlas, _) => "atlas".into(),
                 (BackendKind::Local, Class::Transitional) => {
-                    if crate::promote::in_flight(&loc.path) {
+                    if crate::promote::in_flight(&loc.path.to_string_lossy()) {
                         "promoting".into()
                     } else {
                         "at-risk".into()
@@ -77,34 +85,41 @@ impl LabFs {
             return sized(v, size);
         }
         let creds = self.creds(ctx);
-        let loc = self.locate_ino(&creds, ino)?;
-        if let Some(v) = self.virtual_xattr(&loc, n) {
-            return sized(v.into_bytes(), size);
-        }
-        if n.starts_with(tags::PREFIX) && loc.backend == BackendKind::Atlas && loc.path != "/" {
-            if let Some(v) = tags::read_tag(
-                &self.atlas,
-                loc.parent_fd.as_raw_fd(),
-                &loc.name,
-                &loc.path,
-                n,
-            ) {
-                return sized(v, size);
+        if n.starts_with(tags::PREFIX) {
+            let loc = self.locate_ino(&creds, ino)?;
+            if let Some(v) = self.virtual_xattr(&loc, n) {
+                return sized(v.into_bytes(), size);
             }
-            return Err(Error::Errno(libc::ENODATA));
+            if loc.backend == BackendKind::Atlas && loc.path != "/" {
+                if let Some(v) = tags::read_tag(
+                    &self.atlas,
+                    loc.parent_fd.as_raw_fd(),
+                    &loc.name,
+                    &loc.path.to_string_lossy(),
+                    n,
+                ) {
+                    return sized(v, size);
+                }
+                return Err(Error::Errno(libc::ENODATA));
+            }
         }
-        let p = self.xattr_path(&loc);
+        let t = self.xattr_target(&creds, ino)?;
         let cname = CString::new(name.as_bytes()).map_err(|_| Error::Errno(libc::EINVAL))?;
         let _as = creds.assume();
         let mut buf = vec![0u8; size as usize];
         // SAFETY: valid C strings; a zero-size buffer asks for the size.
         let r = unsafe {
-            libc::lgetxattr(
-                p.as_ptr(),
+            let (p, a, v, l) = (
+                t.path.as_ptr(),
                 cname.as_ptr(),
                 buf.as_mut_ptr() as *mut libc::c_void,
                 buf.len(),
-            )
+            );
+            if t.follow {
+                libc::getxattr(p, a, v, l)
+            } else {
+                libc::lgetxattr(p, a, v, l)
+            }
         };
         let r = match check_size(r) {
             // The kernel enforces ACLs (FUSE_POSIX_ACL); on a backend without xattrs
@@ -124,35 +139,51 @@ impl LabFs {
         Ok(XattrOut::Data(buf))
     }
 
-    fn xattr_path(&self, loc: &Located) -> CString {
-        if loc.path == "/" {
-            let fd = self.backend(loc.backend).root_fd();
-            CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default()
-        } else {
-            tags::proc_path(loc.parent_fd.as_raw_fd(), &loc.name)
+    /// Where xattr calls reach inode `ino`'s object: `/proc/self/fd/N` of its backing,
+    /// followed; a symlink (whose magic link would lead on to its target) by its name
+    /// in its parent, not followed.
+    fn xattr_target(&self, creds: &super::Creds, ino: u64) -> Result<XattrTarget> {
+        let (_, obj) = self.obj(ino)?;
+        let st = super::backend::fstat(obj.as_raw_fd())?;
+        if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+            let loc = self.locate_ino(creds, ino)?;
+            return Ok(XattrTarget {
+                path: tags::proc_path(loc.parent_fd.as_raw_fd(), &loc.name),
+                follow: false,
+                _keep: Some(loc.parent_fd),
+                _obj: obj,
+            });
         }
+        Ok(XattrTarget {
+            path: obj.proc_path(),
+            follow: true,
+            _keep: None,
+            _obj: obj,
+        })
     }
 
     pub fn listxattr(&self, ctx: &Ctx, ino: u64, size: u32) -> Result<XattrOut> {
         let creds = self.creds(ctx);
-        let loc = self.locate_ino(&creds, ino)?;
-        let p = self.xattr_path(&loc);
+        let t = self.xattr_target(&creds, ino)?;
+        let p = &t.path;
+        let list = |buf: *mut libc::c_char, len: usize| {
+            // SAFETY: valid C string; a null buffer of size 0 asks for the size.
+            unsafe {
+                if t.follow {
+                    libc::listxattr(p.as_ptr(), buf, len)
+                } else {
+                    libc::llistxattr(p.as_ptr(), buf, len)
+                }
+            }
+        };
         let mut out = {
             let _as = creds.assume();
-            // SAFETY: a null buffer of size 0 asks for the size.
-            let need = unsafe { libc::llistxattr(p.as_ptr(), std::ptr::null_mut(), 0) };
+            let need = list(std::ptr::null_mut(), 0);
             match check_size(need) {
                 Ok(0) => Vec::new(),
                 Ok(need) => {
                     let mut buf = vec![0u8; need + 256];
-                    // SAFETY: valid buffer.
-                    let r = unsafe {
-                        libc::llistxattr(
-                            p.as_ptr(),
-                            buf.as_mut_ptr() as *mut libc::c_char,
-                            buf.len(),
-                        )
-                    };
+                    let r = list(buf.as_mut_ptr() as *mut libc::c_char, buf.len());
                     buf.truncate(check_size(r)?);
                     buf
                 }
@@ -166,13 +197,15 @@ impl LabFs {
             .map(|s| s.to_vec())
             .collect();
         let mut extra: Vec<&str> = VIRTUAL.to_vec();
-        if loc.backend == BackendKind::Atlas && loc.path != "/" {
+        // The stored tags of the object at its primary name (none once it has no name).
+        let loc = self.locate_ino(&creds, ino).ok();
+        if let Some(loc) = loc.filter(|l| l.backend == BackendKind::Atlas && l.path != "/") {
             for t in tags::STORED {
                 if tags::read_tag(
                     &self.atlas,
                     loc.parent_fd.as_raw_fd(),
                     &loc.name,
-                    &loc.path,
+                    &loc.path.to_string_lossy(),
                     t,
                 )
                 .is_some()
@@ -208,20 +241,23 @@ impl LabFs {
             });
         }
         let creds = self.creds(ctx);
-        let loc = self.locate_ino(&creds, ino)?;
-        self.check_writable(ctx, &loc.path, &loc.placement)?;
-        let p = self.xattr_path(&loc);
+        self.check_writable_ino(ctx, ino)?;
+        let t = self.xattr_target(&creds, ino)?;
         let cname = CString::new(name.as_bytes()).map_err(|_| Error::Errno(libc::EINVAL))?;
         let _as = creds.assume();
+        let (p, a, v, l) = (
+            t.path.as_ptr(),
+            cname.as_ptr(),
+            value.as_ptr() as *const libc::c_void,
+            value.len(),
+        );
         // SAFETY: valid C strings and value buffer.
         crate::error::check(unsafe {
-            libc::lsetxattr(
-                p.as_ptr(),
-                cname.as_ptr(),
-                value.as_ptr() as *const libc::c_void,
-                value.len(),
-                flags,
-            )
+            if t.follow {
+                libc::setxattr(p, a, v, l, flags)
+            } else {
+                libc::lsetxattr(p, a, v, l, flags)
+            }
         })?;
         Ok(())
     }
@@ -234,13 +270,18 @@ impl LabFs {
             });
         }
         let creds = self.creds(ctx);
-        let loc = self.locate_ino(&creds, ino)?;
-        self.check_writable(ctx, &loc.path, &loc.placement)?;
-        let p = self.xattr_path(&loc);
+        self.check_writable_ino(ctx, ino)?;
+        let t = self.xattr_target(&creds, ino)?;
         let cname = CString::new(name.as_bytes()).map_err(|_| Error::Errno(libc::EINVAL))?;
         let _as = creds.assume();
         // SAFETY: valid C strings.
-        crate::error::check(unsafe { libc::lremovexattr(p.as_ptr(), cname.as_ptr()) })?;
+        crate::error::check(unsafe {
+            if t.follow {
+                libc::removexattr(t.path.as_ptr(), cname.as_ptr())
+            } else {
+                libc::lremovexattr(t.path.as_ptr(), cname.as_ptr())
+            }
+        })?;
         Ok(())
     }
 }
