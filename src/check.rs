@@ -4,6 +4,7 @@
 //! here; it is never deleted. Structural directories (the parents a backend needs to
 //! hold what the rules place on it) and promoted data on Atlas are not misplaced.
 
+use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -15,8 +16,8 @@ use crate::rules::{BackendKind, Class};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Misplaced {
     pub backend: BackendKind,
-    /// Namespace path.
-    pub path: String,
+    /// Namespace path (bytes: any name a backend holds).
+    pub path: OsString,
     /// Where it is on disk.
     pub file: PathBuf,
     /// Where the rules place it.
@@ -36,8 +37,8 @@ fn tag_store_readable(atlas: &Path) -> bool {
 }
 
 /// Promoted data on Atlas is tagged (xattrs, or the tag store on an Atlas without them).
-fn promoted(cfg: &Config, ns_path: &str, file: &Path) -> bool {
-    crate::tags::is_promoted_file(&cfg.storage.atlas, ns_path, file)
+fn promoted(cfg: &Config, ns_path: &OsStr, file: &Path) -> bool {
+    crate::tags::is_promoted_file(&cfg.storage.atlas, &ns_path.to_string_lossy(), file)
 }
 
 /// Every misplaced entry on both backends.
@@ -47,7 +48,7 @@ pub fn find_misplaced(cfg: &Config) -> std::io::Result<Vec<Misplaced>> {
         (BackendKind::Atlas, &cfg.storage.atlas),
         (BackendKind::Local, &cfg.storage.local),
     ] {
-        walk(cfg, kind, root, "/", &mut out)?;
+        walk(cfg, kind, root, OsStr::new("/"), &mut out)?;
     }
     Ok(out)
 }
@@ -56,26 +57,22 @@ fn walk(
     cfg: &Config,
     kind: BackendKind,
     root: &Path,
-    dir: &str,
+    dir: &OsStr,
     out: &mut Vec<Misplaced>,
 ) -> std::io::Result<()> {
-    let disk = if dir == "/" {
-        root.to_path_buf()
-    } else {
-        root.join(crate::fs::backend::relative(dir))
-    };
+    let rel = OsStr::from_bytes(dir.as_bytes().strip_prefix(b"/").unwrap_or(dir.as_bytes()));
+    let disk = root.join(rel);
     let mut entries: Vec<_> = std::fs::read_dir(&disk)?.filter_map(|e| e.ok()).collect();
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         let name = e.file_name();
-        let Some(n) = name.to_str() else { continue };
-        if dir == "/" && n == ".labfs" {
+        if dir.as_bytes() == b"/" && name.as_bytes() == b".labfs" {
             continue;
         }
-        if kind == BackendKind::Atlas && crate::atlas_id::is_nfs_silly_rename(n.as_bytes()) {
+        if kind == BackendKind::Atlas && crate::atlas_id::is_nfs_silly_rename(name.as_bytes()) {
             continue; // an unlinked file still open on an NFS client: not data
         }
-        let path = crate::fs::backend::join(dir, n);
+        let path = crate::fs::object::join(dir, &name);
         let p = cfg.rules.resolve(&path);
         let ft = e.file_type()?;
         let is_dir = ft.is_dir();
@@ -134,9 +131,9 @@ pub fn run(config: &Path, rules_only: bool) -> i32 {
             for x in &m {
                 println!(
                     "  {} on {} ({}): the rules place it on {}{}",
-                    x.path,
+                    shown(&x.path),
                     x.backend,
-                    String::from_utf8_lossy(x.file.as_os_str().as_bytes()),
+                    shown(x.file.as_os_str()),
                     x.belongs_on,
                     if x.uncertain {
                         " (unless promoted: the tag store is unreadable)"
@@ -152,4 +149,17 @@ pub fn run(config: &Path, rules_only: bool) -> i32 {
             EXIT_FAIL
         }
     }
+}
+
+/// A path for the terminal: UTF-8 as is, any other byte as `\xNN` (so a name that is
+/// not UTF-8 is reported exactly, not replaced by `?`).
+pub fn shown(p: &OsStr) -> String {
+    let mut out = String::new();
+    for chunk in p.as_bytes().utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
 }

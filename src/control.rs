@@ -144,7 +144,7 @@ fn explain_path(fs: &LabFs, ctx: &Ctx, path: &str) -> Result<Vec<u8>> {
     let (mut e, exists) = match fs.locate(&fs.creds(ctx), path) {
         Ok(loc) => {
             let mut e = crate::explain::Explained::from_placement(
-                &loc.path,
+                &loc.path.to_string_lossy(),
                 &loc.placement,
                 live.rules.unplaced(),
             );

@@ -35,7 +35,7 @@ pub fn ensure(fs: &LabFs, dirs: &[DeclaredDir]) {
 }
 
 fn ensure_one(fs: &LabFs, d: &DeclaredDir) -> Result<Option<String>> {
-    let _root = Creds::root().assume();
+    let _root = Creds::root().assume()?;
     let placement = fs.placement(&d.path);
     let kind = placement.backend();
     if kind == BackendKind::Atlas && fs.health.is_down() {

@@ -14,9 +14,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::OnceLock;
 
 use super::{Ctx, LabFs, Located};
-use crate::error::{Error, Result};
+use crate::error::{check_size, Error, Result};
 use crate::rules::{BackendKind, Class};
-use crate::sys;
 use crate::tags;
 
 /// Whether an object of this mode can carry `user.*` names (the kernel refuses them
@@ -46,6 +45,14 @@ pub const VIRTUAL: [&str; 4] = [
     "user.labfs.rule",
     "user.labfs.state",
 ];
+
+/// Where the xattr calls for one inode go (see [`LabFs::xattr_target`]).
+struct XattrTarget {
+    path: CString,
+    follow: bool,
+    _keep: Option<std::os::fd::OwnedFd>,
+    _obj: super::object::ObjFd,
+}
 
 /// How getxattr answers: the value, or its size when the caller asked for the size.
 pub enum XattrOut {
@@ -78,7 +85,7 @@ impl LabFs {
                 &self.atlas,
                 loc.parent_fd.as_raw_fd(),
                 &loc.name,
-                &loc.path,
+                &loc.path.to_string_lossy(),
                 tags::CLASS,
             )
             .and_then(|v| String::from_utf8(v).ok())
@@ -93,7 +100,7 @@ impl LabFs {
                 (BackendKind::Atlas, _) if promoted || stored_class.is_some() => "promoted".into(),
                 (BackendKind::Atlas, _) => "atlas".into(),
                 (BackendKind::Local, Class::Transitional) => {
-                    if promotion_in_flight(&loc.path) {
+                    if promotion_in_flight(&loc.path.to_string_lossy()) {
                         "promoting".into()
                     } else {
                         "at-risk".into()
@@ -108,30 +115,46 @@ impl LabFs {
     pub fn getxattr(&self, ctx: &Ctx, ino: u64, name: &OsStr, size: u32) -> Result<XattrOut> {
         let n = name.to_str().unwrap_or("");
         let creds = self.creds(ctx);
-        let loc = self.locate_ino(&creds, ino)?;
-        if n.starts_with(tags::PREFIX) && !takes_user_xattrs(loc.stat.st_mode) {
-            return Err(Error::Errno(libc::ENODATA));
-        }
-        if let Some(v) = self.virtual_xattr(&loc, n) {
-            return sized(v.into_bytes(), size);
-        }
-        if n.starts_with(tags::PREFIX) && loc.backend == BackendKind::Atlas && loc.path != "/" {
-            if let Some(v) = tags::read_tag(
-                &self.atlas,
-                loc.parent_fd.as_raw_fd(),
-                &loc.name,
-                &loc.path,
-                n,
-            ) {
-                return sized(v, size);
+        if n.starts_with(tags::PREFIX) {
+            let loc = self.locate_ino(&creds, ino)?;
+            if !takes_user_xattrs(loc.stat.st_mode) {
+                return Err(Error::Errno(libc::ENODATA));
             }
-            return Err(Error::Errno(libc::ENODATA));
+            if let Some(v) = self.virtual_xattr(&loc, n) {
+                return sized(v.into_bytes(), size);
+            }
+            if loc.backend == BackendKind::Atlas && loc.path != "/" {
+                if let Some(v) = tags::read_tag(
+                    &self.atlas,
+                    loc.parent_fd.as_raw_fd(),
+                    &loc.name,
+                    &loc.path.to_string_lossy(),
+                    n,
+                ) {
+                    return sized(v, size);
+                }
+                return Err(Error::Errno(libc::ENODATA));
+            }
         }
-        let p = self.xattr_path(&loc);
+        let t = self.xattr_target(&creds, ino)?;
         let cname = CString::new(name.as_bytes()).map_err(|_| Error::Errno(libc::EINVAL))?;
         let _as = creds.assume()?;
         let mut buf = vec![0u8; size as usize];
-        let r = match sys::lgetxattr(&p, &cname, &mut buf).map_err(Error::Io) {
+        // SAFETY: valid C strings; a zero-size buffer asks for the size.
+        let r = unsafe {
+            let (p, a, v, l) = (
+                t.path.as_ptr(),
+                cname.as_ptr(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+            );
+            if t.follow {
+                libc::getxattr(p, a, v, l)
+            } else {
+                libc::lgetxattr(p, a, v, l)
+            }
+        };
+        let r = match check_size(r) {
             // The kernel enforces ACLs (FUSE_POSIX_ACL); on a backend without xattrs
             // "no ACL" must read as absent, not as an error, or every check fails.
             Err(e)
@@ -149,41 +172,69 @@ impl LabFs {
         Ok(XattrOut::Data(buf))
     }
 
-    fn xattr_path(&self, loc: &Located) -> CString {
-        if loc.path == "/" {
-            let fd = self.backend(loc.backend).root_fd();
-            CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default()
-        } else {
-            tags::proc_path(loc.parent_fd.as_raw_fd(), &loc.name)
+    /// Where xattr calls reach inode `ino`'s object: `/proc/self/fd/N` of its backing,
+    /// followed; a symlink (whose magic link would lead on to its target) by its name
+    /// in its parent, not followed.
+    fn xattr_target(&self, creds: &super::Creds, ino: u64) -> Result<XattrTarget> {
+        let (_, obj) = self.obj(ino)?;
+        let st = super::backend::fstat(obj.as_raw_fd())?;
+        if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+            let loc = self.locate_ino(creds, ino)?;
+            return Ok(XattrTarget {
+                path: tags::proc_path(loc.parent_fd.as_raw_fd(), &loc.name),
+                follow: false,
+                _keep: Some(loc.parent_fd),
+                _obj: obj,
+            });
         }
+        Ok(XattrTarget {
+            path: obj.proc_path(),
+            follow: true,
+            _keep: None,
+            _obj: obj,
+        })
     }
 
     /// The backend's names, minus labfs's own: a `user.labfs.*` name stored on the
     /// Atlas object (promotion's tags) is answered by name, not listed.
     pub fn listxattr(&self, ctx: &Ctx, ino: u64, size: u32) -> Result<XattrOut> {
         let creds = self.creds(ctx);
-        let loc = self.locate_ino(&creds, ino)?;
-        let p = self.xattr_path(&loc);
-        let all = {
-            let _as = creds.assume()?;
-            match sys::llistxattr(&p) {
-                Ok(v) => v,
-                Err(e)
-                    if e.raw_os_error() == Some(libc::EOPNOTSUPP)
-                        || e.raw_os_error() == Some(libc::ENOTSUP) =>
-                {
-                    Vec::new()
+        let t = self.xattr_target(&creds, ino)?;
+        let p = &t.path;
+        let list = |buf: *mut libc::c_char, len: usize| {
+            // SAFETY: valid C string; a null buffer of size 0 asks for the size.
+            unsafe {
+                if t.follow {
+                    libc::listxattr(p.as_ptr(), buf, len)
+                } else {
+                    libc::llistxattr(p.as_ptr(), buf, len)
                 }
-                Err(e) => return Err(Error::Io(e)),
             }
         };
-        let mut out = Vec::with_capacity(all.len());
-        for name in all.split(|b| *b == 0).filter(|s| !s.is_empty()) {
+        let mut out = {
+            let _as = creds.assume()?;
+            let need = list(std::ptr::null_mut(), 0);
+            match check_size(need) {
+                Ok(0) => Vec::new(),
+                Ok(need) => {
+                    let mut buf = vec![0u8; need + 256];
+                    let r = list(buf.as_mut_ptr() as *mut libc::c_char, buf.len());
+                    buf.truncate(check_size(r)?);
+                    buf
+                }
+                Err(e) if e.errno() == libc::EOPNOTSUPP || e.errno() == libc::ENOTSUP => Vec::new(),
+                Err(e) => return Err(e),
+            }
+        };
+        // labfs's own names (promotion's stored tags) are answered by name, never listed.
+        let mut kept = Vec::with_capacity(out.len());
+        for name in out.split(|b| *b == 0).filter(|s| !s.is_empty()) {
             if !name.starts_with(tags::PREFIX.as_bytes()) {
-                out.extend_from_slice(name);
-                out.push(0);
+                kept.extend_from_slice(name);
+                kept.push(0);
             }
         }
+        out = kept;
         sized(out, size)
     }
 
@@ -202,12 +253,25 @@ impl LabFs {
             });
         }
         let creds = self.creds(ctx);
-        let loc = self.locate_ino(&creds, ino)?;
-        self.check_writable(ctx, &loc.path, &loc.placement)?;
-        let p = self.xattr_path(&loc);
+        self.check_writable_ino(ctx, ino)?;
+        let t = self.xattr_target(&creds, ino)?;
         let cname = CString::new(name.as_bytes()).map_err(|_| Error::Errno(libc::EINVAL))?;
         let _as = creds.assume()?;
-        sys::lsetxattr(&p, &cname, value, flags).map_err(Error::Io)
+        let (p, a, v, l) = (
+            t.path.as_ptr(),
+            cname.as_ptr(),
+            value.as_ptr() as *const libc::c_void,
+            value.len(),
+        );
+        // SAFETY: valid C strings and value buffer.
+        crate::error::check(unsafe {
+            if t.follow {
+                libc::setxattr(p, a, v, l, flags)
+            } else {
+                libc::lsetxattr(p, a, v, l, flags)
+            }
+        })?;
+        Ok(())
     }
 
     pub fn removexattr(&self, ctx: &Ctx, ino: u64, name: &OsStr) -> Result<()> {
@@ -218,11 +282,18 @@ impl LabFs {
             });
         }
         let creds = self.creds(ctx);
-        let loc = self.locate_ino(&creds, ino)?;
-        self.check_writable(ctx, &loc.path, &loc.placement)?;
-        let p = self.xattr_path(&loc);
+        self.check_writable_ino(ctx, ino)?;
+        let t = self.xattr_target(&creds, ino)?;
         let cname = CString::new(name.as_bytes()).map_err(|_| Error::Errno(libc::EINVAL))?;
         let _as = creds.assume()?;
-        sys::lremovexattr(&p, &cname).map_err(Error::Io)
+        // SAFETY: valid C strings.
+        crate::error::check(unsafe {
+            if t.follow {
+                libc::removexattr(t.path.as_ptr(), cname.as_ptr())
+            } else {
+                libc::lremovexattr(t.path.as_ptr(), cname.as_ptr())
+            }
+        })?;
+        Ok(())
     }
 }
