@@ -28,6 +28,23 @@ use crate::common::LABFS;
 
 mod claim;
 
+/// Scenarios that fail until another part of labfs lands, with what they wait for.
+/// Such a scenario's FAIL is reported loudly and accepted; once it passes, its test
+/// fails until it is removed from here (so the list never hides a regression).
+const KNOWN_FAILING: &[(&str, &str)] = &[
+    (
+        "open_unlinked_file",
+        "getattr of an open, unlinked file looks its path up (ENOENT): needs inodes keyed \
+         by identity (helper core's src/fs rewrite)",
+    ),
+    (
+        "estale_passed_through",
+        "fstat of an open file looks its path up, so a file removed on the server answers \
+         ENOENT instead of the NFS client's ESTALE: needs inodes keyed by identity \
+         (helper core's src/fs rewrite)",
+    ),
+];
+
 /// The whole group (boot included) must end within this.
 const GROUP_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
@@ -279,6 +296,21 @@ fn scenario(name: &str) {
     };
     let result = run.results.get(name).cloned();
     let ok = result.as_deref() == Some("PASS");
+    let known = KNOWN_FAILING.iter().find(|(n, _)| *n == name);
+    if let Some((_, why)) = known {
+        assert!(
+            !ok,
+            "NFS scenario {name} passes now: remove it from KNOWN_FAILING in tests/nfs/mod.rs"
+        );
+        if result.as_deref().is_some_and(|r| r.starts_with("FAIL")) && run.rig_error.is_none() {
+            eprintln!(
+                "\n!!!!! KNOWN FAILING NFS scenario {name}: {} ({why}); log: {} !!!!!\n",
+                result.as_deref().unwrap_or(""),
+                run.dir.join(format!("{name}.log")).display()
+            );
+            return;
+        }
+    }
     if !ok {
         let rig = fs::read_to_string(run.dir.join("rig.log")).unwrap_or_default();
         let console = fs::read_to_string(run.dir.join("console.log")).unwrap_or_default();
