@@ -108,10 +108,10 @@ fn claim_path_recovery_takes_over_its_own_placeholder() {
     let target = lab.atlas_path("scans/s1/work/out");
     fs::create_dir_all(target.parent().expect("parent")).expect("parents");
     fs::DirBuilder::new()
-        .mode(0)
+        .mode(0o000)
         .create(&target)
         .expect("placeholder");
-    fs::set_permissions(&target, fs::Permissions::from_mode(0)).expect("mode 0");
+    fs::set_permissions(&target, fs::Permissions::from_mode(0o000)).expect("mode 0");
     lab.remount();
     assert_eq!(read(&target.join("x")), "x\n", "{}", lab.daemon_log());
     assert!(!lab.local_path("scans/s1/work/out").exists());

@@ -363,6 +363,7 @@ scenarios!(
     nfs_tags_xattr_v42_store_v3,
     nfs_root_squash_detected_and_promote_refused,
     nfs_failed_promote_leaves_nothing,
+    nfs_crash_recovery_v42,
     nfs_silly_rename_hidden,
     nfs_open_unlinked_file,
     nfs_estale_passed_through,

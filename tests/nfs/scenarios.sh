@@ -15,6 +15,7 @@ promote_tree_v3
 tags_xattr_v42_store_v3
 root_squash_detected_and_promote_refused
 failed_promote_leaves_nothing
+crash_recovery_v42
 silly_rename_hidden
 open_unlinked_file
 estale_passed_through
@@ -284,6 +285,27 @@ sc_failed_promote_leaves_nothing() {
     [ -z "$(find "$srv/.labfs/staging" -mindepth 2 2>/dev/null)" ] || fail "staging left"
 }
 
+sc_crash_recovery_v42() {
+    # The daemon dies after verifying, and (as if it died between the claim and the
+    # rename) an empty placeholder of mode 0 is at the target: the next mount's
+    # recovery takes it over and puts the tree in place on NFS.
+    lab_up c /mnt/a42/$SCEN-c "" "env LABFS_PROMOTE_CRASH_AT=verified"
+    local src="$LAB_c/scans/s5/work/out" srv="/srv/nsq/$SCEN-c"
+    mkdir -p "$src/sub"
+    echo a >"$src/a"
+    echo b >"$src/sub/b"
+    if "$LABFS" promote "$src"; then fail "the daemon did not crash"; fi
+    grep -q 'LABFS_PROMOTE_CRASH_AT=verified' "$LOG_c" || fail "no crash logged"
+    mkdir -p "$srv/scans/s5/work"
+    mkdir -m 0 "$srv/scans/s5/work/out"
+    "$LABFS" mount --recover --config "$CFG_c" --log-file "$LOG_c" "$LAB_c"
+    grep -q 'recovering the promotion' "$LOG_c" || fail "recovery did not run"
+    [ "$(cat "$srv/scans/s5/work/out/sub/b")" = b ] || fail "the tree is not in place on Atlas"
+    [ "$(cat "$src/a")" = a ] || fail "not readable through the mount"
+    [ ! -e "$LOCAL_c/scans/s5/work/out" ] || fail "the local copy is still there"
+    [ -z "$(find "$srv/.labfs/staging" -mindepth 2 2>/dev/null)" ] || fail "staging left"
+}
+
 sc_silly_rename_hidden() {
     lab_up s /mnt/a42/$SCEN-s
     mkdir -p "$LAB_s/docs/d"
@@ -355,7 +377,27 @@ timeout = "3s"
 probe_interval = "1s"'
     mkdir -p "$LAB_h/docs" "$LAB_h/cache"
     echo before >"$LAB_h/docs/f"
+    # A program with an Atlas file open before the outage reads during it.
+    $PY - "$LAB_h/docs/f" "$OUT/$SCEN.reader" <<'PYEOF' &
+import errno, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+os.pread(fd, 6, 0)
+open(sys.argv[2] + ".ready", "w").close()
+while not os.path.exists(sys.argv[2] + ".go"):
+    time.sleep(0.05)
+t0 = time.monotonic()
+try:
+    os.pread(fd, 6, 0)
+    res = "read-ok"
+except OSError as e:
+    res = errno.errorcode.get(e.errno, str(e.errno))
+with open(sys.argv[2], "w") as f:
+    f.write("%s %d\n" % (res, (time.monotonic() - t0) * 1000))
+PYEOF
+    local reader=$!
+    wait_for 20 "the reader has the file open" test -e "$OUT/$SCEN.reader.ready"
     iptables -A INPUT -i lo -p tcp --dport 2049 -j DROP
+    touch "$OUT/$SCEN.reader.go"
     local t0 t1 err
     t0=$(date +%s%N)
     if err=$(cat "$LAB_h/docs/new-name" 2>&1); then fail "an Atlas read succeeded with the server hung"; fi
@@ -366,6 +408,13 @@ probe_interval = "1s"'
     # Local paths keep working during the outage.
     echo local >"$LAB_h/cache/x"
     [ "$(cat "$LAB_h/cache/x")" = local ] || fail "local path"
+    wait "$reader" || fail "the reader failed"
+    cat "$OUT/$SCEN.reader"
+    # The read of an open file is refused (ETIMEDOUT) within the bound, or answered
+    # from the NFS client's page cache (no server needed): never hung.
+    read -r res ms <"$OUT/$SCEN.reader"
+    case $res in ETIMEDOUT | read-ok) ;; *) fail "reader: $res" ;; esac
+    [ "$ms" -le 6000 ] || fail "the reader waited $ms ms (bound 3 s + slack)"
     "$LABFS" status "$LAB_h" | tee "$OUT/$SCEN.status" || true
     grep -q 'NOT ANSWERING' "$OUT/$SCEN.status" || fail "status does not say Atlas is not answering"
     iptables -D INPUT -i lo -p tcp --dport 2049 -j DROP
