@@ -64,6 +64,15 @@ enum Rig {
 
 static RIG: OnceLock<Rig> = OnceLock::new();
 
+/// Print to the test binary's real stderr: the harness captures `eprintln!` of
+/// passing tests, but a skipped rig, a known failure and the rig's timings must show.
+macro_rules! loud {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr().lock(), $($t)*);
+    }};
+}
+
 fn here() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nfs")
 }
@@ -174,7 +183,7 @@ fn boot_and_run() -> Rig {
         p.insert(0, bin.to_path_buf());
         path = std::env::join_paths(p).unwrap_or(path);
     }
-    eprintln!(
+    loud!(
         "NFS rig: booting {} under qemu (TCG), results in {}",
         kernel.display(),
         dir.display()
@@ -232,7 +241,7 @@ fn boot_and_run() -> Rig {
         it.next().and_then(num),
         num(done.as_str()),
     ) {
-        eprintln!(
+        loud!(
             "NFS rig: {total:.0} s in all; in the guest: NFS set up in {:.1} s, scenarios ran {:.0} s; \
              boot (qemu start to guest script) ~{:.0} s",
             ready - start,
@@ -240,10 +249,10 @@ fn boot_and_run() -> Rig {
             total - (end - start)
         );
     } else {
-        eprintln!("NFS rig: {total:.0} s in all");
+        loud!("NFS rig: {total:.0} s in all");
     }
     for (n, r) in &results {
-        eprintln!("NFS rig: {n}: {r}");
+        loud!("NFS rig: {n}: {r}");
     }
     Rig::Ran(Run {
         dir,
@@ -289,7 +298,7 @@ fn scenario(name: &str) {
             if std::env::var("LABFS_NFS_RIG").is_ok_and(|v| v == "required") {
                 panic!("{msg} (LABFS_NFS_RIG=required)");
             }
-            eprintln!("\n!!!!! SKIPPED NFS scenario {name}: {msg} !!!!!\n");
+            loud!("\n!!!!! SKIPPED NFS scenario {name}: {msg} !!!!!\n");
             return;
         }
         Rig::Ran(run) => run,
@@ -303,7 +312,7 @@ fn scenario(name: &str) {
             "NFS scenario {name} passes now: remove it from KNOWN_FAILING in tests/nfs/mod.rs"
         );
         if result.as_deref().is_some_and(|r| r.starts_with("FAIL")) && run.rig_error.is_none() {
-            eprintln!(
+            loud!(
                 "\n!!!!! KNOWN FAILING NFS scenario {name}: {} ({why}); log: {} !!!!!\n",
                 result.as_deref().unwrap_or(""),
                 run.dir.join(format!("{name}.log")).display()
