@@ -12,3 +12,4 @@ mod posix;
 mod promote;
 mod security;
 mod tools;
+mod xattrs;
