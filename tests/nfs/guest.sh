@@ -72,6 +72,11 @@ export_dir fail 103 no_root_squash
 # Short grace and lease periods: v4 opens wait for the grace period after nfsd starts.
 echo 10 >/proc/fs/nfsd/nfsv4leasetime || true
 echo 10 >/proc/fs/nfsd/nfsv4gracetime || true
+# No NFSv4 delegations: the two "nodes" below are two mounts of one kernel client,
+# which the server sees as one NFSv4 client, so it would never recall one node's
+# delegation when the other writes (real nodes are separate clients, whose delegations
+# the server recalls on a conflicting open). nfsd grants delegations only with leases.
+echo 0 >/proc/sys/fs/leases-enable || rig_fail "disabling leases (delegations)"
 rpcbind -w || rig_fail rpcbind
 rpc.statd --no-notify || echo "rpc.statd did not start; v3 mounts use nolock"
 exportfs -ra || rig_fail "exportfs -ra"
@@ -91,8 +96,9 @@ nfs_mount nsq 4.2 /mnt/a42 || rig_fail "mount v4.2"
 nfs_mount nsq 3 /mnt/a3 "nolock" || rig_fail "mount v3"
 nfs_mount fail 3 /mnt/f3 "nolock" || rig_fail "mount v3 (fail export)"
 nfs_mount sq 4.2 /mnt/sq42 || rig_fail "mount v4.2 root_squash"
-# The second node's view of the same export: its own client cache.
-nfs_mount nsq 4.2 /mnt/b42 nosharecache || rig_fail "mount v4.2 nosharecache"
+# The second node's view of the same export: its own client cache, attributes
+# cached for 1 s (actimeo=1; see docs/operations.md, NFS export settings).
+nfs_mount nsq 4.2 /mnt/b42 nosharecache,actimeo=1 || rig_fail "mount v4.2 nosharecache"
 nfs_mount fail 4.2 /mnt/f42 || rig_fail "mount v4.2 (fail export)"
 findmnt -t nfs,nfs4
 # The nodes' local SSDs.

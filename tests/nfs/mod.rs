@@ -28,6 +28,23 @@ use crate::common::LABFS;
 
 mod claim;
 
+/// Scenarios that fail until another part of labfs lands, with what they wait for.
+/// Such a scenario's FAIL is reported loudly and accepted; once it passes, its test
+/// fails until it is removed from here (so the list never hides a regression).
+const KNOWN_FAILING: &[(&str, &str)] = &[
+    (
+        "open_unlinked_file",
+        "getattr of an open, unlinked file looks its path up (ENOENT): needs inodes keyed \
+         by identity (helper core's src/fs rewrite)",
+    ),
+    (
+        "estale_passed_through",
+        "fstat of an open file looks its path up, so a file removed on the server answers \
+         ENOENT instead of the NFS client's ESTALE: needs inodes keyed by identity \
+         (helper core's src/fs rewrite)",
+    ),
+];
+
 /// The whole group (boot included) must end within this.
 const GROUP_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
@@ -46,6 +63,15 @@ enum Rig {
 }
 
 static RIG: OnceLock<Rig> = OnceLock::new();
+
+/// Print to the test binary's real stderr: the harness captures `eprintln!` of
+/// passing tests, but a skipped rig, a known failure and the rig's timings must show.
+macro_rules! loud {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr().lock(), $($t)*);
+    }};
+}
 
 fn here() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nfs")
@@ -157,7 +183,7 @@ fn boot_and_run() -> Rig {
         p.insert(0, bin.to_path_buf());
         path = std::env::join_paths(p).unwrap_or(path);
     }
-    eprintln!(
+    loud!(
         "NFS rig: booting {} under qemu (TCG), results in {}",
         kernel.display(),
         dir.display()
@@ -215,7 +241,7 @@ fn boot_and_run() -> Rig {
         it.next().and_then(num),
         num(done.as_str()),
     ) {
-        eprintln!(
+        loud!(
             "NFS rig: {total:.0} s in all; in the guest: NFS set up in {:.1} s, scenarios ran {:.0} s; \
              boot (qemu start to guest script) ~{:.0} s",
             ready - start,
@@ -223,10 +249,10 @@ fn boot_and_run() -> Rig {
             total - (end - start)
         );
     } else {
-        eprintln!("NFS rig: {total:.0} s in all");
+        loud!("NFS rig: {total:.0} s in all");
     }
     for (n, r) in &results {
-        eprintln!("NFS rig: {n}: {r}");
+        loud!("NFS rig: {n}: {r}");
     }
     Rig::Ran(Run {
         dir,
@@ -272,13 +298,28 @@ fn scenario(name: &str) {
             if std::env::var("LABFS_NFS_RIG").is_ok_and(|v| v == "required") {
                 panic!("{msg} (LABFS_NFS_RIG=required)");
             }
-            eprintln!("\n!!!!! SKIPPED NFS scenario {name}: {msg} !!!!!\n");
+            loud!("\n!!!!! SKIPPED NFS scenario {name}: {msg} !!!!!\n");
             return;
         }
         Rig::Ran(run) => run,
     };
     let result = run.results.get(name).cloned();
     let ok = result.as_deref() == Some("PASS");
+    let known = KNOWN_FAILING.iter().find(|(n, _)| *n == name);
+    if let Some((_, why)) = known {
+        assert!(
+            !ok,
+            "NFS scenario {name} passes now: remove it from KNOWN_FAILING in tests/nfs/mod.rs"
+        );
+        if result.as_deref().is_some_and(|r| r.starts_with("FAIL")) && run.rig_error.is_none() {
+            loud!(
+                "\n!!!!! KNOWN FAILING NFS scenario {name}: {} ({why}); log: {} !!!!!\n",
+                result.as_deref().unwrap_or(""),
+                run.dir.join(format!("{name}.log")).display()
+            );
+            return;
+        }
+    }
     if !ok {
         let rig = fs::read_to_string(run.dir.join("rig.log")).unwrap_or_default();
         let console = fs::read_to_string(run.dir.join("console.log")).unwrap_or_default();
@@ -331,6 +372,7 @@ scenarios!(
     nfs_tags_xattr_v42_store_v3,
     nfs_root_squash_detected_and_promote_refused,
     nfs_failed_promote_leaves_nothing,
+    nfs_crash_recovery_v42,
     nfs_silly_rename_hidden,
     nfs_open_unlinked_file,
     nfs_estale_passed_through,
