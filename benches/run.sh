@@ -332,11 +332,11 @@ path = "/scans/*/work"
 class = "transitional"
 EOF
 
-mount_labfs() { # MNT LOGNAME EXTRA-ARGS... ; sets MOUNTED_PID
-    local mnt=$1 logf=$OUT/$2
-    shift 2
+mount_labfs() { # CONFIG MNT LOGNAME EXTRA-ARGS... ; sets MOUNTED_PID
+    local cfg=$1 mnt=$2 logf=$OUT/$3
+    shift 3
     mkdir -p "$mnt"
-    RUST_LOG=${LABFS_LOG:-labfs=info} "$LABFS_BIN" mount --config "$CFG" --foreground --allow-unmarked "$@" "$mnt" \
+    RUST_LOG=${LABFS_LOG:-labfs=info} "$LABFS_BIN" mount --config "$cfg" --foreground --allow-unmarked "$@" "$mnt" \
         </dev/null >>"$logf" 2>&1 &
     MOUNTED_PID=$!
     PIDS+=("$MOUNTED_PID")
@@ -350,7 +350,7 @@ mount_labfs() { # MNT LOGNAME EXTRA-ARGS... ; sets MOUNTED_PID
 }
 
 MNT=$WORK/mnt
-mount_labfs "$MNT" labfs.log
+mount_labfs "$CFG" "$MNT" labfs.log
 DAEMON_PID=$MOUNTED_PID
 DPID[labfs-local]=$DAEMON_PID
 DPID[labfs-atlas]=$DAEMON_PID
@@ -358,7 +358,11 @@ log "labfs mounted at $MNT (pid $DAEMON_PID); $(grep -m1 -o 'passthrough[^"]*' "
 MNTPT=""
 if "$LABFS_BIN" mount --help 2>&1 | grep -q -- --atlas-passthrough; then
     MNTPT=$WORK/mnt-pt
-    mount_labfs "$MNTPT" labfs-atlas-passthrough.log --atlas-passthrough
+    # One daemon per local backend: this second mount (the same Atlas, as a second
+    # node would have it) gets a local directory of its own.
+    mkdir -p "$L/lab-pt"
+    sed "s|^local = .*|local = \"$L/lab-pt\"|" "$CFG" >"$WORK/labfs-pt.toml"
+    mount_labfs "$WORK/labfs-pt.toml" "$MNTPT" labfs-atlas-passthrough.log --atlas-passthrough
     DPID[labfs-atlas-pt]=$MOUNTED_PID
 fi
 # The peers, each over its own directory of the local image, each in the foreground

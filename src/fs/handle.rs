@@ -43,6 +43,33 @@ pub struct DirHandle {
     pub items: Vec<DirItem>,
     /// O_PATH descriptors of the directory on each backend it was listed from.
     pub dirs: Vec<(BackendKind, OwnedFd)>,
+    /// False until the first READDIR(PLUS) of a lazily listed handle.
+    pub listed: bool,
+}
+
+/// What a file looked like on Atlas when it was last opened (close-to-open caching):
+/// the object and its size and change times. The kernel keeps the page cache of a
+/// file across opens only while the next open finds the same version; any change,
+/// by this node or another, makes the kernel drop it at that open.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Version {
+    dev: u64,
+    ino: u64,
+    size: i64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Version {
+    pub fn of(st: &libc::stat) -> Version {
+        Version {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size,
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            ctime: (st.st_ctime, st.st_ctime_nsec),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -50,6 +77,8 @@ pub struct Handles {
     files: DashMap<u64, Arc<FileHandle>>,
     dirs: DashMap<u64, Arc<Mutex<DirHandle>>>,
     writers: DashMap<u64, u32>,
+    /// Atlas files: the version seen at the last open, by inode (close-to-open).
+    versions: DashMap<u64, Version>,
     next: AtomicU64,
 }
 
@@ -90,6 +119,21 @@ impl Handles {
     pub fn open_files(&self) -> usize {
         self.files.len()
     }
+
+    /// Record `v` as the version of `ino` at this open; true when the previous open
+    /// saw the same version (the kernel's cached pages are still Atlas's content).
+    pub fn same_version(&self, ino: u64, v: Version) -> bool {
+        self.versions.insert(ino, v) == Some(v)
+    }
+
+    pub fn has_version(&self, ino: u64) -> bool {
+        self.versions.contains_key(&ino)
+    }
+
+    /// The kernel forgot the inode, and its page cache with it.
+    pub fn forget_version(&self, ino: u64) {
+        self.versions.remove(&ino);
+    }
 }
 
 /// What `open`/`create` hand back to the adapter.
@@ -98,6 +142,9 @@ pub struct Opened {
     /// The backend descriptor to register for kernel passthrough, when allowed.
     pub passthrough_fd: Option<RawFd>,
     pub backend: BackendKind,
+    /// The kernel may keep the file's cached pages: labfs is the only writer (local),
+    /// or Atlas shows the same version as at the previous open (close-to-open).
+    pub keep_cache: bool,
 }
 
 /// A directory entry for readdir(plus).
@@ -153,6 +200,14 @@ impl LabFs {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let passthrough = backend == BackendKind::Local || self.options.atlas_passthrough;
         let raw = fd.as_raw_fd();
+        // Close-to-open: the NFS client revalidated the attributes at this open, so an
+        // unchanged version means no one changed the file since the previous open.
+        let keep_cache = match backend {
+            BackendKind::Local => true,
+            BackendKind::Atlas => super::backend::fstat(raw)
+                .map(|st| self.handles.same_version(ino, Version::of(&st)))
+                .unwrap_or(false),
+        };
         let fh = self.handles.insert_file(FileHandle {
             ino,
             fd,
@@ -163,6 +218,7 @@ impl LabFs {
             fh,
             passthrough_fd: passthrough.then_some(raw),
             backend,
+            keep_cache,
         }
     }
 
@@ -337,7 +393,38 @@ impl LabFs {
 
     // ---- directories ----
 
+    /// A directory only labfs writes (local, nothing of it on Atlas) is listed at the
+    /// first READDIR(PLUS) of the handle, not here: its listing is usually in the
+    /// kernel's cache, which then sends no READDIR at all. Other directories are listed
+    /// at once, so that while Atlas hangs their local part can still be listed by the
+    /// opendir fallback.
     pub fn opendir(&self, ctx: &Ctx, ino: u64) -> Result<u64> {
+        let dh = if self.dir_is_local_only(ino) {
+            // Still resolved now: a directory swapped for something else behind labfs's
+            // back fails here, as it did when the listing was taken here.
+            let path = self.path_of(ino)?;
+            let creds = self.creds(ctx);
+            let _as = creds.assume()?;
+            drop(
+                self.local
+                    .open_beneath(&path, libc::O_RDONLY | libc::O_DIRECTORY)?,
+            );
+            DirHandle {
+                ino,
+                items: Vec::new(),
+                dirs: Vec::new(),
+                listed: false,
+            }
+        } else {
+            self.list_union(ctx, ino)?
+        };
+        let fh = self.handles.next();
+        self.handles.dirs.insert(fh, Arc::new(Mutex::new(dh)));
+        Ok(fh)
+    }
+
+    /// The union listing of directory `ino` (`.` and `..` first).
+    fn list_union(&self, ctx: &Ctx, ino: u64) -> Result<DirHandle> {
         let creds = self.creds(ctx);
         let path = self.path_of(ino)?;
         let live = self.live();
@@ -418,11 +505,12 @@ impl LabFs {
             }
             dirs.push((b, pfd));
         }
-        let fh = self.handles.next();
-        self.handles
-            .dirs
-            .insert(fh, Arc::new(Mutex::new(DirHandle { ino, items, dirs })));
-        Ok(fh)
+        Ok(DirHandle {
+            ino,
+            items,
+            dirs,
+            listed: true,
+        })
     }
 
     pub fn releasedir(&self, fh: u64) {
@@ -446,7 +534,10 @@ impl LabFs {
             .get(&fh)
             .map(|d| d.clone())
             .ok_or(Error::Errno(libc::EBADF))?;
-        let dh = dh.lock();
+        let mut dh = dh.lock();
+        if !dh.listed {
+            *dh = self.list_union(ctx, dh.ino)?;
+        }
         let creds = self.creds(ctx);
         let parent_ino = self
             .inodes

@@ -106,10 +106,12 @@ pub(super) fn open_flags(o: &Opened, direct: bool) -> FopenFlags {
     let base = if direct {
         FopenFlags::FOPEN_DIRECT_IO
     } else {
-        match o.backend {
-            // labfs is the only writer of the local SSD: keep the page cache across opens.
-            BackendKind::Local => FopenFlags::FOPEN_KEEP_CACHE,
-            BackendKind::Atlas => FopenFlags::empty(),
+        // Local: labfs is the only writer of the SSD. Atlas: close-to-open, the file
+        // is as it was at the previous open (see `Opened::keep_cache`).
+        if o.keep_cache {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
         }
     };
     base | pass_flags(o)
