@@ -80,3 +80,45 @@ fn atlas_file_changed_behind_labfs_is_read_anew_at_the_next_open() {
         "an open after the file grew on Atlas did not see the new bytes"
     );
 }
+
+/// Requests the daemon's Atlas lane served while `dir` was listed once; the names.
+fn requests_to_list(lab: &MountedLab, dir: &Path) -> (u64, Vec<String>) {
+    let before = atlas_requests(lab.mnt());
+    let got = names(dir);
+    (atlas_requests(lab.mnt()) - before, got)
+}
+
+#[test]
+fn unchanged_atlas_directory_is_listed_from_the_kernel_cache_and_a_change_shows() {
+    let lab = MountedLab::with_dirs();
+    let dir = lab.path("docs/many");
+    fs::create_dir(&dir).expect("mkdir");
+    for i in 0..2000 {
+        fs::write(dir.join(format!("f{i:05}")), b"x").expect("create");
+    }
+    let (_, first) = requests_to_list(&lab, &dir);
+    assert_eq!(first.len(), 2000);
+    // Unchanged since the previous opendir: no READDIRPLUS (2,000 entries take ~12).
+    let (r2, second) = requests_to_list(&lab, &dir);
+    let (r3, third) = requests_to_list(&lab, &dir);
+    assert_eq!(second, first);
+    assert_eq!(third, first);
+    assert!(
+        r2 <= 4 && r3 <= 4,
+        "listing an unchanged Atlas directory took {r2} and {r3} Atlas requests"
+    );
+    // Another node adds a name on Atlas: the next listing shows it.
+    fs::write(lab.atlas_path("docs/many/zz-from-elsewhere"), b"y").expect("write behind");
+    let (_, after) = requests_to_list(&lab, &dir);
+    assert_eq!(
+        after.len(),
+        2001,
+        "a name created on Atlas by another node is not listed"
+    );
+    assert!(after.iter().any(|n| n == "zz-from-elsewhere"));
+    // And one removed there disappears.
+    fs::remove_file(lab.atlas_path("docs/many/f00000")).expect("remove behind");
+    let (_, after) = requests_to_list(&lab, &dir);
+    assert_eq!(after.len(), 2000);
+    assert!(!after.iter().any(|n| n == "f00000"));
+}

@@ -45,6 +45,10 @@ pub struct DirHandle {
     pub dirs: Vec<(BackendKind, OwnedFd)>,
     /// False until the first READDIR(PLUS) of a lazily listed handle.
     pub listed: bool,
+    /// A directory with an Atlas part whose every part shows the same version as at
+    /// the previous opendir (and the rules are the same): the kernel may list it from
+    /// its cache (close-to-open, as for files).
+    pub keep_cache: bool,
 }
 
 /// What a file looked like on Atlas when it was last opened (close-to-open caching):
@@ -79,6 +83,10 @@ pub struct Handles {
     writers: DashMap<u64, u32>,
     /// Atlas files: the version seen at the last open, by inode (close-to-open).
     versions: DashMap<u64, Version>,
+    /// Directories with an Atlas part: the rules and each listed part's version at
+    /// the last opendir.
+    /// (A `Weak` keeps the `Live` allocation, so its address is not reused.)
+    dir_versions: DashMap<u64, (std::sync::Weak<super::Live>, Vec<Version>)>,
     next: AtomicU64,
 }
 
@@ -127,12 +135,39 @@ impl Handles {
     }
 
     pub fn has_version(&self, ino: u64) -> bool {
-        self.versions.contains_key(&ino)
+        self.versions.contains_key(&ino) || self.dir_versions.contains_key(&ino)
     }
 
     /// The kernel forgot the inode, and its page cache with it.
     pub fn forget_version(&self, ino: u64) {
         self.versions.remove(&ino);
+        self.dir_versions.remove(&ino);
+    }
+
+    /// Record the versions of the parts `dirs` of directory `ino`, listed under the
+    /// rules `live`; true when the previous opendir saw the same. A part that cannot
+    /// be stat'ed counts as changed.
+    fn same_dir_version(
+        &self,
+        ino: u64,
+        live: &Arc<super::Live>,
+        dirs: &[(BackendKind, OwnedFd)],
+    ) -> bool {
+        let mut vs = Vec::with_capacity(dirs.len());
+        for (_, fd) in dirs {
+            match super::backend::fstat(fd.as_raw_fd()) {
+                Ok(st) => vs.push(Version::of(&st)),
+                Err(_) => {
+                    self.dir_versions.remove(&ino);
+                    return false;
+                }
+            }
+        }
+        // The rules decide what a listing shows: a reload makes a new `Live`.
+        let prev = self
+            .dir_versions
+            .insert(ino, (Arc::downgrade(live), vs.clone()));
+        prev.is_some_and(|(w, p)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(live)) && p == vs)
     }
 }
 
@@ -414,6 +449,7 @@ impl LabFs {
                 items: Vec::new(),
                 dirs: Vec::new(),
                 listed: false,
+                keep_cache: false,
             }
         } else {
             self.list_union(ctx, ino)?
@@ -505,12 +541,23 @@ impl LabFs {
             }
             dirs.push((b, pfd));
         }
+        let keep_cache = dirs.iter().any(|(b, _)| *b == BackendKind::Atlas)
+            && self.handles.same_dir_version(ino, &live, &dirs);
         Ok(DirHandle {
             ino,
             items,
             dirs,
             listed: true,
+            keep_cache,
         })
+    }
+
+    /// Whether the kernel may list the opened directory `fh` from its cache.
+    pub fn dir_keeps_cache(&self, fh: u64) -> bool {
+        self.handles
+            .dirs
+            .get(&fh)
+            .is_some_and(|d| d.lock().keep_cache)
     }
 
     pub fn releasedir(&self, fh: u64) {

@@ -117,13 +117,14 @@ pub(super) fn open_flags(o: &Opened, direct: bool) -> FopenFlags {
     base | pass_flags(o)
 }
 
-/// Flags of an opened directory: a directory only labfs writes (local, no Atlas part)
-/// may be listed from the kernel's cache, which the kernel drops itself when an entry
-/// changes through the mount.
-pub(super) fn dir_flags(local_only: bool) -> FopenFlags {
-    if local_only {
+/// Flags of an opened directory: the kernel may cache every listing; it keeps the
+/// cache across opens for a directory only labfs writes (local, no Atlas part), or one
+/// whose Atlas part is as it was at the previous opendir (close-to-open), and drops it
+/// itself when an entry changes through the mount.
+pub(super) fn dir_flags(keep: bool) -> FopenFlags {
+    if keep {
         FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
     } else {
-        FopenFlags::empty()
+        FopenFlags::FOPEN_CACHE_DIR
     }
 }
