@@ -7,8 +7,9 @@
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use crate::cli::{load_config, EXIT_FAIL, EXIT_OK};
+use crate::cli::load_config;
 use crate::config::Config;
+use crate::exit::{EXIT_FAIL, EXIT_OK};
 use crate::rules::{BackendKind, Class};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +21,18 @@ pub struct Misplaced {
     pub file: PathBuf,
     /// Where the rules place it.
     pub belongs_on: BackendKind,
+    /// Transitional data on Atlas whose promotion record could not be read (the tag
+    /// store is root's): it may be promoted, i.e. not misplaced at all.
+    pub uncertain: bool,
+}
+
+/// Whether this process can read Atlas's tag store (`.labfs/tags`, root's).
+fn tag_store_readable(atlas: &Path) -> bool {
+    let dir = atlas.join(crate::tags::STORE_DIR);
+    match std::fs::read_dir(&dir) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
 }
 
 /// Promoted data on Atlas is tagged (xattrs, or the tag store on an Atlas without them).
@@ -46,7 +59,11 @@ fn walk(
     dir: &str,
     out: &mut Vec<Misplaced>,
 ) -> std::io::Result<()> {
-    let disk = root.join(crate::fs::backend::relative(dir));
+    let disk = if dir == "/" {
+        root.to_path_buf()
+    } else {
+        root.join(crate::fs::backend::relative(dir))
+    };
     let mut entries: Vec<_> = std::fs::read_dir(&disk)?.filter_map(|e| e.ok()).collect();
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
@@ -55,14 +72,15 @@ fn walk(
         if dir == "/" && n == ".labfs" {
             continue;
         }
+        if kind == BackendKind::Atlas && crate::atlas_id::is_nfs_silly_rename(n.as_bytes()) {
+            continue; // an unlinked file still open on an NFS client: not data
+        }
         let path = crate::fs::backend::join(dir, n);
         let p = cfg.rules.resolve(&path);
         let ft = e.file_type()?;
         let is_dir = ft.is_dir();
-        let ok = p.backend() == kind
-            || (kind == BackendKind::Atlas
-                && p.class == Class::Transitional
-                && promoted(cfg, &path, &e.path()));
+        let promotable = kind == BackendKind::Atlas && p.class == Class::Transitional;
+        let ok = p.backend() == kind || (promotable && promoted(cfg, &path, &e.path()));
         if ok {
             if is_dir {
                 walk(cfg, kind, root, &path, out)?;
@@ -75,6 +93,7 @@ fn walk(
                 path,
                 file: e.path(),
                 belongs_on: p.backend(),
+                uncertain: promotable && !tag_store_readable(&cfg.storage.atlas),
             });
         }
     }
@@ -100,14 +119,30 @@ pub fn run(config: &Path, rules_only: bool) -> i32 {
             EXIT_OK
         }
         Ok(m) => {
+            let uncertain = m.iter().filter(|x| x.uncertain).count();
+            if uncertain > 0 {
+                eprintln!(
+                    "labfs: warning: cannot read the tag store {} as uid {}: {uncertain} transitional \
+                     entr{} on Atlas below may be promoted (promoted symlinks, and every promoted file \
+                     on an Atlas without user xattrs, are recorded there); run `labfs check` as root to tell",
+                    cfg.storage.atlas.join(crate::tags::STORE_DIR).display(),
+                    unsafe { libc::geteuid() },
+                    if uncertain == 1 { "y" } else { "ies" }
+                );
+            }
             println!("misplaced data (hidden by the mount, never deleted by labfs):");
             for x in &m {
                 println!(
-                    "  {} on {} ({}): the rules place it on {}",
+                    "  {} on {} ({}): the rules place it on {}{}",
                     x.path,
                     x.backend,
                     String::from_utf8_lossy(x.file.as_os_str().as_bytes()),
-                    x.belongs_on
+                    x.belongs_on,
+                    if x.uncertain {
+                        " (unless promoted: the tag store is unreadable)"
+                    } else {
+                        ""
+                    }
                 );
             }
             EXIT_FAIL

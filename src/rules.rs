@@ -118,6 +118,9 @@ pub struct Rule {
     pub writers: Vec<Writer>,
     /// The class a promoted file takes (default authoritative).
     pub promote_class: Option<Class>,
+    /// Transitional rules: how long data may stay unpromoted before `labfs status`
+    /// reports it as overdue (`max_unpromoted`).
+    pub max_unpromoted: Option<std::time::Duration>,
     /// 1-based line of the `[[rule]]` header in the rules file.
     pub line: usize,
 }

@@ -519,6 +519,9 @@ impl LabFs {
                 if ino == ROOT_INO && s == ".labfs" {
                     continue; // labfs's own state on a backend root
                 }
+                if b == BackendKind::Atlas && crate::atlas_id::is_nfs_silly_rename(s.as_bytes()) {
+                    continue; // the NFS client's name for an unlinked file still open
+                }
                 let child = join(&path, s);
                 let cp = live.rules.resolve(&child);
                 let visible = cp.backend() == b

@@ -10,6 +10,7 @@ fn rule(path: &str, class: Class, line: usize) -> Rule {
         read_only: false,
         writers: Vec::new(),
         promote_class: None,
+        max_unpromoted: None,
         line,
     }
 }
