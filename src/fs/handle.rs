@@ -144,25 +144,19 @@ impl Handles {
         self.dir_versions.remove(&ino);
     }
 
-    /// Record the versions of the parts `dirs` of directory `ino`, listed under the
-    /// rules `live`; true when the previous opendir saw the same. A part that cannot
-    /// be stat'ed counts as changed.
+    /// Record the versions of the parts of directory `ino`, listed under the rules
+    /// `live`; true when the previous opendir saw the same. A part that cannot be
+    /// stat'ed counts as changed.
     fn same_dir_version(
         &self,
         ino: u64,
         live: &Arc<super::Live>,
-        dirs: &[(BackendKind, OwnedFd)],
+        versions: Vec<Option<Version>>,
     ) -> bool {
-        let mut vs = Vec::with_capacity(dirs.len());
-        for (_, fd) in dirs {
-            match super::backend::fstat(fd.as_raw_fd()) {
-                Ok(st) => vs.push(Version::of(&st)),
-                Err(_) => {
-                    self.dir_versions.remove(&ino);
-                    return false;
-                }
-            }
-        }
+        let Some(vs) = versions.into_iter().collect::<Option<Vec<Version>>>() else {
+            self.dir_versions.remove(&ino);
+            return false;
+        };
         // The rules decide what a listing shows: a reload makes a new `Live`.
         let prev = self
             .dir_versions
@@ -452,7 +446,7 @@ impl LabFs {
                 keep_cache: false,
             }
         } else {
-            self.list_union(ctx, ino)?
+            self.list_union(ctx, ino, true)?
         };
         let fh = self.handles.next();
         self.handles.dirs.insert(fh, Arc::new(Mutex::new(dh)));
@@ -460,7 +454,7 @@ impl LabFs {
     }
 
     /// The union listing of directory `ino` (`.` and `..` first).
-    fn list_union(&self, ctx: &Ctx, ino: u64) -> Result<DirHandle> {
+    fn list_union(&self, ctx: &Ctx, ino: u64, lazy: bool) -> Result<DirHandle> {
         let creds = self.creds(ctx);
         let path = self.path_of(ino)?;
         let live = self.live();
@@ -470,20 +464,10 @@ impl LabFs {
         } else {
             self.locate(&creds, &path)?.backend
         };
-        let mut items = vec![
-            DirItem {
-                name: ".".into(),
-                kind: Some(Kind::Dir),
-                from: None,
-            },
-            DirItem {
-                name: "..".into(),
-                kind: Some(Kind::Dir),
-                from: None,
-            },
-        ];
-        let mut dirs = Vec::new();
-        let mut seen = std::collections::HashSet::new();
+        // Open every part first; their versions are taken before anything is listed, so
+        // a change made while listing shows as a change at the next opendir.
+        let mut parts = Vec::new();
+        let mut versions = Vec::new();
         for b in [primary, primary.other()] {
             let wanted = b == primary
                 || live.rules.may_place_below(&path, b)
@@ -508,9 +492,46 @@ impl LabFs {
                 }
                 Err(e) => return Err(e),
             };
-            let names = list_dir(dfd)?;
             let pfd = backend.open_dir(&path)?;
             drop(_as);
+            versions.push(
+                super::backend::fstat(dfd.as_raw_fd())
+                    .ok()
+                    .map(|st| Version::of(&st)),
+            );
+            parts.push((b, dfd, pfd));
+        }
+        let keep_cache = parts.iter().any(|(b, _, _)| *b == BackendKind::Atlas)
+            && self.handles.same_dir_version(ino, &live, versions);
+        if keep_cache && lazy {
+            // The kernel lists it from its cache; a READDIR, if one comes, lists it then.
+            return Ok(DirHandle {
+                ino,
+                items: Vec::new(),
+                dirs: Vec::new(),
+                listed: false,
+                keep_cache,
+            });
+        }
+        let mut items = vec![
+            DirItem {
+                name: ".".into(),
+                kind: Some(Kind::Dir),
+                from: None,
+            },
+            DirItem {
+                name: "..".into(),
+                kind: Some(Kind::Dir),
+                from: None,
+            },
+        ];
+        let mut dirs = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (b, dfd, pfd) in parts {
+            let names = {
+                let _as = creds.assume()?;
+                list_dir(dfd)?
+            };
             for (name, dtype) in names {
                 let Some(s) = name.to_str() else { continue };
                 if s == "." || s == ".." || seen.contains(&name) {
@@ -544,8 +565,6 @@ impl LabFs {
             }
             dirs.push((b, pfd));
         }
-        let keep_cache = dirs.iter().any(|(b, _)| *b == BackendKind::Atlas)
-            && self.handles.same_dir_version(ino, &live, &dirs);
         Ok(DirHandle {
             ino,
             items,
@@ -586,7 +605,7 @@ impl LabFs {
             .ok_or(Error::Errno(libc::EBADF))?;
         let mut dh = dh.lock();
         if !dh.listed {
-            *dh = self.list_union(ctx, dh.ino)?;
+            *dh = self.list_union(ctx, dh.ino, false)?;
         }
         let creds = self.creds(ctx);
         let parent_ino = self
