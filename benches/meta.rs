@@ -500,8 +500,8 @@ fn report(tsv: &Path, max_load: f64) -> Res<()> {
         "the row's samples, median / max; a row whose median is above {max_load} gets no verdict."
     );
     println!();
-    println!("| workload | unit | N | load | native local | labfs local | mergerfs | mergerfs off | passthrough_hp | native atlas | labfs atlas | labfs atlas pt | target local / atlas | met |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| workload | unit | N | load | native local | labfs local | mergerfs | mergerfs off | passthrough_hp | passthrough_hp uring | native atlas | labfs atlas | labfs atlas pt | target local / atlas | met |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut tally = (0, 0, 0); // met, missed, busy
     for r in &rows {
         let g = goals_of(&r.workload);
@@ -560,7 +560,7 @@ fn report(tsv: &Path, max_load: f64) -> Res<()> {
             format!("{} / {}", goal_text(g.local), goal_text(g.atlas))
         };
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.workload,
             r.unit,
             r.n,
@@ -570,6 +570,7 @@ fn report(tsv: &Path, max_load: f64) -> Res<()> {
             cell(r, "mergerfs", "native-local"),
             cell(r, "mergerfs-off", "native-local"),
             cell(r, "passthrough_hp", "native-local"),
+            cell(r, "passthrough_hp-uring", "native-local"),
             cell(r, "native-atlas", "native-atlas"),
             cell(r, "labfs-atlas", "native-atlas"),
             cell(r, "labfs-atlas-pt", "native-atlas"),

@@ -16,6 +16,8 @@
 #   mergerfs         MFS/...               mergerfs 2.33, recommended set with cache.files=partial
 #   mergerfs-off     MFSOFF/...            mergerfs, recommended set with cache.files=off
 #   passthrough_hp   PHP/...               libfuse's example/passthrough_hp (kernel passthrough)
+#   passthrough_hp-uring                   the same with -o io_uring (FUSE over io_uring), when
+#                                          /sys/module/fuse/parameters/enable_uring exists
 #   native-atlas     ATLAS/lab/data/...    the Atlas stand-in's own directory
 #   labfs-atlas      MNT/data/...          an authoritative (Atlas-placed) labfs directory
 #   labfs-atlas-pt   MNTPT/data/...        the same through --atlas-passthrough (I/O rows only)
@@ -154,6 +156,7 @@ cleanup() {
         kill -0 "$p" 2>/dev/null && kill -KILL "$p" 2>/dev/null
     done
     for l in "${LOOPS[@]}"; do losetup -d "$l" 2>/dev/null; done
+    [ -n "${URING_SAVED:-}" ] && echo "$URING_SAVED" >"$URING_PARAM"
     if [ "$KEEP" = 1 ]; then
         echo "run.sh: kept $WORK" >&2
     else
@@ -332,11 +335,11 @@ path = "/scans/*/work"
 class = "transitional"
 EOF
 
-mount_labfs() { # MNT LOGNAME EXTRA-ARGS... ; sets MOUNTED_PID
-    local mnt=$1 logf=$OUT/$2
-    shift 2
+mount_labfs() { # CONFIG MNT LOGNAME EXTRA-ARGS... ; sets MOUNTED_PID
+    local cfg=$1 mnt=$2 logf=$OUT/$3
+    shift 3
     mkdir -p "$mnt"
-    RUST_LOG=${LABFS_LOG:-labfs=info} "$LABFS_BIN" mount --config "$CFG" --foreground --allow-unmarked "$@" "$mnt" \
+    RUST_LOG=${LABFS_LOG:-labfs=info} "$LABFS_BIN" mount --config "$cfg" --foreground --allow-unmarked "$@" "$mnt" \
         </dev/null >>"$logf" 2>&1 &
     MOUNTED_PID=$!
     PIDS+=("$MOUNTED_PID")
@@ -350,7 +353,7 @@ mount_labfs() { # MNT LOGNAME EXTRA-ARGS... ; sets MOUNTED_PID
 }
 
 MNT=$WORK/mnt
-mount_labfs "$MNT" labfs.log
+mount_labfs "$CFG" "$MNT" labfs.log
 DAEMON_PID=$MOUNTED_PID
 DPID[labfs-local]=$DAEMON_PID
 DPID[labfs-atlas]=$DAEMON_PID
@@ -358,7 +361,11 @@ log "labfs mounted at $MNT (pid $DAEMON_PID); $(grep -m1 -o 'passthrough[^"]*' "
 MNTPT=""
 if "$LABFS_BIN" mount --help 2>&1 | grep -q -- --atlas-passthrough; then
     MNTPT=$WORK/mnt-pt
-    mount_labfs "$MNTPT" labfs-atlas-passthrough.log --atlas-passthrough
+    # One daemon per local backend: this second mount (the same Atlas, as a second
+    # node would have it) gets a local directory of its own.
+    mkdir -p "$L/lab-pt"
+    sed "s|^local = .*|local = \"$L/lab-pt\"|" "$CFG" >"$WORK/labfs-pt.toml"
+    mount_labfs "$WORK/labfs-pt.toml" "$MNTPT" labfs-atlas-passthrough.log --atlas-passthrough
     DPID[labfs-atlas-pt]=$MOUNTED_PID
 fi
 # The peers, each over its own directory of the local image, each in the foreground
@@ -400,6 +407,18 @@ if [ -n "$PHP_BIN" ]; then
     # entry timeouts, keep_cache, splice.
     peer_up passthrough_hp "$WORK/php" fuse "$PHP_BIN" --foreground "$L/peers/passthrough_hp" "$WORK/php"
     PEER_ROOT[passthrough_hp]=$WORK/php/bench
+    # The same daemon over FUSE-over-io_uring (libfuse 3.18+, kernel CONFIG_FUSE_IO_URING):
+    # what a transport labfs's fuser does not speak would buy, daemon for daemon.
+    URING_PARAM=/sys/module/fuse/parameters/enable_uring
+    if [ -w "$URING_PARAM" ] && "$PHP_BIN" --help 2>&1 | grep -q io_uring; then
+        URING_SAVED=$(cat "$URING_PARAM")
+        echo Y >"$URING_PARAM"
+        mkdir -p "$L/peers/passthrough_hp-uring"
+        peer_up passthrough_hp-uring "$WORK/php-uring" fuse "$PHP_BIN" --foreground -o io_uring "$L/peers/passthrough_hp-uring" "$WORK/php-uring"
+        PEER_ROOT[passthrough_hp-uring]=$WORK/php-uring/bench
+        grep -q io_uring < <(ls -l "/proc/${DPID[passthrough_hp-uring]}/fd" 2>/dev/null) \
+            || log "passthrough_hp -o io_uring holds no io_uring: it fell back to /dev/fuse reads"
+    fi
 fi
 rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
 record memory "RSS right after mount" "$(($(rss_kib "$DAEMON_PID") / 1024))" MiB

@@ -44,6 +44,37 @@ pub struct DirHandle {
     pub items: Vec<DirItem>,
     /// O_PATH descriptors of the directory on each backend it was listed from.
     pub dirs: Vec<(BackendKind, ObjFd)>,
+    /// False until the first READDIR(PLUS) of a lazily listed handle.
+    pub listed: bool,
+    /// A directory with an Atlas part whose every part shows the same version as at
+    /// the previous opendir (and the rules are the same): the kernel may list it from
+    /// its cache (close-to-open, as for files).
+    pub keep_cache: bool,
+}
+
+/// What a file looked like on Atlas when it was last opened (close-to-open caching):
+/// the object and its size and change times. The kernel keeps the page cache of a
+/// file across opens only while the next open finds the same version; any change,
+/// by this node or another, makes the kernel drop it at that open.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Version {
+    dev: u64,
+    ino: u64,
+    size: i64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Version {
+    pub fn of(st: &libc::stat) -> Version {
+        Version {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size,
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            ctime: (st.st_ctime, st.st_ctime_nsec),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -51,6 +82,12 @@ pub struct Handles {
     files: DashMap<u64, Arc<FileHandle>>,
     dirs: DashMap<u64, Arc<Mutex<DirHandle>>>,
     writers: DashMap<u64, u32>,
+    /// Atlas files: the version seen at the last open, by inode (close-to-open).
+    versions: DashMap<u64, Version>,
+    /// Directories with an Atlas part: the rules and each listed part's version at
+    /// the last opendir.
+    /// (A `Weak` keeps the `Live` allocation, so its address is not reused.)
+    dir_versions: DashMap<u64, (std::sync::Weak<super::Live>, Vec<Version>)>,
     next: AtomicU64,
 }
 
@@ -91,6 +128,42 @@ impl Handles {
     pub fn open_files(&self) -> usize {
         self.files.len()
     }
+
+    /// Record `v` as the version of `ino` at this open; true when the previous open
+    /// saw the same version (the kernel's cached pages are still Atlas's content).
+    pub fn same_version(&self, ino: u64, v: Version) -> bool {
+        self.versions.insert(ino, v) == Some(v)
+    }
+
+    pub fn has_version(&self, ino: u64) -> bool {
+        self.versions.contains_key(&ino) || self.dir_versions.contains_key(&ino)
+    }
+
+    /// The kernel forgot the inode, and its page cache with it.
+    pub fn forget_version(&self, ino: u64) {
+        self.versions.remove(&ino);
+        self.dir_versions.remove(&ino);
+    }
+
+    /// Record the versions of the parts of directory `ino`, listed under the rules
+    /// `live`; true when the previous opendir saw the same. A part that cannot be
+    /// stat'ed counts as changed.
+    fn same_dir_version(
+        &self,
+        ino: u64,
+        live: &Arc<super::Live>,
+        versions: Vec<Option<Version>>,
+    ) -> bool {
+        let Some(vs) = versions.into_iter().collect::<Option<Vec<Version>>>() else {
+            self.dir_versions.remove(&ino);
+            return false;
+        };
+        // The rules decide what a listing shows: a reload makes a new `Live`.
+        let prev = self
+            .dir_versions
+            .insert(ino, (Arc::downgrade(live), vs.clone()));
+        prev.is_some_and(|(w, p)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(live)) && p == vs)
+    }
 }
 
 /// What `open`/`create` hand back to the adapter.
@@ -99,6 +172,9 @@ pub struct Opened {
     /// The backend descriptor to register for kernel passthrough, when allowed.
     pub passthrough_fd: Option<RawFd>,
     pub backend: BackendKind,
+    /// The kernel may keep the file's cached pages: labfs is the only writer (local),
+    /// or Atlas shows the same version as at the previous open (close-to-open).
+    pub keep_cache: bool,
 }
 
 /// A directory entry for readdir(plus).
@@ -147,6 +223,14 @@ impl LabFs {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let passthrough = backend == BackendKind::Local || self.options.atlas_passthrough;
         let raw = fd.as_raw_fd();
+        // Close-to-open: the NFS client revalidated the attributes at this open, so an
+        // unchanged version means no one changed the file since the previous open.
+        let keep_cache = match backend {
+            BackendKind::Local => true,
+            BackendKind::Atlas => super::backend::fstat(raw)
+                .map(|st| self.handles.same_version(ino, Version::of(&st)))
+                .unwrap_or(false),
+        };
         let fh = self.handles.insert_file(FileHandle {
             ino,
             fd,
@@ -157,6 +241,7 @@ impl LabFs {
             fh,
             passthrough_fd: passthrough.then_some(raw),
             backend,
+            keep_cache,
         }
     }
 
@@ -331,26 +416,43 @@ impl LabFs {
 
     // ---- directories ----
 
+    /// A directory only labfs writes (local, nothing of it on Atlas) is listed at the
+    /// first READDIR(PLUS) of the handle, not here: its listing is usually in the
+    /// kernel's cache, which then sends no READDIR at all. Other directories are listed
+    /// at once, so that while Atlas hangs their local part can still be listed by the
+    /// opendir fallback.
     pub fn opendir(&self, ctx: &Ctx, ino: u64) -> Result<u64> {
+        let dh = if self.dir_is_local_only(ino) {
+            // Still resolved now: a directory swapped for something else behind labfs's
+            // back fails here, as it did when the listing was taken here.
+            let creds = self.creds(ctx);
+            drop(self.dir_on(&creds, ino, BackendKind::Local)?);
+            DirHandle {
+                ino,
+                items: Vec::new(),
+                dirs: Vec::new(),
+                listed: false,
+                keep_cache: false,
+            }
+        } else {
+            self.list_union(ctx, ino, true)?
+        };
+        let fh = self.handles.next();
+        self.handles.dirs.insert(fh, Arc::new(Mutex::new(dh)));
+        Ok(fh)
+    }
+
+    /// The union listing of directory `ino` (`.` and `..` first).
+    fn list_union(&self, ctx: &Ctx, ino: u64, lazy: bool) -> Result<DirHandle> {
         let creds = self.creds(ctx);
         let path = self.npath_of(ino)?;
         let live = self.live();
         let p = live.rules.resolve(&path);
         let primary = self.backend_of(ino).unwrap_or_else(|| p.backend());
-        let mut items = vec![
-            DirItem {
-                name: ".".into(),
-                kind: Some(Kind::Dir),
-                from: None,
-            },
-            DirItem {
-                name: "..".into(),
-                kind: Some(Kind::Dir),
-                from: None,
-            },
-        ];
-        let mut dirs = Vec::new();
-        let mut seen = std::collections::HashSet::new();
+        // Open every part first; their versions are taken before anything is listed, so
+        // a change made while listing shows as a change at the next opendir.
+        let mut parts = Vec::new();
+        let mut versions = Vec::new();
         for b in [primary, primary.other()] {
             let wanted = b == primary
                 || live.rules.may_place_below(&path, b)
@@ -373,6 +475,40 @@ impl LabFs {
                 }
                 Err(e) => return Err(e),
             };
+            versions.push(
+                super::backend::fstat(dfd.as_raw_fd())
+                    .ok()
+                    .map(|st| Version::of(&st)),
+            );
+            parts.push((b, dfd));
+        }
+        let keep_cache = parts.iter().any(|(b, _)| *b == BackendKind::Atlas)
+            && self.handles.same_dir_version(ino, &live, versions);
+        if keep_cache && lazy {
+            // The kernel lists it from its cache; a READDIR, if one comes, lists it then.
+            return Ok(DirHandle {
+                ino,
+                items: Vec::new(),
+                dirs: Vec::new(),
+                listed: false,
+                keep_cache,
+            });
+        }
+        let mut items = vec![
+            DirItem {
+                name: ".".into(),
+                kind: Some(Kind::Dir),
+                from: None,
+            },
+            DirItem {
+                name: "..".into(),
+                kind: Some(Kind::Dir),
+                from: None,
+            },
+        ];
+        let mut dirs = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (b, dfd) in parts {
             let names = {
                 let _as = creds.assume()?;
                 list_dir(super::object::reopen(
@@ -418,11 +554,21 @@ impl LabFs {
             }
             dirs.push((b, dfd));
         }
-        let fh = self.handles.next();
+        Ok(DirHandle {
+            ino,
+            items,
+            dirs,
+            listed: true,
+            keep_cache,
+        })
+    }
+
+    /// Whether the kernel may list the opened directory `fh` from its cache.
+    pub fn dir_keeps_cache(&self, fh: u64) -> bool {
         self.handles
             .dirs
-            .insert(fh, Arc::new(Mutex::new(DirHandle { ino, items, dirs })));
-        Ok(fh)
+            .get(&fh)
+            .is_some_and(|d| d.lock().keep_cache)
     }
 
     pub fn releasedir(&self, fh: u64) {
@@ -446,7 +592,10 @@ impl LabFs {
             .get(&fh)
             .map(|d| d.clone())
             .ok_or(Error::Errno(libc::EBADF))?;
-        let dh = dh.lock();
+        let mut dh = dh.lock();
+        if !dh.listed {
+            *dh = self.list_union(ctx, dh.ino, false)?;
+        }
         let creds = self.creds(ctx);
         let parent_ino = self
             .inodes

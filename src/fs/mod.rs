@@ -620,6 +620,9 @@ impl LabFs {
 
     pub fn forget(&self, ino: u64, n: u64) {
         self.inodes.forget(ino, n);
+        if self.handles.has_version(ino) && self.inodes.get(ino).is_none() {
+            self.handles.forget_version(ino);
+        }
     }
 
     pub fn getattr(&self, _ctx: &Ctx, ino: u64, fh: Option<u64>) -> Result<(Attr, Duration)> {

@@ -544,15 +544,18 @@ impl Filesystem for LabFuse {
                 },
             ) as Fallback<ReplyOpen>
         });
-        let flags = dir_flags(lane == BackendKind::Local);
+        let local = lane == BackendKind::Local;
         self.run_hedged(
             lane,
             "opendir",
             reply,
-            move |fs| fs.opendir(&c, ino.0),
-            move |r, fh| r.opened(FileHandle(fh), flags),
+            move |fs| {
+                let fh = fs.opendir(&c, ino.0)?;
+                Ok((fh, local || fs.dir_keeps_cache(fh)))
+            },
+            move |r, (fh, keep)| r.opened(FileHandle(fh), dir_flags(keep)),
             fallback,
-            |fs, fh| fs.releasedir(fh),
+            |fs, (fh, _)| fs.releasedir(fh),
         );
     }
 

@@ -106,22 +106,25 @@ pub(super) fn open_flags(o: &Opened, direct: bool) -> FopenFlags {
     let base = if direct {
         FopenFlags::FOPEN_DIRECT_IO
     } else {
-        match o.backend {
-            // labfs is the only writer of the local SSD: keep the page cache across opens.
-            BackendKind::Local => FopenFlags::FOPEN_KEEP_CACHE,
-            BackendKind::Atlas => FopenFlags::empty(),
+        // Local: labfs is the only writer of the SSD. Atlas: close-to-open, the file
+        // is as it was at the previous open (see `Opened::keep_cache`).
+        if o.keep_cache {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
         }
     };
     base | pass_flags(o)
 }
 
-/// Flags of an opened directory: a directory only labfs writes (local, no Atlas part)
-/// may be listed from the kernel's cache, which the kernel drops itself when an entry
-/// changes through the mount.
-pub(super) fn dir_flags(local_only: bool) -> FopenFlags {
-    if local_only {
+/// Flags of an opened directory: the kernel may cache every listing; it keeps the
+/// cache across opens for a directory only labfs writes (local, no Atlas part), or one
+/// whose Atlas part is as it was at the previous opendir (close-to-open), and drops it
+/// itself when an entry changes through the mount.
+pub(super) fn dir_flags(keep: bool) -> FopenFlags {
+    if keep {
         FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
     } else {
-        FopenFlags::empty()
+        FopenFlags::FOPEN_CACHE_DIR
     }
 }

@@ -1,0 +1,124 @@
+//! Close-to-open caching of Atlas files: the kernel keeps a file's cached pages across
+//! opens while Atlas shows the same version (object, size, mtime, ctime) as at the
+//! previous open, and drops them at the first open after anyone changed the file,
+//! as the NFS client does.
+
+use std::fs;
+use std::path::Path;
+
+use crate::common::*;
+
+fn atlas_requests(mnt: &Path) -> u64 {
+    let out = Sh::program(LABFS, &["status", "--json", &mnt.display().to_string()]).ok();
+    let v: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("status --json is not JSON ({e}):\n{out}"));
+    v["stats"]["atlas"]["requests"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no stats.atlas.requests in {v}"))
+}
+
+/// Requests the daemon's Atlas lane served while `cat` read `p` once.
+fn requests_to_read(lab: &MountedLab, p: &Path, expect: &[u8]) -> u64 {
+    let before = atlas_requests(lab.mnt());
+    let got = fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+    assert!(got == expect, "{} read back other bytes", p.display());
+    atlas_requests(lab.mnt()) - before
+}
+
+#[test]
+fn unchanged_atlas_file_is_read_from_the_page_cache_at_the_next_open() {
+    let lab = MountedLab::with_dirs();
+    let p = lab.path("docs/big.dat");
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    fs::write(&p, &data).expect("write through labfs");
+    // The first open after the write finds a new version: the kernel drops its pages
+    // and the reads go to the daemon.
+    let first = requests_to_read(&lab, &p, &data);
+    // Nothing changed since that open: the next ones are served from the page cache
+    // (open, flush and release still reach the daemon; no READ does).
+    let second = requests_to_read(&lab, &p, &data);
+    let third = requests_to_read(&lab, &p, &data);
+    assert!(
+        second + 8 <= first && third + 8 <= first,
+        "4 MiB read again from an unchanged Atlas file took {second} and {third} Atlas requests, the first read {first}: the page cache was not kept"
+    );
+}
+
+#[test]
+fn atlas_file_changed_behind_labfs_is_read_anew_at_the_next_open() {
+    let lab = MountedLab::with_dirs();
+    let p = lab.path("docs/f.txt");
+    let behind = lab.atlas_path("docs/f.txt");
+    let a = vec![b'a'; 64 << 10];
+    let b = vec![b'b'; 64 << 10];
+    fs::write(&p, &a).expect("write through labfs");
+    // Read twice, so the second open keeps the cache and the pages hold "a".
+    assert!(fs::read(&p).expect("read") == a);
+    assert!(fs::read(&p).expect("read") == a);
+    // Another node rewrites it in place: same size, and the mtime put back as rsync
+    // or tar would; only the ctime tells.
+    lab.sh(&format!(
+        r#"touch -r "{f}" "$SCRATCH/ref"
+           head -c 65536 /dev/zero | tr '\0' b | dd of="{f}" conv=notrunc status=none
+           touch -m -r "$SCRATCH/ref" "{f}""#,
+        f = behind.display()
+    ));
+    assert_eq!(fs::metadata(&behind).expect("stat").len(), 64 << 10);
+    assert!(
+        fs::read(&p).expect("read after the change") == b,
+        "an open after another node rewrote the file served the old cached bytes"
+    );
+    // Grown behind labfs's back, with the same mtime.
+    lab.sh(&format!(
+        r#"head -c 100 /dev/zero | tr '\0' c >> "{f}"; touch -m -r "$SCRATCH/ref" "{f}""#,
+        f = behind.display()
+    ));
+    let mut grown = b.clone();
+    grown.extend_from_slice(&[b'c'; 100]);
+    assert!(
+        fs::read(&p).expect("read after growth") == grown,
+        "an open after the file grew on Atlas did not see the new bytes"
+    );
+}
+
+/// Requests the daemon's Atlas lane served while `dir` was listed once; the names.
+fn requests_to_list(lab: &MountedLab, dir: &Path) -> (u64, Vec<String>) {
+    let before = atlas_requests(lab.mnt());
+    let got = names(dir);
+    (atlas_requests(lab.mnt()) - before, got)
+}
+
+#[test]
+fn unchanged_atlas_directory_is_listed_from_the_kernel_cache_and_a_change_shows() {
+    let lab = MountedLab::with_dirs();
+    let dir = lab.path("docs/many");
+    fs::create_dir(&dir).expect("mkdir");
+    for i in 0..2000 {
+        fs::write(dir.join(format!("f{i:05}")), b"x").expect("create");
+    }
+    let (_, first) = requests_to_list(&lab, &dir);
+    assert_eq!(first.len(), 2000);
+    // Unchanged since the previous opendir: no READDIRPLUS (2,000 entries take ~12).
+    let (r2, second) = requests_to_list(&lab, &dir);
+    let (r3, third) = requests_to_list(&lab, &dir);
+    assert_eq!(second, first);
+    assert_eq!(third, first);
+    assert!(
+        r2 <= 4 && r3 <= 4,
+        "listing an unchanged Atlas directory took {r2} and {r3} Atlas requests"
+    );
+    // Another node adds a name on Atlas: the next listing shows it.
+    fs::write(lab.atlas_path("docs/many/zz-from-elsewhere"), b"y").expect("write behind");
+    let (_, after) = requests_to_list(&lab, &dir);
+    assert_eq!(
+        after.len(),
+        2001,
+        "a name created on Atlas by another node is not listed"
+    );
+    assert!(after.iter().any(|n| n == "zz-from-elsewhere"));
+    // And one removed there disappears.
+    fs::remove_file(lab.atlas_path("docs/many/f00000")).expect("remove behind");
+    let (_, after) = requests_to_list(&lab, &dir);
+    assert_eq!(after.len(), 2000);
+    assert!(!after.iter().any(|n| n == "f00000"));
+}
