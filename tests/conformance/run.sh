@@ -260,11 +260,16 @@ run_ltp() {
             (cd "$LTP/testcases/kernel/syscalls/$dir" &&
                 TMPDIR="$d" LTPROOT="$LTP" LTP_SINGLE_FS_TYPE=ext4 LTP_TIMEOUT_MUL=3 \
                     PATH="$PATH:$LTP/testcases/kernel/syscalls/$dir" \
-
                     timeout 600 "./$t" 2>&1) >"$W/ltp.out"
             rc=$?
             cat "$W/ltp.out" >>"$L"
+            # A test that made its temporary directory elsewhere did not test the target.
+            if grep -q " as tmpdir " "$W/ltp.out" && ! grep -q "Using $d/" "$W/ltp.out"; then
+                echo "FAIL $t ran outside $d: $(grep -m1 ' as tmpdir ' "$W/ltp.out")" >>"$R"
+                continue
+            fi
             case $rc in
+
             0) echo "PASS $t" ;;
             32) echo "SKIP $t $(grep -m1 TCONF "$W/ltp.out" | sed 's/.*TCONF: //')" ;;
             *) echo "FAIL $t rc=$rc $(grep -m1 -E 'TFAIL|TBROK' "$W/ltp.out" | sed 's/^[^:]*: //')" ;;
@@ -399,7 +404,12 @@ done
 # Table
 # ---------------------------------------------------------------------------
 {
-    echo "labfs $("$LABFS" --version 2>/dev/null | head -1), commit $(git -C "$repo" rev-parse --short HEAD 2>/dev/null)$(git -C "$repo" diff --quiet 2>/dev/null || echo '+dirty'), backing $BACKING, kernel $(uname -r)"
+    # The commit of the worktree the binary was built in (target/release/labfs).
+    bin_repo=$(dirname "$(readlink -f "$LABFS")")
+    commit=$(git -C "$bin_repo" rev-parse --short HEAD 2>/dev/null || echo "unknown (binary outside a git worktree)")
+    git -C "$bin_repo" diff --quiet HEAD -- src 2>/dev/null || commit="$commit+uncommitted src changes"
+    echo "labfs binary $LABFS ($("$LABFS" --version 2>/dev/null | head -1)), commit $commit, backing $BACKING, kernel $(uname -r)"
+
     echo
     printf '| suite |'; for T in $TARGETS; do printf ' %s |' "$T"; done; echo
     printf '| --- |'; for T in $TARGETS; do printf ' --- |'; done; echo
