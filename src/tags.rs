@@ -291,7 +291,9 @@ pub fn remove_record(atlas: &Backend, path: &str) {
     let Some((dir, file)) = record_location(path) else {
         return;
     };
-    let _root = Creds::root().assume();
+    let Ok(_root) = Creds::root().assume() else {
+        return;
+    };
     let (Ok(dfd), Ok(c)) = (atlas.open_dir(&dir), CString::new(file)) else {
         return;
     };
@@ -326,7 +328,7 @@ fn probe_inner(atlas: &Backend) -> Result<bool> {
     let dfd = mkdir_chain(atlas, "/.labfs")?;
     let name = format!(
         "xattr-probe.{}.{}",
-        crate::promote::util::hostname(),
+        crate::sys::hostname().replace('/', "_"),
         std::process::id()
     );
     let cname = CString::new(name).map_err(|_| Error::Errno(libc::EINVAL))?;

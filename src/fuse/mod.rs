@@ -719,7 +719,7 @@ impl Filesystem for LabFuse {
             self.lane_ino(ino),
             "setxattr",
             reply,
-            move |fs| fs.setxattr(&c, ino.0, &n, &v, flags),
+            move |fs| crate::control::setxattr(fs, &c, ino.0, &n, &v, flags),
             |r, ()| r.ok(),
         );
     }
@@ -739,7 +739,7 @@ impl Filesystem for LabFuse {
             lane,
             "getxattr",
             reply,
-            move |fs| fs.getxattr(&c, ino.0, &n, size),
+            move |fs| crate::control::getxattr(fs, &c, ino.0, &n, size),
             xattr_reply,
         );
     }

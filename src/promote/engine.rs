@@ -1273,22 +1273,21 @@ fn remove_local(
         warn_fn(format!("{ns}: not found on Atlas; the local copy is kept"));
         return Ok(false);
     };
-    // The number the object has (or would get, if the kernel does not hold it now):
-    // its Atlas object keeps it for the life of the mount.
-    let known = if recovering {
+    // The inode the kernel holds for the local object, if any: it follows the object
+    // to Atlas, unless the object keeps other local names (hard links from outside the
+    // promoted tree), which keep it (and their local data).
+    let held = if recovering {
         None
     } else {
-        fs.inodes.number(&entry_key(e))
+        fs.inodes.peek(&entry_key(e))
     };
-    let held = known.is_some() && fs.inodes.peek(&entry_key(e)).is_some();
     let atlas_key = crate::fs::key_of(BackendKind::Atlas, &atlas_st);
-    if let (Some(ino), false) = (known, e.is_dir()) {
-        fs.promote_rekey(ino, atlas_key, false);
-    }
     match util::unlink_at(pfd.as_raw_fd(), &c, e.is_dir()) {
         Ok(()) => {
-            if let Some(ino) = known {
-                fs.promote_rekey(ino, atlas_key, held);
+            if let Some(ino) = held {
+                if let Err(err) = fs.promote_rebind(ino, &ns, &j.path, atlas_key) {
+                    warn_fn(format!("{ns}: {err}; the kernel will look it up again"));
+                }
             }
             Ok(true)
         }

@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 
 use crate::common::LABFS;
 
+mod claim;
+
 /// The whole group (boot included) must end within this.
 const GROUP_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
