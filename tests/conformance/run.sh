@@ -10,6 +10,9 @@
 #       [--only "pjdfstest pjdfstest-rs ltp fsx fsstress stress-ng test_syscalls"]
 #       [--pjdfstest DIR] [--pjdfstest-rs DIR] [--ltp DIR] [--xfstests DIR]
 #       [--stress-ng DIR] [--libfuse DIR] [--backing ext4|tmpfs]
+#   tests/conformance/run.sh --report --out DIR [--targets ...] [--only ...]
+#       (only print the table of an earlier run; several runs with different --only or
+#       --targets may share one --out DIR and run in parallel, each with its own mounts)
 #
 # A suite whose folder is not given is skipped.  Must run as root (mounts, loop
 # devices, and the suites switch users themselves).  Every mount it makes lives under
@@ -27,6 +30,7 @@ OUT=""
 TARGETS="ext4 local atlas"
 ONLY="pjdfstest pjdfstest-rs ltp fsx fsstress stress-ng test_syscalls"
 BUILD=0
+REPORT=0
 BACKING=ext4
 PJD="" PJDRS="" LTP="" XFS="" SNG="" LIBFUSE=""
 # How long each stressor of stress-ng runs, and how many fsx operations.
@@ -38,6 +42,7 @@ die() { echo "run.sh: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
     case "$1" in
     --build) BUILD=1 ;;
+    --report) REPORT=1 ;;
     --labfs) LABFS=$2; shift ;;
     --out) OUT=$2; shift ;;
     --targets) TARGETS=$2; shift ;;
@@ -49,12 +54,17 @@ while [ $# -gt 0 ]; do
     --xfstests) XFS=$(cd "$2" && pwd) || die "no folder $2"; shift ;;
     --stress-ng) SNG=$(cd "$2" && pwd) || die "no folder $2"; shift ;;
     --libfuse) LIBFUSE=$(cd "$2" && pwd) || die "no folder $2"; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
     esac
     shift
 done
+if [ "$REPORT" = 1 ]; then
+    [ -n "$OUT" ] && [ -d "$OUT" ] || die "--report needs --out DIR of an earlier run"
+    BUILD=0
+fi
 [ "$(id -u)" = 0 ] || die "must run as root"
+
 [ -x "$LABFS" ] || die "no labfs binary at $LABFS (cargo build --release, or --labfs BIN)"
 case "$BACKING" in ext4|tmpfs) ;; *) die "--backing is ext4 or tmpfs" ;; esac
 
@@ -141,6 +151,7 @@ backing_fs() { # name -> mounted directory $W/name
     MOUNTS+=("$d")
     chmod 0755 "$d"
 }
+if [ "$REPORT" = 0 ]; then
 backing_fs ref
 backing_fs atlas
 backing_fs local
@@ -161,15 +172,17 @@ path = "/docs"
 class = "authoritative"
 EOF
 "$LABFS" init-atlas --config "$CFG" >/dev/null || die "labfs init-atlas failed"
-"$LABFS" mount --foreground --config "$CFG" "$W/mnt" >"$OUT/labfs-daemon.log" 2>&1 &
+DLOG="$OUT/labfs-daemon.$$.log"
+"$LABFS" mount --foreground --config "$CFG" "$W/mnt" >"$DLOG" 2>&1 &
 DAEMON_PID=$!
 for _ in $(seq 200); do
     grep -q " $W/mnt fuse.labfs " /proc/mounts && break
-    kill -0 "$DAEMON_PID" 2>/dev/null || die "labfs mount exited: $(tail -5 "$OUT/labfs-daemon.log")"
+    kill -0 "$DAEMON_PID" 2>/dev/null || die "labfs mount exited: $(tail -5 "$DLOG")"
     sleep 0.1
 done
 grep -q " $W/mnt fuse.labfs " /proc/mounts || die "labfs did not mount"
 mkdir -p "$W/mnt/cache" "$W/mnt/docs"
+fi
 
 target_dir() {
     case "$1" in
@@ -260,11 +273,16 @@ run_ltp() {
             (cd "$LTP/testcases/kernel/syscalls/$dir" &&
                 TMPDIR="$d" LTPROOT="$LTP" LTP_SINGLE_FS_TYPE=ext4 LTP_TIMEOUT_MUL=3 \
                     PATH="$PATH:$LTP/testcases/kernel/syscalls/$dir" \
-
                     timeout 600 "./$t" 2>&1) >"$W/ltp.out"
             rc=$?
             cat "$W/ltp.out" >>"$L"
+            # A test that made its temporary directory elsewhere did not test the target.
+            if grep -q " as tmpdir " "$W/ltp.out" && ! grep -q "Using $d/" "$W/ltp.out"; then
+                echo "FAIL $t ran outside $d: $(grep -m1 ' as tmpdir ' "$W/ltp.out")" >>"$R"
+                continue
+            fi
             case $rc in
+
             0) echo "PASS $t" ;;
             32) echo "SKIP $t $(grep -m1 TCONF "$W/ltp.out" | sed 's/.*TCONF: //')" ;;
             *) echo "FAIL $t rc=$rc $(grep -m1 -E 'TFAIL|TBROK' "$W/ltp.out" | sed 's/^[^:]*: //')" ;;
@@ -326,13 +344,17 @@ run_test_syscalls() {
     local d rd bin="$LIBFUSE/build-conform/test/test_syscalls" mode rc
     d=$(fresh_dir "$T" tsys)
     rd="$(real_dir "$T")/tsys"
-    for mode in plain unlinked; do
+    # plain and unlinked: with REALDIR, as libfuse's own test runs it (a few tests create
+    # files behind the filesystem's back); unlinked-mnt: -u without REALDIR, so that the
+    # end-of-run checks of unlinked files (skipped when any test failed) run too.
+    for mode in plain unlinked unlinked-mnt; do
         echo "=== test_syscalls ($mode)" >>"$L"
-        if [ "$mode" = plain ]; then
-            (timeout 900 "$bin" "$d" ":$rd" 2>&1) >"$W/tsys.out"
-        else
-            (timeout 900 "$bin" "$d" ":$rd" -u 2>&1) >"$W/tsys.out"
-        fi
+        case $mode in
+        plain) (timeout 900 "$bin" "$d" ":$rd" 2>&1) >"$W/tsys.out" ;;
+        unlinked) (timeout 900 "$bin" "$d" ":$rd" -u 2>&1) >"$W/tsys.out" ;;
+        unlinked-mnt) (timeout 900 "$bin" "$d" -u 2>&1) >"$W/tsys.out" ;;
+        esac
+
         rc=$?
         cat "$W/tsys.out" >>"$L"
         # "+   0.001s   2 [create+unlink] START", then "... OK", or the test's own
@@ -371,7 +393,8 @@ have() {
     esac
 }
 
-for S in $ONLY; do
+[ "$REPORT" = 1 ] && ONLY_RUN="" || ONLY_RUN=$ONLY
+for S in $ONLY_RUN; do
     have "$S" || { echo "run.sh: skipping $S (no built suite given)" >&2; continue; }
     for T in $TARGETS; do
         mkdir -p "$OUT/$T"
@@ -391,23 +414,38 @@ for S in $ONLY; do
         test_syscalls) run_test_syscalls ;;
         esac
         echo "run.sh: $S on $T: $(grep -cE '^(PASS|XFAIL)' "$R") passed, $(grep -c '^FAIL' "$R") failed, $(grep -c '^SKIP' "$R") skipped in $(($(date +%s) - start)) s" >&2
-        grep -q " $W/mnt fuse.labfs " /proc/mounts || die "the labfs mount is gone (daemon died?), see $OUT/labfs-daemon.log"
+        grep -q " $W/mnt fuse.labfs " /proc/mounts || die "the labfs mount is gone (daemon died?), see $DLOG"
     done
 done
 
 # ---------------------------------------------------------------------------
 # Table
 # ---------------------------------------------------------------------------
+measured() { # a suite with results for at least one target in $OUT
+    local T
+    for T in $TARGETS; do [ -f "$OUT/$T/$1.results" ] && return 0; done
+    return 1
+}
 {
-    echo "labfs $("$LABFS" --version 2>/dev/null | head -1), commit $(git -C "$repo" rev-parse --short HEAD 2>/dev/null)$(git -C "$repo" diff --quiet 2>/dev/null || echo '+dirty'), backing $BACKING, kernel $(uname -r)"
+    # The commit of the worktree the binary was built in (target/release/labfs).
+    bin_repo=$(dirname "$(readlink -f "$LABFS")")
+    if commit=$(git -C "$bin_repo" rev-parse --short HEAD 2>/dev/null); then
+        git -C "$bin_repo" diff --quiet HEAD -- src 2>/dev/null || commit="$commit+uncommitted src changes"
+    else
+        commit="unknown (binary outside a git worktree)"
+    fi
+
+    echo "labfs binary $LABFS ($("$LABFS" --version 2>/dev/null | head -1)), commit $commit, backing $BACKING, kernel $(uname -r)"
+
     echo
     printf '| suite |'; for T in $TARGETS; do printf ' %s |' "$T"; done; echo
     printf '| --- |'; for T in $TARGETS; do printf ' --- |'; done; echo
     for S in $ONLY; do
-        have "$S" || continue
+        measured "$S" || continue
         printf '| %s |' "$S"
         for T in $TARGETS; do
             R="$OUT/$T/$S.results"
+            [ -f "$R" ] || { printf ' not run |'; continue; }
             # An expected failure (TAP "# TODO") counts as passed, as prove counts it.
             p=$(grep -cE '^(PASS|XFAIL)' "$R"); f=$(grep -c '^FAIL' "$R"); s=$(grep -c '^SKIP' "$R")
             printf ' %s/%s pass%s |' "$p" "$((p + f))" "$([ "$s" = 0 ] || echo ", $s skip")"
@@ -417,7 +455,7 @@ done
     echo
     for T in $TARGETS; do
         for S in $ONLY; do
-            have "$S" || continue
+            [ -f "$OUT/$T/$S.results" ] || continue
             # Failures the reference does not have.
             if [ "$T" != ext4 ] && [ -f "$OUT/ext4/$S.results" ]; then
                 grep '^FAIL' "$OUT/$T/$S.results" | awk '{print $2}' | sort >"$W/f.t"
