@@ -7,8 +7,9 @@
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use crate::cli::{load_config, EXIT_FAIL, EXIT_OK};
+use crate::cli::load_config;
 use crate::config::Config;
+use crate::exit::{EXIT_FAIL, EXIT_OK};
 use crate::rules::{BackendKind, Class};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +71,9 @@ fn walk(
         let Some(n) = name.to_str() else { continue };
         if dir == "/" && n == ".labfs" {
             continue;
+        }
+        if kind == BackendKind::Atlas && crate::atlas_id::is_nfs_silly_rename(n.as_bytes()) {
+            continue; // an unlinked file still open on an NFS client: not data
         }
         let path = crate::fs::backend::join(dir, n);
         let p = cfg.rules.resolve(&path);

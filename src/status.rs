@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::cli::{EXIT_FAIL, EXIT_OK};
+use crate::exit::{EXIT_FAIL, EXIT_OK};
 use crate::fs::health::HealthReport;
 use crate::fs::LabFs;
 

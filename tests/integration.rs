@@ -4,9 +4,12 @@
 
 mod common;
 mod failclosed;
+mod identity;
 mod namespace;
+mod nfs;
 mod operations;
 mod posix;
 mod promote;
 mod security;
 mod tools;
+mod xattrs;

@@ -130,7 +130,7 @@ impl LabFs {
             self.check_writable(ctx, &loc.path, &loc.placement)?;
         }
         let fd = {
-            let _as = creds.assume();
+            let _as = creds.assume()?;
             let f = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY))
                 | libc::O_NOFOLLOW
                 | libc::O_CLOEXEC;
@@ -179,9 +179,12 @@ impl LabFs {
                     new &= !libc::S_ISGID;
                 }
                 if new != mode {
-                    let _root = super::Creds::root().assume();
-                    // SAFETY: valid descriptor.
-                    unsafe { libc::fchmod(h.fd.as_raw_fd(), new) };
+                    // Without root's identity the bits stay: the write itself went
+                    // through and the failure is logged by assume's error.
+                    if let Ok(_root) = super::Creds::root().assume() {
+                        // SAFETY: valid descriptor.
+                        unsafe { libc::fchmod(h.fd.as_raw_fd(), new) };
+                    }
                 }
             }
         }
@@ -272,7 +275,7 @@ impl LabFs {
     pub fn fallocate(&self, ctx: &Ctx, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
         let h = self.file(fh)?;
         let creds = self.creds(ctx);
-        let _as = creds.assume();
+        let _as = creds.assume()?;
         // SAFETY: valid descriptor.
         check(unsafe {
             libc::fallocate(
@@ -371,7 +374,7 @@ impl LabFs {
             }
             self.atlas_gate(b, &path)?;
             let backend = self.backend(b);
-            let _as = creds.assume();
+            let _as = creds.assume()?;
             let dfd = match backend.open_beneath(&path, libc::O_RDONLY | libc::O_DIRECTORY) {
                 Ok(fd) => fd,
                 Err(e)
@@ -392,6 +395,9 @@ impl LabFs {
                 }
                 if ino == ROOT_INO && s == ".labfs" {
                     continue; // labfs's own state on a backend root
+                }
+                if b == BackendKind::Atlas && crate::atlas_id::is_nfs_silly_rename(s.as_bytes()) {
+                    continue; // the NFS client's name for an unlinked file still open
                 }
                 let child = join(&path, s);
                 let cp = live.rules.resolve(&child);
@@ -485,7 +491,7 @@ impl LabFs {
                 continue;
             };
             let st = {
-                let _as = creds.assume();
+                let _as = creds.assume()?;
                 match fstatat(dfd, &cname) {
                     Ok(st) => st,
                     Err(_) => continue, // gone since opendir
@@ -531,7 +537,7 @@ impl LabFs {
         let creds = self.creds(ctx);
         let loc = self.locate_ino(&creds, ino)?;
         let b = self.backend(loc.backend);
-        let _as = creds.assume();
+        let _as = creds.assume()?;
         let fd = b.open_beneath(&loc.path, libc::O_RDONLY | libc::O_DIRECTORY)?;
         // SAFETY: valid descriptor.
         check(unsafe { libc::fsync(fd.as_raw_fd()) })?;

@@ -304,7 +304,7 @@ impl LabFs {
     ) -> Result<(OwnedFd, libc::stat)> {
         self.atlas_gate(kind, path)?;
         let b = self.backend(kind);
-        let _as = creds.assume();
+        let _as = creds.assume()?;
         let pfd = b.open_dir(dir)?;
         let st = if path == "/" {
             backend::fstat(b.root_fd())?
@@ -381,7 +381,7 @@ impl LabFs {
     pub fn readlink(&self, ctx: &Ctx, ino: u64) -> Result<Vec<u8>> {
         let creds = self.creds(ctx);
         let loc = self.locate_ino(&creds, ino)?;
-        let _as = creds.assume();
+        let _as = creds.assume()?;
         let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
         // SAFETY: valid dirfd, C string and buffer of the given length.
         let n = unsafe {
@@ -405,7 +405,7 @@ impl LabFs {
         self.atlas_gate(kind, &path)?;
         let b = self.backend(kind);
         let creds = self.creds(ctx);
-        let _as = creds.assume();
+        let _as = creds.assume()?;
         // SAFETY: zeroed statvfs is a valid out-parameter.
         let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
         crate::error::check(unsafe { libc::fstatvfs(b.root_fd(), &mut sv) })?;

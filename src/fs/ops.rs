@@ -29,7 +29,7 @@ impl LabFs {
         let (dir, _) = split(path);
         let b = self.backend(kind);
         {
-            let _as = creds.assume();
+            let _as = creds.assume()?;
             match b.open_dir(dir) {
                 Ok(fd) => return Ok(fd),
                 Err(e) if e.errno() == libc::ENOENT => {}
@@ -58,7 +58,7 @@ impl LabFs {
         let creds = self.creds_umask(ctx, umask);
         let pfd = self.parent_for_create(&creds, kind, &path)?;
         let cname = cstring(name)?;
-        let _as = creds.assume();
+        let _as = creds.assume()?;
         // SAFETY (all three): valid dirfd and C strings.
         match what {
             NewNode::Dir { mode } => check(unsafe {
@@ -148,7 +148,7 @@ impl LabFs {
         let pfd = self.parent_for_create(&creds, kind, &path)?;
         let cname = cstring(name)?;
         let fd = {
-            let _as = creds.assume();
+            let _as = creds.assume()?;
             let f = (flags & !libc::O_NOCTTY) | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC;
             // SAFETY: valid dirfd and C string.
             let fd =
@@ -186,7 +186,7 @@ impl LabFs {
         }
         let pfd = self.parent_for_create(&creds, src.backend, &dst)?;
         let cname = cstring(newname)?;
-        let _as = creds.assume();
+        let _as = creds.assume()?;
         // SAFETY: valid dirfds and C strings.
         check(unsafe {
             libc::linkat(
@@ -234,7 +234,7 @@ impl LabFs {
                 && !(other == BackendKind::Atlas && self.health.is_down())
             {
                 let b = self.backend(other);
-                let _as = creds.assume();
+                let _as = creds.assume()?;
                 if let Ok(fd) = b.open_beneath(&path, libc::O_RDONLY | libc::O_DIRECTORY) {
                     let names = super::handle::list_dir(fd)?;
                     if names.iter().any(|(n, _)| n != "." && n != "..") {
@@ -250,7 +250,7 @@ impl LabFs {
                 }
             }
         }
-        let _as = creds.assume();
+        let _as = creds.assume()?;
         let flags = if dir { libc::AT_REMOVEDIR } else { 0 };
         // SAFETY: valid dirfd and C string.
         check(unsafe { libc::unlinkat(loc.parent_fd.as_raw_fd(), loc.name.as_ptr(), flags) })?;
@@ -308,10 +308,10 @@ impl LabFs {
         let dname = cstring(newname)?;
         // What the target was, so its number can be retired if this removes it.
         let replaced = {
-            let _as = creds.assume();
+            let _as = creds.assume()?;
             fstatat(dst_parent.as_raw_fd(), &dname).ok()
         };
-        let _as = creds.assume();
+        let _as = creds.assume()?;
         // SAFETY: valid dirfds and C strings; flags are passed through for renameat2.
         check(unsafe {
             libc::renameat2(
@@ -367,14 +367,14 @@ impl LabFs {
                 new &= !libc::S_ISGID;
             }
             if new != mode && loc.stat.st_mode & libc::S_IFMT == libc::S_IFREG {
-                let _root = Creds::root().assume();
+                let _root = Creds::root().assume()?;
                 // SAFETY: valid dirfd and C string.
                 check(unsafe {
                     libc::fchmodat(loc.parent_fd.as_raw_fd(), loc.name.as_ptr(), new, 0)
                 })?;
             }
         }
-        let _as = creds.assume();
+        let _as = creds.assume()?;
         let pfd = loc.parent_fd.as_raw_fd();
         let name = loc.name.as_ptr();
         let is_link = loc.stat.st_mode & libc::S_IFMT == libc::S_IFLNK;
@@ -391,7 +391,7 @@ impl LabFs {
                     && ctx.uid != loc.stat.st_uid
                     && new == old & !(libc::S_ISUID | libc::S_ISGID)
                     && new != old;
-                let _root = kill_priv.then(|| Creds::root().assume());
+                let _root = kill_priv.then(|| Creds::root().assume()).transpose()?;
                 // SAFETY: valid dirfd and C string (or the handle's descriptor).
                 match &handle {
                     Some(h) => check(unsafe { libc::fchmod(h.fd.as_raw_fd(), new) })?,

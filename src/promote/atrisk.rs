@@ -186,7 +186,13 @@ impl Walker<'_> {
 /// Walk the local backend (as root) for unpromoted transitional data; `full`: with
 /// no entry budget.
 pub fn report(fs: &LabFs, full: bool) -> AtRisk {
-    let _root = Creds::root().assume();
+    let _root = match Creds::root().assume() {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::error!("at-risk report: {e}");
+            return AtRisk::default();
+        }
+    };
     let live = fs.live();
     let transitional: Vec<&str> = live
         .rules
