@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cli::load_config;
 use crate::exit::{EXIT_FAIL, EXIT_OK, EXIT_USAGE};
+
 use crate::rules::{Placement, Unplaced, Writer};
 
 /// One path's placement, as printed by `explain` (also the control reply).

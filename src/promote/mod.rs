@@ -44,10 +44,10 @@ struct Registry {
     fs: Mutex<Option<Weak<LabFs>>>,
     running: AtomicUsize,
     stopping: AtomicBool,
-    /// Jobs that ended `failed` since the daemon started (for monitoring).
-    failed: std::sync::atomic::AtomicU64,
     refusals: job::RateLog,
     requests: job::RateLog,
+    /// Jobs that ended `failed` since the daemon started (for monitoring).
+    failed: std::sync::atomic::AtomicU64,
 }
 
 fn registry() -> &'static Registry {
@@ -57,9 +57,9 @@ fn registry() -> &'static Registry {
         fs: Mutex::new(None),
         running: AtomicUsize::new(0),
         stopping: AtomicBool::new(false),
-        failed: std::sync::atomic::AtomicU64::new(0),
         refusals: job::RateLog::new(1),
         requests: job::RateLog::new(job::REQUEST_LOG_BURST),
+        failed: std::sync::atomic::AtomicU64::new(0),
     })
 }
 
