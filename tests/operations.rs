@@ -1404,3 +1404,47 @@ fn man_page_and_completions_come_from_the_command_line_definitions() {
         "{bash}"
     );
 }
+
+#[test]
+fn check_prints_plain_backend_paths_and_warns_when_it_cannot_read_the_tag_store() {
+    let lab = MountedLab::new();
+    // Behind labfs's back: an ephemeral path on Atlas, transitional data on Atlas.
+    fs::create_dir_all(lab.atlas_path("/cache")).expect("mkdir");
+    fs::write(lab.atlas_path("/cache/stray"), "x").expect("write");
+    fs::create_dir_all(lab.atlas_path("/scans/s1/work")).expect("mkdir");
+    symlink("target", lab.atlas_path("/scans/s1/work/ln")).expect("symlink");
+    let store = lab.atlas_path("/.labfs/tags");
+    fs::create_dir_all(&store).expect("tag store");
+    let cfg = s(lab.config_path());
+    let root = Sh::program(LABFS, &["check", "--config", &cfg]).status();
+    assert_eq!(root.code, 1, "{root:?}");
+    let atlas = s(&lab.atlas_path("/"));
+    let atlas = atlas.trim_end_matches('/');
+    assert!(
+        root.stdout.contains(&format!("({atlas}/cache)")),
+        "{}",
+        root.stdout
+    );
+    assert!(!root.stdout.contains("/./"), "{}", root.stdout);
+    assert!(
+        !root.stderr.contains("cannot read the tag store"),
+        "{root:?}"
+    );
+    // As a user who cannot read the tag store (root's, 0700).
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&store, fs::Permissions::from_mode(0o700)).expect("chmod");
+    fs::set_permissions(lab.config_path(), fs::Permissions::from_mode(0o644)).expect("chmod");
+    let user = Sh::program(LABFS, &["check", "--config", &cfg])
+        .user(USER, USER)
+        .status();
+    assert!(
+        user.stderr.contains("cannot read the tag store"),
+        "{user:?}"
+    );
+    assert!(
+        user.stdout.contains("/scans/s1/work on atlas")
+            && user.stdout.contains("unless promoted"),
+        "{}",
+        user.stdout
+    );
+}
