@@ -36,7 +36,7 @@ trap cleanup EXIT
 
 dpkg -i "$deb"
 test -x /usr/bin/labfs
-test "$(readlink /usr/sbin/mount.fuse.labfs)" = /usr/bin/labfs
+test "$(readlink -f /usr/sbin/mount.fuse.labfs)" = /usr/bin/labfs
 test -f /usr/share/man/man1/labfs.1 || test -f /usr/share/man/man1/labfs.1.gz
 test -f /usr/share/man/man1/labfs-status.1 || test -f /usr/share/man/man1/labfs-status.1.gz
 test -f /usr/share/bash-completion/completions/labfs
