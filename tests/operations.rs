@@ -1442,8 +1442,7 @@ fn check_prints_plain_backend_paths_and_warns_when_it_cannot_read_the_tag_store(
         "{user:?}"
     );
     assert!(
-        user.stdout.contains("/scans/s1/work on atlas")
-            && user.stdout.contains("unless promoted"),
+        user.stdout.contains("/scans/s1/work on atlas") && user.stdout.contains("unless promoted"),
         "{}",
         user.stdout
     );
