@@ -10,11 +10,12 @@
 #   $SBIN/mount.labfs      -> the binary   so `mount -t labfs` works
 #   $UNITDIR/labfs@.service                (UNITDIR=/etc/systemd/system)
 #   $DOCDIR/operations.md                  (DOCDIR=$PREFIX/share/doc/labfs)
-#   /etc/labfs/                            created if missing; no file in it is touched
-#   /etc/xattr.conf                        gains `user.labfs.* skip` (cp -a, mv)
+# Nothing else: /etc/labfs and /etc/xattr.conf are never touched (labfs does not list
+# its user.labfs.* attributes, so cp -a and mv need no xattr.conf line).
 # mount(8) looks for helpers in /sbin only (not in PATH), hence SBIN.
 # DESTDIR=/some/root installs below that root (packaging, tests); systemd is then not
-# told about the unit.
+# told about the unit, and the paths printed are the ones written (below DESTDIR).
+# On Debian and derivatives, prefer the package (docs/operations.md, Install).
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -43,7 +44,7 @@ if [ "${1:-}" = "--uninstall" ]; then
     done
     rm -f "$DESTDIR$UNITDIR/labfs@.service" "$DESTDIR$bin" "$DESTDIR$DOCDIR/operations.md"
     reload_systemd
-    echo "labfs uninstalled (/etc/labfs left in place)"
+    echo "labfs uninstalled from ${DESTDIR:-/} (/etc/labfs is never touched)"
     exit 0
 fi
 
@@ -57,7 +58,7 @@ if [ "$(id -u)" -ne 0 ] && [ -z "$DESTDIR" ]; then
     exit 1
 fi
 
-install -d "$DESTDIR$PREFIX/bin" "$DESTDIR$SBIN" "$DESTDIR$UNITDIR" "$DESTDIR$DOCDIR" "$DESTDIR/etc/labfs"
+install -d "$DESTDIR$PREFIX/bin" "$DESTDIR$SBIN" "$DESTDIR$UNITDIR" "$DESTDIR$DOCDIR"
 # Copy then rename: a running daemon keeps its old binary, never a half-written one.
 install -m 0755 "$src" "$DESTDIR$bin.new"
 mv -f "$DESTDIR$bin.new" "$DESTDIR$bin"
@@ -67,19 +68,13 @@ done
 sed "s|/usr/local/bin/labfs|$bin|g; s|/usr/local/share/doc/labfs|$DOCDIR|g" \
     "$here/labfs@.service" > "$DESTDIR$UNITDIR/labfs@.service"
 chmod 0644 "$DESTDIR$UNITDIR/labfs@.service"
-# cp -a/mv between labfs paths must not try to copy labfs's computed user.labfs.*
-# attributes (docs/semantics.md): coreutils skips what /etc/xattr.conf says to skip.
-xattr_conf="$DESTDIR/etc/xattr.conf"
-if ! grep -qs '^user\.labfs\.\*' "$xattr_conf"; then
-    printf '# labfs: computed per-path attributes, never copied\nuser.labfs.*\tskip\n' >> "$xattr_conf"
-fi
 if [ -f "$repo/docs/operations.md" ]; then
     install -m 0644 "$repo/docs/operations.md" "$DESTDIR$DOCDIR/operations.md"
 fi
 reload_systemd
 
-echo "installed $bin, $SBIN/mount.fuse.labfs, $SBIN/mount.labfs, $UNITDIR/labfs@.service"
-if [ ! -e "$DESTDIR/etc/labfs/labfs.toml" ]; then
+echo "installed $DESTDIR$bin, $DESTDIR$SBIN/mount.fuse.labfs, $DESTDIR$SBIN/mount.labfs, $DESTDIR$UNITDIR/labfs@.service"
+if [ -z "$DESTDIR" ] && [ ! -e /etc/labfs/labfs.toml ]; then
     echo "next: write /etc/labfs/labfs.toml (docs/rules.md), run 'labfs init-atlas' once per Atlas,"
     echo "      then add the fstab line or enable labfs@lab.service (docs/operations.md)"
 fi

@@ -492,3 +492,28 @@ fn print_table(v: &serde_json::Value) {
     crate::stats::print_table(&v["stats"]);
     crate::promote::print_status(v);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_atlas_down_wins_over_overdue() {
+        let ok =
+            serde_json::json!({"atlas_health": {"answering": true}, "at_risk": {"subtrees": []}});
+        assert_eq!(exit_code(&ok), EXIT_OK);
+        let overdue = serde_json::json!({"atlas_health": {"answering": true},
+            "at_risk": {"subtrees": [{"overdue": false}, {"overdue": true}]}});
+        assert_eq!(exit_code(&overdue), EXIT_OVERDUE);
+        let down = serde_json::json!({"atlas_health": {"answering": false},
+            "at_risk": {"subtrees": [{"overdue": true}]}});
+        assert_eq!(exit_code(&down), EXIT_ATLAS_DOWN);
+        let m = prometheus(&down, Path::new("/lab"));
+        assert!(m.contains("labfs_atlas_up{mountpoint=\"/lab\"} 0\n"), "{m}");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

@@ -352,6 +352,22 @@ fn an_fstab_line_mounts_with_mount_and_umount_stops_it() {
     assert!(Sh::program(LABFS, &["status", &mnt])
         .ok()
         .contains("answering"));
+    // ps shows the daemon as labfs, not the helper's truncated `mount.fuse.labf`.
+    let comms: Vec<String> = fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            fs::read(e.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&*mnt))
+                .unwrap_or(false)
+        })
+        .filter_map(|e| fs::read_to_string(e.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect();
+    assert!(
+        !comms.is_empty() && comms.iter().all(|c| c == "labfs"),
+        "{comms:?}"
+    );
 
     Sh::program("umount", &[&mnt]).ok();
     assert!(mount_fstype(lab.mnt()).is_none());
@@ -914,8 +930,12 @@ fn install_sh_installs_the_binary_helpers_and_unit() {
     let out = Sh::program("sh", &[&s(&repo_file("mount-helpers/install.sh")), LABFS])
         .env("DESTDIR", dest.path())
         .ok();
-    assert!(out.contains("installed"), "{out}");
     let root = dest.path();
+    // The paths printed are the ones written, below DESTDIR.
+    assert!(
+        out.contains(&format!("installed {}/usr/local/bin/labfs", root.display())),
+        "{out}"
+    );
     let bin = root.join("usr/local/bin/labfs");
     assert!(bin.is_file());
     for helper in ["sbin/mount.fuse.labfs", "sbin/mount.labfs"] {
@@ -927,8 +947,9 @@ fn install_sh_installs_the_binary_helpers_and_unit() {
         unit.contains("ExecStart=/usr/local/bin/labfs mount --recover"),
         "{unit}"
     );
-    let xattr_conf = fs::read_to_string(root.join("etc/xattr.conf")).expect("xattr.conf");
-    assert!(xattr_conf.contains("user.labfs.*\tskip"), "{xattr_conf}");
+    // Neither /etc/xattr.conf (libattr1's file) nor /etc/labfs is touched.
+    assert!(!root.join("etc/xattr.conf").exists());
+    assert!(!root.join("etc/labfs").exists());
     // The installed binary answers as the helper under the helper's name.
     let link = root.join("mount.fuse.labfs");
     symlink(&bin, &link).expect("link");
@@ -1014,4 +1035,415 @@ fn a_bind_mount_of_a_subpath_outlives_sigterm_but_not_the_daemon() {
     );
     Sh::program("umount", &[&dst]).ok();
     Sh::program("umount", &[&mnt]).ok();
+}
+
+// ---------------------------------------------------------------------------
+// Issue 13: the operator's day
+// ---------------------------------------------------------------------------
+
+fn status_out(mnt: &Path, args: &[&str]) -> crate::common::Out {
+    let mut a = vec!["status"];
+    a.extend_from_slice(args);
+    let m = s(mnt);
+    a.push(&m);
+    Sh::program(LABFS, &a)
+        .timeout(Duration::from_secs(120))
+        .status()
+}
+
+#[test]
+fn status_works_with_1000_rules_and_1000_at_risk_subtrees_and_names_their_files() {
+    let mut rules = String::from(DEFAULT_RULES);
+    for i in 0..1000 {
+        rules.push_str(&format!(
+            "\n[[rule]]\npath = \"/area{i}/cache\"\nclass = \"ephemeral\"\n"
+        ));
+    }
+    let lab = MountedLab::builder().rules(&rules).mount();
+    lab.sh(
+        r#"for i in $(seq 1 1000); do mkdir -p "$LAB/scans/s$i/work" && echo x > "$LAB/scans/s$i/work/f$i.ply"; done"#,
+    );
+    // The report is far larger than one xattr value may be (64 KiB).
+    let a = status_out(lab.mnt(), &["--json"]);
+    assert_eq!(a.code, 0, "{a:?}");
+    assert!(a.stdout.len() > 64 * 1024, "{} bytes", a.stdout.len());
+    let v: serde_json::Value = serde_json::from_str(&a.stdout).expect("status JSON");
+    let r = &v["at_risk"];
+    assert_eq!(r["subtrees"].as_array().map(Vec::len), Some(1000));
+    assert_eq!(r["total_files"], 1000);
+    assert_eq!(r["total_bytes"], 2000);
+    assert_eq!(r["complete"], true);
+    assert_eq!(v["stats"]["rule_hits"].as_array().map(Vec::len), Some(1006));
+    let s17 = r["subtrees"]
+        .as_array()
+        .and_then(|s| s.iter().find(|t| t["path"] == "/scans/s17/work"))
+        .expect("subtree s17");
+    assert_eq!(s17["named"], serde_json::json!(["/scans/s17/work/f17.ply"]));
+    // Same data, same counts.
+    let b = status_out(lab.mnt(), &["--json"]);
+    let w: serde_json::Value = serde_json::from_str(&b.stdout).expect("status JSON");
+    let counts = |v: &serde_json::Value| -> Vec<(String, u64, u64, String)> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                (
+                    t["path"].to_string(),
+                    t["files"].as_u64().unwrap_or(0),
+                    t["bytes"].as_u64().unwrap_or(0),
+                    t["named"].to_string(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(counts(&r["subtrees"]), counts(&w["at_risk"]["subtrees"]));
+    // The table, and the metrics.
+    let t = status_out(lab.mnt(), &[]);
+    assert_eq!(t.code, 0, "{t:?}");
+    assert!(
+        t.stdout
+            .contains("2.0 KiB in 1000 file(s), 1000 subtree(s)"),
+        "{}",
+        t.stdout
+    );
+    assert!(t.stdout.contains("      /scans/s999/work/f999.ply"));
+    let p = status_out(lab.mnt(), &["--format", "prometheus"]);
+    assert_eq!(p.code, 0, "{p:?}");
+    let mp = s(lab.mnt());
+    assert!(
+        p.stdout.contains(&format!(
+            "labfs_at_risk_files{{mountpoint=\"{mp}\",rule=\"/scans/*/work\"}} 1000\n"
+        )),
+        "{}",
+        p.stdout
+    );
+}
+
+#[test]
+fn a_budgeted_at_risk_walk_names_what_it_did_not_reach_and_full_walks_everything() {
+    let lab = MountedLab::new();
+    // 300,000 entries would take minutes to create through the mount: they are made
+    // on the local backend directly (the walk reads the backend).
+    let local = s(&lab.local_path("/"));
+    lab.sh(&format!(
+        r#"cd "{local}" && mkdir -p scans/s1/work scans/s2/work scans/s3/work/d1 scans/s3/work/d2 scans/s4/work && cd scans &&
+        (cd s1/work && seq 1 100000 | xargs touch) && (cd s2/work && seq 1 100000 | xargs touch) &&
+        (cd s3/work/d1 && seq 1 60000 | xargs touch) && (cd s3/work/d2 && seq 1 60000 | xargs touch) && touch s4/work/last"#
+    ));
+    let q = status_out(lab.mnt(), &["--json"]);
+    let v: serde_json::Value = serde_json::from_str(&q.stdout).expect("status JSON");
+    let r = &v["at_risk"];
+    assert_eq!(r["complete"], false, "{r}");
+    let subtrees = r["subtrees"].as_array().expect("subtrees");
+    let incomplete: Vec<&str> = subtrees
+        .iter()
+        .filter(|t| t["complete"] == false)
+        .filter_map(|t| t["path"].as_str())
+        .collect();
+    assert_eq!(incomplete, vec!["/scans/s3/work"], "{r}");
+    assert_eq!(r["not_reached"], serde_json::json!(["/scans/s4"]), "{r}");
+    // Deterministic: a second quick walk gives the same counts.
+    let q2 = status_out(lab.mnt(), &["--json"]);
+    let v2: serde_json::Value = serde_json::from_str(&q2.stdout).expect("status JSON");
+    assert_eq!(r["total_files"], v2["at_risk"]["total_files"]);
+    let t = status_out(lab.mnt(), &[]);
+    assert!(t.stdout.contains("labfs status --full"), "{}", t.stdout);
+    let f = status_out(lab.mnt(), &["--json", "--full"]);
+    let vf: serde_json::Value = serde_json::from_str(&f.stdout).expect("status JSON");
+    assert_eq!(vf["at_risk"]["complete"], true);
+    assert_eq!(vf["at_risk"]["total_files"], 320_001);
+    assert_eq!(vf["at_risk"]["not_reached"], serde_json::json!([]));
+}
+
+#[test]
+fn status_exits_4_when_at_risk_data_is_older_than_max_unpromoted() {
+    let rules = DEFAULT_RULES.replace(
+        "path = \"/scans/*/work\"\nclass = \"transitional\"\n",
+        "path = \"/scans/*/work\"\nclass = \"transitional\"\nmax_unpromoted = \"1h\"\n",
+    );
+    let lab = MountedLab::builder().rules(&rules).mount();
+    lab.sh(r#"mkdir -p "$LAB/scans/a/work" "$LAB/scans/b/work" && echo x > "$LAB/scans/a/work/new" && echo y > "$LAB/scans/b/work/old""#);
+    assert_eq!(status_out(lab.mnt(), &[]).code, 0);
+    lab.sh(r#"touch -d '2 hours ago' "$LAB/scans/b/work/old""#);
+    let t = status_out(lab.mnt(), &[]);
+    assert_eq!(t.code, 4, "{t:?}");
+    assert!(
+        t.stdout.contains("OVERDUE (max_unpromoted 1h 0m)"),
+        "{}",
+        t.stdout
+    );
+    let p = status_out(lab.mnt(), &["--format", "prometheus"]);
+    assert_eq!(p.code, 4);
+    let mp = s(lab.mnt());
+    assert!(p.stdout.contains(&format!(
+        "labfs_at_risk_overdue_subtrees{{mountpoint=\"{mp}\",rule=\"/scans/*/work\"}} 1\n"
+    )));
+    assert!(p.stdout.contains(&format!(
+        "labfs_at_risk_max_unpromoted_seconds{{mountpoint=\"{mp}\",rule=\"/scans/*/work\"}} 3600\n"
+    )));
+    assert!(p
+        .stdout
+        .contains(&format!("labfs_atlas_up{{mountpoint=\"{mp}\"}} 1\n")));
+    // Promoting the old data ends the alert.
+    Sh::program(LABFS, &["promote", &s(&lab.path("/scans/b/work/old"))]).ok();
+    assert_eq!(status_out(lab.mnt(), &[]).code, 0);
+}
+
+#[test]
+fn status_of_a_missing_path_says_enoent_and_of_a_plain_directory_not_labfs() {
+    let t = Sh::program(LABFS, &["status", "/nonexistent-labfs-path"]).status();
+    assert_eq!(t.code, 1);
+    assert!(t.stderr.contains("No such file or directory"), "{t:?}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = Sh::program(LABFS, &["status", &s(dir.path())]).status();
+    assert_eq!(t.code, 1);
+    assert!(t.stderr.contains("not a labfs mount"), "{t:?}");
+    let p = Sh::program(LABFS, &["status", "--format", "prometheus", &s(dir.path())]).status();
+    assert_eq!(p.code, 1);
+    assert!(p.stdout.contains("labfs_up{mountpoint="), "{p:?}");
+    assert!(p.stdout.contains("} 0\n"), "{p:?}");
+}
+
+#[test]
+fn commands_that_do_not_mount_do_not_say_nothing_mounted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = dir.path().join("bad.toml");
+    fs::write(
+        &f,
+        "[storage]\natlas = \"/x\"\nlocal = \"/y\"\n[[rule]]\npath = \"/c\"\nclass = \"nope\"\n",
+    )
+    .expect("write");
+    let f = s(&f);
+    for args in [
+        vec!["check", "--config", &f],
+        vec!["explain", "--config", &f, "/c"],
+        vec!["init-atlas", "--config", &f],
+        vec!["backup-scope", "--config", &f],
+    ] {
+        let o = Sh::program(LABFS, &args).status();
+        assert_eq!(o.code, 2, "{args:?}: {o:?}");
+        assert!(o.stderr.contains("invalid rules file"), "{args:?}: {o:?}");
+        assert!(!o.stderr.contains("nothing mounted"), "{args:?}: {o:?}");
+    }
+}
+
+#[test]
+fn explain_answers_for_new_paths_symlinks_and_denied_paths_through_the_mount() {
+    let lab = MountedLab::builder().unplaced_deny().mount();
+    lab.sh(r#"mkdir -p "$LAB/scans/s9/work" && ln -s nowhere "$LAB/scans/s9/work/ln""#);
+    let explain = |p: &str, extra: &[&str]| {
+        let mut a = vec!["explain"];
+        a.extend_from_slice(extra);
+        a.push(p);
+        Sh::program(LABFS, &a).status()
+    };
+    // Does not exist yet; no --config needed, and --config does not change the answer.
+    let new = s(&lab.path("/scans/s9/work/new.ply"));
+    for extra in [&[][..], &["--config", "/nonexistent.toml"][..]] {
+        let o = explain(&new, extra);
+        assert_eq!(o.code, 0, "{o:?}");
+        assert!(
+            o.stdout.contains("path:      /scans/s9/work/new.ply"),
+            "{}",
+            o.stdout
+        );
+        assert!(o.stdout.contains("class:     transitional"), "{}", o.stdout);
+        assert!(
+            o.stdout.contains("state:     does not exist yet"),
+            "{}",
+            o.stdout
+        );
+    }
+    let o = explain(&s(&lab.path("/scans/s9/work/ln")), &[]);
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(o.stdout.contains("backend:   local"), "{}", o.stdout);
+    let o = explain(&s(&lab.path("/unmatched/x")), &[]);
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(o.stdout.contains("unplaced = \"deny\""), "{}", o.stdout);
+    assert!(!o.stdout.contains("authoritative"), "{}", o.stdout);
+}
+
+#[test]
+fn declared_directories_are_ensured_at_mount_with_owner_and_mode() {
+    let rules = format!(
+        "{DEFAULT_RULES}\n[[rule]]\npath = \"/models\"\nclass = \"ephemeral\"\n\n\
+         [[dir]]\npath = \"/models\"\nowner = {USER}\ngroup = {USER}\nmode = \"2775\"\n\n\
+         [[dir]]\npath = \"/media\"\nowner = \"root\"\ngroup = 4242\nmode = \"2775\"\n\n\
+         [[dir]]\npath = \"/cache/deep/er\"\n"
+    );
+    let lab = MountedLab::builder().rules(&rules).mount();
+    let meta = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        (m.uid(), m.gid(), m.mode() & 0o7777)
+    };
+    assert_eq!(meta(&lab.local_path("/models")), (USER, USER, 0o2775));
+    assert!(!lab.atlas_path("/models").exists());
+    assert_eq!(meta(&lab.atlas_path("/media")), (0, 4242, 0o2775));
+    assert_eq!(meta(&lab.local_path("/cache/deep/er")), (0, 0, 0o755));
+    // Through the mount: the read_only tree's writers can now create in it.
+    lab.sh_as(USER, USER, r#"echo m > "$LAB/models/w""#);
+    crate::common::sh_as_groups(
+        USER,
+        USER,
+        &[4242],
+        &format!(r#"echo a > "{}""#, s(&lab.path("/media/album"))),
+    );
+    assert!(lab.atlas_path("/media/album").is_file());
+    // A rebuilt node: the SSD is empty again; the next mount brings the dirs back.
+    let mut lab = lab;
+    lab.unmount();
+    fs::remove_dir_all(lab.local_path("/models")).expect("wipe");
+    lab.remount();
+    assert_eq!(meta(&lab.local_path("/models")), (USER, USER, 0o2775));
+}
+
+#[test]
+fn the_demo_lives_in_a_chosen_directory_whose_rules_check_and_explain_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let demo = dir.path().join("demo");
+    let mnt = dir.path().join("lab");
+    let o = Sh::program(
+        LABFS,
+        &["mount", "--demo", "--demo-dir", &s(&demo), &s(&mnt)],
+    )
+    .status();
+    assert_eq!(o.code, 0, "{o:?}");
+    let m = s(&mnt);
+    let _unmount = scopeguard(&m);
+    assert!(o.stdout.contains("rm -rf"), "{}", o.stdout);
+    assert!(demo.join("atlas").is_dir() && demo.join("local").is_dir());
+    let rules = s(&demo.join("labfs.toml"));
+    let c = Sh::program(LABFS, &["check", "--config", &rules, "--rules-only"]).status();
+    assert_eq!(c.code, 0, "{c:?}");
+    let e = Sh::program(LABFS, &["explain", "--config", &rules, "/cache/x"]).ok();
+    assert!(e.contains("class:     ephemeral"), "{e}");
+    fs::write(mnt.join("hello"), "hi").expect("write through the demo");
+    assert!(demo.join("atlas/hello").is_file());
+    let d = Sh::program(LABFS, &["demo-rules"]).ok();
+    assert!(d.contains("/scans/*/work"), "{d}");
+    Sh::program("umount", &[&m]).ok();
+    // Reused by the next demo there, data included.
+    let o = Sh::program(LABFS, &["mount", "--demo", "--demo-dir", &s(&demo), &m]).status();
+    assert!(o.code == 0 && o.stdout.contains("reused"), "{o:?}");
+    assert_eq!(mount_fstype(&mnt).as_deref(), Some("fuse.labfs"));
+    assert_eq!(
+        fs::read_to_string(mnt.join("hello")).unwrap_or_default(),
+        "hi"
+    );
+}
+
+/// Unmounts `mnt` when dropped (a failing assertion must not leave a mount behind).
+fn scopeguard(mnt: &str) -> impl Drop + '_ {
+    struct G<'a>(&'a str);
+    impl Drop for G<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    G(mnt)
+}
+
+#[test]
+fn backup_scope_grows_linearly_with_the_rules() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, l) = (dir.path().join("a"), dir.path().join("l"));
+    fs::create_dir(&a).expect("mkdir");
+    fs::create_dir(&l).expect("mkdir");
+    let file = |n: usize| {
+        let mut t = format!(
+            "[storage]\natlas = \"{}\"\nlocal = \"{}\"\n",
+            a.display(),
+            l.display()
+        );
+        for i in 0..n {
+            let c = ["ephemeral", "authoritative", "runtime", "transitional"][i % 4];
+            t.push_str(&format!(
+                "[[rule]]\npath = \"/t{i}/x{}\"\nclass = \"{c}\"\n",
+                i % 7
+            ));
+        }
+        let f = dir.path().join(format!("r{n}.toml"));
+        fs::write(&f, t).expect("write");
+        s(&f)
+    };
+    let (small, large) = (file(1000), file(10_000));
+    // CPU time of the child, not wall time: the machine may be busy.
+    let cpu = |f: &str| {
+        let out = Sh::script(&format!(
+            r#"/usr/bin/time -f '%U %S' "{LABFS}" backup-scope --config "{f}" --format rsync 2>&1 >/dev/null | tail -1"#
+        ))
+        .ok();
+        out.split_whitespace()
+            .filter_map(|x| x.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let (ts, tl) = (cpu(&small), cpu(&large));
+    // Quadratic work would be 100 times the 1,000-rule run; linear is about 10.
+    assert!(tl < 2.0, "10,000 rules took {tl} s of CPU");
+    assert!(
+        tl < (ts.max(0.02)) * 40.0,
+        "1,000 rules {ts} s, 10,000 rules {tl} s"
+    );
+}
+
+#[test]
+fn man_page_and_completions_come_from_the_command_line_definitions() {
+    let man = Sh::program(LABFS, &["man"]).ok();
+    assert!(
+        man.contains(".TH labfs 1") || man.contains(".TH labfs"),
+        "{man}"
+    );
+    assert!(
+        man.contains("backup\\-scope") && man.contains("reload"),
+        "{man}"
+    );
+    let bash = Sh::program(LABFS, &["completions", "bash"]).ok();
+    assert!(
+        bash.contains("backup-scope") && bash.contains("--full"),
+        "{bash}"
+    );
+}
+
+#[test]
+fn check_prints_plain_backend_paths_and_warns_when_it_cannot_read_the_tag_store() {
+    let lab = MountedLab::new();
+    // Behind labfs's back: an ephemeral path on Atlas, transitional data on Atlas.
+    fs::create_dir_all(lab.atlas_path("/cache")).expect("mkdir");
+    fs::write(lab.atlas_path("/cache/stray"), "x").expect("write");
+    fs::create_dir_all(lab.atlas_path("/scans/s1/work")).expect("mkdir");
+    symlink("target", lab.atlas_path("/scans/s1/work/ln")).expect("symlink");
+    let store = lab.atlas_path("/.labfs/tags");
+    fs::create_dir_all(&store).expect("tag store");
+    let cfg = s(lab.config_path());
+    let root = Sh::program(LABFS, &["check", "--config", &cfg]).status();
+    assert_eq!(root.code, 1, "{root:?}");
+    let atlas = s(&lab.atlas_path("/"));
+    let atlas = atlas.trim_end_matches('/');
+    assert!(
+        root.stdout.contains(&format!("({atlas}/cache)")),
+        "{}",
+        root.stdout
+    );
+    assert!(!root.stdout.contains("/./"), "{}", root.stdout);
+    assert!(
+        !root.stderr.contains("cannot read the tag store"),
+        "{root:?}"
+    );
+    // As a user who cannot read the tag store (root's, 0700).
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&store, fs::Permissions::from_mode(0o700)).expect("chmod");
+    fs::set_permissions(lab.config_path(), fs::Permissions::from_mode(0o644)).expect("chmod");
+    let user = Sh::program(LABFS, &["check", "--config", &cfg])
+        .user(USER, USER)
+        .status();
+    assert!(
+        user.stderr.contains("cannot read the tag store"),
+        "{user:?}"
+    );
+    assert!(
+        user.stdout.contains("/scans/s1/work on atlas") && user.stdout.contains("unless promoted"),
+        "{}",
+        user.stdout
+    );
 }

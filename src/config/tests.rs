@@ -549,3 +549,20 @@ fn max_unpromoted_is_a_duration_on_transitional_rules_only() {
         ],
     );
 }
+
+#[test]
+fn the_packaged_example_rules_file_parses() {
+    let text = include_str!("../../mount-helpers/labfs.toml.example");
+    let cfg = match Config::parse(text, Path::new("labfs.toml.example"), false) {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(cfg.dirs.len(), 3);
+    let scans = cfg
+        .rules
+        .rules()
+        .iter()
+        .find(|r| r.path == "/scans/*/work")
+        .map(|r| r.max_unpromoted);
+    assert_eq!(scans, Some(Some(Duration::from_secs(86_400))));
+}

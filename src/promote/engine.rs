@@ -740,6 +740,7 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
     }
     // Everything staged is durable once syncfs succeeds (one call for the whole tree
     // instead of an fsync per file and directory).
+    job.set_phase(Phase::Flushing);
     util::syncfs(sync_fd.as_raw_fd()).map_err(failed("syncfs of Atlas after staging"))?;
     j.state = State::Staged;
     j.save(&fs.local)

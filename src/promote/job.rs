@@ -60,6 +60,9 @@ pub enum Phase {
     Failed,
     /// Terminal: the daemon is stopping; the journal lets the next mount finish it.
     Interrupted,
+    /// Every byte is copied; waiting for Atlas to make it durable (syncfs), which
+    /// takes seconds for large outputs (after Interrupted: the numbering stays).
+    Flushing,
 }
 
 impl Phase {
@@ -78,11 +81,12 @@ impl Phase {
             Phase::Refused => "refused",
             Phase::Failed => "failed",
             Phase::Interrupted => "interrupted",
+            Phase::Flushing => "flushing",
         }
     }
 
     fn from_u8(v: u8) -> Phase {
-        const ALL: [Phase; 13] = [
+        const ALL: [Phase; 14] = [
             Phase::Queued,
             Phase::Planning,
             Phase::Waiting,
@@ -96,6 +100,7 @@ impl Phase {
             Phase::Refused,
             Phase::Failed,
             Phase::Interrupted,
+            Phase::Flushing,
         ];
         ALL.get(v as usize).copied().unwrap_or(Phase::Failed)
     }
@@ -415,6 +420,16 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
     use std::sync::Arc;
+
+    #[test]
+    fn flushing_is_a_state_of_its_own_and_still_promoting() {
+        let j = job("f", 0, Phase::Staging);
+        j.set_phase(Phase::Flushing);
+        assert_eq!(j.phase(), Phase::Flushing);
+        assert_eq!(j.phase().as_str(), "flushing");
+        assert!(j.phase().is_active());
+        assert_eq!(j.progress().state, "flushing");
+    }
 
     fn job(id: &str, uid: u32, phase: Phase) -> Arc<Job> {
         let ctx = Ctx {
