@@ -8,8 +8,9 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use crate::cli::{load_config, EXIT_FAIL, EXIT_OK};
+use crate::cli::load_config;
 use crate::config::Config;
+use crate::exit::{EXIT_FAIL, EXIT_OK};
 use crate::rules::{BackendKind, Class};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +56,9 @@ fn walk(
         let name = e.file_name();
         if dir.as_bytes() == b"/" && name.as_bytes() == b".labfs" {
             continue;
+        }
+        if kind == BackendKind::Atlas && crate::atlas_id::is_nfs_silly_rename(name.as_bytes()) {
+            continue; // an unlinked file still open on an NFS client: not data
         }
         let path = crate::fs::object::join(dir, &name);
         let p = cfg.rules.resolve(&path);

@@ -7,9 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::Config;
 
-pub const EXIT_OK: i32 = 0;
-pub const EXIT_FAIL: i32 = 1;
-pub const EXIT_USAGE: i32 = 2;
+pub use crate::exit::{EXIT_FAIL, EXIT_OK, EXIT_USAGE};
 
 /// labfs: one /lab namespace over Atlas (NFS) and local SSD, placed by data class.
 #[derive(Parser, Debug)]

@@ -15,12 +15,42 @@
 //! Control names are answered before anything reaches a backend.
 
 use crate::error::Result;
+use crate::fs::xattr::XattrOut;
 use crate::fs::{Ctx, LabFs};
 
 pub const PREFIX: &str = "user.labfs.ctl.";
 pub const STATUS: &str = "user.labfs.ctl.status";
 pub const EXPLAIN: &str = "user.labfs.ctl.explain";
 pub const RELOAD: &str = "user.labfs.ctl.reload";
+
+/// getxattr as the mount answers it: a control name here, anything else by the core.
+pub fn getxattr(
+    fs: &LabFs,
+    ctx: &Ctx,
+    ino: u64,
+    name: &std::ffi::OsStr,
+    size: u32,
+) -> Result<XattrOut> {
+    if let Some(v) = get(fs, ctx, ino, name.to_str().unwrap_or(""))? {
+        return crate::fs::xattr::sized(v, size);
+    }
+    fs.getxattr(ctx, ino, name, size)
+}
+
+/// setxattr as the mount answers it: a control name here, anything else by the core.
+pub fn setxattr(
+    fs: &LabFs,
+    ctx: &Ctx,
+    ino: u64,
+    name: &std::ffi::OsStr,
+    value: &[u8],
+    flags: i32,
+) -> Result<()> {
+    if set(fs, ctx, ino, name.to_str().unwrap_or(""), value)? {
+        return Ok(());
+    }
+    fs.setxattr(ctx, ino, name, value, flags)
+}
 
 /// Answer a control getxattr; `None` when `name` is not a control name.
 pub fn get(fs: &LabFs, ctx: &Ctx, ino: u64, name: &str) -> Result<Option<Vec<u8>>> {
@@ -73,7 +103,7 @@ pub fn set(fs: &LabFs, ctx: &Ctx, ino: u64, name: &str, value: &[u8]) -> Result<
 
 /// `labfs reload MOUNTPOINT`: ask the daemon behind MOUNTPOINT to re-read its rules.
 pub fn reload_cli(mountpoint: &std::path::Path) -> i32 {
-    use crate::cli::{EXIT_FAIL, EXIT_OK, EXIT_USAGE};
+    use crate::exit::{EXIT_FAIL, EXIT_OK, EXIT_USAGE};
     let rules_file = xattr::get(mountpoint, STATUS)
         .ok()
         .flatten()

@@ -1,10 +1,20 @@
 //! Mount lifecycle: checks before mounting, daemonizing once the mount is ready,
 //! signals (SIGTERM/SIGINT unmount cleanly, SIGHUP reloads the rules), exit status.
+//!
+//! Two rules keep one node's daemons from undoing each other:
+//! - one daemon per local backend: [`LocalLock`] (an `flock` on
+//!   `LOCAL/.labfs/daemon.lock`, held for the daemon's life) refuses a second mount
+//!   over the same local directory, naming the daemon that holds it;
+//! - a daemon only unmounts its own mount: [`OwnMount`] remembers the device number
+//!   (`0:NN`, the FUSE connection) of the mount it made, and at exit or on SIGTERM
+//!   unmounts the path only while the topmost mount there is still that connection
+//!   (after a plain `umount /lab` and a new `labfs mount`, the old daemon, kept alive
+//!   by a bind mount, leaves the new mount alone when it exits).
 
 use std::ffi::CString;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread;
@@ -95,11 +105,6 @@ pub fn mountpoint_state(mountpoint: &Path) -> MountpointState {
     }
 }
 
-/// Whether a labfs mount is still at `mountpoint`.
-fn mounted_here(mountpoint: &Path) -> bool {
-    mountinfo_has(mountpoint).is_some_and(|t| t == "fuse.labfs")
-}
-
 /// Lazy-unmount a dead mount left by a daemon that died.
 pub fn lazy_unmount(mountpoint: &Path) -> io::Result<()> {
     let c = CString::new(mountpoint.as_os_str().as_encoded_bytes())
@@ -111,7 +116,172 @@ pub fn lazy_unmount(mountpoint: &Path) -> io::Result<()> {
     Ok(())
 }
 
-fn precheck(req: &MountRequest) -> Result<(), MountError> {
+/// Where the lock of one local backend lives, relative to its root.
+pub const LOCK_FILE: &str = ".labfs/daemon.lock";
+
+/// The lock that makes a daemon the only one serving its local backend: an exclusive
+/// `flock` on `LOCAL/.labfs/daemon.lock`, released by the kernel when the daemon
+/// exits (also on SIGKILL). The file says who holds it (`pid=N mountpoint=PATH`).
+pub struct LocalLock {
+    file: fs::File,
+}
+
+impl LocalLock {
+    /// Take the lock of `local` for a mount at `mountpoint`, or say who holds it.
+    pub fn take(local: &Path, mountpoint: &Path) -> Result<LocalLock, MountError> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let dir = local.join(".labfs");
+        match fs::DirBuilder::new().mode(0o755).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(MountError::Refused(format!(
+                    "{}: cannot create labfs's state directory: {e}",
+                    dir.display()
+                )))
+            }
+        }
+        let path = local.join(LOCK_FILE);
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| MountError::Refused(format!("{}: {e}", path.display())))?;
+        // SAFETY: valid descriptor owned by `file`.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(MountError::Refused(format!(
+                    "{}: lock: {e}",
+                    path.display()
+                )));
+            }
+            let holder = fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            let who = if holder.is_empty() {
+                "another labfs daemon".to_string()
+            } else {
+                format!("the labfs daemon {holder}")
+            };
+            return Err(MountError::Refused(format!(
+                "{}: local backend already served by {who}; one daemon per local backend. \
+                 Unmount that mount first (a daemon whose mount was unmounted while a bind mount \
+                 of it, e.g. a container volume, remains keeps serving it until the last one goes).",
+                local.display()
+            )));
+        }
+        let lock = LocalLock { file };
+        lock.record(mountpoint);
+        Ok(lock)
+    }
+
+    /// Write who holds the lock (called again in the daemon after forking).
+    pub fn record(&self, mountpoint: &Path) {
+        let text = format!(
+            "pid={} mountpoint={}\n",
+            std::process::id(),
+            mountpoint.display()
+        );
+        let mut f = &self.file;
+        // SAFETY: valid descriptor owned by `self.file`.
+        let _ = unsafe { libc::ftruncate(self.file.as_raw_fd(), 0) };
+        let _ = io::Seek::seek(&mut f, io::SeekFrom::Start(0));
+        let _ = f.write_all(text.as_bytes());
+    }
+}
+
+/// The topmost mount at `mountpoint` in /proc/self/mountinfo: (device `MAJ:MIN`,
+/// filesystem type). For a FUSE mount the minor is the connection number
+/// (/sys/fs/fuse/connections/NN).
+pub fn mount_at(mountpoint: &Path) -> Option<(String, String)> {
+    let canon = fs::canonicalize(mountpoint.parent().unwrap_or(Path::new("/")))
+        .ok()
+        .and_then(|d| mountpoint.file_name().map(|n| d.join(n)))
+        .unwrap_or_else(|| mountpoint.to_path_buf());
+    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = canon.to_string_lossy().replace(' ', "\\040");
+    let mut found = None;
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        if f.len() > 4 && f[4] == want {
+            let sep = f.iter().position(|x| *x == "-")?;
+            found = f.get(sep + 1).map(|t| (f[2].to_string(), t.to_string()));
+        }
+    }
+    found
+}
+
+/// The mount this daemon made: its path and its device (the FUSE connection).
+#[derive(Clone, Debug)]
+pub struct OwnMount {
+    pub path: PathBuf,
+    pub dev: Option<String>,
+}
+
+impl OwnMount {
+    /// Read right after mounting, before any other process can mount over it.
+    pub fn observe(path: &Path) -> OwnMount {
+        let dev = mount_at(path)
+            .filter(|(_, t)| t == "fuse.labfs")
+            .map(|(d, _)| d);
+        if dev.is_none() {
+            warn!(
+                "{}: cannot find this daemon's mount in /proc/self/mountinfo; it will not unmount the path itself",
+                path.display()
+            );
+        }
+        OwnMount {
+            path: path.to_path_buf(),
+            dev,
+        }
+    }
+
+    /// Unmount the path if the topmost mount there is still this daemon's connection
+    /// (`lazy`: detach when busy); log what was done either way.
+    pub fn unmount_if_ours(&self, lazy: bool) {
+        let mp = self.path.display();
+        let Some(ours) = &self.dev else {
+            info!("{mp}: not unmounting: this daemon's mount was never identified");
+            return;
+        };
+        match mount_at(&self.path) {
+            None => info!("{mp}: nothing mounted there any more; nothing to unmount"),
+            Some((dev, fstype)) if dev != *ours => info!(
+                "{mp}: the mount there now is another one ({fstype} {dev}, this daemon's was {ours}); left alone"
+            ),
+            Some(_) => {
+                let Ok(c) = CString::new(self.path.as_os_str().as_encoded_bytes()) else {
+                    return;
+                };
+                // SAFETY: valid C string.
+                if unsafe { libc::umount2(c.as_ptr(), libc::UMOUNT_NOFOLLOW) } == 0 {
+                    info!("{mp}: unmounted this daemon's mount ({ours})");
+                    return;
+                }
+                let e = io::Error::last_os_error();
+                if !lazy && e.raw_os_error() != Some(libc::EBUSY) {
+                    warn!("{mp}: unmount of this daemon's mount ({ours}): {e}");
+                    return;
+                }
+                // SAFETY: valid C string.
+                if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) } == 0 {
+                    info!("{mp}: busy ({e}); lazily detached this daemon's mount ({ours})");
+                } else {
+                    warn!(
+                        "{mp}: could not detach this daemon's mount ({ours}): {}",
+                        io::Error::last_os_error()
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn precheck(req: &MountRequest) -> Result<LocalLock, MountError> {
     let mp = &req.mountpoint;
     match mountpoint_state(mp) {
         MountpointState::Ready => {}
@@ -160,7 +330,8 @@ fn precheck(req: &MountRequest) -> Result<(), MountError> {
         )
         .map_err(|e| MountError::Refused(e.to_string()))?;
     }
-    Ok(())
+    // Before anything touches the local backend's state (recovery replays journals).
+    LocalLock::take(&s.local, mp)
 }
 
 fn pipe() -> io::Result<(fs::File, fs::File)> {
@@ -176,9 +347,9 @@ fn pipe() -> io::Result<(fs::File, fs::File)> {
 /// Mount and serve. Without `foreground`, returns in the parent once the mount is ready
 /// (or failed), and the child serves until unmounted.
 pub fn mount(req: MountRequest) -> Result<(), MountError> {
-    precheck(&req)?;
+    let lock = precheck(&req)?;
     if req.foreground {
-        return serve(req, None);
+        return serve(req, lock, None);
     }
     let (mut rd, wr) = pipe()?;
     // Fork before any thread exists: the child becomes the daemon.
@@ -189,7 +360,9 @@ pub fn mount(req: MountRequest) -> Result<(), MountError> {
             drop(rd);
             // SAFETY: setsid in the child detaches it from the terminal's session.
             unsafe { libc::setsid() };
-            let code = match serve(req, Some(wr)) {
+            // The lock's open file is shared with the parent, which exits: it stays held.
+            lock.record(&req.mountpoint);
+            let code = match serve(req, lock, Some(wr)) {
                 Ok(()) => 0,
                 Err(e) => {
                     error!("{e}");
@@ -200,6 +373,7 @@ pub fn mount(req: MountRequest) -> Result<(), MountError> {
         }
         _pid => {
             drop(wr);
+            drop(lock);
             let mut msg = String::new();
             let _ = rd.read_to_string(&mut msg);
             if msg.starts_with("ready") {
@@ -229,7 +403,11 @@ fn block_signals() -> libc::sigset_t {
     }
 }
 
-fn serve(req: MountRequest, mut ready_pipe: Option<fs::File>) -> Result<(), MountError> {
+fn serve(
+    req: MountRequest,
+    _lock: LocalLock,
+    mut ready_pipe: Option<fs::File>,
+) -> Result<(), MountError> {
     let sigset = block_signals();
     // Files are created with the caller's umask (applied per request), never the daemon's.
     // SAFETY: umask is always safe.
@@ -259,26 +437,25 @@ fn serve(req: MountRequest, mut ready_pipe: Option<fs::File>) -> Result<(), Moun
     let config_path = req.config_path.clone();
     let fs2 = fs.clone();
     let mut pipe_for_error = ready_pipe.take();
-    let result = crate::fuse::serve(
-        fs.clone(),
-        &mountpoint,
-        &fsname,
-        &req.options,
-        |unmounter| {
-            info!(
-                "mounted {} (atlas {}, local {})",
-                mountpoint.display(),
-                req.config.storage.atlas.display(),
-                req.config.storage.local.display()
-            );
-            if let Some(mut p) = pipe_for_error.take() {
-                let _ = p.write_all(b"ready");
-                drop(p);
-                detach_stdio(req.detach_stderr);
-            }
-            let mut unmounter = unmounter;
-            let mp = mountpoint.clone();
-            let _ = thread::Builder::new().name("signals".into()).spawn(move || loop {
+    let own = Arc::new(parking_lot::Mutex::new(None::<OwnMount>));
+    let own2 = own.clone();
+    let result = crate::fuse::serve(fs.clone(), &mountpoint, &fsname, &req.options, || {
+        // Mounted, not serving yet: the mount at the path is this daemon's.
+        let me = OwnMount::observe(&mountpoint);
+        info!(
+            "mounted {} (atlas {}, local {}, connection {})",
+            mountpoint.display(),
+            req.config.storage.atlas.display(),
+            req.config.storage.local.display(),
+            me.dev.as_deref().unwrap_or("?")
+        );
+        *own2.lock() = Some(me.clone());
+        if let Some(mut p) = pipe_for_error.take() {
+            let _ = p.write_all(b"ready");
+            drop(p);
+            detach_stdio(req.detach_stderr);
+        }
+        let _ = thread::Builder::new().name("signals".into()).spawn(move || loop {
             let mut sig: libc::c_int = 0;
             // SAFETY: waiting on the blocked set.
             if unsafe { libc::sigwait(&sigset, &mut sig) } != 0 {
@@ -289,22 +466,28 @@ fn serve(req: MountRequest, mut ready_pipe: Option<fs::File>) -> Result<(), Moun
                     let _ = reload(&fs2, config_path.as_deref());
                 }
                 _ => {
-                    info!("signal {sig}: unmounting {}", mp.display());
+                    info!("signal {sig}: unmounting {}", me.path.display());
                     crate::promote::shutdown(&fs2);
-                    if let Err(e) = unmounter.unmount() {
-                        warn!("unmount {}: {e}; lazily detaching", mp.display());
-                        let _ = lazy_unmount(&mp);
-                    }
+                    me.unmount_if_ours(true);
                     info!(
                         "{} detached; the daemon exits once no open file or bind mount of it (a container's volume) remains",
-                        mp.display()
+                        me.path.display()
                     );
                     return;
                 }
             }
         });
-        },
-    );
+    });
+    // The session ended: the kernel dropped the connection (unmounted everywhere, or
+    // aborted). A dead mount of ours may still be at the path; another daemon's mount
+    // may be there instead, and is left alone.
+    let me = own.lock().take();
+    let ours_was_there = me
+        .as_ref()
+        .is_some_and(|m| m.dev.is_some() && mount_at(&m.path).map(|(d, _)| d) == m.dev);
+    if let Some(me) = me {
+        me.unmount_if_ours(true);
+    }
     // A plain `umount` ends the session without a signal: stop promotions at a safe
     // point here too (the journal lets the next mount finish or roll them back).
     crate::promote::shutdown(&fs);
@@ -316,9 +499,7 @@ fn serve(req: MountRequest, mut ready_pipe: Option<fs::File>) -> Result<(), Moun
             info!("{} unmounted; exiting", req.mountpoint.display());
             Ok(())
         }
-        Err(e)
-            if e.raw_os_error() == Some(libc::ECONNABORTED) && !mounted_here(&req.mountpoint) =>
-        {
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) && !ours_was_there => {
             info!("{} unmounted; exiting", req.mountpoint.display());
             Ok(())
         }

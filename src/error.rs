@@ -38,6 +38,14 @@ pub enum Error {
     /// A write to a labfs-owned `user.labfs.*` attribute.
     #[error("{name}: labfs attributes are read-only")]
     ReservedXattr { name: String },
+    /// The caller's identity could not be assumed on the dispatching thread: the
+    /// request must not run at all (it would run as someone else).
+    #[error("cannot act as uid {uid} gid {gid}: {source}")]
+    Identity {
+        uid: u32,
+        gid: u32,
+        source: io::Error,
+    },
     /// The inode or handle the kernel named is no longer known.
     #[error("stale inode or handle")]
     Stale,
@@ -55,6 +63,7 @@ impl Error {
             Error::Unplaced { .. } => libc::EACCES,
             Error::AtlasUnavailable { .. } => libc::ETIMEDOUT,
             Error::ReservedXattr { .. } => libc::EPERM,
+            Error::Identity { .. } => libc::EPERM,
             Error::Stale => libc::ESTALE,
             Error::Errno(e) => *e,
         }
@@ -69,6 +78,8 @@ impl Error {
             | Error::Unplaced { .. }
             | Error::ReservedXattr { .. } => Level::INFO,
             Error::AtlasUnavailable { .. } => Level::WARN,
+            // The daemon cannot do its job safely: always worth an alarm.
+            Error::Identity { .. } => Level::ERROR,
             _ => errno_level(self.errno()),
         }
     }

@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cli::{load_config, EXIT_FAIL, EXIT_OK, EXIT_USAGE};
+use crate::cli::load_config;
+use crate::exit::{EXIT_FAIL, EXIT_OK, EXIT_USAGE};
 use crate::rules::{Placement, Writer};
 
 /// One path's placement, as printed by `explain` (also the control reply).

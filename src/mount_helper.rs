@@ -31,7 +31,8 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use crate::cli::{ConfigArg, MountArgs, EXIT_OK, EXIT_USAGE};
+use crate::cli::{ConfigArg, MountArgs};
+use crate::exit::{EXIT_OK, EXIT_USAGE};
 
 /// mount(8)'s "incorrect invocation or permissions".
 pub const MOUNT_EX_USAGE: i32 = 1;

@@ -86,29 +86,29 @@ pub fn run(mountpoint: &std::path::Path, json: bool) -> i32 {
                  mount again with `labfs mount --recover ...` (see docs/operations.md, Recovery)",
                 mountpoint.display()
             );
-            return crate::cli::EXIT_FAIL;
+            return crate::exit::EXIT_FAIL;
         }
         Ok(None) | Err(_) => {
             eprintln!(
                 "labfs: {}: not a labfs mount (or its daemon is not answering)",
                 mountpoint.display()
             );
-            return crate::cli::EXIT_FAIL;
+            return crate::exit::EXIT_FAIL;
         }
     };
     if json {
         println!("{}", String::from_utf8_lossy(&raw));
-        return crate::cli::EXIT_OK;
+        return crate::exit::EXIT_OK;
     }
     let v: serde_json::Value = match serde_json::from_slice(&raw) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("labfs: unreadable status: {e}");
-            return crate::cli::EXIT_FAIL;
+            return crate::exit::EXIT_FAIL;
         }
     };
     print_table(&v);
-    crate::cli::EXIT_OK
+    crate::exit::EXIT_OK
 }
 
 fn gib(v: &serde_json::Value) -> String {

@@ -188,7 +188,7 @@ pub fn record_location(path: &str) -> Option<(String, String)> {
 /// The store record of `path`, if it describes the object `name` in `dirfd` now.
 pub fn read_record(atlas: &Backend, dirfd: RawFd, name: &CStr, path: &str) -> Option<Record> {
     let (dir, file) = record_location(path)?;
-    let _root = Creds::root().assume();
+    let _root = Creds::root().assume().ok()?;
     let fd = atlas
         .open_beneath(&format!("{dir}/{file}"), libc::O_RDONLY)
         .ok()?;
@@ -239,7 +239,7 @@ pub fn write_record(
         tags: tags.clone(),
     };
     let body = serde_json::to_vec(&rec).map_err(|_| Error::Errno(libc::EINVAL))?;
-    let _root = Creds::root().assume();
+    let _root = Creds::root().assume()?;
     let dfd = mkdir_chain(atlas, &dir)?;
     // The O_PATH descriptor cannot be fsynced: open the directory for reading.
     let dir_rd = atlas.open_beneath(&dir, libc::O_RDONLY | libc::O_DIRECTORY)?;
@@ -285,6 +285,22 @@ pub fn write_record(
     res
 }
 
+/// Remove the store record of `path`, if there is one (a promotion that failed after
+/// tagging a directory it then removed). Runs as root.
+pub fn remove_record(atlas: &Backend, path: &str) {
+    let Some((dir, file)) = record_location(path) else {
+        return;
+    };
+    let Ok(_root) = Creds::root().assume() else {
+        return;
+    };
+    let (Ok(dfd), Ok(c)) = (atlas.open_dir(&dir), CString::new(file)) else {
+        return;
+    };
+    // SAFETY: valid dirfd and C string.
+    unsafe { libc::unlinkat(dfd.as_raw_fd(), c.as_ptr(), 0) };
+}
+
 /// Whether Atlas accepts `user.*` xattrs: set and remove one on a probe file under
 /// `ATLAS/.labfs/`. Sets the process-wide [`mode`] and returns it.
 pub fn probe(atlas: &Backend) -> Mode {
@@ -308,11 +324,11 @@ pub fn probe(atlas: &Backend) -> Mode {
 }
 
 fn probe_inner(atlas: &Backend) -> Result<bool> {
-    let _root = Creds::root().assume();
+    let _root = Creds::root().assume()?;
     let dfd = mkdir_chain(atlas, "/.labfs")?;
     let name = format!(
         "xattr-probe.{}.{}",
-        crate::promote::util::hostname(),
+        crate::sys::hostname().replace('/', "_"),
         std::process::id()
     );
     let cname = CString::new(name).map_err(|_| Error::Errno(libc::EINVAL))?;

@@ -4,9 +4,13 @@
 
 mod common;
 mod failclosed;
+mod identity;
+mod inodes;
 mod namespace;
+mod nfs;
 mod operations;
 mod posix;
 mod promote;
 mod security;
 mod tools;
+mod xattrs;

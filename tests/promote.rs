@@ -29,10 +29,13 @@ fn promote_ok(lab: &MountedLab, args: &str) -> String {
     out
 }
 
-/// `getfattr -d -m '^user.labfs' FILE` as a name -> value map.
+/// Every `user.labfs.*` name FILE answers (asked by name: they are not listed), as a
+/// name -> value map.
 fn labfs_attrs(lab: &MountedLab, file: &Path) -> BTreeMap<String, String> {
     let out = lab.sh(&format!(
-        r#"getfattr -d -m '^user\.labfs\.' --absolute-names "{}""#,
+        r#"for n in class backend rule state promoted_at origin digest; do
+             getfattr -n "user.labfs.$n" --absolute-names "{}" 2>/dev/null || true
+           done"#,
         file.display()
     ));
     out.lines()

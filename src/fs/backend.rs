@@ -19,10 +19,11 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::error::{check, Error, Result};
 use crate::rules::BackendKind;
+use crate::sys;
 
 /// One store behind the namespace.
 #[derive(Debug)]
@@ -111,7 +112,7 @@ impl Backend {
         let tmpl = template(dir);
         let mode = tmpl.map(|s| s.st_mode & 0o7777).unwrap_or(0o755);
         let cname = cstring(OsStr::new(name)).map_err(Error::Io)?;
-        let _root = Creds::root().assume();
+        let _root = Creds::root().assume()?;
         // SAFETY: valid dirfd and C string.
         let r = unsafe { libc::mkdirat(pfd.as_raw_fd(), cname.as_ptr(), mode) };
         if r < 0 {
@@ -223,21 +224,99 @@ pub struct Creds {
     pub umask: u32,
 }
 
-thread_local! {
-    /// What this thread currently has, to skip redundant syscalls.
-    static CURRENT: RefCell<Option<Creds>> = const { RefCell::new(None) };
+/// What the current thread actually holds. Read from the kernel on a thread's first
+/// switch, then kept exact: a field changes only after its syscall succeeded, so a
+/// failed switch never leaves labfs believing it acts as someone it does not.
+struct ThreadCreds {
+    uid: u32,
+    gid: u32,
+    groups: Arc<[u32]>,
+    /// Unknown until first set (reading it would mean setting it).
+    umask: Option<u32>,
     /// Whether this thread has its own fs_struct (per-thread umask).
-    static UNSHARED: RefCell<bool> = const { RefCell::new(false) };
+    unshared: bool,
+}
+
+thread_local! {
+    static THREAD: RefCell<Option<ThreadCreds>> = const { RefCell::new(None) };
+}
+
+/// The daemon's own identity, read once: uid, gid and supplementary groups it started with.
+fn daemon_identity() -> &'static Creds {
+    static ID: OnceLock<Creds> = OnceLock::new();
+    ID.get_or_init(|| {
+        let (uid, gid) = sys::effective_ids();
+        Creds {
+            uid,
+            gid,
+            groups: Arc::from(sys::thread_groups().unwrap_or_default()),
+            umask: 0,
+        }
+    })
+}
+
+impl ThreadCreds {
+    fn read() -> ThreadCreds {
+        let groups = match sys::thread_groups() {
+            Ok(g) => Arc::from(g),
+            // Unknown groups: an empty list never matches a wanted one that has
+            // groups, so the first switch sets them.
+            Err(_) => Arc::from(Vec::new()),
+        };
+        ThreadCreds {
+            uid: sys::fsuid(),
+            gid: sys::fsgid(),
+            groups,
+            umask: None,
+            unshared: false,
+        }
+    }
+
+    fn snapshot(&self, umask: u32) -> Creds {
+        Creds {
+            uid: self.uid,
+            gid: self.gid,
+            groups: self.groups.clone(),
+            umask: self.umask.unwrap_or(umask),
+        }
+    }
+
+    /// Make only the syscalls for what differs from `c`: a request from the same
+    /// caller as the last one costs nothing. Stops at the first failure.
+    fn switch_to(&mut self, c: &Creds) -> io::Result<()> {
+        if !self.unshared {
+            sys::unshare_fs()?;
+            self.unshared = true;
+        }
+        // CAP_SETUID/CAP_SETGID stay effective whatever the fsuid, so the order of
+        // the calls does not matter for permission.
+        if self.groups != c.groups {
+            sys::set_thread_groups(&c.groups)?;
+            self.groups = c.groups.clone();
+        }
+        if self.gid != c.gid {
+            let r = sys::set_fsgid(c.gid);
+            self.gid = sys::fsgid();
+            r?;
+        }
+        if self.uid != c.uid {
+            let r = sys::set_fsuid(c.uid);
+            self.uid = sys::fsuid();
+            r?;
+        }
+        if self.umask != Some(c.umask) {
+            sys::set_umask(c.umask);
+            self.umask = Some(c.umask);
+        }
+        Ok(())
+    }
 }
 
 impl Creds {
+    /// The daemon's own identity (root, with the groups it started with): for work
+    /// labfs does for itself, such as creating a backend's parent directories.
     pub fn root() -> Creds {
-        Creds {
-            uid: 0,
-            gid: 0,
-            groups: Arc::from(Vec::new()),
-            umask: 0,
-        }
+        daemon_identity().clone()
     }
 
     pub fn is_root(&self) -> bool {
@@ -245,60 +324,52 @@ impl Creds {
     }
 
     /// Take on this identity on the current thread until the guard drops.
-    pub fn assume(&self) -> CredGuard {
-        let prev = CURRENT.with(|c| c.borrow().clone());
-        if prev.as_ref() != Some(self) {
-            apply(prev.as_ref(), self);
-            CURRENT.with(|c| *c.borrow_mut() = Some(self.clone()));
-        }
-        CredGuard { prev }
+    ///
+    /// Fails (EPERM, see [`Error::Identity`]) when the kernel refuses any part of it;
+    /// the thread then goes back to what it had, so the request must not run.
+    pub fn assume(&self) -> Result<CredGuard> {
+        THREAD.with(|t| {
+            let mut t = t.borrow_mut();
+            let cur = t.get_or_insert_with(ThreadCreds::read);
+            let prev = cur.snapshot(self.umask);
+            match cur.switch_to(self) {
+                Ok(()) => Ok(CredGuard { prev: Some(prev) }),
+                Err(e) => {
+                    if let Err(back) = cur.switch_to(&prev) {
+                        tracing::error!(
+                            "cannot restore uid {} gid {} after a failed switch: {back}",
+                            prev.uid,
+                            prev.gid
+                        );
+                    }
+                    Err(Error::Identity {
+                        uid: self.uid,
+                        gid: self.gid,
+                        source: e,
+                    })
+                }
+            }
+        })
     }
 }
 
 /// Restores the thread's previous identity on drop.
+#[must_use = "the identity is held only while the guard lives"]
 pub struct CredGuard {
     prev: Option<Creds>,
 }
 
 impl Drop for CredGuard {
     fn drop(&mut self) {
-        let want = self.prev.take().unwrap_or_else(Creds::root);
-        let cur = CURRENT.with(|c| c.borrow().clone());
-        if cur.as_ref() != Some(&want) {
-            apply(cur.as_ref(), &want);
-            CURRENT.with(|c| *c.borrow_mut() = Some(want));
-        }
-    }
-}
-
-/// Change the thread's credentials from `cur` (unknown: `None`) to `c`, making only
-/// the syscalls for what differs: a request from the same caller as the last one, or
-/// from root, costs nothing.
-fn apply(cur: Option<&Creds>, c: &Creds) {
-    UNSHARED.with(|u| {
-        if !*u.borrow() {
-            // A private fs_struct makes umask per thread.
-            // SAFETY: unshare(CLONE_FS) affects only this thread.
-            unsafe { libc::unshare(libc::CLONE_FS) };
-            *u.borrow_mut() = true;
-        }
-    });
-    // Raw syscalls: glibc's setgroups/setresuid broadcast to every thread, these must
-    // not. CAP_SETUID/CAP_SETGID stay effective whatever the fsuid, so the order of the
-    // calls does not matter for permission.
-    // SAFETY: these syscalls only change the calling thread's credentials.
-    unsafe {
-        if cur.is_none_or(|p| p.groups != c.groups) {
-            libc::syscall(libc::SYS_setgroups, c.groups.len(), c.groups.as_ptr());
-        }
-        if cur.is_none_or(|p| p.gid != c.gid) {
-            libc::syscall(libc::SYS_setfsgid, c.gid);
-        }
-        if cur.is_none_or(|p| p.uid != c.uid) {
-            libc::syscall(libc::SYS_setfsuid, c.uid);
-        }
-        if cur.is_none_or(|p| p.umask != c.umask) {
-            libc::umask(c.umask as libc::mode_t);
-        }
+        let Some(want) = self.prev.take() else { return };
+        THREAD.with(|t| {
+            let mut t = t.borrow_mut();
+            let cur = t.get_or_insert_with(ThreadCreds::read);
+            // The thread's state stays exact, so the next assume() retries whatever
+            // failed here; nothing acts on it in between without its own guard.
+            if let Err(e) = cur.switch_to(&want) {
+                tracing::error!("cannot go back to uid {} gid {}: {e}", want.uid, want.gid);
+            }
+        });
     }
 }

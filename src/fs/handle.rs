@@ -131,7 +131,7 @@ impl LabFs {
         }
         let (kind, obj) = self.obj(ino)?;
         let fd = {
-            let _as = creds.assume();
+            let _as = creds.assume()?;
             super::object::reopen(&obj, flags)?
         };
         Ok(self.new_file_handle(ino, fd, kind, flags))
@@ -173,9 +173,12 @@ impl LabFs {
                     new &= !libc::S_ISGID;
                 }
                 if new != mode {
-                    let _root = super::Creds::root().assume();
-                    // SAFETY: valid descriptor.
-                    unsafe { libc::fchmod(h.fd.as_raw_fd(), new) };
+                    // Without root's identity the bits stay: the write itself went
+                    // through and the failure is logged by assume's error.
+                    if let Ok(_root) = super::Creds::root().assume() {
+                        // SAFETY: valid descriptor.
+                        unsafe { libc::fchmod(h.fd.as_raw_fd(), new) };
+                    }
                 }
             }
         }
@@ -266,7 +269,7 @@ impl LabFs {
     pub fn fallocate(&self, ctx: &Ctx, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
         let h = self.file(fh)?;
         let creds = self.creds(ctx);
-        let _as = creds.assume();
+        let _as = creds.assume()?;
         // SAFETY: valid descriptor.
         check(unsafe {
             libc::fallocate(
@@ -371,7 +374,7 @@ impl LabFs {
                 Err(e) => return Err(e),
             };
             let names = {
-                let _as = creds.assume();
+                let _as = creds.assume()?;
                 list_dir(super::object::reopen(
                     &dfd,
                     libc::O_RDONLY | libc::O_DIRECTORY,
@@ -384,6 +387,9 @@ impl LabFs {
                 }
                 if ino == ROOT_INO && nb == b".labfs" {
                     continue; // labfs's own state on a backend root
+                }
+                if b == BackendKind::Atlas && crate::atlas_id::is_nfs_silly_rename(nb) {
+                    continue; // the NFS client's name for an unlinked file still open
                 }
                 let child = join(&path, &name);
                 let cp = live.rules.resolve(&child);
@@ -476,7 +482,7 @@ impl LabFs {
                 continue;
             };
             let st = {
-                let _as = creds.assume();
+                let _as = creds.assume()?;
                 match fstatat(dir.as_raw_fd(), &cname) {
                     Ok(st) => st,
                     Err(_) => continue, // gone since opendir
@@ -517,7 +523,7 @@ impl LabFs {
     pub fn fsyncdir(&self, ctx: &Ctx, ino: u64) -> Result<()> {
         let creds = self.creds(ctx);
         let (_, obj) = self.obj(ino)?;
-        let _as = creds.assume();
+        let _as = creds.assume()?;
         let fd = super::object::reopen(&obj, libc::O_RDONLY | libc::O_DIRECTORY)?;
         // SAFETY: valid descriptor.
         check(unsafe { libc::fsync(fd.as_raw_fd()) })?;

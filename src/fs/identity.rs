@@ -54,13 +54,11 @@ impl GroupCache {
     }
 
     /// The credentials a request from `ctx` acts with; `umask` for creating calls.
+    ///
+    /// Root callers too act with their own gid and groups: a root process running
+    /// with gid 100 creates files owned by gid 100, as on any local filesystem, and a
+    /// root-squashed NFS request carries the caller's groups, not the daemon's.
     pub fn creds(&self, ctx: &Ctx, umask: u32) -> Creds {
-        if ctx.uid == 0 {
-            return Creds {
-                umask,
-                ..Creds::root()
-            };
-        }
         let groups = self.groups(ctx);
         Creds {
             uid: ctx.uid,

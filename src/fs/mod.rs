@@ -349,7 +349,7 @@ impl LabFs {
         }
         if let Backing::ByPath = backing {
             let path = self.npath_of(ino)?;
-            let _root = Creds::root().assume();
+            let _root = Creds::root().assume()?;
             return Ok((kind, ObjFd::Owned(self.open_dir_path(kind, &path)?)));
         }
         let root = match kind {
@@ -385,7 +385,7 @@ impl LabFs {
         if ino == ROOT_INO {
             return Ok(ObjFd::Owned(dup_fd(root)?));
         }
-        let _as = creds.assume();
+        let _as = creds.assume()?;
         Ok(ObjFd::Owned(object::open_beneath(
             root,
             &path,
@@ -465,7 +465,7 @@ impl LabFs {
         name: &CString,
     ) -> Result<(OwnedFd, libc::stat)> {
         self.atlas_gate(kind, path)?;
-        let _as = creds.assume();
+        let _as = creds.assume()?;
         let pfd = self.open_dir_path(kind, dir)?;
         let st = if path.as_bytes() == b"/" {
             backend::fstat(self.backend(kind).root_fd())?
@@ -495,7 +495,7 @@ impl LabFs {
         let dir = self.dir_on(creds, parent, kind)?;
         let cname = cstring(name)?;
         let stat = {
-            let _as = creds.assume();
+            let _as = creds.assume()?;
             fstatat(dir.as_raw_fd(), &cname)?
         };
         Ok(Found { dir, cname, stat })
@@ -556,7 +556,7 @@ impl LabFs {
         // A new inode: its backing comes from the object itself (an O_PATH open),
         // so the key and the backing cannot belong to two different objects.
         let (fd, st) = {
-            let _as = creds.assume();
+            let _as = creds.assume()?;
             object::open_child(dir.as_raw_fd(), cname)?
         };
         let key = key_of(kind, &st);
@@ -635,7 +635,7 @@ impl LabFs {
     pub fn readlink(&self, ctx: &Ctx, ino: u64) -> Result<Vec<u8>> {
         let creds = self.creds(ctx);
         let (_, fd) = self.obj(ino)?;
-        let _as = creds.assume();
+        let _as = creds.assume()?;
         let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
         // SAFETY: valid descriptor (an O_PATH symlink with an empty path), C string
         // and buffer of the given length.
@@ -655,7 +655,7 @@ impl LabFs {
     pub fn statfs(&self, ctx: &Ctx, ino: u64) -> Result<libc::statvfs> {
         let (_, fd) = self.obj(ino)?;
         let creds = self.creds(ctx);
-        let _as = creds.assume();
+        let _as = creds.assume()?;
         // SAFETY: zeroed statvfs is a valid out-parameter.
         let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
         crate::error::check(unsafe { libc::fstatvfs(fd.as_raw_fd(), &mut sv) })?;

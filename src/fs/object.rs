@@ -129,7 +129,7 @@ impl Backing {
             Backing::Handle(h) => {
                 let mut buf = h.to_vec();
                 let fh = buf.as_mut_ptr() as *mut libc::file_handle;
-                let _root = Creds::root().assume();
+                let _root = Creds::root().assume()?;
                 // SAFETY: buf holds a file_handle as name_to_handle_at encoded it.
                 let r =
                     unsafe { libc::open_by_handle_at(root, fh, libc::O_PATH | libc::O_CLOEXEC) };

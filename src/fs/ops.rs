@@ -48,7 +48,7 @@ impl LabFs {
     /// mode and ownership from the namespace's own directory of that name (wherever it
     /// lives). Runs with the daemon's identity: these are structural directories.
     fn ensure_dirs(&self, kind: BackendKind, dir: &OsStr) -> Result<OwnedFd> {
-        let _root = Creds::root().assume();
+        let _root = Creds::root().assume()?;
         match self.open_dir_path(kind, dir) {
             Ok(fd) => return Ok(fd),
             Err(e) if e.errno() == libc::ENOENT => {}
@@ -99,7 +99,7 @@ impl LabFs {
         let pfd = self.parent_for_create(&creds, parent, kind, &path)?;
         let cname = cstring(name)?;
         let (fd, st) = {
-            let _as = creds.assume();
+            let _as = creds.assume()?;
             // SAFETY (all three): valid dirfd and C strings.
             match what {
                 NewNode::Dir { mode } => check(unsafe {
@@ -181,7 +181,7 @@ impl LabFs {
         let pfd = self.parent_for_create(&creds, parent, kind, &path)?;
         let cname = cstring(name)?;
         let fd = {
-            let _as = creds.assume();
+            let _as = creds.assume()?;
             let f = (flags & !libc::O_NOCTTY) | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC;
             // SAFETY: valid dirfd and C string.
             let fd =
@@ -215,7 +215,7 @@ impl LabFs {
         let pfd = self.parent_for_create(&creds, newparent, kind, &dst)?;
         let cname = cstring(newname)?;
         let st = {
-            let _as = creds.assume();
+            let _as = creds.assume()?;
             // linkat through /proc/self/fd/N links the object itself (AT_EMPTY_PATH would
             // need CAP_DAC_READ_SEARCH, which a thread acting as a user does not have).
             let from = src.proc_path();
@@ -257,7 +257,7 @@ impl LabFs {
                 && !(other == BackendKind::Atlas && self.health.is_down())
             {
                 if let Ok(odir) = self.dir_on(&creds, parent, other) {
-                    let _as = creds.assume();
+                    let _as = creds.assume()?;
                     if let Ok(fd) = open_at(
                         odir.as_raw_fd(),
                         &f.cname,
@@ -277,7 +277,7 @@ impl LabFs {
             }
         }
         {
-            let _as = creds.assume();
+            let _as = creds.assume()?;
             let flags = if dir { libc::AT_REMOVEDIR } else { 0 };
             // SAFETY: valid dirfd and C string.
             check(unsafe { libc::unlinkat(f.dir.as_raw_fd(), f.cname.as_ptr(), flags) })?;
@@ -334,7 +334,7 @@ impl LabFs {
         let dname = cstring(newname)?;
         // What the target was, so its number can be retired if this removes it.
         let replaced = {
-            let _as = creds.assume();
+            let _as = creds.assume()?;
             let replaced = fstatat(dst_parent.as_raw_fd(), &dname).ok();
             // SAFETY: valid dirfds and C strings; flags are passed through for renameat2.
             check(unsafe {
@@ -400,12 +400,12 @@ impl LabFs {
                 new &= !libc::S_ISGID;
             }
             if new != mode && st0.st_mode & libc::S_IFMT == libc::S_IFREG {
-                let _root = Creds::root().assume();
+                let _root = Creds::root().assume()?;
                 // SAFETY: valid C string (the object's /proc/self/fd path).
                 check(unsafe { libc::chmod(proc.as_ptr(), new) })?;
             }
         }
-        let _as = creds.assume();
+        let _as = creds.assume()?;
         if let Some(mode) = set.mode {
             if !is_link {
                 let old = st0.st_mode & 0o7777;
@@ -419,7 +419,7 @@ impl LabFs {
                     && ctx.uid != st0.st_uid
                     && new == old & !(libc::S_ISUID | libc::S_ISGID)
                     && new != old;
-                let _root = kill_priv.then(|| Creds::root().assume());
+                let _root = kill_priv.then(|| Creds::root().assume()).transpose()?;
                 // SAFETY: valid descriptor or C string.
                 match &handle {
                     Some(h) => check(unsafe { libc::fchmod(h.fd.as_raw_fd(), new) })?,

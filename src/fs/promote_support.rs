@@ -50,7 +50,7 @@ impl LabFs {
             return Ok(());
         }
         let fd = {
-            let _root = Creds::root().assume();
+            let _root = Creds::root().assume()?;
             object::open_beneath(self.atlas.root_fd(), path, libc::O_PATH)?
         };
         let st = super::backend::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd))?;

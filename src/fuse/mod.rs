@@ -719,7 +719,7 @@ impl Filesystem for LabFuse {
             self.lane_ino(ino),
             "setxattr",
             reply,
-            move |fs| fs.setxattr(&c, ino.0, &n, &v, flags),
+            move |fs| crate::control::setxattr(fs, &c, ino.0, &n, &v, flags),
             |r, ()| r.ok(),
         );
     }
@@ -739,7 +739,7 @@ impl Filesystem for LabFuse {
             lane,
             "getxattr",
             reply,
-            move |fs| fs.getxattr(&c, ino.0, &n, size),
+            move |fs| crate::control::getxattr(fs, &c, ino.0, &n, size),
             xattr_reply,
         );
     }
@@ -957,17 +957,22 @@ pub fn session_config(fsname: &str, extra: &[String]) -> FuseConfig {
     c
 }
 
-/// Mount and serve until unmounted. `ready` is called once the kernel has the mount.
+/// Mount and serve until the kernel ends the session. `ready` is called once the
+/// kernel has the mount, before any request is served.
+///
+/// fuser would unmount the path when the session ends, whatever is mounted there by
+/// then (after `umount /lab` and a new mount, the new daemon's): its mount handle is
+/// never dropped, and the daemon unmounts only its own mount (`daemon::OwnMount`).
 pub fn serve(
     fs: Arc<LabFs>,
     mountpoint: &Path,
     fsname: &str,
     extra: &[String],
-    ready: impl FnOnce(fuser::SessionUnmounter),
+    ready: impl FnOnce(),
 ) -> std::io::Result<()> {
     let config = session_config(fsname, extra);
     let fuse = LabFuse::new(fs.clone());
-    let mut session = fuser::Session::new(fuse, mountpoint, &config)?;
+    let session = fuser::Session::new(fuse, mountpoint, &config)?;
     let notifier = session.notifier();
     fs.set_invalidator(Box::new(move |what| {
         let r = match what {
@@ -978,6 +983,13 @@ pub fn serve(
             debug!("kernel cache invalidation: {e}");
         }
     }));
-    ready(session.unmount_callable());
-    session.run()
+    ready();
+    let background = std::mem::ManuallyDrop::new(session.spawn()?);
+    // SAFETY: `background` is never dropped nor used again, so its join handle is
+    // moved out exactly once; the rest (the mount handle that would unmount the path
+    // on drop) is deliberately leaked until the process exits.
+    let thread = unsafe { std::ptr::read(&background.guard) };
+    thread
+        .join()
+        .map_err(|_| std::io::Error::other("the FUSE session thread panicked"))?
 }

@@ -145,7 +145,13 @@ impl Walker<'_> {
 
 /// Walk the local backend (as root) for unpromoted transitional data.
 pub fn report(fs: &LabFs) -> AtRisk {
-    let _root = Creds::root().assume();
+    let _root = match Creds::root().assume() {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::error!("at-risk report: {e}");
+            return AtRisk::default();
+        }
+    };
     let live = fs.live();
     let mut w = Walker {
         fs,

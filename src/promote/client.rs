@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use super::job::{Progress, Request};
 use super::{CTL_JOB_PREFIX, CTL_PROMOTE};
-use crate::cli::{EXIT_FAIL, EXIT_OK};
+use crate::exit::{EXIT_FAIL, EXIT_OK};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -136,10 +136,33 @@ fn explain_errno(e: &io::Error, shown: &str, target: &Path) -> String {
         Some(libc::ESHUTDOWN) => {
             format!("{shown}: the labfs daemon is stopping; try again after it is mounted again")
         }
-        Some(libc::EAGAIN) => {
+        Some(libc::EBUSY) => {
             format!("{shown}: the labfs daemon is busy or still starting; try again")
         }
         _ => format!("{shown}: {e}"),
+    }
+}
+
+/// Why the daemon answered EBUSY to a new job: the caller's own promotions in flight
+/// (its job list says how many), else a daemon still starting or full.
+fn explain_busy(shown: &str, target: &Path) -> String {
+    let active = lget(target, CTL_PROMOTE)
+        .ok()
+        .and_then(|raw| serde_json::from_slice::<Vec<Progress>>(&raw).ok())
+        .map(|v| v.iter().filter(|p| !p.done).count())
+        .unwrap_or(0);
+    let limit = super::job::MAX_ACTIVE_PER_UID;
+    if active >= limit {
+        format!(
+            "{shown}: refused (EBUSY): you already have {active} promotions in flight, the most \
+             one user may have at once ({limit}); wait for one to finish (`labfs promote` shows \
+             them, `labfs status` too) and try again"
+        )
+    } else {
+        format!(
+            "{shown}: refused (EBUSY): the labfs daemon cannot take a promotion right now (it is \
+             still starting, or its job table is full of running promotions); try again later"
+        )
     }
 }
 
@@ -215,6 +238,9 @@ fn promote_one(path: &Path, json: bool, merge: bool, wait: bool) -> i32 {
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) && tries < 3 => {
                 tries += 1;
                 id = super::util::random_hex(8);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                return fail(json, &shown, explain_busy(&shown, &target))
             }
             Err(e) => return fail(json, &shown, explain_errno(&e, &shown, &target)),
         }

@@ -19,6 +19,7 @@ use tracing::{error, info, warn};
 use super::copy;
 use super::job::{failed, Job, JobError, JobResult, Phase};
 use super::journal::{Entry, EntryKind, Journal, State};
+use super::place;
 use super::plan;
 use super::util::{self, cstr};
 use crate::error::Result;
@@ -57,39 +58,68 @@ fn test_delay() {
     }
 }
 
-/// Jobs that run at once; later ones wait in state `queued`.
+/// Jobs that run at once; later ones wait in state `queued`. A user none of whose jobs
+/// runs may start one beyond this, so one user's long (or writer-waiting) jobs never
+/// hold every place (docs/promote.md, limits).
 const MAX_RUNNING: usize = 2;
 
-static RUNNING: parking_lot::Mutex<usize> = parking_lot::Mutex::new(0);
+/// Running jobs by uid.
+static RUNNING: parking_lot::Mutex<Vec<(u32, usize)>> = parking_lot::Mutex::new(Vec::new());
 static SLOT_FREED: parking_lot::Condvar = parking_lot::Condvar::new();
 
-/// One of the [`MAX_RUNNING`] places, held while a job runs.
-struct Slot;
+/// One of the running places, held while a job runs.
+struct Slot(u32);
 
 impl Slot {
     fn take(job: &Job) -> std::result::Result<Slot, String> {
-        let mut n = RUNNING.lock();
-        while *n >= MAX_RUNNING {
+        let uid = job.ctx.uid;
+        let mut running = RUNNING.lock();
+        loop {
+            let total: usize = running.iter().map(|(_, n)| n).sum();
+            let mine = running
+                .iter()
+                .find(|(u, _)| *u == uid)
+                .map_or(0, |(_, n)| *n);
+            if mine == 0 || (total < MAX_RUNNING && mine < MAX_RUNNING) {
+                break;
+            }
             if stop_requested(job) {
                 return Err("stopped while queued; nothing was changed".into());
             }
-            SLOT_FREED.wait_for(&mut n, Duration::from_millis(200));
+            SLOT_FREED.wait_for(&mut running, Duration::from_millis(200));
         }
-        *n += 1;
-        Ok(Slot)
+        match running.iter_mut().find(|(u, _)| *u == uid) {
+            Some((_, n)) => *n += 1,
+            None => running.push((uid, 1)),
+        }
+        Ok(Slot(uid))
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        *RUNNING.lock() -= 1;
-        SLOT_FREED.notify_one();
+        let mut running = RUNNING.lock();
+        if let Some(i) = running.iter().position(|(u, _)| *u == self.0) {
+            running[i].1 -= 1;
+            if running[i].1 == 0 {
+                running.swap_remove(i);
+            }
+        }
+        drop(running);
+        SLOT_FREED.notify_all();
     }
 }
 
 /// Run a job to its end and record the outcome.
 pub fn run(fs: &Arc<LabFs>, job: &Arc<Job>) {
-    let _root = Creds::root().assume();
+    let _root = match Creds::root().assume() {
+        Ok(g) => g,
+        Err(e) => {
+            job.set_error(e.to_string());
+            job.set_phase(Phase::Failed);
+            return;
+        }
+    };
     let slot = match Slot::take(job) {
         Ok(s) => s,
         Err(e) => {
@@ -118,12 +148,16 @@ pub fn run(fs: &Arc<LabFs>, job: &Arc<Job>) {
             job.set_phase(Phase::Partial);
         }
         Err(JobError::Refused(m)) => {
-            info!(id = %job.id, "promotion refused: {m}");
+            if !job.quiet.load(Ordering::Relaxed) {
+                info!(id = %job.id, "promotion refused: {m}");
+            }
             job.set_error(m);
             job.set_phase(Phase::Refused);
         }
         Err(JobError::Failed(m)) => {
-            warn!(id = %job.id, "promotion of {} failed: {m}", job.path);
+            if !job.quiet.load(Ordering::Relaxed) {
+                warn!(id = %job.id, "promotion of {} failed: {m}", job.path);
+            }
             job.set_error(m);
             job.set_phase(Phase::Failed);
         }
@@ -171,7 +205,7 @@ fn check_caller(fs: &LabFs, job: &Job) -> JobResult<()> {
     let loc = fs
         .locate(&job.creds, parent)
         .map_err(|e| refuse(e.to_string()))?;
-    let _as = job.creds.assume();
+    let _as = job.creds.assume().map_err(|e| refuse(e.to_string()))?;
     let (dirfd, name) = if parent == "/" {
         (
             fs.backend(loc.backend).root_fd(),
@@ -227,6 +261,12 @@ fn execute(fs: &LabFs, job: &Job) -> JobResult<String> {
         ));
     }
     check_caller(fs, job)?;
+    if let crate::atlas_id::Squash::Yes(_) = crate::atlas_id::root_squash() {
+        return Err(JobError::Refused(format!(
+            "{path}: not promoted, nothing was changed: {}",
+            crate::atlas_id::SQUASH_HELP
+        )));
+    }
     let p = fs.placement(path);
     if fs.health.is_down() {
         return Err(JobError::Refused(format!(
@@ -548,7 +588,16 @@ fn parallel<T: Sync>(
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| {
-                let _root = Creds::root().assume();
+                let _root = match Creds::root().assume() {
+                    Ok(g) => g,
+                    Err(e) => {
+                        stop.store(true, Ordering::Relaxed);
+                        first_err
+                            .lock()
+                            .get_or_insert(JobError::Failed(e.to_string()));
+                        return;
+                    }
+                };
                 let mut buf = vec![0u8; copy::CHUNK];
                 while !stop.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -883,6 +932,28 @@ fn verify(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
         }
         Ok(())
     })?;
+    // Owner, group and mode as the server keeps them: an Atlas that squashes root (or
+    // maps ids) must not silently hand the tree to someone else.
+    for e in &j.entries {
+        let ns = j.ns_path(&e.rel);
+        let sr = cstr(&Journal::staged_rel(&e.rel)).map_err(failed(&ns))?;
+        let st = fstatat(sfd.as_raw_fd(), &sr)
+            .map_err(failed(format!("{ns}: the staged copy on Atlas")))?;
+        let want_mode = e.mode & 0o7777;
+        let got_mode = st.st_mode & 0o7777;
+        let mode_differs = e.kind != EntryKind::Symlink && got_mode != want_mode;
+        if st.st_uid != e.uid || st.st_gid != e.gid || mode_differs {
+            let squash = match crate::atlas_id::root_squash() {
+                crate::atlas_id::Squash::Yes(_) => format!(" {}", crate::atlas_id::SQUASH_HELP),
+                _ => " Does the NFS export squash root or map ids (root_squash, all_squash, anonuid)?"
+                    .to_string(),
+            };
+            return Err(JobError::Failed(format!(
+                "{ns}: on Atlas it is owned by {}:{} with mode {got_mode:o}, but the local one by {}:{}                  with mode {want_mode:o}; nothing was changed.{squash}",
+                st.st_uid, st.st_gid, e.uid, e.gid
+            )));
+        }
+    }
     // The sources must still be what was copied, and nobody may have opened them for
     // writing meanwhile.
     for e in j.entries.iter().filter(|e| !e.is_dir()) {
@@ -955,8 +1026,60 @@ fn tag_existing(fs: &LabFs, ns: &str, t: &BTreeMap<String, String>) -> Result<()
     Ok(())
 }
 
-/// Rename the commit units into place. On error: how many were renamed already.
+/// Test-only: `LABFS_PROMOTE_FAIL_AT=placing` makes putting the first unit in place
+/// fail with EIO, after the parent chain was made (see docs/promote.md).
+fn fail_hook() -> Result<()> {
+    if std::env::var("LABFS_PROMOTE_FAIL_AT").is_ok_and(|v| v == "placing") {
+        error!("LABFS_PROMOTE_FAIL_AT=placing: failing the commit (test hook)");
+        return Err(crate::error::Error::Errno(libc::EIO));
+    }
+    Ok(())
+}
+
+/// Rename the commit units into place. On error: how many were renamed already; when
+/// none was, what this job added on Atlas for the parent chain is removed again.
 fn commit(fs: &LabFs, j: &Journal) -> std::result::Result<(), (usize, JobError)> {
+    let missing = missing_parents(fs, j);
+    let undo = |e: (usize, JobError)| {
+        if e.0 == 0 {
+            undo_parent_chain(fs, &missing);
+        }
+        e
+    };
+    commit_units(fs, j).map_err(undo)
+}
+
+/// The directories of `j.path`'s parent chain that are missing on Atlas, deepest first.
+fn missing_parents(fs: &LabFs, j: &Journal) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = split(&j.path).0.to_string();
+    while cur != "/" {
+        match plan::atlas_lstat(fs, &cur) {
+            Ok(None) => out.push(cur.clone()),
+            _ => break,
+        }
+        cur = split(&cur).0.to_string();
+    }
+    out
+}
+
+/// Remove the parent directories this job made (deepest first) while they are still
+/// empty, with their store records: a failed promotion leaves nothing on Atlas. A
+/// directory another node put something into meanwhile stays, tags and all.
+fn undo_parent_chain(fs: &LabFs, made: &[String]) {
+    for d in made {
+        let (parent, name) = split(d);
+        let (Ok(pfd), Ok(c)) = (fs.atlas.open_dir(parent), cstr(name)) else {
+            return;
+        };
+        if util::unlink_at(pfd.as_raw_fd(), &c, true).is_err() {
+            return;
+        }
+        tags::remove_record(&fs.atlas, d);
+    }
+}
+
+fn commit_units(fs: &LabFs, j: &Journal) -> std::result::Result<(), (usize, JobError)> {
     ensure_parent_chain(fs, j)
         .map_err(|e| (0, failed("creating the parent directories on Atlas")(e)))?;
     let sfd = staging_fd(fs, j).map_err(|e| (0, failed("opening the staging directory")(e)))?;
@@ -980,13 +1103,26 @@ fn commit(fs: &LabFs, j: &Journal) -> std::result::Result<(), (usize, JobError)>
                 util::open_under(sfd.as_raw_fd(), sdir, libc::O_PATH | libc::O_DIRECTORY, 0)?;
             let to = fs.atlas.open_dir(dir)?;
             let cname = cstr(name)?;
-            util::rename_at(
-                from.as_raw_fd(),
-                &cstr(sname)?,
-                to.as_raw_fd(),
-                &cname,
-                !e.target_exists,
-            )?;
+            fail_hook()?;
+            if e.target_exists {
+                // --merge: replace the existing file (plain rename, atomic on NFS too).
+                util::rename_at(
+                    from.as_raw_fd(),
+                    &cstr(sname)?,
+                    to.as_raw_fd(),
+                    &cname,
+                    false,
+                )?;
+            } else {
+                place::place_new(
+                    from.as_raw_fd(),
+                    &cstr(sname)?,
+                    to.as_raw_fd(),
+                    &cname,
+                    e.is_dir(),
+                    false,
+                )?;
+            }
             if e.is_dir() {
                 // Renaming a directory may touch its times on some servers.
                 let mut st = fstatat(to.as_raw_fd(), &cname)?;

@@ -156,6 +156,9 @@ pub struct Job {
     pub bytes_total: AtomicU64,
     pub bytes_done: AtomicU64,
     pub cancel: AtomicBool,
+    /// Not logged: its user exceeded the request log budget ([`REQUEST_LOG_BURST`]);
+    /// a refusal or failure of this job is reported to the client only.
+    pub quiet: AtomicBool,
     copy_started: Mutex<Option<Instant>>,
     finished: Mutex<Option<Instant>>,
     message: Mutex<Option<String>>,
@@ -202,6 +205,7 @@ impl Job {
             bytes_total: AtomicU64::new(0),
             bytes_done: AtomicU64::new(0),
             cancel: AtomicBool::new(false),
+            quiet: AtomicBool::new(false),
             copy_started: Mutex::new(None),
             finished: Mutex::new(None),
             message: Mutex::new(None),
@@ -292,4 +296,179 @@ impl Job {
 pub fn covers(top: &str, path: &str) -> bool {
     path == top
         || (path.starts_with(top) && (top == "/" || path.as_bytes().get(top.len()) == Some(&b'/')))
+}
+
+/// Promotions one user may have in flight (queued or running) at once; the next is
+/// refused with EBUSY until one ends (not EAGAIN: the kernel hands a FUSE setxattr's
+/// EAGAIN to the caller as EOPNOTSUPP, which read as "not on a labfs mount").
+pub const MAX_ACTIVE_PER_UID: usize = 8;
+/// Finished jobs kept queryable per user: beyond this the user's oldest finished job
+/// is forgotten (never another user's, and never a running one).
+pub const MAX_KEPT_PER_UID: usize = 64;
+/// Jobs (running or finished) of all users; when full, the oldest finished job of the
+/// user who keeps the most is forgotten.
+pub const MAX_JOBS: usize = 4096;
+/// Repeated refusals of one user are logged at most once per this interval.
+pub const REFUSAL_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Why a new job was not admitted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// The user has [`MAX_ACTIVE_PER_UID`] promotions in flight.
+    UserBusy { active: usize },
+    /// Every remembered job is running (nothing finished to forget).
+    TableFull,
+}
+
+/// Make room for one more job of `uid` in `jobs`: forget the user's oldest finished
+/// jobs beyond [`MAX_KEPT_PER_UID`] and, when the table is full, the oldest finished
+/// job of the user keeping the most; refuse when `uid` has too many in flight.
+pub fn admit(
+    jobs: &mut std::collections::HashMap<String, std::sync::Arc<Job>>,
+    uid: u32,
+) -> std::result::Result<(), Admission> {
+    let active = jobs
+        .values()
+        .filter(|j| j.ctx.uid == uid && j.phase().is_active())
+        .count();
+    if active >= MAX_ACTIVE_PER_UID {
+        return Err(Admission::UserBusy { active });
+    }
+    let oldest_finished = |jobs: &std::collections::HashMap<String, std::sync::Arc<Job>>,
+                           of: u32|
+     -> Option<String> {
+        jobs.values()
+            .filter(|j| j.ctx.uid == of && !j.phase().is_active())
+            .min_by_key(|j| j.created)
+            .map(|j| j.id.clone())
+    };
+    loop {
+        let kept = jobs
+            .values()
+            .filter(|j| j.ctx.uid == uid && !j.phase().is_active())
+            .count();
+        if kept < MAX_KEPT_PER_UID {
+            break;
+        }
+        match oldest_finished(jobs, uid) {
+            Some(id) => jobs.remove(&id),
+            None => break,
+        };
+    }
+    while jobs.len() >= MAX_JOBS {
+        let mut per_uid: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+        for j in jobs.values().filter(|j| !j.phase().is_active()) {
+            *per_uid.entry(j.ctx.uid).or_default() += 1;
+        }
+        let Some((&most, _)) = per_uid.iter().max_by_key(|(_, n)| **n) else {
+            return Err(Admission::TableFull);
+        };
+        match oldest_finished(jobs, most) {
+            Some(id) => jobs.remove(&id),
+            None => return Err(Admission::TableFull),
+        };
+    }
+    Ok(())
+}
+
+/// Promotion requests of one user logged per [`REFUSAL_LOG_INTERVAL`]; beyond, they
+/// are counted and the count logged with the next line.
+pub const REQUEST_LOG_BURST: u64 = 20;
+
+/// Rate limit for log lines one user can cause, by uid: at most `burst` lines per
+/// [`REFUSAL_LOG_INTERVAL`]. [`RateLog::allow`] is `Some(n)` when a line may be
+/// written now, `n` being how many were suppressed since the last one.
+pub struct RateLog {
+    burst: u64,
+    last: Mutex<std::collections::HashMap<u32, (Instant, u64, u64)>>,
+}
+
+impl RateLog {
+    pub fn new(burst: u64) -> RateLog {
+        RateLog {
+            burst: burst.max(1),
+            last: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    pub fn allow(&self, uid: u32) -> Option<u64> {
+        let mut m = self.last.lock();
+        if m.len() > 4096 {
+            m.retain(|_, (t, _, _)| t.elapsed() < REFUSAL_LOG_INTERVAL);
+        }
+        let (start, used, suppressed) = m.entry(uid).or_insert((Instant::now(), 0, 0));
+        if start.elapsed() >= REFUSAL_LOG_INTERVAL {
+            *start = Instant::now();
+            *used = 0;
+        }
+        if *used >= self.burst {
+            *suppressed += 1;
+            return None;
+        }
+        *used += 1;
+        Some(std::mem::take(suppressed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    fn job(id: &str, uid: u32, phase: Phase) -> Arc<Job> {
+        let ctx = Ctx {
+            uid,
+            gid: uid,
+            pid: 1,
+        };
+        let req = Request {
+            id: id.into(),
+            name: None,
+            merge: false,
+            wait: false,
+            ino: None,
+        };
+        let j = Job::new(id.into(), "/x".into(), ctx, Creds::root(), &req);
+        j.set_phase(phase);
+        Arc::new(j)
+    }
+
+    #[test]
+    fn one_users_jobs_never_block_another() {
+        let mut jobs = HashMap::new();
+        for i in 0..MAX_ACTIVE_PER_UID {
+            let id = format!("busy-{i:04}");
+            jobs.insert(id.clone(), job(&id, 1000, Phase::Staging));
+        }
+        assert_eq!(
+            admit(&mut jobs, 1000),
+            Err(Admission::UserBusy {
+                active: MAX_ACTIVE_PER_UID
+            })
+        );
+        assert_eq!(admit(&mut jobs, 0), Ok(()));
+        // Finished jobs of 1001 beyond its share are forgotten, oldest first.
+        for i in 0..MAX_KEPT_PER_UID + 10 {
+            let id = format!("done-{i:04}");
+            assert_eq!(admit(&mut jobs, 1001), Ok(()));
+            jobs.insert(id.clone(), job(&id, 1001, Phase::Failed));
+        }
+        let kept = jobs.values().filter(|j| j.ctx.uid == 1001).count();
+        assert_eq!(kept, MAX_KEPT_PER_UID);
+        assert!(!jobs.contains_key("done-0000") && jobs.contains_key("done-0073"));
+        assert_eq!(
+            jobs.values().filter(|j| j.ctx.uid == 1000).count(),
+            MAX_ACTIVE_PER_UID
+        );
+    }
+
+    #[test]
+    fn repeated_refusals_are_logged_once_per_interval() {
+        let l = RateLog::new(1);
+        assert_eq!(l.allow(7), Some(0));
+        assert_eq!(l.allow(7), None);
+        assert_eq!(l.allow(7), None);
+        assert_eq!(l.allow(8), Some(0));
+    }
 }

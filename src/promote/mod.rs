@@ -12,6 +12,7 @@ mod copy;
 mod engine;
 pub mod job;
 pub mod journal;
+mod place;
 mod plan;
 pub mod recover;
 pub mod util;
@@ -37,14 +38,14 @@ pub const CTL_JOB_PREFIX: &str = "user.labfs.ctl.promote.";
 
 /// Finished jobs stay queryable this long.
 const KEEP_FINISHED: Duration = Duration::from_secs(15 * 60);
-/// At most this many jobs (running or finished) are remembered.
-const MAX_JOBS: usize = 4096;
 
 struct Registry {
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     fs: Mutex<Option<Weak<LabFs>>>,
     running: AtomicUsize,
     stopping: AtomicBool,
+    refusals: job::RateLog,
+    requests: job::RateLog,
 }
 
 fn registry() -> &'static Registry {
@@ -54,6 +55,8 @@ fn registry() -> &'static Registry {
         fs: Mutex::new(None),
         running: AtomicUsize::new(0),
         stopping: AtomicBool::new(false),
+        refusals: job::RateLog::new(1),
+        requests: job::RateLog::new(job::REQUEST_LOG_BURST),
     })
 }
 
@@ -74,6 +77,7 @@ pub fn in_flight(path: &str) -> bool {
 /// Complete or roll back promotions interrupted by a crash (journal replay); probe
 /// whether Atlas takes user xattrs. Runs before the mount serves requests.
 pub fn recover_on_mount(fs: &Arc<LabFs>) {
+    crate::fs::xattr::set_promotion_probe(in_flight);
     *registry().fs.lock() = Some(Arc::downgrade(fs));
     registry().stopping.store(false, Ordering::Relaxed);
     if fs.health.is_down() {
@@ -81,6 +85,9 @@ pub fn recover_on_mount(fs: &Arc<LabFs>) {
         return;
     }
     crate::tags::probe(&fs.atlas);
+    if let crate::atlas_id::Squash::Yes(_) = crate::atlas_id::root_squash() {
+        warn!("{}", crate::atlas_id::SQUASH_HELP);
+    }
     recover::run(fs);
 }
 
@@ -214,7 +221,7 @@ fn start(fs: &LabFs, ctx: &Ctx, ino: u64, value: &[u8]) -> Result<()> {
             .as_ref()
             .and_then(Weak::upgrade)
             .filter(|a| std::ptr::eq(Arc::as_ptr(a), fs))
-            .ok_or(Error::Errno(libc::EAGAIN))?;
+            .ok_or(Error::Errno(libc::EBUSY))?;
     if r.stopping.load(Ordering::Relaxed) {
         return Err(Error::Errno(libc::ESHUTDOWN));
     }
@@ -231,8 +238,30 @@ fn start(fs: &LabFs, ctx: &Ctx, ino: u64, value: &[u8]) -> Result<()> {
         if jobs.contains_key(&req.id) {
             return Err(Error::Errno(libc::EEXIST));
         }
-        if jobs.len() >= MAX_JOBS {
-            return Err(Error::Errno(libc::EAGAIN));
+        if let Err(why) = job::admit(&mut jobs, ctx.uid) {
+            // Per-uid limits (docs/promote.md): EBUSY (a FUSE setxattr answered EAGAIN reaches
+            // the caller as EOPNOTSUPP), one log line per user and interval.
+            if let Some(suppressed) = r.refusals.allow(ctx.uid) {
+                let more = if suppressed > 0 {
+                    format!(" ({suppressed} more refused since the last line)")
+                } else {
+                    String::new()
+                };
+                match why {
+                    job::Admission::UserBusy { active } => warn!(
+                        uid = ctx.uid,
+                        "promotion of {path} refused: uid {} has {active} promotions in flight (limit {}){more}",
+                        ctx.uid,
+                        job::MAX_ACTIVE_PER_UID
+                    ),
+                    job::Admission::TableFull => warn!(
+                        uid = ctx.uid,
+                        "promotion of {path} refused: {} promotions are in flight, none finished to forget{more}",
+                        job::MAX_JOBS
+                    ),
+                }
+            }
+            return Err(Error::Errno(libc::EBUSY));
         }
         let overlapping = jobs
             .values()
@@ -246,6 +275,18 @@ fn start(fs: &LabFs, ctx: &Ctx, ino: u64, value: &[u8]) -> Result<()> {
             job.set_phase(Phase::Refused);
             return Ok(());
         }
+    }
+    match r.requests.allow(ctx.uid) {
+        Some(suppressed) => {
+            if suppressed > 0 {
+                info!(
+                    uid = ctx.uid,
+                    "{suppressed} promotion requests of uid {} not logged", ctx.uid
+                );
+            }
+            info!(id = %req.id, uid = ctx.uid, "promotion of {path} requested");
+        }
+        None => job.quiet.store(true, Ordering::Relaxed),
     }
     r.running.fetch_add(1, Ordering::Relaxed);
     let spawned = std::thread::Builder::new()
@@ -262,7 +303,6 @@ fn start(fs: &LabFs, ctx: &Ctx, ino: u64, value: &[u8]) -> Result<()> {
         job.set_error(format!("cannot start a promotion thread: {e}"));
         job.set_phase(Phase::Failed);
     }
-    info!(id = %req.id, uid = ctx.uid, "promotion of {path} requested");
     Ok(())
 }
 
@@ -271,6 +311,9 @@ fn start(fs: &LabFs, ctx: &Ctx, ino: u64, value: &[u8]) -> Result<()> {
 pub struct StatusPart {
     /// `xattr` or `store` (where stored tags live on Atlas).
     pub xattr_mode: String,
+    /// `yes` (Atlas squashes root), `no`, or `unknown` (not probed: `--allow-unmarked`).
+    #[serde(default)]
+    pub root_squash: String,
     pub promotions: Vec<InFlight>,
     pub at_risk: atrisk::AtRisk,
 }
@@ -279,6 +322,12 @@ pub struct StatusPart {
 pub fn status_part(fs: &LabFs) -> StatusPart {
     StatusPart {
         xattr_mode: crate::tags::mode().as_str().to_string(),
+        root_squash: match crate::atlas_id::root_squash() {
+            crate::atlas_id::Squash::Yes(_) => "yes",
+            crate::atlas_id::Squash::No => "no",
+            crate::atlas_id::Squash::Unknown => "unknown",
+        }
+        .to_string(),
         promotions: in_flight_list(),
         at_risk: atrisk::report(fs),
     }
@@ -294,6 +343,11 @@ pub fn print_status(v: &serde_json::Value) {
         _ => "not probed",
     };
     println!("xattr mode: {mode} ({what})");
+    match v["root_squash"].as_str().unwrap_or("unknown") {
+        "yes" => println!("root squash: YES. {}", crate::atlas_id::SQUASH_HELP),
+        "no" => println!("root squash: no (root on this node is root on Atlas)"),
+        _ => println!("root squash: unknown (not probed)"),
+    }
     let jobs: Vec<InFlight> = serde_json::from_value(v["promotions"].clone()).unwrap_or_default();
     if jobs.is_empty() {
         println!("promotions in flight: none");

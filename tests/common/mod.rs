@@ -720,6 +720,7 @@ pub struct LabBuilder {
     allow_unmarked: bool,
     mount_args: Vec<String>,
     envs: Vec<(String, String)>,
+    wrapper: Vec<String>,
 }
 
 /// Why a mount did not come up.
@@ -775,6 +776,13 @@ impl LabBuilder {
         self
     }
 
+    /// Start the daemon through this command (e.g. `setpriv --bounding-set -setuid`),
+    /// which must exec `labfs mount ...` given as its trailing arguments.
+    pub fn daemon_wrapper(mut self, argv: &[&str]) -> Self {
+        self.wrapper = argv.iter().map(|a| a.to_string()).collect();
+        self
+    }
+
     /// Mounts; panics (with the daemon log) if the mount does not become ready.
     pub fn mount(self) -> MountedLab {
         match self.try_mount() {
@@ -819,6 +827,7 @@ impl LabBuilder {
             watchdog: None,
             mount_args: self.mount_args.clone(),
             envs: self.envs.clone(),
+            wrapper: self.wrapper.clone(),
             _dir: dir,
         };
 
@@ -905,6 +914,7 @@ pub struct MountedLab {
     watchdog: Option<mpsc::Sender<()>>,
     mount_args: Vec<String>,
     envs: Vec<(String, String)>,
+    wrapper: Vec<String>,
     // Last: removed after everything above is unmounted.
     _dir: tempfile::TempDir,
 }
@@ -919,6 +929,7 @@ impl MountedLab {
             allow_unmarked: false,
             mount_args: Vec::new(),
             envs: Vec::new(),
+            wrapper: Vec::new(),
         }
     }
 
@@ -1139,7 +1150,14 @@ impl MountedLab {
             .open(&self.log)
             .expect("open daemon log");
         let log2 = log.try_clone().expect("dup log fd");
-        let mut cmd = Command::new(LABFS);
+        let mut cmd = match self.wrapper.split_first() {
+            None => Command::new(LABFS),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(LABFS);
+                c
+            }
+        };
         cmd.arg("mount")
             .arg("--foreground")
             .arg("--config")

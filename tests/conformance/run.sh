@@ -1,0 +1,422 @@
+#!/bin/bash
+# Runs public POSIX suites against ext4 (the reference) and a labfs mount (a local
+# path and an Atlas path), and prints a results table.  See docs/conformance.md.
+#
+# The suites are NOT fetched by this script: give it folders that already hold them.
+# With --build it builds them from those source folders first (autotools/meson/cargo);
+# without it, it expects them built in place.
+#
+#   tests/conformance/run.sh [--build] [--labfs BIN] [--out DIR] [--targets "ext4 local atlas"]
+#       [--only "pjdfstest pjdfstest-rs ltp fsx fsstress stress-ng test_syscalls"]
+#       [--pjdfstest DIR] [--pjdfstest-rs DIR] [--ltp DIR] [--xfstests DIR]
+#       [--stress-ng DIR] [--libfuse DIR] [--backing ext4|tmpfs]
+#
+# A suite whose folder is not given is skipped.  Must run as root (mounts, loop
+# devices, and the suites switch users themselves).  Every mount it makes lives under
+# one mktemp directory and is undone on exit.
+#
+# Output: DIR/<target>/<suite>.results with one "PASS|FAIL|SKIP name [detail]" line per
+# test, DIR/<target>/<suite>.log with the raw output, and DIR/table.md (also printed).
+set -u
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+
+LABFS="$repo/target/release/labfs"
+OUT=""
+TARGETS="ext4 local atlas"
+ONLY="pjdfstest pjdfstest-rs ltp fsx fsstress stress-ng test_syscalls"
+BUILD=0
+BACKING=ext4
+PJD="" PJDRS="" LTP="" XFS="" SNG="" LIBFUSE=""
+# How long each stressor of stress-ng runs, and how many fsx operations.
+SNG_TIME=${SNG_TIME:-4}
+FSX_OPS=${FSX_OPS:-20000}
+FSSTRESS_OPS=${FSSTRESS_OPS:-4000}
+
+die() { echo "run.sh: $*" >&2; exit 2; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --build) BUILD=1 ;;
+    --labfs) LABFS=$2; shift ;;
+    --out) OUT=$2; shift ;;
+    --targets) TARGETS=$2; shift ;;
+    --only) ONLY=$2; shift ;;
+    --backing) BACKING=$2; shift ;;
+    --pjdfstest) PJD=$(cd "$2" && pwd) || die "no folder $2"; shift ;;
+    --pjdfstest-rs) PJDRS=$(cd "$2" && pwd) || die "no folder $2"; shift ;;
+    --ltp) LTP=$(cd "$2" && pwd) || die "no folder $2"; shift ;;
+    --xfstests) XFS=$(cd "$2" && pwd) || die "no folder $2"; shift ;;
+    --stress-ng) SNG=$(cd "$2" && pwd) || die "no folder $2"; shift ;;
+    --libfuse) LIBFUSE=$(cd "$2" && pwd) || die "no folder $2"; shift ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) die "unknown argument $1 (see --help)" ;;
+    esac
+    shift
+done
+[ "$(id -u)" = 0 ] || die "must run as root"
+[ -x "$LABFS" ] || die "no labfs binary at $LABFS (cargo build --release, or --labfs BIN)"
+case "$BACKING" in ext4|tmpfs) ;; *) die "--backing is ext4 or tmpfs" ;; esac
+
+W=$(mktemp -d /tmp/labfs-conformance.XXXXXX)
+[ -n "$OUT" ] || OUT="$W/out"
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+chmod 0755 "$W"
+
+# The LTP syscall test folders this yardstick runs (issue 10 item 3).
+LTP_DIRS="open openat openat2 creat link linkat unlink unlinkat rename renameat renameat2
+ chmod fchmod fchmodat fchmodat2 chown fchown lchown fchownat setxattr getxattr listxattr
+ removexattr fsetxattr fgetxattr flistxattr fremovexattr lgetxattr llistxattr lremovexattr
+ fcntl statx mknod mknodat"
+
+want() { case " $ONLY " in *" $1 "*) return 0 ;; esac; return 1; }
+
+# ---------------------------------------------------------------------------
+# Building (only with --build, from the given source folders)
+# ---------------------------------------------------------------------------
+build() {
+    if [ -n "$PJD" ] && want pjdfstest && [ ! -x "$PJD/pjdfstest" ]; then
+        (cd "$PJD" && autoreconf -ifs && ./configure && make pjdfstest) || die "building pjdfstest failed"
+    fi
+    if [ -n "$PJDRS" ] && want pjdfstest-rs; then
+        (cd "$PJDRS/rust" && cargo build --release) || die "building pjdfstest (Rust) failed"
+    fi
+    if [ -n "$XFS" ] && { want fsx || want fsstress; }; then
+        (cd "$XFS" && { [ -f include/builddefs ] || { make configure && ./configure; }; } && make -C lib && make -C ltp fsx fsstress) \
+            || die "building fsx/fsstress failed"
+    fi
+    if [ -n "$SNG" ] && want stress-ng && [ ! -x "$SNG/stress-ng" ]; then
+        (cd "$SNG" && make -j"$(nproc)") || die "building stress-ng failed"
+    fi
+    if [ -n "$LIBFUSE" ] && want test_syscalls; then
+        (cd "$LIBFUSE" && { [ -d build-conform ] || meson setup build-conform -Dtests=true; } && ninja -C build-conform test/test_syscalls example/passthrough_hp) \
+            || die "building libfuse's test_syscalls failed"
+    fi
+    if [ -n "$LTP" ] && want ltp; then
+        (cd "$LTP" && { [ -f include/config.h ] || { make autotools && ./configure; }; } && make -C lib && make -C libs) \
+            || die "building LTP's library failed"
+        for d in $LTP_DIRS; do
+            make -C "$LTP/testcases/kernel/syscalls/$d" >/dev/null || echo "run.sh: LTP $d did not build" >&2
+        done
+    fi
+}
+[ "$BUILD" = 1 ] && build
+
+# ---------------------------------------------------------------------------
+# Mounts: ext4 reference, two backends, the labfs mount
+# ---------------------------------------------------------------------------
+MOUNTS=()
+LOOPS=()
+DAEMON_PID=""
+cleanup() {
+    set +e
+    if mountpoint -q "$W/mnt" 2>/dev/null; then
+        umount "$W/mnt" 2>/dev/null || umount -l "$W/mnt"
+    fi
+    if [ -n "$DAEMON_PID" ]; then
+        kill "$DAEMON_PID" 2>/dev/null
+        for _ in $(seq 100); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.1; done
+    fi
+    local i
+    for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do
+        umount "${MOUNTS[$i]}" 2>/dev/null || umount -l "${MOUNTS[$i]}"
+    done
+    for l in "${LOOPS[@]}"; do losetup -d "$l" 2>/dev/null; done
+    rm -f "$W"/*.img
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+backing_fs() { # name -> mounted directory $W/name
+    local d="$W/$1"
+    mkdir -p "$d"
+    if [ "$BACKING" = ext4 ] || [ "$1" = ref ]; then
+        truncate -s 4G "$W/$1.img"
+        mkfs.ext4 -q -F "$W/$1.img" || die "mkfs.ext4 failed"
+        mount -o loop,user_xattr,acl "$W/$1.img" "$d" || die "mounting $1 failed"
+    else
+        mount -t tmpfs -o size=2g,mode=0755 tmpfs "$d" || die "mounting $1 failed"
+    fi
+    MOUNTS+=("$d")
+    chmod 0755 "$d"
+}
+backing_fs ref
+backing_fs atlas
+backing_fs local
+mkdir -p "$W/mnt"
+CFG="$W/labfs.toml"
+cat > "$CFG" <<EOF
+# written by tests/conformance/run.sh
+[storage]
+atlas = "$W/atlas"
+local = "$W/local"
+
+[[rule]]
+path = "/cache"
+class = "ephemeral"
+
+[[rule]]
+path = "/docs"
+class = "authoritative"
+EOF
+"$LABFS" init-atlas --config "$CFG" >/dev/null || die "labfs init-atlas failed"
+"$LABFS" mount --foreground --config "$CFG" "$W/mnt" >"$OUT/labfs-daemon.log" 2>&1 &
+DAEMON_PID=$!
+for _ in $(seq 200); do
+    grep -q " $W/mnt fuse.labfs " /proc/mounts && break
+    kill -0 "$DAEMON_PID" 2>/dev/null || die "labfs mount exited: $(tail -5 "$OUT/labfs-daemon.log")"
+    sleep 0.1
+done
+grep -q " $W/mnt fuse.labfs " /proc/mounts || die "labfs did not mount"
+mkdir -p "$W/mnt/cache" "$W/mnt/docs"
+
+target_dir() {
+    case "$1" in
+    ext4) echo "$W/ref" ;;
+    local) echo "$W/mnt/cache" ;;
+    atlas) echo "$W/mnt/docs" ;;
+    esac
+}
+# Where the target's files are on the backing filesystem (for test_syscalls).
+real_dir() {
+    case "$1" in
+    ext4) echo "$W/ref" ;;
+    local) echo "$W/local/cache" ;;
+    atlas) echo "$W/atlas/docs" ;;
+    esac
+}
+fresh_dir() { # target name -> a new empty directory for one suite
+    local d
+    d="$(target_dir "$1")/$2"
+    rm -rf "$d" 2>/dev/null
+    mkdir -p "$d" && chmod 0755 "$d"
+    echo "$d"
+}
+
+# ---------------------------------------------------------------------------
+# Suites: each writes $R (results) and $L (log)
+# ---------------------------------------------------------------------------
+run_pjdfstest() { # C version: every .t file, each TAP assertion is one test
+    local d t name
+    d=$(fresh_dir "$T" pjd)
+    for t in $(cd "$PJD/tests" && find . -name '*.t' | sort); do
+        name=${t#./}
+        echo "=== $name" >>"$L"
+        (cd "$d" && timeout 900 sh "$PJD/tests/$name" 2>&1) >"$W/tap" || true
+        cat "$W/tap" >>"$L"
+        awk -v f="$name" '
+            /^ok /     { print "PASS " f ":" $2; n++ }
+            /^not ok .*# TODO/ { print "XFAIL " f ":" $3; n++; next }
+            /^not ok / { d=$0; sub(/^not ok [0-9]* ?-? ?/, "", d); print "FAIL " f ":" $3 " " d; n++ }
+            /^1\.\./   { split($1, p, "\\.\\."); plan=p[2] }
+            END { if (plan != "" && n < plan) print "FAIL " f ":died after " n " of " plan }
+        ' "$W/tap" >>"$R"
+    done
+}
+
+run_pjdfstest_rs() {
+    local d bin="$PJDRS/rust/target/release/pjdfstest"
+    d=$(fresh_dir "$T" pjdrs)
+    # Two unprivileged users that exist here; the suite switches to them.
+    cat >"$W/pjdrs.toml" <<EOF
+[features]
+posix_fallocate = {}
+[settings]
+naptime = 0.01
+allow_remount = false
+[dummy_auth]
+entries = [["nobody", "nogroup"], ["$(id -nu 1000)", "$(id -ng 1000)"]]
+EOF
+    (cd "$d" && NO_COLOR=1 timeout 3600 "$bin" -c "$W/pjdrs.toml" -p "$d" 2>&1) >"$L" || true
+    # "name   ok" / "name   FAILED" (then the reason, tab-indented) / "name   skipped".
+    awk '
+        /^[a-z0-9_:]+ +ok$/ { print "PASS " $1; next }
+        /^[a-z0-9_:]+ +failed as expected$/ { print "PASS " $1; next }
+        /^[a-z0-9_:]+ +FAILED$/ { f=$1; getline r; gsub(/^[ \t]+/, "", r); print "FAIL " f " " r; next }
+        /^[a-z0-9_:]+ +PASSED UNEXPECTEDLY$/ { print "FAIL " $1 " passed unexpectedly"; next }
+        /^[a-z0-9_:]+ +skipped$/ { f=$1; getline r; gsub(/^[ \t]+/, "", r); print "SKIP " f " " r; next }
+    ' "$L" >>"$R"
+}
+
+run_ltp() {
+    local d dir t rc
+    d=$(fresh_dir "$T" ltp)
+    chmod 0777 "$d"
+    for dir in $LTP_DIRS; do
+        for t in $(cd "$LTP/testcases/kernel/syscalls/$dir" 2>/dev/null && find . -maxdepth 1 -type f -perm -u+x ! -name '*.sh' | sort); do
+            t=${t#./}
+            # *_64 are the same tests built with 64-bit offsets for 32-bit hosts.
+            case "$t" in *_child|*_helper|*_64) continue ;; esac
+
+            echo "=== $dir/$t" >>"$L"
+            (cd "$LTP/testcases/kernel/syscalls/$dir" &&
+                TMPDIR="$d" LTPROOT="$LTP" LTP_SINGLE_FS_TYPE=ext4 LTP_TIMEOUT_MUL=3 \
+                    PATH="$PATH:$LTP/testcases/kernel/syscalls/$dir" \
+
+                    timeout 600 "./$t" 2>&1) >"$W/ltp.out"
+            rc=$?
+            cat "$W/ltp.out" >>"$L"
+            case $rc in
+            0) echo "PASS $t" ;;
+            32) echo "SKIP $t $(grep -m1 TCONF "$W/ltp.out" | sed 's/.*TCONF: //')" ;;
+            *) echo "FAIL $t rc=$rc $(grep -m1 -E 'TFAIL|TBROK' "$W/ltp.out" | sed 's/^[^:]*: //')" ;;
+            esac >>"$R"
+        done
+    done
+}
+
+run_fsx() {
+    local d name args
+    d=$(fresh_dir "$T" fsx)
+    # name:options.  -N ops, -S seed (fixed: reruns are comparable).
+    for spec in "fsx-default:" "fsx-no-mmap:-R -W"; do
+        name=${spec%%:*}
+        args=${spec#*:}
+        echo "=== $name $args" >>"$L"
+        # shellcheck disable=SC2086
+        if (cd "$d" && timeout 1200 "$XFS/ltp/fsx" -q -N "$FSX_OPS" -S 1 $args "$d/$name.file" 2>&1) >>"$L"; then
+            echo "PASS $name"
+        else
+            echo "FAIL $name $(tail -1 "$L")"
+        fi >>"$R"
+    done
+}
+
+run_fsstress() {
+    local d
+    d=$(fresh_dir "$T" fsstress)
+    echo "=== fsstress -p 4 -n $FSSTRESS_OPS -s 1" >>"$L"
+    if timeout 1800 "$XFS/ltp/fsstress" -d "$d/work" -p 4 -n "$FSSTRESS_OPS" -s 1 >>"$L" 2>&1; then
+        echo "PASS fsstress"
+    else
+        echo "FAIL fsstress rc=$?"
+    fi >>"$R"
+    if rm -rf "$d/work" 2>>"$L"; then echo "PASS fsstress-cleanup"; else echo "FAIL fsstress-cleanup rm -rf"; fi >>"$R"
+}
+
+run_stress_ng() {
+    local d s rc
+    d=$(fresh_dir "$T" stressng)
+    chmod 0777 "$d"
+    for s in $("$SNG/stress-ng" --class filesystem? 2>&1 | sed 's/.*: //'); do
+        echo "=== $s" >>"$L"
+        (cd "$d" && timeout $((SNG_TIME * 10 + 60)) "$SNG/stress-ng" --temp-path "$d" --"$s" 1 \
+            --timeout "${SNG_TIME}s" --verify --metrics-brief 2>&1) >"$W/sng.out"
+        rc=$?
+        cat "$W/sng.out" >>"$L"
+        if grep -qE "skipped: [1-9]" "$W/sng.out"; then
+            echo "SKIP $s $(grep -m1 -iE 'not (supported|implemented)|skipping' "$W/sng.out" | sed 's/.*] //')"
+        elif [ $rc = 0 ]; then
+            echo "PASS $s"
+        else
+            echo "FAIL $s rc=$rc $(grep -m1 -E 'fail|error' "$W/sng.out" | sed 's/.*] //')"
+        fi >>"$R"
+    done
+}
+
+run_test_syscalls() {
+    local d rd bin="$LIBFUSE/build-conform/test/test_syscalls" mode
+    d=$(fresh_dir "$T" tsys)
+    rd="$(real_dir "$T")/tsys"
+    for mode in plain unlinked; do
+        echo "=== test_syscalls ($mode)" >>"$L"
+        if [ "$mode" = plain ]; then
+            (timeout 900 "$bin" "$d" ":$rd" 2>&1) >"$W/tsys.out"
+        else
+            (timeout 900 "$bin" "$d" ":$rd" -u 2>&1) >"$W/tsys.out"
+        fi
+        cat "$W/tsys.out" >>"$L"
+        # "+   0.001s   2 [create+unlink] START", then "... OK", or the test's own
+        # lines "  2 [create+unlink] reason" (a failure) or "... SKIP".  A test is
+        # its number and name plus the mode.
+        awk -v m="$mode" '
+            function strip(   s) { s=$0; sub(/^\+ *[0-9.]+s/, "", s); sub(/^ */, "", s); return s }
+            function key(   s) { s=strip(); sub(/^[0-9]+ \[/, "", s); sub(/\].*/, "", s); gsub(/ /, "_", s); return s }
+            function num(   s) { s=strip(); sub(/ .*/, "", s); return s }
+
+            /^\+.*\] START$/ { next }
+            /^\+.*\] OK$/ { k=num() "-" key(); if (!(k in bad)) print "PASS " k "(" m ")"; next }
+            / *[0-9]+ \[.*\] SKIP$/ { print "SKIP " num() "-" key() "(" m ")"; next }
+            /^ *[0-9]+ \[/ { k=num() "-" key(); r=$0; sub(/^[^]]*\] /, "", r); if (!(k in bad)) print "FAIL " k "(" m ") " r; bad[k]=1 }
+        ' "$W/tsys.out" >>"$R"
+        grep -qE "tests failed|All tests passed|^ *[0-9]+ \[.*\] SKIP" "$W/tsys.out" && tail -n 1 "$W/tsys.out" | grep -qvE 'START$' ||
+            echo "FAIL test_syscalls($mode) did not finish: $(tail -n 1 "$W/tsys.out")" >>"$R"
+
+    done
+}
+
+have() {
+    case "$1" in
+    pjdfstest) [ -n "$PJD" ] && [ -x "$PJD/pjdfstest" ] ;;
+    pjdfstest-rs) [ -n "$PJDRS" ] && [ -x "$PJDRS/rust/target/release/pjdfstest" ] ;;
+    ltp) [ -n "$LTP" ] ;;
+    fsx) [ -n "$XFS" ] && [ -x "$XFS/ltp/fsx" ] ;;
+    fsstress) [ -n "$XFS" ] && [ -x "$XFS/ltp/fsstress" ] ;;
+    stress-ng) [ -n "$SNG" ] && [ -x "$SNG/stress-ng" ] ;;
+    test_syscalls) [ -n "$LIBFUSE" ] && [ -x "$LIBFUSE/build-conform/test/test_syscalls" ] ;;
+    esac
+}
+
+for S in $ONLY; do
+    have "$S" || { echo "run.sh: skipping $S (no built suite given)" >&2; continue; }
+    for T in $TARGETS; do
+        mkdir -p "$OUT/$T"
+        R="$OUT/$T/$S.results"
+        L="$OUT/$T/$S.log"
+        : >"$R"
+        : >"$L"
+        echo "run.sh: $S on $T ($(target_dir "$T"))" >&2
+        start=$(date +%s)
+        case "$S" in
+        pjdfstest) run_pjdfstest ;;
+        pjdfstest-rs) run_pjdfstest_rs ;;
+        ltp) run_ltp ;;
+        fsx) run_fsx ;;
+        fsstress) run_fsstress ;;
+        stress-ng) run_stress_ng ;;
+        test_syscalls) run_test_syscalls ;;
+        esac
+        echo "run.sh: $S on $T: $(grep -cE '^(PASS|XFAIL)' "$R") passed, $(grep -c '^FAIL' "$R") failed, $(grep -c '^SKIP' "$R") skipped in $(($(date +%s) - start)) s" >&2
+        grep -q " $W/mnt fuse.labfs " /proc/mounts || die "the labfs mount is gone (daemon died?), see $OUT/labfs-daemon.log"
+    done
+done
+
+# ---------------------------------------------------------------------------
+# Table
+# ---------------------------------------------------------------------------
+{
+    echo "labfs $("$LABFS" --version 2>/dev/null | head -1), commit $(git -C "$repo" rev-parse --short HEAD 2>/dev/null)$(git -C "$repo" diff --quiet 2>/dev/null || echo '+dirty'), backing $BACKING, kernel $(uname -r)"
+    echo
+    printf '| suite |'; for T in $TARGETS; do printf ' %s |' "$T"; done; echo
+    printf '| --- |'; for T in $TARGETS; do printf ' --- |'; done; echo
+    for S in $ONLY; do
+        have "$S" || continue
+        printf '| %s |' "$S"
+        for T in $TARGETS; do
+            R="$OUT/$T/$S.results"
+            # An expected failure (TAP "# TODO") counts as passed, as prove counts it.
+            p=$(grep -cE '^(PASS|XFAIL)' "$R"); f=$(grep -c '^FAIL' "$R"); s=$(grep -c '^SKIP' "$R")
+            printf ' %s/%s pass%s |' "$p" "$((p + f))" "$([ "$s" = 0 ] || echo ", $s skip")"
+        done
+        echo
+    done
+    echo
+    for T in $TARGETS; do
+        for S in $ONLY; do
+            have "$S" || continue
+            # Failures the reference does not have.
+            if [ "$T" != ext4 ] && [ -f "$OUT/ext4/$S.results" ]; then
+                grep '^FAIL' "$OUT/$T/$S.results" | awk '{print $2}' | sort >"$W/f.t"
+                grep '^FAIL' "$OUT/ext4/$S.results" | awk '{print $2}' | sort >"$W/f.e"
+                extra=$(comm -23 "$W/f.t" "$W/f.e" | tr '\n' ' ')
+                [ -n "$extra" ] && echo "- $T $S, failing here but not on ext4: $extra"
+            elif [ "$T" = ext4 ]; then
+                fails=$(grep '^FAIL' "$OUT/$T/$S.results" | awk '{print $2}' | tr '\n' ' ')
+                [ -n "$fails" ] && echo "- ext4 $S failures (the suite's own on this kernel): $fails"
+            fi
+        done
+    done
+} >"$OUT/table.md"
+cat "$OUT/table.md"
+echo "run.sh: results in $OUT" >&2
