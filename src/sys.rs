@@ -153,6 +153,46 @@ pub fn lremovexattr(path: &CStr, name: &CStr) -> io::Result<()> {
     rustix::fs::lremovexattr(path, name).map_err(from_rustix)
 }
 
+/// Following variants, for `/proc/self/fd/N` of an inode's O_PATH backing (the
+/// magic link leads to the object itself; never used for symlinks, where it would
+/// lead on to the target).
+pub fn getxattr(path: &CStr, name: &CStr, buf: &mut [u8]) -> io::Result<usize> {
+    if buf.is_empty() {
+        return rustix::fs::getxattr_query(path, name).map_err(from_rustix);
+    }
+    rustix::fs::getxattr(path, name, buf).map_err(from_rustix)
+}
+
+/// `listxattr` (following): the names, each NUL-terminated.
+pub fn listxattr(path: &CStr) -> io::Result<Vec<u8>> {
+    loop {
+        let need = rustix::fs::listxattr_query(path).map_err(from_rustix)?;
+        if need == 0 {
+            return Ok(Vec::new());
+        }
+        let mut buf = vec![0u8; need + 256];
+        match rustix::fs::listxattr(path, buf.as_mut_slice()) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(rustix::io::Errno::RANGE) => continue,
+            Err(e) => return Err(from_rustix(e)),
+        }
+    }
+}
+
+/// `setxattr` (following).
+pub fn setxattr(path: &CStr, name: &CStr, value: &[u8], flags: i32) -> io::Result<()> {
+    let flags = rustix::fs::XattrFlags::from_bits_retain(flags as _);
+    rustix::fs::setxattr(path, name, value, flags).map_err(from_rustix)
+}
+
+/// `removexattr` (following).
+pub fn removexattr(path: &CStr, name: &CStr) -> io::Result<()> {
+    rustix::fs::removexattr(path, name).map_err(from_rustix)
+}
+
 // ---------------------------------------------------------------------------
 // Inode flags (chattr/lsattr)
 // ---------------------------------------------------------------------------

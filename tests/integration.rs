@@ -6,6 +6,7 @@ mod cache;
 mod common;
 mod failclosed;
 mod identity;
+mod inodes;
 mod namespace;
 mod nfs;
 mod operations;

@@ -14,8 +14,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::OnceLock;
 
 use super::{Ctx, LabFs, Located};
-use crate::error::{check_size, Error, Result};
+use crate::error::{Error, Result};
 use crate::rules::{BackendKind, Class};
+use crate::sys;
 use crate::tags;
 
 /// Whether an object of this mode can carry `user.*` names (the kernel refuses them
@@ -46,7 +47,7 @@ pub const VIRTUAL: [&str; 4] = [
     "user.labfs.state",
 ];
 
-/// Where the xattr calls for one inode go (see [`LabFs::xattr_target`]).
+/// Where the xattr calls for one inode go (see `LabFs::xattr_target`).
 struct XattrTarget {
     path: CString,
     follow: bool,
@@ -116,6 +117,7 @@ impl LabFs {
         let n = name.to_str().unwrap_or("");
         let creds = self.creds(ctx);
         if n.starts_with(tags::PREFIX) {
+            // labfs's names are about the path the object is reached by.
             let loc = self.locate_ino(&creds, ino)?;
             if !takes_user_xattrs(loc.stat.st_mode) {
                 return Err(Error::Errno(libc::ENODATA));
@@ -140,21 +142,12 @@ impl LabFs {
         let cname = CString::new(name.as_bytes()).map_err(|_| Error::Errno(libc::EINVAL))?;
         let _as = creds.assume()?;
         let mut buf = vec![0u8; size as usize];
-        // SAFETY: valid C strings; a zero-size buffer asks for the size.
-        let r = unsafe {
-            let (p, a, v, l) = (
-                t.path.as_ptr(),
-                cname.as_ptr(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-            );
-            if t.follow {
-                libc::getxattr(p, a, v, l)
-            } else {
-                libc::lgetxattr(p, a, v, l)
-            }
+        let r = if t.follow {
+            sys::getxattr(&t.path, &cname, &mut buf)
+        } else {
+            sys::lgetxattr(&t.path, &cname, &mut buf)
         };
-        let r = match check_size(r) {
+        let r = match r.map_err(Error::Io) {
             // The kernel enforces ACLs (FUSE_POSIX_ACL); on a backend without xattrs
             // "no ACL" must read as absent, not as an error, or every check fails.
             Err(e)
@@ -173,8 +166,9 @@ impl LabFs {
     }
 
     /// Where xattr calls reach inode `ino`'s object: `/proc/self/fd/N` of its backing,
-    /// followed; a symlink (whose magic link would lead on to its target) by its name
-    /// in its parent, not followed.
+    /// followed (so they work for every name of the object, and for an open file that
+    /// has none left); a symlink, whose magic link would lead on to its target, by its
+    /// name in its parent, not followed.
     fn xattr_target(&self, creds: &super::Creds, ino: u64) -> Result<XattrTarget> {
         let (_, obj) = self.obj(ino)?;
         let st = super::backend::fstat(obj.as_raw_fd())?;
@@ -200,41 +194,31 @@ impl LabFs {
     pub fn listxattr(&self, ctx: &Ctx, ino: u64, size: u32) -> Result<XattrOut> {
         let creds = self.creds(ctx);
         let t = self.xattr_target(&creds, ino)?;
-        let p = &t.path;
-        let list = |buf: *mut libc::c_char, len: usize| {
-            // SAFETY: valid C string; a null buffer of size 0 asks for the size.
-            unsafe {
-                if t.follow {
-                    libc::listxattr(p.as_ptr(), buf, len)
-                } else {
-                    libc::llistxattr(p.as_ptr(), buf, len)
-                }
-            }
-        };
-        let mut out = {
+        let all = {
             let _as = creds.assume()?;
-            let need = list(std::ptr::null_mut(), 0);
-            match check_size(need) {
-                Ok(0) => Vec::new(),
-                Ok(need) => {
-                    let mut buf = vec![0u8; need + 256];
-                    let r = list(buf.as_mut_ptr() as *mut libc::c_char, buf.len());
-                    buf.truncate(check_size(r)?);
-                    buf
+            let listed = if t.follow {
+                sys::listxattr(&t.path)
+            } else {
+                sys::llistxattr(&t.path)
+            };
+            match listed {
+                Ok(v) => v,
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EOPNOTSUPP)
+                        || e.raw_os_error() == Some(libc::ENOTSUP) =>
+                {
+                    Vec::new()
                 }
-                Err(e) if e.errno() == libc::EOPNOTSUPP || e.errno() == libc::ENOTSUP => Vec::new(),
-                Err(e) => return Err(e),
+                Err(e) => return Err(Error::Io(e)),
             }
         };
-        // labfs's own names (promotion's stored tags) are answered by name, never listed.
-        let mut kept = Vec::with_capacity(out.len());
-        for name in out.split(|b| *b == 0).filter(|s| !s.is_empty()) {
+        let mut out = Vec::with_capacity(all.len());
+        for name in all.split(|b| *b == 0).filter(|s| !s.is_empty()) {
             if !name.starts_with(tags::PREFIX.as_bytes()) {
-                kept.extend_from_slice(name);
-                kept.push(0);
+                out.extend_from_slice(name);
+                out.push(0);
             }
         }
-        out = kept;
         sized(out, size)
     }
 
@@ -257,21 +241,11 @@ impl LabFs {
         let t = self.xattr_target(&creds, ino)?;
         let cname = CString::new(name.as_bytes()).map_err(|_| Error::Errno(libc::EINVAL))?;
         let _as = creds.assume()?;
-        let (p, a, v, l) = (
-            t.path.as_ptr(),
-            cname.as_ptr(),
-            value.as_ptr() as *const libc::c_void,
-            value.len(),
-        );
-        // SAFETY: valid C strings and value buffer.
-        crate::error::check(unsafe {
-            if t.follow {
-                libc::setxattr(p, a, v, l, flags)
-            } else {
-                libc::lsetxattr(p, a, v, l, flags)
-            }
-        })?;
-        Ok(())
+        if t.follow {
+            sys::setxattr(&t.path, &cname, value, flags).map_err(Error::Io)
+        } else {
+            sys::lsetxattr(&t.path, &cname, value, flags).map_err(Error::Io)
+        }
     }
 
     pub fn removexattr(&self, ctx: &Ctx, ino: u64, name: &OsStr) -> Result<()> {
@@ -286,14 +260,10 @@ impl LabFs {
         let t = self.xattr_target(&creds, ino)?;
         let cname = CString::new(name.as_bytes()).map_err(|_| Error::Errno(libc::EINVAL))?;
         let _as = creds.assume()?;
-        // SAFETY: valid C strings.
-        crate::error::check(unsafe {
-            if t.follow {
-                libc::removexattr(t.path.as_ptr(), cname.as_ptr())
-            } else {
-                libc::lremovexattr(t.path.as_ptr(), cname.as_ptr())
-            }
-        })?;
-        Ok(())
+        if t.follow {
+            sys::removexattr(&t.path, &cname).map_err(Error::Io)
+        } else {
+            sys::lremovexattr(&t.path, &cname).map_err(Error::Io)
+        }
     }
 }

@@ -1,0 +1,380 @@
+//! Inodes by identity (issue 10): an inode stands for a backing object, names are an
+//! index onto it. Hard links, open-then-unlinked files, stable inode numbers, promotion
+//! of a tree holding a hard link from outside it, read-only rules through every name,
+//! names that are not UTF-8 and paths longer than PATH_MAX, on both backends.
+
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+#[test]
+fn removing_one_hard_link_leaves_the_other_names_working() {
+    let lab = MountedLab::with_dirs();
+    for b in BOTH {
+        let d = b.dir();
+        let out = lab.sh(&format!(
+            r#"
+            cd "$LAB/{d}"
+            touch x; ln x y; rm y; stat -c '%h' x
+            echo one > x; ln x y; rm x; echo two >> y; cat y; stat -c '%h' y
+            ln y z; mkdir sub; ln y sub/w; rm y z
+            cat sub/w; stat -c '%h' sub/w
+            mv sub/w sub/v; cat sub/v
+            "#
+        ));
+        assert_eq!(
+            out.trim(),
+            "1\none\ntwo\n1\none\ntwo\n1\none\ntwo",
+            "{}",
+            b.name()
+        );
+    }
+}
+
+#[test]
+fn hard_links_share_one_inode_number_through_every_name() {
+    let lab = MountedLab::with_dirs();
+    let _guard = inode_numbers_compared();
+    for b in BOTH {
+        let d = b.dir();
+        lab.sh(&format!(
+            r#"cd "$LAB/{d}"; echo a > h1; ln h1 h2; ln h2 h3"#
+        ));
+        let n: Vec<u64> = ["h1", "h2", "h3"]
+            .iter()
+            .map(|n| ino(&lab.path(&format!("{d}/{n}"))))
+            .collect();
+        assert!(n[0] == n[1] && n[1] == n[2], "{}: {n:?}", b.name());
+        lab.sh(&format!(r#"rm "$LAB/{d}/h2""#));
+        assert_eq!(ino(&lab.path(&format!("{d}/h3"))), n[0]);
+    }
+}
+
+/// What a program does with a descriptor of a file it has since unlinked: every call
+/// must work on the descriptor (the kernel sends the metadata ones without a handle).
+const OPEN_UNLINKED: &str = r#"
+import os, sys
+p = sys.argv[1]
+fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+os.write(fd, b"hello")
+os.unlink(p)
+assert not os.path.exists(p)
+st = os.fstat(fd)
+assert st.st_nlink == 0, st
+os.ftruncate(fd, 3)
+os.fchmod(fd, 0o600)
+os.fchown(fd, 1000, 1000)
+os.setxattr(fd, "user.k", b"v")
+assert "user.k" in os.listxattr(fd), os.listxattr(fd)
+assert os.getxattr(fd, "user.k") == b"v"
+os.removexattr(fd, "user.k")
+os.pwrite(fd, b"XY", 1)
+assert os.pread(fd, 10, 0) == b"hXY", os.pread(fd, 10, 0)
+os.utime(fd, (1000000, 2000000))
+st = os.fstat(fd)
+assert (st.st_size, st.st_mode & 0o777, st.st_uid, st.st_gid, int(st.st_mtime)) == (3, 0o600, 1000, 1000, 2000000), st
+os.fsync(fd)
+os.close(fd)
+print("ok")
+"#;
+
+#[test]
+fn an_open_file_keeps_working_after_its_last_name_is_gone() {
+    let lab = MountedLab::with_dirs();
+    let script = lab.scratch_path("open_unlinked.py");
+    fs::write(&script, OPEN_UNLINKED).unwrap();
+    for b in BOTH {
+        let d = b.dir();
+        let out = lab.sh(&format!(
+            r#"python3 "{}" "$LAB/{d}/gone""#,
+            script.display()
+        ));
+        assert_eq!(out.trim(), "ok", "{}", b.name());
+        assert!(!lab.backend_path(b, &format!("{d}/gone")).exists());
+    }
+}
+
+#[test]
+fn inode_numbers_do_not_change_while_mounted() {
+    let lab = MountedLab::with_dirs();
+    for b in BOTH {
+        let d = b.dir();
+        lab.sh(&format!(
+            r#"cd "$LAB/{d}"; mkdir -p n/m; echo a > n/m/f; ln -s f n/m/l"#
+        ));
+        let rels = ["n", "n/m", "n/m/f", "n/m/l"];
+        let before: Vec<u64> = rels
+            .iter()
+            .map(|r| {
+                lab.path(&format!("{d}/{r}"))
+                    .symlink_metadata()
+                    .unwrap()
+                    .ino()
+            })
+            .collect();
+        if !drop_kernel_caches() {
+            return;
+        }
+        let after: Vec<u64> = rels
+            .iter()
+            .map(|r| {
+                lab.path(&format!("{d}/{r}"))
+                    .symlink_metadata()
+                    .unwrap()
+                    .ino()
+            })
+            .collect();
+        assert_eq!(
+            before,
+            after,
+            "{}: numbers after the kernel forgot",
+            b.name()
+        );
+        lab.sh(&format!(r#"mv "$LAB/{d}/n/m/f" "$LAB/{d}/n/g""#));
+        assert_eq!(
+            ino(&lab.path(&format!("{d}/n/g"))),
+            before[2],
+            "rename keeps it"
+        );
+    }
+}
+
+/// The endless loop of issue 10 through a mount: a promoted file, the kernel forgets
+/// it, new local files are created (on a backend that reuses inode numbers one of them
+/// takes the promoted file's old SSD inode number), then the promoted file is looked
+/// up again. It must answer at once, with the Atlas copy, every time.
+#[test]
+fn a_promoted_file_stays_reachable_when_the_ssd_reuses_its_inode_number() {
+    let lab = MountedLab::new();
+    lab.sh(r#"mkdir -p "$LAB/scans/a/work/out" "$LAB/scans/b/work"; echo data > "$LAB/scans/a/work/out/f""#);
+    let old = fs::metadata(lab.local_path("scans/a/work/out/f"))
+        .unwrap()
+        .ino();
+    let (code, out, err) = lab.sh_status(r#""$LABFS" promote "$LAB/scans/a/work/out""#);
+    assert_eq!(code, 0, "promote: {out}{err}");
+    drop_kernel_caches();
+    // Free inode numbers, then take new ones, until the old one comes back (ext4 and
+    // xfs hand it out again at once; tmpfs does not, and then this checks the rest).
+    let mut reused = false;
+    for i in 0..400 {
+        let p = lab.path(&format!("scans/b/work/n{i}"));
+        fs::write(&p, "x").unwrap();
+        if fs::metadata(lab.local_path(&format!("scans/b/work/n{i}")))
+            .unwrap()
+            .ino()
+            == old
+        {
+            reused = true;
+            break;
+        }
+    }
+    eprintln!("local backend reused the promoted file's inode number: {reused}");
+    for _ in 0..3 {
+        let t = Instant::now();
+        let out = lab
+            .cmd(r#"stat -c %s "$LAB/scans/a/work/out/f"; ls "$LAB/scans/a/work/out""#)
+            .timeout(Duration::from_secs(20))
+            .ok();
+        assert_eq!(out.trim(), "5\nf");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        drop_kernel_caches();
+    }
+    assert_eq!(read(&lab.path("scans/a/work/out/f")), "data\n");
+}
+
+/// A transitional tree holding a hard link to a file outside it: once promoted, the
+/// outside name keeps its local data and a local inode; writing it leaves the Atlas
+/// copy alone (docs/promote.md).
+#[test]
+fn promoting_a_hard_link_leaves_the_outside_name_on_its_local_data() {
+    let lab = MountedLab::new();
+    let _guard = inode_numbers_compared();
+    lab.sh(r#"
+        mkdir -p "$LAB/cache" "$LAB/scans/s/work/out"
+        echo original > "$LAB/cache/input"
+        ln "$LAB/cache/input" "$LAB/scans/s/work/out/input"
+        cat "$LAB/scans/s/work/out/input" "$LAB/cache/input" >/dev/null
+        "#);
+    let outside_ino = ino(&lab.path("cache/input"));
+    let (code, out, err) = lab.sh_status(r#""$LABFS" promote "$LAB/scans/s/work/out""#);
+    assert_eq!(code, 0, "promote: {out}{err}");
+    assert_eq!(
+        read(&lab.atlas_path("scans/s/work/out/input")),
+        "original\n"
+    );
+    lab.sh(r#"echo changed > "$LAB/cache/input""#);
+    assert_eq!(read(&lab.path("cache/input")), "changed\n");
+    assert_eq!(read(&lab.local_path("cache/input")), "changed\n");
+    assert_eq!(
+        read(&lab.atlas_path("scans/s/work/out/input")),
+        "original\n",
+        "the authoritative copy is untouched"
+    );
+    assert_eq!(read(&lab.path("scans/s/work/out/input")), "original\n");
+    assert_eq!(
+        ino(&lab.path("cache/input")),
+        outside_ino,
+        "local inode kept"
+    );
+    assert_ne!(ino(&lab.path("scans/s/work/out/input")), outside_ino);
+    // Also after the kernel forgot both.
+    drop(_guard);
+    if drop_kernel_caches() {
+        lab.sh(r#"echo again > "$LAB/cache/input""#);
+        assert_eq!(
+            read(&lab.atlas_path("scans/s/work/out/input")),
+            "original\n"
+        );
+    }
+}
+
+/// `read_only` holds through every name: a non-writer cannot make a new name for a
+/// read-only file (EROFS) and write through that.
+#[test]
+fn link_from_a_read_only_source_by_a_non_writer_is_erofs() {
+    let lab = MountedLab::new();
+    lab.sh(r#"
+        mkdir -p "$ATLAS/media" "$ATLAS/docs"
+        echo song > "$ATLAS/media/song"
+        chmod 0777 "$ATLAS/media" "$ATLAS/docs"; chmod 0666 "$ATLAS/media/song"
+        chown 1000:1000 "$ATLAS/media/song"
+        "#);
+    let (code, _, err) = lab.sh_as_status(USER, USER, r#"ln "$LAB/media/song" "$LAB/docs/song""#);
+    assert_ne!(code, 0, "ln by a non-writer succeeded");
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert!(!lab.atlas_path("docs/song").exists());
+    // A writer may (the rule lets gid 4242 write), and then the read-only rule still
+    // holds for a non-writer through the new name.
+    lab.sh_as_groups(
+        USER,
+        USER,
+        &[MEDIA_WRITER_GID],
+        r#"ln "$LAB/media/song" "$LAB/docs/song""#,
+    );
+    let (code, _, err) = lab.sh_as_status(USER, USER, r#"echo bad > "$LAB/docs/song""#);
+    assert_ne!(
+        code, 0,
+        "write through the new name by a non-writer succeeded"
+    );
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert_eq!(read(&lab.atlas_path("media/song")), "song\n");
+}
+
+#[test]
+fn names_that_are_not_utf8_work_with_tar_rsync_cp_and_rm() {
+    let lab = MountedLab::with_dirs();
+    for b in BOTH {
+        let d = b.dir();
+        // \xe9 (Latin-1 é) and \xff are not UTF-8.
+        let out = lab.sh(&format!(
+            r#"
+            cd "$LAB/{d}"
+            mkdir -p src/"$(printf 'caf\351')"
+            printf 'one\n' > src/"$(printf 'caf\351')"/"$(printf '\377name')"
+            printf 'two\n' > src/"$(printf 'plain')"
+            ls src | LC_ALL=C sort | od -An -c | tr -s ' '
+            tar -C src -cf "$SCRATCH/t-{d}.tar" . && mkdir t && tar -C t -xf "$SCRATCH/t-{d}.tar"
+            cmp src/"$(printf 'caf\351')"/"$(printf '\377name')" t/"$(printf 'caf\351')"/"$(printf '\377name')"
+            rsync -a src/ r/ && cmp src/"$(printf 'caf\351')"/"$(printf '\377name')" r/"$(printf 'caf\351')"/"$(printf '\377name')"
+            cp -a src c && cmp src/"$(printf 'caf\351')"/"$(printf '\377name')" c/"$(printf 'caf\351')"/"$(printf '\377name')"
+            find . -type f | wc -l
+            rm -rf src t r c && ls -A
+            "#
+        ));
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].contains("c a f 351"), "{}: {out}", b.name());
+        assert_eq!(lines.last().copied(), Some("8"), "{}: {out}", b.name());
+        let raw = lab.backend_path(b, d);
+        assert_eq!(
+            fs::read_dir(&raw).unwrap().count(),
+            0,
+            "{}: rm -rf",
+            b.name()
+        );
+    }
+}
+
+#[test]
+fn labfs_check_reports_misplaced_names_that_are_not_utf8() {
+    let lab = MountedLab::new();
+    lab.sh(r#"mkdir -p "$LAB/scans/s1/work" && echo x > "$LOCAL/scans/s1/$(printf 'stray\377')""#);
+    let (code, out, err) = lab.labfs("check", &[]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(out.contains("/scans/s1/stray\\xff on local"), "{out}{err}");
+}
+
+#[test]
+fn paths_longer_than_path_max_work_through_relative_calls() {
+    let lab = MountedLab::with_dirs();
+    for b in BOTH {
+        let d = b.dir();
+        let comp = "d".repeat(250);
+        // 20 levels of 251 bytes: over 5,000 bytes of namespace path, reached by
+        // relative calls only (as `cd` one level at a time does).
+        let out = lab.sh(&format!(
+            r#"
+            cd "$LAB/{d}"
+            python3 - <<'PY'
+import os
+c = "{comp}"
+for i in range(20):
+    os.mkdir(c)
+    os.chdir(c)
+with open("f", "w") as f:
+    f.write("deep\n")
+print(open("f").read(), end="")
+print(" ".join(os.listdir(".")))
+os.rename("f", "g"); os.link("g", "h"); os.symlink("g", "s")
+print(open("s").read(), end="")
+print(os.stat("h").st_size, os.stat("h").st_nlink)
+PY
+            "#
+        ));
+        assert_eq!(out.trim(), "deep\nf\ndeep\n5 2", "{}", b.name());
+        let mut raw = lab.backend_path(b, d);
+        for _ in 0..20 {
+            raw.push(&comp);
+        }
+        assert!(raw.as_os_str().len() > libc::PATH_MAX as usize);
+        lab.sh(&format!(r#"rm -rf "$LAB/{d}/{comp}""#));
+        assert_eq!(fs::read_dir(lab.backend_path(b, d)).unwrap().count(), 0);
+        let _ = raw.as_os_str().as_bytes();
+    }
+}
+
+/// What a promotion leaves in the daemon is returned once the kernel forgets: the
+/// table holds what the kernel holds, and no number is kept for promoted objects.
+#[test]
+fn promotion_leaves_no_inodes_behind_after_forget() {
+    let lab = MountedLab::new();
+    lab.sh(r#"
+        mkdir -p "$LAB/scans/m/work/out"
+        cd "$LAB/scans/m/work/out" && for i in $(seq 2000); do : > f$i; done
+        ls -l >/dev/null
+        "#);
+    let (code, out, err) = lab.sh_status(r#""$LABFS" promote "$LAB/scans/m/work/out""#);
+    assert_eq!(code, 0, "promote: {out}{err}");
+    lab.sh(r#"ls -l "$LAB/scans/m/work/out" >/dev/null"#);
+    let inodes = |lab: &MountedLab| -> u64 {
+        let mnt = lab.mnt().to_string_lossy().into_owned();
+        let out = Sh::program(LABFS, &["status", "--json", &mnt]).ok();
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("status --json");
+        v["inodes"].as_u64().expect("inodes in status")
+    };
+    assert!(inodes(&lab) > 2000, "the kernel holds the listed files");
+    if !drop_kernel_caches() {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while inodes(&lab) > 100 {
+        assert!(
+            Instant::now() < deadline,
+            "inodes still held after forget: {}",
+            inodes(&lab)
+        );
+        drop_kernel_caches();
+    }
+}
