@@ -68,6 +68,15 @@ pub struct Config {
     pub rules: Rules,
     pub cache: CacheConfig,
     pub atlas_health: HealthConfig,
+    pub limits: Limits,
+}
+
+/// Bounds on what one user may hold in the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits {
+    /// Files one uid may hold open through the mount; 0 = a quarter of the daemon's
+    /// descriptor limit (`[limits] open_files_per_uid`).
+    pub open_files_per_uid: usize,
 }
 
 /// Where the two backends keep their data.
@@ -222,6 +231,7 @@ impl Config {
             rules: parsed.rules,
             cache: parsed.cache,
             atlas_health: parsed.health,
+            limits: parsed.limits,
         })
     }
 
@@ -239,11 +249,13 @@ impl Config {
             rules: parsed.rules,
             cache: parsed.cache,
             atlas_health: parsed.health,
+            limits: parsed.limits,
         }
     }
 }
 
-const TOP_KEYS: &[&str] = &["unplaced", "storage", "cache", "atlas", "rule"];
+const TOP_KEYS: &[&str] = &["unplaced", "storage", "cache", "atlas", "limits", "rule"];
+const LIMITS_KEYS: &[&str] = &["open_files_per_uid"];
 const STORAGE_KEYS: &[&str] = &["atlas", "local", "atlas_id"];
 const CACHE_KEYS: &[&str] = &["atlas_ttl", "local_ttl"];
 const ATLAS_KEYS: &[&str] = &["timeout", "probe_interval"];
@@ -259,6 +271,7 @@ struct Parsed {
     rules: Rules,
     cache: CacheConfig,
     health: HealthConfig,
+    limits: Limits,
 }
 
 fn parse_text(
@@ -343,6 +356,20 @@ fn parse_text(
         }
     }
 
+    let mut limits = Limits::default();
+    if let Some((table, _)) = p.section(root, "limits") {
+        p.check_keys(table, Some("[limits]"), LIMITS_KEYS);
+        if let Some(item) = table.get("open_files_per_uid") {
+            match item.as_integer().map(usize::try_from) {
+                Some(Ok(n)) => limits.open_files_per_uid = n,
+                _ => p.error(
+                    p.value_line(table, "open_files_per_uid"),
+                    "limits.open_files_per_uid must be a whole number >= 0 (0: a quarter of the daemon's open-file limit)",
+                ),
+            }
+        }
+    }
+
     let rules = p.rules(root);
     if p.errors.is_empty() {
         Ok(Parsed {
@@ -350,6 +377,7 @@ fn parse_text(
             rules: Rules::new(rules, unplaced),
             cache,
             health,
+            limits,
         })
     } else {
         p.errors.sort_by_key(|e| e.line);

@@ -2,6 +2,7 @@
 //! tmpfs backends (see `common::MountedLab`) and checks what a user sees through it.
 //! Must run as root with /dev/fuse present (`.ci/run` sets that up).
 
+mod budget;
 mod common;
 mod failclosed;
 mod identity;

@@ -51,6 +51,8 @@ pub struct Handles {
     dirs: DashMap<u64, Arc<Mutex<DirHandle>>>,
     writers: DashMap<u64, u32>,
     next: AtomicU64,
+    /// Open files per uid ([`super::budget`]).
+    pub budget: super::budget::OpenBudget,
 }
 
 impl Handles {
@@ -72,6 +74,7 @@ impl Handles {
     }
 
     pub fn remove_file(&self, fh: u64) -> Option<Arc<FileHandle>> {
+        self.budget.give_back(fh);
         let (_, h) = self.files.remove(&fh)?;
         if h.writable {
             self.writers.remove_if_mut(&h.ino, |_, n| {
@@ -129,6 +132,7 @@ impl LabFs {
         if Self::wants_write(flags) {
             self.check_writable(ctx, &loc.path, &loc.placement)?;
         }
+        let permit = self.handles.budget.take(ctx.uid)?;
         let fd = {
             let _as = creds.assume()?;
             let f = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY))
@@ -140,7 +144,9 @@ impl LabFs {
             // SAFETY: fd is a new descriptor we own.
             unsafe { OwnedFd::from_raw_fd(fd) }
         };
-        Ok(self.new_file_handle(ino, fd, loc.backend, flags))
+        let opened = self.new_file_handle(ino, fd, loc.backend, flags);
+        permit.bind(opened.fh);
+        Ok(opened)
     }
 
     pub(crate) fn new_file_handle(

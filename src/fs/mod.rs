@@ -13,6 +13,7 @@
 
 pub mod attr;
 pub mod backend;
+pub mod budget;
 pub mod handle;
 pub mod health;
 pub mod identity;

@@ -147,6 +147,7 @@ impl LabFs {
         let creds = self.creds_umask(ctx, umask);
         let pfd = self.parent_for_create(&creds, kind, &path)?;
         let cname = cstring(name)?;
+        let permit = self.handles.budget.take(ctx.uid)?;
         let fd = {
             let _as = creds.assume()?;
             let f = (flags & !libc::O_NOCTTY) | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC;
@@ -168,6 +169,7 @@ impl LabFs {
         };
         let entry = self.entry_for(parent, name, &loc);
         let opened = self.new_file_handle(entry.attr.ino, fd, kind, flags);
+        permit.bind(opened.fh);
         Ok((entry, opened))
     }
 
