@@ -130,7 +130,7 @@ class = 7
         false,
         &[
             (1, "unknown unplaced value \"maybe\" (expected authoritative or deny)"),
-            (2, "unknown key \"colour\" (expected one of unplaced, storage, cache, atlas, rule)"),
+            (2, "unknown key \"colour\" (expected one of unplaced, storage, cache, atlas, limits, rule)"),
             (5, "storage.local must be an absolute path, got \"relative/dir\""),
             (6, "unknown key \"atlass\" in [storage]"),
             (8, "bad duration \"5x\" for cache.atlas_ttl"),
@@ -453,4 +453,20 @@ fn demo_rules() {
     // The text `labfs` prints is a valid rules file once [storage] is added.
     let full = format!("{DEMO_RULES_TOML}{STORAGE}");
     assert!(Config::parse(&full, Path::new("t"), false).is_ok());
+}
+
+#[test]
+fn limits_open_files_per_uid_parses_and_rejects_negatives() {
+    let ok = Config::parse(
+        &format!("{STORAGE}[limits]\nopen_files_per_uid = 64\n"),
+        Path::new("t.toml"),
+        false,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ok.limits.open_files_per_uid, 64);
+    assert_errors(
+        &format!("{STORAGE}[limits]\nopen_files_per_uid = -1\n"),
+        false,
+        &[(5, "limits.open_files_per_uid must be a whole number")],
+    );
 }
