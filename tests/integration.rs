@@ -6,6 +6,7 @@ mod budget;
 mod common;
 mod failclosed;
 mod identity;
+mod inode_flags;
 mod namespace;
 mod operations;
 mod posix;

@@ -18,6 +18,7 @@ pub mod handle;
 pub mod health;
 pub mod identity;
 pub mod inode;
+pub mod inode_flags;
 mod ops;
 mod promote_support;
 pub mod xattr;
