@@ -104,6 +104,25 @@ pub fn effective_cap(configured: usize, limit: u64) -> usize {
     }
 }
 
+/// At mount: raise the daemon's soft RLIMIT_NOFILE to its hard limit and set the
+/// per-uid cap from the rules file's `[limits]`.
+pub fn apply_at_mount(fs: &super::LabFs, limits: &crate::config::Limits) {
+    let limit = match crate::sys::raise_nofile_limit() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!("cannot raise the open-file limit: {e}");
+            crate::sys::nofile_limit()
+        }
+    };
+    let cap = effective_cap(limits.open_files_per_uid, limit);
+    fs.handles.budget.set_cap(cap);
+    tracing::info!(
+        limit,
+        per_uid = cap,
+        "descriptor budget: open-file limit {limit}, {cap} open files per uid"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,23 +141,4 @@ mod tests {
         drop(b.take(8).unwrap());
         assert_eq!(b.held_by(8), 1);
     }
-}
-
-/// At mount: raise the daemon's soft RLIMIT_NOFILE to its hard limit and set the
-/// per-uid cap from the rules file's `[limits]`.
-pub fn apply_at_mount(fs: &super::LabFs, limits: &crate::config::Limits) {
-    let limit = match crate::sys::raise_nofile_limit() {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::warn!("cannot raise the open-file limit: {e}");
-            crate::sys::nofile_limit()
-        }
-    };
-    let cap = effective_cap(limits.open_files_per_uid, limit);
-    fs.handles.budget.set_cap(cap);
-    tracing::info!(
-        limit,
-        per_uid = cap,
-        "descriptor budget: open-file limit {limit}, {cap} open files per uid"
-    );
 }
