@@ -70,6 +70,7 @@ pub struct Config {
     pub atlas_health: HealthConfig,
     /// `[[dir]]` tables: directories ensured at every mount.
     pub dirs: Vec<DeclaredDir>,
+    pub limits: Limits,
 }
 
 /// A `[[dir]]`: a directory labfs creates at mount if missing (and whose owner,
@@ -84,6 +85,14 @@ pub struct DeclaredDir {
     /// Permission bits (with setgid/sticky), e.g. 0o2775.
     pub mode: u32,
     pub line: usize,
+}
+
+/// Bounds on what one user may hold in the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits {
+    /// Files one uid may hold open through the mount; 0 = a quarter of the daemon's
+    /// descriptor limit (`[limits] open_files_per_uid`).
+    pub open_files_per_uid: usize,
 }
 
 /// Where the two backends keep their data.
@@ -250,6 +259,7 @@ impl Config {
             cache: parsed.cache,
             atlas_health: parsed.health,
             dirs: parsed.dirs,
+            limits: parsed.limits,
         })
     }
 
@@ -268,12 +278,16 @@ impl Config {
             cache: parsed.cache,
             atlas_health: parsed.health,
             dirs: parsed.dirs,
+            limits: parsed.limits,
         }
     }
 }
 
-const TOP_KEYS: &[&str] = &["unplaced", "storage", "cache", "atlas", "rule", "dir"];
+const TOP_KEYS: &[&str] = &[
+    "unplaced", "storage", "cache", "atlas", "limits", "rule", "dir",
+];
 const DIR_KEYS: &[&str] = &["path", "owner", "group", "mode"];
+const LIMITS_KEYS: &[&str] = &["open_files_per_uid"];
 const STORAGE_KEYS: &[&str] = &["atlas", "local", "atlas_id"];
 const CACHE_KEYS: &[&str] = &["atlas_ttl", "local_ttl"];
 const ATLAS_KEYS: &[&str] = &["timeout", "probe_interval"];
@@ -297,6 +311,7 @@ struct Parsed {
     cache: CacheConfig,
     health: HealthConfig,
     dirs: Vec<DeclaredDir>,
+    limits: Limits,
 }
 
 fn parse_text(
@@ -381,6 +396,20 @@ fn parse_text(
         }
     }
 
+    let mut limits = Limits::default();
+    if let Some((table, _)) = p.section(root, "limits") {
+        p.check_keys(table, Some("[limits]"), LIMITS_KEYS);
+        if let Some(item) = table.get("open_files_per_uid") {
+            match item.as_integer().map(usize::try_from) {
+                Some(Ok(n)) => limits.open_files_per_uid = n,
+                _ => p.error(
+                    p.value_line(table, "open_files_per_uid"),
+                    "limits.open_files_per_uid must be a whole number >= 0 (0: a quarter of the daemon's open-file limit)",
+                ),
+            }
+        }
+    }
+
     let rules = p.rules(root);
     let dirs = p.dirs(root);
     if p.errors.is_empty() {
@@ -390,6 +419,7 @@ fn parse_text(
             cache,
             health,
             dirs,
+            limits,
         })
     } else {
         p.errors.sort_by_key(|e| e.line);

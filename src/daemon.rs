@@ -428,6 +428,7 @@ fn serve(
             return Err(MountError::Refused(msg));
         }
     };
+    crate::fs::budget::apply_at_mount(&fs, &req.config.limits);
     fs.health
         .start_probe(fs.atlas.root_fd(), req.config.atlas_health.probe_interval);
     crate::promote::recover_on_mount(&fs);

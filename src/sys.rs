@@ -217,6 +217,19 @@ pub fn hostname() -> String {
         .into_owned()
 }
 
+/// `ioctl(fd, FS_IOC_FSGETXATTR)`: the raw 28-byte `struct fsxattr`.
+pub fn get_fsxattr(fd: impl AsFd) -> io::Result<[u8; 28]> {
+    use std::os::fd::AsRawFd;
+    const FS_IOC_FSGETXATTR: libc::c_ulong = 0x801c_581f;
+    let mut out = [0u8; 28];
+    // SAFETY: the kernel writes at most sizeof(struct fsxattr) = 28 bytes into `out`.
+    let r = unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), FS_IOC_FSGETXATTR, out.as_mut_ptr()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(out)
+}
+
 // ---------------------------------------------------------------------------
 // Resource limits
 // ---------------------------------------------------------------------------

@@ -2,10 +2,12 @@
 //! tmpfs backends (see `common::MountedLab`) and checks what a user sees through it.
 //! Must run as root with /dev/fuse present (`.ci/run` sets that up).
 
+mod budget;
 mod cache;
 mod common;
 mod failclosed;
 mod identity;
+mod inode_flags;
 mod inodes;
 mod namespace;
 mod nfs;

@@ -3,6 +3,7 @@
 //! `cp -a` and `mv` copy a tree's own attributes and nothing of labfs's.
 
 use std::fs;
+use std::time::Duration;
 
 use crate::common::*;
 
@@ -132,4 +133,51 @@ fn stored_tags_of_a_promoted_file_are_answered_by_name_and_not_copied() {
     ));
     assert!(!out.contains("user.labfs"), "{out}");
     assert!(!out.contains("not permitted"), "{out}");
+}
+
+/// A promoted file written again: its stored digest no longer describes it, so its
+/// state reads `modified` (it read `promoted`, with the stale digest), on Atlas with
+/// xattrs and on Atlas without (tags in the store).
+#[test]
+fn a_promoted_file_written_again_reads_as_modified() {
+    for xattr_less in [false, true] {
+        let b = MountedLab::builder();
+        let lab = if xattr_less { b.xattr_less_atlas() } else { b }.mount();
+        lab.sh(
+            r#"mkdir -p "$LAB/scans/s1/work/out"; echo v > "$LAB/scans/s1/work/out/f"
+               echo w > "$LAB/scans/s1/work/out/g""#,
+        );
+        let (code, out, err) = lab.sh_status(r#""$LABFS" promote "$LAB/scans/s1/work/out""#);
+        assert_eq!(code, 0, "promote: {out}{err}\n{}", lab.daemon_log());
+        let state = |f: &str| {
+            lab.sh(&format!(
+                r#"getfattr --only-values -n user.labfs.state "$LAB/scans/s1/work/out/{f}""#
+            ))
+        };
+        assert_eq!(state("f"), "promoted");
+        let at = lab
+            .sh(r#"getfattr --only-values -n user.labfs.promoted_at "$LAB/scans/s1/work/out/f""#);
+        // promoted_at has whole seconds: write once the clock is past it.
+        wait_until(
+            "the clock passes promoted_at",
+            Duration::from_secs(5),
+            || {
+                lab.sh(&format!(
+                    r#"[ "$(date -u +%s)" -gt "$(date -u -d {at} +%s)" ] && echo y || true"#
+                )) == "y\n"
+            },
+        );
+        lab.sh(r#"echo more >> "$LAB/scans/s1/work/out/f""#);
+        assert_eq!(state("f"), "modified", "xattr_less={xattr_less}");
+        assert_eq!(
+            state("g"),
+            "promoted",
+            "an untouched sibling stays promoted"
+        );
+        assert_eq!(
+            lab.sh(r#"getfattr --only-values -n user.labfs.state "$LAB/scans/s1/work/out""#),
+            "promoted",
+            "the directory"
+        );
+    }
 }

@@ -130,7 +130,7 @@ class = 7
         false,
         &[
             (1, "unknown unplaced value \"maybe\" (expected authoritative or deny)"),
-            (2, "unknown key \"colour\" (expected one of unplaced, storage, cache, atlas, rule, dir)"),
+            (2, "unknown key \"colour\" (expected one of unplaced, storage, cache, atlas, limits, rule, dir)"),
             (5, "storage.local must be an absolute path, got \"relative/dir\""),
             (6, "unknown key \"atlass\" in [storage]"),
             (8, "bad duration \"5x\" for cache.atlas_ttl"),
@@ -565,4 +565,20 @@ fn the_packaged_example_rules_file_parses() {
         .find(|r| r.path == "/scans/*/work")
         .map(|r| r.max_unpromoted);
     assert_eq!(scans, Some(Some(Duration::from_secs(86_400))));
+}
+
+#[test]
+fn limits_open_files_per_uid_parses_and_rejects_negatives() {
+    let ok = Config::parse(
+        &format!("{STORAGE}[limits]\nopen_files_per_uid = 64\n"),
+        Path::new("t.toml"),
+        false,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ok.limits.open_files_per_uid, 64);
+    assert_errors(
+        &format!("{STORAGE}[limits]\nopen_files_per_uid = -1\n"),
+        false,
+        &[(5, "limits.open_files_per_uid must be a whole number")],
+    );
 }

@@ -89,6 +89,8 @@ pub struct Handles {
     /// (A `Weak` keeps the `Live` allocation, so its address is not reused.)
     dir_versions: DashMap<u64, (std::sync::Weak<super::Live>, Vec<Version>)>,
     next: AtomicU64,
+    /// Open files per uid ([`super::budget`]).
+    pub budget: super::budget::OpenBudget,
 }
 
 impl Handles {
@@ -110,6 +112,7 @@ impl Handles {
     }
 
     pub fn remove_file(&self, fh: u64) -> Option<Arc<FileHandle>> {
+        self.budget.give_back(fh);
         let (_, h) = self.files.remove(&fh)?;
         if h.writable {
             self.writers.remove_if_mut(&h.ino, |_, n| {
@@ -206,11 +209,14 @@ impl LabFs {
             self.check_writable_ino(ctx, ino)?;
         }
         let (kind, obj) = self.obj(ino)?;
+        let permit = self.handles.budget.take(ctx.uid)?;
         let fd = {
             let _as = creds.assume()?;
             super::object::reopen(&obj, flags)?
         };
-        Ok(self.new_file_handle(ino, fd, kind, flags))
+        let opened = self.new_file_handle(ino, fd, kind, flags);
+        permit.bind(opened.fh);
+        Ok(opened)
     }
 
     pub(crate) fn new_file_handle(

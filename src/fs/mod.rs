@@ -13,10 +13,12 @@
 
 pub mod attr;
 pub mod backend;
+pub mod budget;
 pub mod handle;
 pub mod health;
 pub mod identity;
 pub mod inode;
+pub mod inode_flags;
 pub mod object;
 mod ops;
 mod promote_support;

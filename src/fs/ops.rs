@@ -180,6 +180,7 @@ impl LabFs {
         let creds = self.creds_umask(ctx, umask);
         let pfd = self.parent_for_create(&creds, parent, kind, &path)?;
         let cname = cstring(name)?;
+        let permit = self.handles.budget.take(ctx.uid)?;
         let fd = {
             let _as = creds.assume()?;
             let f = (flags & !libc::O_NOCTTY) | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC;
@@ -193,6 +194,7 @@ impl LabFs {
         let st = fstat(fd.as_raw_fd())?;
         let entry = self.entry_fd(parent, name, kind, fd.as_raw_fd(), &st)?;
         let opened = self.new_file_handle(entry.attr.ino, fd, kind, flags);
+        permit.bind(opened.fh);
         Ok((entry, opened))
     }
 

@@ -98,6 +98,7 @@ impl LabFs {
             "user.labfs.backend" => loc.backend.to_string(),
             "user.labfs.rule" => loc.placement.rule_label(),
             "user.labfs.state" => match (loc.backend, loc.placement.class) {
+                (BackendKind::Atlas, _) if self.written_since_promotion(loc) => "modified".into(),
                 (BackendKind::Atlas, _) if promoted || stored_class.is_some() => "promoted".into(),
                 (BackendKind::Atlas, _) => "atlas".into(),
                 (BackendKind::Local, Class::Transitional) => {
@@ -111,6 +112,24 @@ impl LabFs {
             },
             _ => return None,
         })
+    }
+
+    /// A promoted regular file whose content changed after its promotion: its mtime
+    /// (kept from the source by promote, moved by any later write on any node) is
+    /// past `user.labfs.promoted_at`. Its `user.labfs.digest` is then stale.
+    fn written_since_promotion(&self, loc: &Located) -> bool {
+        if loc.stat.st_mode & libc::S_IFMT != libc::S_IFREG || loc.path.as_bytes() == b"/" {
+            return false;
+        }
+        let at = tags::read_tag(
+            &self.atlas,
+            loc.parent_fd.as_raw_fd(),
+            &loc.name,
+            &loc.path.to_string_lossy(),
+            tags::PROMOTED_AT,
+        );
+        at.and_then(|v| parse_rfc3339_utc(&v))
+            .is_some_and(|at| loc.stat.st_mtime > at)
     }
 
     pub fn getxattr(&self, ctx: &Ctx, ino: u64, name: &OsStr, size: u32) -> Result<XattrOut> {
@@ -265,5 +284,48 @@ impl LabFs {
         } else {
             sys::lremovexattr(&t.path, &cname).map_err(Error::Io)
         }
+    }
+}
+
+/// Seconds since the epoch of `YYYY-MM-DDTHH:MM:SSZ` (the form promote writes).
+fn parse_rfc3339_utc(v: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(v).ok()?;
+    let b = s.as_bytes();
+    if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[19] != b'Z' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn promoted_at_parses_as_utc_seconds() {
+        assert_eq!(parse_rfc3339_utc(b"1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            parse_rfc3339_utc(b"2024-05-06T07:08:09Z"),
+            Some(1_714_979_289)
+        );
+        assert_eq!(
+            parse_rfc3339_utc(b"2000-03-01T00:00:00Z"),
+            Some(951_868_800)
+        );
+        assert_eq!(parse_rfc3339_utc(b"2024-05-06 07:08:09"), None);
     }
 }

@@ -20,10 +20,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 use fuser::{
     AccessFlags, BackingId, Config as FuseConfig, CopyFileRangeFlags, Errno, FileAttr, FileHandle,
-    FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
-    MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+    FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig,
+    LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 use parking_lot::{Condvar, Mutex};
 use tracing::{debug, error, info, trace, warn, Level};
@@ -525,6 +525,29 @@ impl Filesystem for LabFuse {
             reply,
             move |fs| fs.fsync(fh.0, datasync),
             |r, ()| r.ok(),
+        );
+    }
+
+    /// chattr/lsattr: FS_IOC_GETFLAGS/SETFLAGS (src/fs/inode_flags.rs).
+    fn ioctl(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        let c = ctx(req);
+        let input = in_data.to_vec();
+        self.run(
+            self.lane_ino(ino),
+            "ioctl",
+            reply,
+            move |fs| fs.ioctl(&c, ino.0, fh.0, cmd, &input),
+            |r, data| r.ioctl(0, &data),
         );
     }
 
