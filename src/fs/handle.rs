@@ -369,7 +369,12 @@ impl LabFs {
                 continue;
             }
             if b != primary && b == BackendKind::Atlas && self.health.is_stalled() {
-                // Listing the local part must not wait for a stalled or hung Atlas.
+                // Listing the local part must not wait for a stalled or hung Atlas,
+                // but a listing known to miss promoted entries is an error, not a
+                // shorter list (a sync tool would delete what it does not see).
+                if self.has_known_atlas_children(&path) {
+                    return Err(Error::Errno(libc::ETIMEDOUT));
+                }
                 continue;
             }
             self.atlas_gate(b, &path)?;
@@ -398,14 +403,17 @@ impl LabFs {
                 }
                 let child = join(&path, s);
                 let cp = live.rules.resolve(&child);
+                // A tag that cannot be read fails the listing with its errno: a
+                // promoted entry is never silently left out (tags::is_promoted).
                 let visible = cp.backend() == b
                     || (b == BackendKind::Atlas
                         && cp.class == Class::Transitional
-                        && cstring(OsStr::new(s))
-                            .map(|c| {
-                                crate::tags::is_promoted(&self.atlas, pfd.as_raw_fd(), &c, &child)
-                            })
-                            .unwrap_or(false));
+                        && crate::tags::is_promoted(
+                            &self.atlas,
+                            pfd.as_raw_fd(),
+                            &cstring(OsStr::new(s))?,
+                            &child,
+                        )?);
                 if !visible {
                     continue;
                 }

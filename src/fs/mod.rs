@@ -281,7 +281,8 @@ impl LabFs {
         }
         // A transitional path may have been promoted to Atlas.
         let (parent_fd, stat) = self.stat_on(creds, BackendKind::Atlas, path, dir, &cname)?;
-        if !crate::tags::is_promoted(&self.atlas, parent_fd.as_raw_fd(), &cname, path) {
+        // A tag that cannot be read is that error, never "absent" (tags::is_promoted).
+        if !crate::tags::is_promoted(&self.atlas, parent_fd.as_raw_fd(), &cname, path)? {
             return Err(Error::Errno(libc::ENOENT));
         }
         Ok(Located {
