@@ -431,6 +431,9 @@ fn serve(
     fs.health
         .start_probe(fs.atlas.root_fd(), req.config.atlas_health.probe_interval);
     crate::promote::recover_on_mount(&fs);
+    if !fs.health.is_down() {
+        fs.note_root();
+    }
     crate::stats::mark_start();
     let fsname = format!("labfs:{}", req.config.storage.atlas.display());
     let mountpoint = req.mountpoint.clone();

@@ -19,8 +19,10 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 
+mod isolation;
 mod lifecycle;
 mod limits;
+mod load;
 
 // ---------------------------------------------------------------------------
 // Atlas identity

@@ -552,6 +552,20 @@ impl LabFs {
         }
     }
 
+    /// Remember the root's attributes at mount (when it is on Atlas): the kernel asks
+    /// for them again whenever its copy expires, and a caller without
+    /// CAP_DAC_OVERRIDE needs them to reach any local path during an outage.
+    pub fn note_root(&self) {
+        let root = super::Ctx {
+            uid: 0,
+            gid: 0,
+            pid: 0,
+        };
+        if let Ok((attr, _)) = self.getattr(&root, super::ROOT_INO, None) {
+            self.note_getattr(super::ROOT_INO, &attr);
+        }
+    }
+
     /// Whether transitional name `parent/name` was seen on Atlas by this daemon.
     pub fn known_on_atlas(&self, parent: u64, name: &OsStr) -> bool {
         self.child_path(parent, name)
