@@ -21,7 +21,7 @@
 //!   io seqread FILE                     1 MiB reads                             MiB/s
 //!   io randread FILE SECS               4 KiB preads at random offsets          IOPS
 //!   io randwrite FILE SECS              4 KiB pwrites at random offsets + fsync IOPS
-//!   report TSV                          the ratio table of a run's results
+//!   report TSV [--max-load L]           the ratio table of a run's results
 //!   smoke                               every workload, small, in a temp dir
 
 use std::collections::BTreeMap;
@@ -300,7 +300,7 @@ fn randio(path: &Path, secs: f64, write: bool) -> Res<f64> {
 // ---- the report ----
 
 /// How a workload is judged: the ratio of labfs to its reference.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 enum Goal {
     /// labfs throughput / native throughput at least this.
     Speed(f64),
@@ -310,43 +310,70 @@ enum Goal {
     None,
 }
 
+/// The targets of issue 12 for one row: on local, on Atlas, and against the peers.
+struct Goals {
+    local: Goal,
+    atlas: Goal,
+    /// Local: at least this many times faster than every peer (labfs local vs each).
+    local_vs_peers: Option<f64>,
+    /// Atlas: labfs atlas / native atlas at least the best mergerfs / native local.
+    atlas_ahead_of_mergerfs: bool,
+}
+
+fn goals_of(workload: &str) -> Goals {
+    use Goal::{Speed, Time};
+    let w = workload;
+    let (local, atlas) = if w.starts_with("seq write") {
+        (Speed(0.95), Speed(0.9))
+    } else if w.starts_with("seq read") || w.starts_with("4k rand read (file in page cache)") {
+        (Goal::None, Speed(0.9))
+    } else if w.starts_with("4k rand write") {
+        (Goal::None, Speed(0.8))
+    } else if w.starts_with("stat warm") {
+        (Goal::None, Speed(0.5))
+    } else if w.starts_with("git status (warm)") {
+        (Goal::None, Time(2.0))
+    } else if w.starts_with("tar x") {
+        (Time(2.5), Time(4.0))
+    } else if w.starts_with("git clone --local") {
+        (Time(1.5), Goal::None)
+    } else if w.starts_with("readdir warm") {
+        (Speed(0.9), Speed(0.5))
+    } else if w.starts_with("readdir first after create") {
+        (Speed(0.5), Speed(0.5))
+    } else if w.contains("-file loop") {
+        (Time(3.0), Goal::None)
+    } else if w.starts_with("promote") {
+        (Goal::None, Speed(0.9))
+    } else {
+        (Goal::None, Goal::None)
+    };
+    Goals {
+        local,
+        atlas,
+        local_vs_peers: w.contains("-file loop").then_some(1.5),
+        atlas_ahead_of_mergerfs: atlas != Goal::None && !w.starts_with("promote"),
+    }
+}
+
 struct Row {
     workload: String,
     unit: String,
     med: BTreeMap<String, f64>,
     n: usize,
+    /// 1-minute load averages at the start of the row's samples.
+    loads: Vec<f64>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let m = v.len() / 2;
-    if v.len() % 2 == 1 {
+    if v.is_empty() {
+        f64::NAN
+    } else if v.len() % 2 == 1 {
         v[m]
     } else {
         (v[m - 1] + v[m]) / 2.0
-    }
-}
-
-fn goal_of(workload: &str, unit: &str) -> Goal {
-    let w = workload;
-    if w.contains("cold start") {
-        // A cold random read measures the device and the readahead policy.
-        Goal::None
-    } else if w.starts_with("seq ") {
-        Goal::Speed(0.95)
-    } else if w.starts_with("4k ") {
-        Goal::Speed(0.9)
-    } else if w.contains("warm") && (w.contains("stat") || w.contains("readdir")) && unit != "s" {
-        Goal::Speed(0.5)
-    } else if unit == "s"
-        && (w.starts_with("tar x") || w.starts_with("git status") || w.contains("loop"))
-    {
-        Goal::Time(2.0)
-    } else if unit == "ops/s" || unit == "entries/s" {
-        // Parts of the 10,000-file loop: within 2x native time.
-        Goal::Speed(0.5)
-    } else {
-        Goal::None
     }
 }
 
@@ -360,10 +387,10 @@ fn fmt_val(v: f64) -> String {
     }
 }
 
-/// labfs relative to `reference`: speed ratio (higher is better) for rates, time
-/// ratio (lower is better) for seconds.
-fn ratio(row: &Row, labfs: &str, reference: &str) -> Option<f64> {
-    let a = *row.med.get(labfs)?;
+/// `a` relative to `reference`: speed ratio (higher is better) for rates, time ratio
+/// (lower is better) for seconds.
+fn ratio(row: &Row, a: &str, reference: &str) -> Option<f64> {
+    let a = *row.med.get(a)?;
     let b = *row.med.get(reference)?;
     if a <= 0.0 || b <= 0.0 {
         return None;
@@ -371,12 +398,24 @@ fn ratio(row: &Row, labfs: &str, reference: &str) -> Option<f64> {
     Some(a / b)
 }
 
-fn verdict(goal: Goal, r: Option<f64>) -> &'static str {
+fn is_time(unit: &str) -> bool {
+    unit == "s"
+}
+
+/// Ratio `a` at least as good as ratio `b`.
+fn as_good(unit: &str, a: f64, b: f64) -> bool {
+    if is_time(unit) {
+        a <= b
+    } else {
+        a >= b
+    }
+}
+
+fn verdict(goal: Goal, r: Option<f64>) -> Option<bool> {
     match (goal, r) {
-        (Goal::Speed(g), Some(r)) if r >= g => "yes",
-        (Goal::Time(g), Some(r)) if r <= g => "yes",
-        (Goal::None, _) | (_, None) => "",
-        _ => "NO",
+        (Goal::Speed(g), Some(r)) => Some(r >= g),
+        (Goal::Time(g), Some(r)) => Some(r <= g),
+        _ => None,
     }
 }
 
@@ -384,15 +423,26 @@ fn goal_text(goal: Goal) -> String {
     match goal {
         Goal::Speed(g) => format!(">={g}x"),
         Goal::Time(g) => format!("<={g}x time"),
-        Goal::None => String::new(),
+        Goal::None => "-".into(),
     }
 }
 
-fn report(tsv: &Path) -> Res<()> {
+fn yes_no(v: bool) -> &'static str {
+    if v {
+        "yes"
+    } else {
+        "NO"
+    }
+}
+
+const PEERS: [&str; 3] = ["mergerfs", "mergerfs-off", "passthrough_hp"];
+
+fn report(tsv: &Path, max_load: f64) -> Res<()> {
     let text = fs::read_to_string(tsv).map_err(err(tsv))?;
-    // workload -> (unit, target -> values), in first-seen order.
+    // workload -> (unit, target -> values, loads), in first-seen order.
+    type Samples = (String, BTreeMap<String, Vec<f64>>, Vec<f64>);
     let mut order: Vec<String> = Vec::new();
-    let mut data: BTreeMap<String, (String, BTreeMap<String, Vec<f64>>)> = BTreeMap::new();
+    let mut data: BTreeMap<String, Samples> = BTreeMap::new();
     let mut mem: Vec<(String, String)> = Vec::new();
     for line in text.lines() {
         let f: Vec<&str> = line.split('\t').collect();
@@ -406,14 +456,17 @@ fn report(tsv: &Path) -> Res<()> {
         let Ok(v) = f[2].parse::<f64>() else { continue };
         let e = data.entry(f[0].to_string()).or_insert_with(|| {
             order.push(f[0].to_string());
-            (f[3].to_string(), BTreeMap::new())
+            (f[3].to_string(), BTreeMap::new(), Vec::new())
         });
         e.1.entry(f[1].to_string()).or_default().push(v);
+        if let Some(l) = f.get(4).and_then(|l| l.parse::<f64>().ok()) {
+            e.2.push(l);
+        }
     }
     let rows: Vec<Row> = order
         .iter()
         .map(|w| {
-            let (unit, by) = &data[w];
+            let (unit, by, loads) = &data[w];
             let n = by.values().map(Vec::len).max().unwrap_or(0);
             let med = by
                 .iter()
@@ -427,60 +480,108 @@ fn report(tsv: &Path) -> Res<()> {
                 unit: unit.clone(),
                 med,
                 n,
+                loads: loads.clone(),
             }
         })
         .collect();
 
-    let cell = |r: &Row, k: &str| {
-        r.med
-            .get(k)
-            .map(|v| fmt_val(*v))
-            .unwrap_or_else(|| "-".into())
+    let rat = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_default();
+    let cell = |r: &Row, k: &str, reference: &str| match r.med.get(k) {
+        None => "-".to_string(),
+        Some(v) if k == reference => fmt_val(*v),
+        Some(v) => format!("{} ({})", fmt_val(*v), rat(ratio(r, k, reference))),
     };
-    let rat = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
 
-    println!("Medians of N runs. \"labfs/native\": throughput ratio for rates (higher is better),");
-    println!("time ratio for seconds (lower is better). \"vs mergerfs\": labfs-local / mergerfs.");
+    println!("Medians of N samples; in brackets the ratio to native (local for the local");
+    println!("targets and the peers, Atlas for the labfs Atlas targets): throughput ratio for");
+    println!("rates (higher is better), time ratio for seconds (lower is better). The peers");
+    println!("run over the local image. \"load\": the 1-minute load average at the start of");
+    println!(
+        "the row's samples, median / max; a row whose median is above {max_load} gets no verdict."
+    );
     println!();
-    println!("| workload | unit | N | native local | labfs local | labfs/native | mergerfs | vs mergerfs | native atlas | labfs atlas | labfs/native | target | met (local / atlas) |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| workload | unit | N | load | native local | labfs local | mergerfs | mergerfs off | passthrough_hp | native atlas | labfs atlas | labfs atlas pt | target local / atlas | met |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut tally = (0, 0, 0); // met, missed, busy
     for r in &rows {
-        let goal = goal_of(&r.workload, &r.unit);
-        let rl = ratio(r, "labfs-local", "native-local");
-        let ra = ratio(r, "labfs-atlas", "native-atlas");
-        let rm = ratio(r, "labfs-local", "mergerfs");
-        let mut tgt = goal_text(goal);
-        let mut met = format!("{} / {}", verdict(goal, rl), verdict(goal, ra));
-        if r.workload.starts_with("create") || r.workload.starts_with("unlink") {
-            tgt = format!("{tgt}; >=2x mergerfs");
-            let m = match rm {
-                Some(x) if x >= 2.0 => "yes",
-                Some(_) => "NO",
-                None => "",
-            };
-            met = format!("{met}; mergerfs: {m}");
+        let g = goals_of(&r.workload);
+        let mut loads = r.loads.clone();
+        let load_med = median(&mut loads);
+        let load_max = r.loads.iter().copied().fold(f64::NAN, f64::max);
+        let load = if r.loads.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{load_med:.1} / {load_max:.1}")
+        };
+        let mut met = Vec::new();
+        if let Some(v) = verdict(g.local, ratio(r, "labfs-local", "native-local")) {
+            met.push(format!("local {}", yes_no(v)));
         }
-        let mut atlas_lab = cell(r, "labfs-atlas");
-        if let Some(v) = r.med.get("labfs-atlas-pt") {
-            atlas_lab = format!("{atlas_lab} (passthrough: {})", fmt_val(*v));
+        if let Some(v) = verdict(g.atlas, ratio(r, "labfs-atlas", "native-atlas")) {
+            met.push(format!("atlas {}", yes_no(v)));
         }
+        if let Some(k) = g.local_vs_peers {
+            let lab = r.med.get("labfs-local");
+            for p in PEERS {
+                if let (Some(l), Some(pv)) = (lab, r.med.get(p)) {
+                    // How many times faster labfs is than the peer.
+                    let faster = if is_time(&r.unit) { pv / l } else { l / pv };
+                    met.push(format!("{faster:.2}x {p} {}", yes_no(faster >= k)));
+                }
+            }
+        }
+        if g.atlas_ahead_of_mergerfs {
+            let ra = ratio(r, "labfs-atlas", "native-atlas");
+            let best = ["mergerfs", "mergerfs-off"]
+                .iter()
+                .filter_map(|p| ratio(r, p, "native-local"))
+                .reduce(|a, b| if as_good(&r.unit, a, b) { a } else { b });
+            if let (Some(a), Some(b)) = (ra, best) {
+                met.push(format!(
+                    "atlas vs mergerfs {}",
+                    yes_no(as_good(&r.unit, a, b))
+                ));
+            }
+        }
+        let mut met = met.join("; ");
+        if !met.is_empty() {
+            if load_med > max_load {
+                met = format!("no verdict: busy (load {load_med:.1})");
+                tally.2 += 1;
+            } else if met.contains("NO") {
+                tally.1 += 1;
+            } else {
+                tally.0 += 1;
+            }
+        }
+        let tgt = if g.local == Goal::None && g.atlas == Goal::None {
+            String::new()
+        } else {
+            format!("{} / {}", goal_text(g.local), goal_text(g.atlas))
+        };
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.workload,
             r.unit,
             r.n,
-            cell(r, "native-local"),
-            cell(r, "labfs-local"),
-            rat(rl),
-            cell(r, "mergerfs"),
-            rat(rm),
-            cell(r, "native-atlas"),
-            atlas_lab,
-            rat(ra),
+            load,
+            cell(r, "native-local", "native-local"),
+            cell(r, "labfs-local", "native-local"),
+            cell(r, "mergerfs", "native-local"),
+            cell(r, "mergerfs-off", "native-local"),
+            cell(r, "passthrough_hp", "native-local"),
+            cell(r, "native-atlas", "native-atlas"),
+            cell(r, "labfs-atlas", "native-atlas"),
+            cell(r, "labfs-atlas-pt", "native-atlas"),
             tgt,
             met
         );
     }
+    println!();
+    println!(
+        "rows with targets: {} met, {} with a miss, {} without a verdict (busy machine)",
+        tally.0, tally.1, tally.2
+    );
     if !mem.is_empty() {
         println!();
         println!("| memory (labfs daemon, local backend) | value |");
@@ -548,6 +649,16 @@ fn run(mut args: Vec<String>) -> Res<()> {
     let size = flag(&mut args, "--size", 512)?;
     let reps = flag(&mut args, "--reps", 1)?;
     let threads = flag(&mut args, "--threads", 2)?;
+    let max_load = match args.iter().position(|a| a == "--max-load") {
+        Some(i) if i + 1 < args.len() => {
+            let v = args.remove(i + 1);
+            args.remove(i);
+            v.parse::<f64>()
+                .map_err(|_| format!("--max-load: not a number: {v}"))?
+        }
+        Some(_) => return Err("--max-load needs a value".into()),
+        None => f64::INFINITY,
+    };
     // `cargo bench` passes --bench; anything else starting with -- is unknown.
     args.retain(|a| a != "--bench");
     if let Some(a) = args.iter().find(|a| a.starts_with("--")) {
@@ -588,7 +699,7 @@ fn run(mut args: Vec<String>) -> Res<()> {
                 other => return Err(format!("unknown io kind {other}")),
             }
         }
-        "report" => return report(&dir()?),
+        "report" => return report(&dir()?, max_load),
         "smoke" => return smoke(),
         other => {
             return Err(format!(

@@ -40,6 +40,7 @@ fn generated_rules(n: usize) -> Rules {
             read_only: false,
             writers: Vec::new(),
             promote_class: None,
+            max_unpromoted: None,
             line: i + 1,
         })
         .collect();

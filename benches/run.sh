@@ -1,25 +1,39 @@
 #!/usr/bin/env bash
-# labfs benchmark suite: one command, one ratio table.
+# labfs benchmark suite: one command, one ratio table, the peers in the same run.
 #
 #   sudo bash benches/run.sh [--quick] [--reps N] [--labfs BIN] [--out DIR] [--keep]
-#                            [--no-mergerfs] [--only LIST]
+#                            [--libfuse DIR | --passthrough-hp BIN] [--no-mergerfs]
+#                            [--only LIST] [--max-load L] [--quiet-wait SECS] [--tree]
 #
 # Builds labfs (release) unless --labfs BIN is given, compiles the driver
 # benches/meta.rs with rustc, puts the local backend and the Atlas stand-in on two
-# fresh ext4 images behind direct-io loop devices, mounts labfs over them (and a second
-# labfs with --atlas-passthrough, and mergerfs over the local directory when mergerfs is
-# installed), then measures, interleaved and repeated, each workload on:
-#   native-local   LOCAL/lab/cache/...     the local backend's own directory
-#   labfs-local    MNT/cache/...           an ephemeral (local-placed) labfs directory
-#   mergerfs       MFS/...                 mergerfs over LOCAL/lab/cache
-#   native-atlas   ATLAS/lab/data/...      the Atlas stand-in's own directory
-#   labfs-atlas    MNT/data/...            an authoritative (Atlas-placed) labfs directory
-#   labfs-atlas-pt MNTPT/data/...          the same through a mount with --atlas-passthrough (I/O only)
-# and prints the table of medians and ratios (benches/meta.rs `report`). Results, the
-# daemon logs and the raw samples go to --out (default /var/tmp/labfs-bench-results/DATE).
+# fresh ext4 images behind direct-io loop devices, mounts labfs over them with the
+# default [cache] settings (and a second labfs with --atlas-passthrough for the I/O
+# rows), the peers over their own directories of the local image, then measures,
+# interleaved and repeated, each workload on:
+#   native-local     LOCAL/lab/cache/...   the local backend's own directory
+#   labfs-local      MNT/cache/...         an ephemeral (local-placed) labfs directory
+#   mergerfs         MFS/...               mergerfs 2.33, recommended set with cache.files=partial
+#   mergerfs-off     MFSOFF/...            mergerfs, recommended set with cache.files=off
+#   passthrough_hp   PHP/...               libfuse's example/passthrough_hp (kernel passthrough)
+#   native-atlas     ATLAS/lab/data/...    the Atlas stand-in's own directory
+#   labfs-atlas      MNT/data/...          an authoritative (Atlas-placed) labfs directory
+#   labfs-atlas-pt   MNTPT/data/...        the same through --atlas-passthrough (I/O rows only)
+# and prints the table of medians and ratios (benches/meta.rs `report`), each row with
+# the 1-minute load average of its samples; a row whose samples ran on a busy machine
+# (median load above --max-load) gets no verdict. Results, the daemon logs and the raw
+# samples go to --out (default /var/tmp/labfs-bench-results/DATE).
 #
-# --quick: small sizes, one repetition (a smoke run, well under 2 minutes once built).
-# --only LIST: comma-separated subset of io,meta,src,par,mem (default: all).
+# --libfuse DIR: a libfuse source folder (3.16 or later); passthrough_hp is built in
+#   DIR/build-labfs-bench with meson and ninja (under nice) unless already built there.
+#   --passthrough-hp BIN gives the binary instead. Without either there is no such column.
+# --quick: small sizes, one repetition (a smoke run, a few minutes once built).
+# --only LIST: comma-separated subset of io,meta,src,promote,par,mem
+#   (default io,meta,src,promote).
+# --max-load L (default 3.0): load above which a sample counts as taken on a busy machine.
+# --quiet-wait SECS (default 90): before each sample, wait up to SECS for the 1-minute
+#   load to fall to --max-load (measure in the quiet moments of a shared machine).
+# --tree: also the 100-directory tree layout of the metadata rows.
 # Everything it mounts or attaches is undone on exit, also on failure or Ctrl-C.
 set -euo pipefail
 
@@ -30,7 +44,12 @@ LABFS_BIN=""
 OUT=""
 KEEP=0
 USE_MERGERFS=1
-ONLY="io,meta,src,par,mem"
+ONLY="io,meta,src,promote"
+LIBFUSE_SRC=""
+PHP_BIN=""
+MAX_LOAD=3.0
+QUIET_WAIT=90
+TREE=0
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -41,7 +60,12 @@ while [ $# -gt 0 ]; do
         --keep) KEEP=1 ;;
         --no-mergerfs) USE_MERGERFS=0 ;;
         --only) ONLY=$2; shift ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        --libfuse) LIBFUSE_SRC=$(realpath "$2"); shift ;;
+        --passthrough-hp) PHP_BIN=$(realpath "$2"); shift ;;
+        --max-load) MAX_LOAD=$2; shift ;;
+        --quiet-wait) QUIET_WAIT=$2; shift ;;
+        --tree) TREE=1 ;;
+        -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -62,15 +86,15 @@ if [ "$QUICK" = 1 ]; then
     REPS=${REPS:-1}
     IO_MIB=64; IO_LABEL="64 MiB"; RAND_SECS=1
     META_N=1000; TREE_DIRS=20; READDIR_REPS=3
-    SRC_FILES=500; GIT_STATUS_REPS=1
+    SRC_FILES=500; GIT_STATUS_REPS=1; PROMOTE_MIB=64
     PAR_N=200; PAR_THREADS="2 4"
     MEM_D=50; MEM_F=200
     LOCAL_GB=4; ATLAS_GB=4
 else
-    REPS=${REPS:-3}
-    IO_MIB=1024; IO_LABEL="1 GiB"; RAND_SECS=5
-    META_N=10000; TREE_DIRS=100; READDIR_REPS=5
-    SRC_FILES=4000; GIT_STATUS_REPS=3
+    REPS=${REPS:-5}
+    IO_MIB=1024; IO_LABEL="1 GiB"; RAND_SECS=3
+    META_N=5000; TREE_DIRS=100; READDIR_REPS=5
+    SRC_FILES=4000; GIT_STATUS_REPS=3; PROMOTE_MIB=512
     PAR_N=2000; PAR_THREADS="2 4 8"
     MEM_D=1000; MEM_F=1000
     LOCAL_GB=16; ATLAS_GB=12
@@ -79,6 +103,25 @@ MEM_TOTAL=$((MEM_D * MEM_F))
 
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
 log() { printf '[%s] %s\n' "$(date +%T)" "$*" | tee -a "$OUT/run.log" >&2; }
+load1() { cut -d' ' -f1 /proc/loadavg; }
+above() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a > b) }'; }
+# Before a sample: wait (up to --quiet-wait seconds) for the machine to be quiet.
+QUIET_GAVE_UP=0
+quiet() {
+    local waited=0
+    while above "$(load1)" "$MAX_LOAD" && [ "$waited" -lt "$QUIET_WAIT" ]; do
+        sleep 2
+        waited=$((waited + 2))
+    done
+    if [ "$waited" -gt 0 ]; then
+        if above "$(load1)" "$MAX_LOAD"; then
+            QUIET_GAVE_UP=$((QUIET_GAVE_UP + 1))
+            log "  (load still $(load1) after waiting ${waited} s: measuring anyway, the row will say so)"
+        else
+            log "  (waited ${waited} s for load $(load1) <= $MAX_LOAD)"
+        fi
+    fi
+}
 die() { log "FATAL: $*"; exit 1; }
 
 OUT=${OUT:-/var/tmp/labfs-bench-results/$(date +%Y%m%d-%H%M%S)}
@@ -129,6 +172,7 @@ done
 HAVE_FIO=0; command -v fio >/dev/null && HAVE_FIO=1
 HAVE_MERGERFS=0; [ "$USE_MERGERFS" = 1 ] && command -v mergerfs >/dev/null && HAVE_MERGERFS=1
 HAVE_GIT=0; command -v git >/dev/null && HAVE_GIT=1
+HAVE_PY=0; command -v python3 >/dev/null && HAVE_PY=1
 [ "$HAVE_FIO" = 1 ] || log "fio not installed (apt-get install -y fio): 4K random I/O uses benches/meta.rs"
 [ "$HAVE_MERGERFS" = 1 ] || log "mergerfs not installed or disabled (apt-get install -y mergerfs): no mergerfs column"
 
@@ -146,6 +190,19 @@ if [ -z "$LABFS_BIN" ]; then
     LABFS_BIN=${CARGO_TARGET_DIR:-$REPO/target}/release/labfs
 fi
 [ -x "$LABFS_BIN" ] || die "no labfs binary at $LABFS_BIN"
+if [ -z "$PHP_BIN" ] && [ -n "$LIBFUSE_SRC" ]; then
+    [ -f "$LIBFUSE_SRC/example/passthrough_hp.cc" ] || die "--libfuse $LIBFUSE_SRC: no example/passthrough_hp.cc there"
+    PHP_BIN=$LIBFUSE_SRC/build-labfs-bench/example/passthrough_hp
+    if [ ! -x "$PHP_BIN" ]; then
+        for t in meson ninja; do command -v "$t" >/dev/null || die "$t is required to build passthrough_hp (apt-get install -y meson ninja-build)"; done
+        log "building passthrough_hp in $LIBFUSE_SRC/build-labfs-bench (meson, ninja, nice)"
+        (cd "$LIBFUSE_SRC" && nice -n 10 meson setup build-labfs-bench -Dexamples=true -Dtests=false -Dutils=false \
+            && nice -n 10 ninja -C build-labfs-bench example/passthrough_hp) >>"$OUT/build.log" 2>&1 \
+            || die "building passthrough_hp failed: $OUT/build.log"
+    fi
+fi
+[ -z "$PHP_BIN" ] || [ -x "$PHP_BIN" ] || die "no passthrough_hp binary at $PHP_BIN"
+[ -n "$PHP_BIN" ] || log "no --libfuse DIR or --passthrough-hp BIN: no passthrough_hp column"
 META=$WORK/meta
 rustc -C opt-level=3 --edition 2021 "$REPO/benches/meta.rs" -o "$META" 2>>"$OUT/build.log" \
     || die "rustc benches/meta.rs failed: $OUT/build.log"
@@ -165,6 +222,8 @@ rustc -C opt-level=3 --edition 2021 "$REPO/benches/meta.rs" -o "$META" 2>>"$OUT/
     fi
     echo "mode: $([ "$QUICK" = 1 ] && echo quick || echo full), reps $REPS"
     echo "fio: $([ "$HAVE_FIO" = 1 ] && fio --version || echo none); mergerfs: $([ "$HAVE_MERGERFS" = 1 ] && mergerfs --version 2>&1 | head -1 || echo none)"
+    echo "passthrough_hp: ${PHP_BIN:-none}$([ -n "$LIBFUSE_SRC" ] && echo " (libfuse $(sed -n "s/^ *version: '\(.*\)',/\1/p" "$LIBFUSE_SRC/meson.build" | head -1))")"
+    echo "max load for a verdict: $MAX_LOAD (1-minute average, $(nproc) CPUs)"
     echo "load at start: $(cat /proc/loadavg)"
 } | tee "$OUT/machine.txt" >&2
 
@@ -179,7 +238,8 @@ drop() { # 3: page cache + dentries/inodes; 2: dentries/inodes only (FUSE sends 
     echo "$1" >/proc/sys/vm/drop_caches
 }
 
-record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$TSV"; }
+# WORKLOAD TARGET VALUE UNIT [LOAD]: the 1-minute load when the sample started.
+record() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "${5:-}" >>"$TSV"; }
 
 declare -A DPID=()   # target -> the labfs daemon serving it
 cpu_ticks() { # TARGET: utime+stime (clock ticks) of the daemon serving it, if any
@@ -195,33 +255,37 @@ failed() { # WORKLOAD TARGET CMD...
     echo "$w [$t]: $*" >>"$OUT/failures.txt"
 }
 
-done_one() { # WORKLOAD TARGET VALUE UNIT CPU0
+done_one() { # WORKLOAD TARGET VALUE UNIT CPU0 LOAD0
     local c1
     c1=$(cpu_ticks "$2")
-    record "$1" "$2" "$3" "$4"
+    record "$1" "$2" "$3" "$4" "$6"
     if [ -n "${DPID[$2]:-}" ]; then
-        log "  $1 [$2]: $3 $4 (labfs daemon cpu $(((c1 - $5) * TICK_MS)) ms)"
+        log "  $1 [$2]: $3 $4 (daemon cpu $(((c1 - $5) * TICK_MS)) ms; load $6 -> $(load1))"
     else
-        log "  $1 [$2]: $3 $4"
+        log "  $1 [$2]: $3 $4 (load $6 -> $(load1))"
     fi
 }
 
 # measure WORKLOAD TARGET CMD...: CMD prints "VALUE UNIT" (benches/meta.rs).
 measure() {
-    local w=$1 t=$2 out c0
+    local w=$1 t=$2 out c0 l0
     shift 2
+    quiet
+    l0=$(load1)
     c0=$(cpu_ticks "$t")
     if ! out=$("$@" 2>>"$OUT/run.log"); then
         failed "$w" "$t" "$@"
         return 0
     fi
-    done_one "$w" "$t" "${out% *}" "${out#* }" "$c0"
+    done_one "$w" "$t" "${out% *}" "${out#* }" "$c0" "$l0"
 }
 
 # timeit WORKLOAD TARGET CMD...: wall seconds of CMD (a command or a shell function).
 timeit() {
-    local w=$1 t=$2 t0 t1 c0
+    local w=$1 t=$2 t0 t1 c0 l0
     shift 2
+    quiet
+    l0=$(load1)
     c0=$(cpu_ticks "$t")
     t0=$EPOCHREALTIME
     if ! "$@" >/dev/null 2>>"$OUT/run.log"; then
@@ -229,7 +293,7 @@ timeit() {
         return 0
     fi
     t1=$EPOCHREALTIME
-    done_one "$w" "$t" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.4f", b - a }')" s "$c0"
+    done_one "$w" "$t" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.4f", b - a }')" s "$c0" "$l0"
 }
 
 # ---- backends on their own ext4 images (direct-io loops) ----
@@ -260,12 +324,12 @@ cat >"$CFG" <<EOF
 [storage]
 atlas = "$A/lab"
 local = "$L/lab"
-[cache]
-atlas_ttl = "1s"
-local_ttl = "1h"
 [[rule]]
 path = "/cache"
 class = "ephemeral"
+[[rule]]
+path = "/scans/*/work"
+class = "transitional"
 EOF
 
 mount_labfs() { # MNT LOGNAME EXTRA-ARGS... ; sets MOUNTED_PID
@@ -297,16 +361,45 @@ if "$LABFS_BIN" mount --help 2>&1 | grep -q -- --atlas-passthrough; then
     mount_labfs "$MNTPT" labfs-atlas-passthrough.log --atlas-passthrough
     DPID[labfs-atlas-pt]=$MOUNTED_PID
 fi
-MFS=""
+# The peers, each over its own directory of the local image, each in the foreground
+# (so its pid is known: its CPU time is logged like labfs's).
+peer_up() { # TARGET MNT FSTYPE CMD... ; registers the mount and the pid
+    local t=$1 mnt=$2 ty=$3 logf=$OUT/$1.log
+    shift 3
+    mkdir -p "$mnt"
+    "$@" </dev/null >>"$logf" 2>&1 &
+    local pid=$!
+    PIDS+=("$pid")
+    MOUNTS+=("$mnt")
+    for _ in $(seq 100); do
+        is_mounted "$mnt" "$ty" && break
+        kill -0 "$pid" 2>/dev/null || die "$t exited before mounting: $(tail -5 "$logf")"
+        sleep 0.1
+    done
+    is_mounted "$mnt" "$ty" || die "$t did not mount $mnt"
+    DPID[$t]=$pid
+    PEERS+=("$t")
+    log "$t mounted at $mnt (pid $pid): $*"
+}
+PEERS=()
+declare -A PEER_ROOT=()
 if [ "$HAVE_MERGERFS" = 1 ]; then
-    MFS=$WORK/mfs
-    mkdir -p "$MFS"
-    MERGERFS_OPTS="defaults,allow_other,use_ino,cache.files=partial,dropcacheonclose=true,category.create=ff,minfreespace=16M,fsname=benchmfs"
-    mergerfs -o "$MERGERFS_OPTS" "$L/lab/cache" "$MFS"
-    MOUNTS+=("$MFS")
-    for _ in $(seq 100); do is_mounted "$MFS" fuse.mergerfs && break; sleep 0.1; done
-    is_mounted "$MFS" fuse.mergerfs || die "mergerfs did not mount"
-    log "mergerfs mounted at $MFS (-o $MERGERFS_OPTS)"
+    # mergerfs's "basic setup" option sets (man mergerfs): with mmap (cache.files=partial)
+    # and without (cache.files=off); minfreespace lowered for the small image.
+    for mode in partial off; do
+        t=mergerfs; [ "$mode" = off ] && t=mergerfs-off
+        mkdir -p "$L/peers/$t"
+        opts="allow_other,use_ino,cache.files=$mode,dropcacheonclose=true,category.create=mfs,minfreespace=16M,fsname=bench-$t"
+        peer_up "$t" "$WORK/$t" fuse.mergerfs mergerfs -f -o "$opts" "$L/peers/$t" "$WORK/$t"
+        PEER_ROOT[$t]=$WORK/$t/bench
+    done
+fi
+if [ -n "$PHP_BIN" ]; then
+    mkdir -p "$L/peers/passthrough_hp"
+    # Its defaults: kernel passthrough for read/write where offered, long attribute and
+    # entry timeouts, keep_cache, splice.
+    peer_up passthrough_hp "$WORK/php" fuse "$PHP_BIN" --foreground "$L/peers/passthrough_hp" "$WORK/php"
+    PEER_ROOT[passthrough_hp]=$WORK/php/bench
 fi
 rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
 record memory "RSS right after mount" "$(($(rss_kib "$DAEMON_PID") / 1024))" MiB
@@ -319,7 +412,7 @@ declare -A ROOT=(
     [labfs-atlas]=$MNT/data/labfs
 )
 TARGETS=(native-local labfs-local)
-[ -n "$MFS" ] && { ROOT[mergerfs]=$MFS/mergerfs; TARGETS+=(mergerfs); }
+for t in "${PEERS[@]}"; do ROOT[$t]=${PEER_ROOT[$t]}; TARGETS+=("$t"); done
 TARGETS+=(native-atlas labfs-atlas)
 IO_TARGETS=("${TARGETS[@]}")
 [ -n "$MNTPT" ] && { ROOT[labfs-atlas-pt]=$MNTPT/data/labfs-pt; IO_TARGETS+=(labfs-atlas-pt); }
@@ -353,19 +446,24 @@ io_battery() { # TARGET DIR
     cat "$f" >/dev/null
     measure "4k rand read (file in page cache)" "$t" "${rr[@]}"
     measure "4k rand write (${RAND_SECS}s +fsync)" "$t" "${rw[@]}"
+    [ "$HAVE_FIO" = 1 ] && measure "4k rand write, 4 jobs (${RAND_SECS}s +fsync)" "$t" fio_iops "$f" randwrite --end_fsync=1 --numjobs=4 --group_reporting
     rm -f "$f"
 }
 
 meta_battery() { # TARGET ROOT REP
     local t=$1 root=$2 rep=$3 layout d
     local -a dirs
-    for layout in flat tree; do
+    local layouts=flat
+    [ "$TREE" = 1 ] && layouts="flat tree"
+    for layout in $layouts; do
         if [ "$layout" = flat ]; then dirs=(); else dirs=(--dirs "$TREE_DIRS"); fi
         local lab="$layout"
         [ "$layout" = tree ] && lab="tree of $TREE_DIRS dirs"
         d=$root/m-$layout-$rep
         mkdir -p "$d"
         measure "create $META_N files ($lab)" "$t" "$META" create "$d" "$META_N" "${dirs[@]}"
+        # The first listing of the directory just filled (no cache holds it yet).
+        measure "readdir first after create ($lab)" "$t" "$META" readdir "$d"
         # The first stat after a write refreshes attributes the write invalidated;
         # the second is served from what the kernel already holds.
         measure "stat after create ($lab)" "$t" "$META" stat "$d" "$META_N" "${dirs[@]}"
@@ -385,6 +483,11 @@ meta_battery() { # TARGET ROOT REP
     mkdir -p "$d"
     measure "$META_N-file loop: create+stat+readdir+unlink" "$t" "$META" loop "$d" "$META_N"
     rm -rf "$d"
+    if [ "$HAVE_PY" = 1 ]; then
+        mkdir -p "$d"
+        measure "$META_N-file loop, Python" "$t" python3 "$REPO/benches/loop.py" "$d" "$META_N"
+        rm -rf "$d"
+    fi
 }
 
 TAR=$WORK/ram/src.tar
@@ -430,6 +533,8 @@ src_battery() { # TARGET ROOT REP
         done
         drop 2
         timeit "git status (cold dentries)" "$t" gitq "$d" status --porcelain
+        timeit "git clone --local" "$t" gitq "$root" clone -q --local "$d" "$d.clone"
+        rm -rf "$d.clone"
     fi
     timeit "rm -rf source tree" "$t" rm -rf "$d"
 }
@@ -442,6 +547,69 @@ par_battery() { # TARGET ROOT REP
         measure "parallel $n threads: create+stat+unlink $PAR_N each" "$t" "$META" parallel "$d" "$n" "$PAR_N"
         rm -rf "$d"
     done
+}
+
+# Promote against cp -a + sync of the same tree to the same Atlas filesystem. Rows:
+# native-atlas = cp -a + sync, labfs-atlas = labfs promote (copy, hash, fsync,
+# verification read, rename, local removal), both MiB/s of the tree's bytes.
+make_promote_tree() { # DIR MIB: half the bytes in 4 big files, the rest in 4 MiB, 128 KiB, 16 KiB files
+    python3 - "$1" "$2" <<'PY'
+import os, sys
+root, mib = sys.argv[1], int(sys.argv[2])
+total = mib << 20
+blob = os.urandom(8 << 20)
+def write(path, size):
+    with open(path, "wb") as f:
+        off = 0
+        while off < size:
+            n = min(size - off, len(blob))
+            start = (off * 7919) % (len(blob) - n + 1)
+            f.write(blob[start:start + n])
+            off += n
+plan = [(4, total // 8), (total // 4 // (4 << 20), 4 << 20),
+        (total // 8 // (128 << 10), 128 << 10), (total // 8 // (16 << 10), 16 << 10)]
+i = 0
+for count, size in plan:
+    for _ in range(max(1, count)):
+        d = os.path.join(root, "d%02d" % (i % 16), "e%02d" % ((i // 16) % 8))
+        os.makedirs(d, exist_ok=True)
+        write(os.path.join(d, "f%06d" % i), size)
+        i += 1
+PY
+}
+cp_sync() { cp -a "$1" "$2" && sync -f "$2"; }
+promote_battery() { # REP
+    # The tree is written through the mount, as the scan pipeline writes it (transitional:
+    # stored on the local backend); cp -a reads the same files from the backend directly.
+    local rep=$1 tree=$L/lab/scans/bench/work/tree$1 bytes mib
+    mkdir -p "$MNT/scans/bench/work/tree$rep"
+    make_promote_tree "$MNT/scans/bench/work/tree$rep" "$PROMOTE_MIB"
+    [ -d "$tree" ] || die "the transitional tree is not on the local backend ($tree)"
+    bytes=$(du -sb --apparent-size "$tree" | cut -f1)
+    mib=$(awk -v b="$bytes" 'BEGIN { printf "%.3f", b / 1048576 }')
+    sync
+    rate_of() { awk -v m="$mib" -v a="$1" -v b="$2" 'BEGIN { printf "%.3f MiB/s", m / (b - a) }'; }
+    local t0 t1 l0
+    quiet; l0=$(load1); t0=$EPOCHREALTIME
+    if cp_sync "$tree" "$A/lab/cp-copy"; then
+        t1=$EPOCHREALTIME
+        done_one "promote $PROMOTE_MIB MiB tree (native: cp -a + sync)" native-atlas "$(rate_of "$t0" "$t1" | cut -d' ' -f1)" MiB/s 0 "$l0"
+    else
+        failed promote native-atlas cp -a
+    fi
+    rm -rf "$A/lab/cp-copy"
+    sync -f "$A/lab"
+    local c0
+    quiet; l0=$(load1); c0=$(cpu_ticks labfs-atlas); t0=$EPOCHREALTIME
+    if "$LABFS_BIN" promote "$MNT/scans/bench/work/tree$rep" >>"$OUT/promote.log" 2>&1; then
+        t1=$EPOCHREALTIME
+        done_one "promote $PROMOTE_MIB MiB tree (native: cp -a + sync)" labfs-atlas "$(rate_of "$t0" "$t1" | cut -d' ' -f1)" MiB/s "$c0" "$l0"
+    else
+        failed promote labfs-atlas "$LABFS_BIN" promote
+    fi
+    [ -e "$tree" ] && log "  promote left the local copy of tree$rep in place"
+    rm -rf "$tree" "$A/lab/scans/bench/work/tree$rep"
+    sync -f "$A/lab"
 }
 
 HOME_SAVE=${HOME:-/root}
@@ -467,6 +635,9 @@ for ((rep = 1; rep <= REPS; rep++)); do
     fi
     if want par; then
         for t in "${TARGETS[@]}"; do par_battery "$t" "${ROOT[$t]}" "$rep"; done
+    fi
+    if want promote; then
+        promote_battery "$rep"
     fi
 done
 export HOME=$HOME_SAVE
@@ -524,7 +695,7 @@ if ! kill -0 "$DAEMON_PID" 2>/dev/null; then
 fi
 grep -E ' (ERROR|WARN) ' "$OUT"/labfs*.log | grep -v -- '--allow-unmarked' | head -20 | sed 's/^/  daemon: /' >&2 || true
 
-"$META" report "$TSV" | tee "$OUT/report.md"
+"$META" report "$TSV" --max-load "$MAX_LOAD" | tee "$OUT/report.md"
 if [ -s "$OUT/failures.txt" ]; then
     echo
     echo "FAILED measurements ($(wc -l <"$OUT/failures.txt")): see $OUT/failures.txt and $OUT/run.log"

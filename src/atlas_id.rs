@@ -41,6 +41,8 @@ pub enum IdentityError {
     NotAnswering { atlas: PathBuf, secs: f64 },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error("{atlas}: {source}: root on this node may not write there. {SQUASH_HELP} (Or create {MARKER_DIR}/ on the server, owned by the anonymous user.)")]
+    Squashed { atlas: PathBuf, source: io::Error },
     #[error("{atlas}: already initialised (id {id}); refusing to overwrite the identity marker")]
     Exists { atlas: PathBuf, id: String },
 }
@@ -74,7 +76,21 @@ pub fn init(atlas: &Path) -> Result<String, IdentityError> {
         });
     }
     let dir = atlas.join(MARKER_DIR);
-    fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    fs::create_dir_all(&dir).map_err(|source| {
+        if matches!(
+            source.raw_os_error(),
+            Some(libc::EACCES) | Some(libc::EPERM)
+        ) {
+            set_root_squash(Squash::Yes(u32::MAX));
+            IdentityError::Squashed {
+                atlas: atlas.to_path_buf(),
+                source,
+            }
+        } else {
+            io_err(&dir)(source)
+        }
+    })?;
+    probe_root_squash(atlas);
     let id = random_id().map_err(io_err(&marker))?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -201,5 +217,121 @@ pub fn verify(
             let _ = fs::write(&seen, format!("{found}\n"));
         }
     }
+    probe_root_squash(atlas);
     Ok(found)
+}
+
+// ---------------------------------------------------------------------------
+// root_squash
+
+/// What one message says about an Atlas that squashes root (mount, `init-atlas`,
+/// `labfs status`, a refused promotion).
+pub const SQUASH_HELP: &str = "Atlas squashes root (root_squash on the NFS export): \
+whatever root on this node does on Atlas is done as the anonymous user (nobody). \
+Promotions are refused (owners could not be kept), and labfs's own files and root's \
+writes to Atlas paths belong to nobody or are refused; other users' requests work as \
+themselves. Fix: export Atlas to this node with no_root_squash, e.g. \
+`/export/lab node1(rw,sync,no_subtree_check,no_root_squash)` in the server's \
+/etc/exports, then `exportfs -ra` (see docs/operations.md, NFS export settings).";
+
+/// Whether Atlas maps root to another user, as probed at mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Squash {
+    /// Not probed (yet), or the probe could not decide.
+    Unknown,
+    /// Root is root on Atlas.
+    No,
+    /// Root is mapped to this uid (or may not create files at all: `u32::MAX`).
+    Yes(u32),
+}
+
+static SQUASH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The result of the last [`probe_root_squash`] of this process.
+pub fn root_squash() -> Squash {
+    match SQUASH.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => Squash::Unknown,
+        1 => Squash::No,
+        v => Squash::Yes((v - 2) as u32),
+    }
+}
+
+fn set_root_squash(s: Squash) {
+    let v = match s {
+        Squash::Unknown => 0,
+        Squash::No => 1,
+        Squash::Yes(uid) => u64::from(uid) + 2,
+    };
+    SQUASH.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Probe (as the caller, root) whether Atlas squashes root: create a probe file in
+/// `ATLAS/.labfs/` and look at its owner. EACCES/EPERM there (root may not write a
+/// directory it owns) counts as squashed too. Sets [`root_squash`]; logs and prints
+/// [`SQUASH_HELP`] when squashed.
+pub fn probe_root_squash(atlas: &Path) -> Squash {
+    let s = probe_squash_inner(atlas);
+    set_root_squash(s);
+    if let Squash::Yes(uid) = s {
+        let who = if uid == u32::MAX {
+            "root may not create files there".to_string()
+        } else {
+            format!("a file root created there belongs to uid {uid}")
+        };
+        tracing::warn!("{}: {who}. {SQUASH_HELP}", atlas.display());
+        eprintln!("labfs: WARNING: {}: {who}. {SQUASH_HELP}", atlas.display());
+    }
+    s
+}
+
+fn probe_squash_inner(atlas: &Path) -> Squash {
+    // SAFETY: plain syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        return Squash::Unknown;
+    }
+    let dir = atlas.join(MARKER_DIR);
+    let probe = dir.join(format!(".root-squash-probe.{}", std::process::id()));
+    let _ = fs::remove_file(&probe);
+    let made = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe);
+    match made {
+        Ok(f) => {
+            let uid = f.metadata().map(|m| m.uid()).ok();
+            drop(f);
+            let _ = fs::remove_file(&probe);
+            match uid {
+                Some(0) => Squash::No,
+                Some(u) => Squash::Yes(u),
+                None => Squash::Unknown,
+            }
+        }
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)) => {
+            Squash::Yes(u32::MAX)
+        }
+        Err(_) => Squash::Unknown,
+    }
+}
+
+/// The `.nfsXXXX` names the Linux NFS client gives files that are unlinked while
+/// still open on it (silly renames: `.nfs` and 24 hex digits). They are not data:
+/// listings through the mount and `labfs check` skip them on Atlas.
+pub fn is_nfs_silly_rename(name: &[u8]) -> bool {
+    name.len() >= 4 + 16
+        && name.starts_with(b".nfs")
+        && name[4..].iter().all(|b| b.is_ascii_hexdigit())
+}
+
+#[cfg(test)]
+mod nfs_tests {
+    use super::*;
+
+    #[test]
+    fn silly_rename_names() {
+        assert!(is_nfs_silly_rename(b".nfs000000000000012300000001"));
+        assert!(!is_nfs_silly_rename(b".nfsrc"));
+        assert!(!is_nfs_silly_rename(b".nfs0000000000000123000000zz"));
+        assert!(!is_nfs_silly_rename(b"nfs000000000000012300000001"));
+    }
 }

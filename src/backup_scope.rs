@@ -28,7 +28,8 @@ use std::cmp::Ordering;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::cli::{load_config, EXIT_FAIL, EXIT_OK};
+use crate::cli::load_config;
+use crate::exit::{EXIT_FAIL, EXIT_OK};
 use crate::rules::{canonical_pattern, compare_specificity, Class, Rule};
 
 /// The backup tools whose pattern syntax `backup-scope` speaks.
@@ -172,13 +173,25 @@ fn entries(rules: &[std::sync::Arc<Rule>]) -> Vec<Entry> {
         0,
         builtin(STAGING, Class::Ephemeral, "promotions in progress"),
     );
-    // v[i] is more specific than v[j] for i < j.
+    // v[i] is more specific than v[j] for i < j. Candidates come from a trie of the
+    // included rules, so the work grows with the rules that could nest, not with
+    // every pair (10,000 rules would otherwise be 10^8 comparisons).
+    let mut trie = Trie::default();
+    for (i, e) in v.iter().enumerate() {
+        if e.included() {
+            trie.insert(&e.segs, i);
+        }
+    }
     for j in 0..v.len() {
         if v[j].included() {
             continue;
         }
-        for i in 0..j {
-            if v[i].included() && may_be_below(&v[j].segs, &v[i].segs) {
+        let mut cands = Vec::new();
+        trie.below(&v[j].segs, &mut cands);
+        cands.sort_unstable();
+        cands.dedup();
+        for i in cands.into_iter().filter(|&i| i < j) {
+            if may_be_below(&v[j].segs, &v[i].segs) {
                 let label = v[i].label();
                 v[j].nested_includes.push(label);
                 v[i].inside_exclude = true;
@@ -186,6 +199,71 @@ fn entries(rules: &[std::sync::Arc<Rule>]) -> Vec<Entry> {
         }
     }
     v
+}
+
+/// Rule patterns by segment, to find the ones that may lie below a pattern.
+#[derive(Default)]
+struct Trie {
+    lit: std::collections::HashMap<String, Trie>,
+    star: Option<Box<Trie>>,
+    dstar: Option<Box<Trie>>,
+    here: Vec<usize>,
+}
+
+impl Trie {
+    fn insert(&mut self, segs: &[Seg], id: usize) {
+        let Some(first) = segs.first() else {
+            self.here.push(id);
+            return;
+        };
+        let next = match first {
+            Seg::Lit(l) => self.lit.entry(l.clone()).or_default(),
+            Seg::Star => self.star.get_or_insert_with(Default::default),
+            Seg::DStar => self.dstar.get_or_insert_with(Default::default),
+        };
+        next.insert(&segs[1..], id);
+    }
+
+    fn all(&self, out: &mut Vec<usize>) {
+        out.extend_from_slice(&self.here);
+        for t in self.lit.values() {
+            t.all(out);
+        }
+        for t in self.star.iter().chain(self.dstar.iter()) {
+            t.all(out);
+        }
+    }
+
+    /// Every pattern that may match a path at or below one `outer` matches (a
+    /// superset; the caller checks each with `may_be_below`).
+    fn below(&self, outer: &[Seg], out: &mut Vec<usize>) {
+        let Some(first) = outer.first() else {
+            self.all(out);
+            return;
+        };
+        if let Some(d) = &self.dstar {
+            d.all(out);
+        }
+        match first {
+            Seg::DStar => self.all(out),
+            Seg::Lit(l) => {
+                if let Some(t) = self.lit.get(l) {
+                    t.below(&outer[1..], out);
+                }
+                if let Some(t) = &self.star {
+                    t.below(&outer[1..], out);
+                }
+            }
+            Seg::Star => {
+                for t in self.lit.values() {
+                    t.below(&outer[1..], out);
+                }
+                if let Some(t) = &self.star {
+                    t.below(&outer[1..], out);
+                }
+            }
+        }
+    }
 }
 
 /// The expansions of a pattern where each `**` is either dropped (zero components)
@@ -314,12 +392,11 @@ pub fn render(rules: &[std::sync::Arc<Rule>], format: Format, root: &Path, sourc
                 .collect();
             if !nested.is_empty() {
                 let _ = writeln!(t, "# directories leading to data kept inside excluded subtrees (the directories only)");
-                let mut seen: Vec<String> = Vec::new();
+                let mut seen: std::collections::HashSet<String> = Default::default();
                 for e in nested {
                     for k in 1..e.segs.len() {
                         for l in rsync_lines('+', &e.segs[..k], true) {
-                            if !seen.contains(&l) {
-                                seen.push(l.clone());
+                            if seen.insert(l.clone()) {
                                 t.push_str(&l);
                                 t.push('\n');
                             }
@@ -442,6 +519,7 @@ mod tests {
             read_only: false,
             writers: Vec::new(),
             promote_class: None,
+            max_unpromoted: None,
             line,
         })
     }

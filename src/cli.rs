@@ -7,9 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::Config;
 
-pub const EXIT_OK: i32 = 0;
-pub const EXIT_FAIL: i32 = 1;
-pub const EXIT_USAGE: i32 = 2;
+pub use crate::exit::{EXIT_FAIL, EXIT_OK, EXIT_USAGE};
 
 /// labfs: one /lab namespace over Atlas (NFS) and local SSD, placed by data class.
 #[derive(Parser, Debug)]
@@ -39,6 +37,9 @@ pub enum Command {
     /// Mount the namespace at MOUNTPOINT (daemonizes once the mount is ready).
     Mount(MountArgs),
     /// Print a path's class, backend, deciding rule (with its line) and read-only state.
+    ///
+    /// A path inside a labfs mount is asked of that mount (it need not exist yet);
+    /// any other absolute path is a namespace path resolved with the rules file.
     Explain {
         #[command(flatten)]
         config: ConfigArg,
@@ -94,13 +95,39 @@ pub enum Command {
         paths: Vec<PathBuf>,
     },
     /// Show a mount's backends, health and what is at risk.
+    ///
+    /// Exits 0 when all is well, 1 when the mount does not answer, 3 when Atlas is
+    /// not answering, 4 when at-risk data is older than its rule's max_unpromoted
+    /// (3 wins over 4).
     Status {
-        /// Print JSON for scripts.
+        /// Print JSON for scripts (same as --format json).
         #[arg(long)]
         json: bool,
-        /// The mountpoint (default /lab).
+        /// Output format: text, json, or prometheus (node_exporter textfile collector).
+        #[arg(long, value_enum)]
+        format: Option<crate::status::Format>,
+        /// Walk every local file for the at-risk report, however long it takes
+        /// (default: stop after a fixed number of entries and name what was not reached).
+        #[arg(long)]
+        full: bool,
+        /// The mountpoint, or any path inside it (default /lab).
         #[arg(default_value = "/lab")]
         mountpoint: PathBuf,
+    },
+    /// Print the built-in demo rules (the rules `labfs mount --demo` writes).
+    DemoRules,
+    /// Write the man page (roff) to stdout, or one page per command into DIR.
+    #[command(hide = true)]
+    Man {
+        /// Directory for labfs.1 and labfs-COMMAND.1 pages.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// Print a shell completion script.
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
 }
 
@@ -111,9 +138,15 @@ pub struct MountArgs {
     /// Stay attached to the terminal instead of daemonizing.
     #[arg(long, short = 'f')]
     pub foreground: bool,
-    /// Mount a demo: built-in rules over two directories under /var/tmp/labfs-demo.
+    /// Mount a demo: the built-in rules over two directories under the demo
+    /// directory (see --demo-dir), which also holds the rules file (labfs.toml).
     #[arg(long)]
     pub demo: bool,
+    /// The demo's directory (created; reused by the next demo with the same
+    /// directory; remove it with rm -rf once unmounted). Default:
+    /// /var/tmp/labfs-demo-<mountpoint with / as ->, e.g. /var/tmp/labfs-demo-tmp-lab.
+    #[arg(long, value_name = "DIR", requires = "demo")]
+    pub demo_dir: Option<PathBuf>,
     /// Skip the Atlas identity checks (first-time setup and demos only).
     #[arg(long)]
     pub allow_unmarked: bool,
@@ -178,16 +211,26 @@ pub fn init_logging_to(level: Option<&str>, file: Option<&Path>) -> Result<(), S
     Ok(())
 }
 
+/// Load the rules file for a command that does not mount (check, explain, ...).
 pub fn load_config(path: &Path) -> Result<Config, i32> {
+    load_config_for(path, None)
+}
+
+/// Load the rules file; `outcome` (e.g. "nothing mounted") is what a failure means.
+pub fn load_config_for(path: &Path, outcome: Option<&str>) -> Result<Config, i32> {
     Config::load(path).map_err(|e| {
+        let tail = outcome.map(|o| format!(", {o}")).unwrap_or_default();
+        if let [only] = &e.errors[..] {
+            if only.line == 0 && only.message.starts_with("cannot read") {
+                eprintln!("labfs: {}: {}{tail}", path.display(), only.message);
+                return EXIT_USAGE;
+            }
+        }
         if e.operational {
-            eprintln!("labfs: {}: nothing mounted:\n{e}", path.display());
+            eprintln!("labfs: {}: cannot be used{tail}:\n{e}", path.display());
             return EXIT_FAIL;
         }
-        eprintln!(
-            "labfs: {}: invalid rules file, nothing mounted:\n{e}",
-            path.display()
-        );
+        eprintln!("labfs: {}: invalid rules file{tail}:\n{e}", path.display());
         EXIT_USAGE
     })
 }
@@ -241,7 +284,30 @@ pub fn main() -> i32 {
                 }
             }
         }
-        Command::Status { json, mountpoint } => crate::status::run(&mountpoint, json),
+        Command::Status {
+            json,
+            format,
+            full,
+            mountpoint,
+        } => {
+            let format = match (format, json) {
+                (Some(f), _) => f,
+                (None, true) => crate::status::Format::Json,
+                (None, false) => crate::status::Format::Text,
+            };
+            crate::status::run(&mountpoint, format, full)
+        }
+        Command::DemoRules => {
+            print!("{}", crate::config::DEMO_RULES_TOML);
+            EXIT_OK
+        }
+        Command::Man { dir } => man(dir.as_deref()),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "labfs", &mut std::io::stdout());
+            EXIT_OK
+        }
         Command::Promote {
             json,
             merge,
@@ -260,27 +326,23 @@ pub fn main() -> i32 {
 /// `labfs mount` (also reached through the mount(8) helper).
 pub fn mount(m: MountArgs) -> i32 {
     let (config, config_path, allow_unmarked) = if m.demo {
-        let base = PathBuf::from("/var/tmp/labfs-demo");
-        let (atlas, local) = (base.join("atlas"), base.join("local"));
-        for d in [&atlas, &local] {
-            if let Err(e) = std::fs::create_dir_all(d) {
-                eprintln!("labfs: {}: {e}", d.display());
+        let dir = m
+            .demo_dir
+            .clone()
+            .unwrap_or_else(|| default_demo_dir(&m.mountpoint));
+        let rules_file = match prepare_demo(&dir, &m.mountpoint) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("labfs: demo: {e}");
                 return EXIT_FAIL;
             }
+        };
+        match load_config_for(&rules_file, Some("nothing mounted")) {
+            Ok(c) => (c, Some(rules_file), true),
+            Err(code) => return code,
         }
-        if let Err(e) = std::fs::create_dir_all(&m.mountpoint) {
-            eprintln!("labfs: {}: {e}", m.mountpoint.display());
-            return EXIT_FAIL;
-        }
-        println!(
-            "labfs demo: Atlas stand-in {}, local SSD stand-in {}; rules:\n{}",
-            atlas.display(),
-            local.display(),
-            crate::config::DEMO_RULES_TOML
-        );
-        (Config::demo(atlas, local), None, true)
     } else {
-        match load_config(&m.config.config) {
+        match load_config_for(&m.config.config, Some("nothing mounted")) {
             Ok(c) => (c, Some(m.config.config.clone()), m.allow_unmarked),
             Err(code) => return code,
         }
@@ -325,4 +387,98 @@ pub fn mount(m: MountArgs) -> i32 {
             EXIT_FAIL
         }
     }
+}
+
+/// `/var/tmp/labfs-demo-tmp-lab` for the mountpoint `/tmp/lab`.
+pub fn default_demo_dir(mountpoint: &Path) -> PathBuf {
+    let abs = std::path::absolute(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    let flat: String = crate::explain::normalize(&abs.to_string_lossy())
+        .trim_start_matches('/')
+        .chars()
+        .map(|c| if c == '/' { '-' } else { c })
+        .collect();
+    PathBuf::from(format!("/var/tmp/labfs-demo-{flat}"))
+}
+
+/// Create (or reuse) the demo directory: `atlas/`, `local/` and `labfs.toml` (the
+/// built-in rules with a `[storage]` naming them; an existing file is kept, so an
+/// edited demo rules file survives remounts and `labfs reload` reads it).
+fn prepare_demo(dir: &Path, mountpoint: &Path) -> Result<PathBuf, String> {
+    let dir = std::path::absolute(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let (atlas, local) = (dir.join("atlas"), dir.join("local"));
+    for d in [&atlas, &local, &mountpoint.to_path_buf()] {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    let file = dir.join("labfs.toml");
+    let reused = file.exists();
+    if !reused {
+        let text = format!(
+            "# labfs demo rules file, written by `labfs mount --demo`.\n\
+             # Edit it and run `labfs reload {mp}`; `labfs check --config {f}` and\n\
+             # `labfs explain --config {f} /cache/x` read it too.\n\
+             {rules}\n[storage]\natlas = {a:?}\nlocal = {l:?}\n",
+            mp = mountpoint.display(),
+            f = file.display(),
+            a = atlas.display().to_string(),
+            l = local.display().to_string(),
+            rules = crate::config::DEMO_RULES_TOML
+        );
+        std::fs::write(&file, text).map_err(|e| format!("{}: {e}", file.display()))?;
+    }
+    println!(
+        "labfs demo in {} ({}): Atlas stand-in {}, local SSD stand-in {}, rules {}",
+        dir.display(),
+        if reused {
+            "reused from an earlier demo"
+        } else {
+            "new"
+        },
+        atlas.display(),
+        local.display(),
+        file.display()
+    );
+    println!(
+        "  it stays after `umount {}`: the next demo there reuses it; remove it with `rm -rf {}`",
+        mountpoint.display(),
+        dir.display()
+    );
+    Ok(file)
+}
+
+/// `labfs man [--dir DIR]`: the man pages generated from the clap definitions.
+fn man(dir: Option<&Path>) -> i32 {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let Some(dir) = dir else {
+        let mut out = Vec::new();
+        if let Err(e) = clap_mangen::Man::new(cmd).render(&mut out) {
+            eprintln!("labfs: man: {e}");
+            return EXIT_FAIL;
+        }
+        use std::io::Write;
+        return match std::io::stdout().write_all(&out) {
+            Ok(()) => EXIT_OK,
+            Err(e) => {
+                eprintln!("labfs: man: {e}");
+                EXIT_FAIL
+            }
+        };
+    };
+    let mut pages = vec![("labfs".to_string(), cmd.clone())];
+    for sub in cmd.get_subcommands().filter(|c| !c.is_hide_set()) {
+        let name = format!("labfs-{}", sub.get_name());
+        pages.push((name.clone(), sub.clone().name(name)));
+    }
+    for (name, c) in pages {
+        let mut out = Vec::new();
+        let path = dir.join(format!("{name}.1"));
+        let written = clap_mangen::Man::new(c)
+            .render(&mut out)
+            .and_then(|()| std::fs::write(&path, &out));
+        if let Err(e) = written {
+            eprintln!("labfs: {}: {e}", path.display());
+            return EXIT_FAIL;
+        }
+    }
+    EXIT_OK
 }

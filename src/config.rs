@@ -68,6 +68,22 @@ pub struct Config {
     pub rules: Rules,
     pub cache: CacheConfig,
     pub atlas_health: HealthConfig,
+    /// `[[dir]]` tables: directories ensured at every mount.
+    pub dirs: Vec<DeclaredDir>,
+}
+
+/// A `[[dir]]`: a directory labfs creates at mount if missing (and whose owner,
+/// group and mode it sets), on the backend its path's rule places it, e.g. the
+/// ephemeral top levels of a rebuilt node or a `read_only` tree's root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeclaredDir {
+    /// Namespace path, normalised.
+    pub path: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits (with setgid/sticky), e.g. 0o2775.
+    pub mode: u32,
+    pub line: usize,
 }
 
 /// Where the two backends keep their data.
@@ -169,8 +185,13 @@ impl Config {
             }],
             operational: false,
         })?;
-        let offline = Config::parse(&text, path, false)?;
-        let bound = offline.atlas_health.timeout;
+        // The offline parse gives the [atlas] timeout that bounds the host check. When
+        // it fails, the host check still runs (with the default timeout), so that
+        // writer names unknown here are reported with every other error, in one pass.
+        let offline = Config::parse(&text, path, false);
+        let bound = offline
+            .as_ref()
+            .map_or(HealthConfig::default().timeout, |c| c.atlas_health.timeout);
         let (tx, rx) = std::sync::mpsc::channel();
         let (t, p) = (text.clone(), path.to_path_buf());
         let spawned = std::thread::Builder::new()
@@ -183,7 +204,12 @@ impl Config {
         }
         match rx.recv_timeout(bound) {
             Ok(r) => r,
-            Err(_) => Err(ConfigErrors {
+            Err(_) if offline.is_err() => offline,
+            Err(_) => {
+                let Ok(offline) = offline else {
+                    return offline;
+                };
+                Err(ConfigErrors {
                 source: path.to_path_buf(),
                 errors: vec![ConfigError {
                     line: 0,
@@ -195,7 +221,8 @@ impl Config {
                     ),
                 }],
                 operational: true,
-            }),
+            })
+            }
         }
     }
 
@@ -222,6 +249,7 @@ impl Config {
             rules: parsed.rules,
             cache: parsed.cache,
             atlas_health: parsed.health,
+            dirs: parsed.dirs,
         })
     }
 
@@ -239,15 +267,24 @@ impl Config {
             rules: parsed.rules,
             cache: parsed.cache,
             atlas_health: parsed.health,
+            dirs: parsed.dirs,
         }
     }
 }
 
-const TOP_KEYS: &[&str] = &["unplaced", "storage", "cache", "atlas", "rule"];
+const TOP_KEYS: &[&str] = &["unplaced", "storage", "cache", "atlas", "rule", "dir"];
+const DIR_KEYS: &[&str] = &["path", "owner", "group", "mode"];
 const STORAGE_KEYS: &[&str] = &["atlas", "local", "atlas_id"];
 const CACHE_KEYS: &[&str] = &["atlas_ttl", "local_ttl"];
 const ATLAS_KEYS: &[&str] = &["timeout", "probe_interval"];
-const RULE_KEYS: &[&str] = &["path", "class", "read_only", "writers", "promote_class"];
+const RULE_KEYS: &[&str] = &[
+    "path",
+    "class",
+    "read_only",
+    "writers",
+    "promote_class",
+    "max_unpromoted",
+];
 const DURATION_FORMS: &str =
     "expected e.g. \"500ms\", \"1s\", \"2m\", \"1h\" or a whole number of seconds";
 
@@ -259,6 +296,7 @@ struct Parsed {
     rules: Rules,
     cache: CacheConfig,
     health: HealthConfig,
+    dirs: Vec<DeclaredDir>,
 }
 
 fn parse_text(
@@ -344,12 +382,14 @@ fn parse_text(
     }
 
     let rules = p.rules(root);
+    let dirs = p.dirs(root);
     if p.errors.is_empty() {
         Ok(Parsed {
             storage,
             rules: Rules::new(rules, unplaced),
             cache,
             health,
+            dirs,
         })
     } else {
         p.errors.sort_by_key(|e| e.line);
@@ -648,6 +688,13 @@ impl Parser {
         };
         let writers = self.writers(table);
         let promote_class = self.promote_class(table, class);
+        let max_unpromoted = self.duration(table, "rule", "max_unpromoted");
+        if max_unpromoted.is_some() && class.is_some_and(|c| c != Class::Transitional) {
+            self.error(
+                self.value_line(table, "max_unpromoted"),
+                "max_unpromoted is only allowed on transitional rules",
+            );
+        }
         let (path, written) = path?;
         let rule = class.map(|class| Rule {
             path,
@@ -655,9 +702,145 @@ impl Parser {
             read_only,
             writers,
             promote_class,
+            max_unpromoted,
             line,
         });
         Some((rule, written))
+    }
+
+    /// The `[[dir]]` tables.
+    fn dirs(&mut self, root: &Table) -> Vec<DeclaredDir> {
+        let Some(item) = root.get("dir") else {
+            return Vec::new();
+        };
+        let Some(tables) = item.as_array_of_tables() else {
+            let line = self.key_line(root, "dir");
+            let found = item.type_name();
+            self.error(
+                line,
+                format!("dir must be written as [[dir]] tables, found {found}"),
+            );
+            return Vec::new();
+        };
+        let mut out: Vec<DeclaredDir> = Vec::new();
+        for table in tables.iter() {
+            let line = self.line_of(table.span());
+            self.check_keys(table, Some("[[dir]]"), DIR_KEYS);
+            let path = match self.string(table, "dir", "path") {
+                Some((raw, l)) => {
+                    if !raw.starts_with('/')
+                        || raw.contains(['*', '?', '[', '\0'])
+                        || raw.split('/').any(|c| c == "..")
+                    {
+                        self.error(
+                            l,
+                            format!("dir.path \"{raw}\" must be an absolute namespace path without wildcards or \"..\""),
+                        );
+                        None
+                    } else {
+                        Some(crate::explain::normalize(raw))
+                    }
+                }
+                None => {
+                    if table.get("path").is_none() {
+                        self.error(line, "dir is missing \"path\"");
+                    }
+                    None
+                }
+            };
+            if path.as_deref() == Some("/") {
+                self.error(
+                    line,
+                    "dir.path \"/\" is the namespace root, which always exists",
+                );
+            }
+            let uid = self.owner(table, "owner", lookup_user, "user");
+            let gid = self.owner(table, "group", lookup_group, "group");
+            let mode = match table.get("mode") {
+                None => Some(0o755),
+                Some(item) => {
+                    let parsed = match (item.as_integer(), item.as_str()) {
+                        (Some(n), _) => u32::try_from(n).ok(),
+                        (None, Some(s)) => {
+                            let digits = s.trim_start_matches("0o");
+                            u32::from_str_radix(digits, 8).ok()
+                        }
+                        _ => None,
+                    };
+                    match parsed.filter(|m| *m <= 0o7777) {
+                        Some(m) => Some(m),
+                        None => {
+                            self.error(
+                                self.value_line(table, "mode"),
+                                "dir.mode must be an octal mode such as \"0755\", \"2775\" or 0o755",
+                            );
+                            None
+                        }
+                    }
+                }
+            };
+            if let (Some(path), Some(uid), Some(gid), Some(mode)) = (path, uid, gid, mode) {
+                if let Some(first) = out.iter().find(|d| d.path == path) {
+                    let msg = format!(
+                        "duplicate dir \"{path}\": already declared at line {}",
+                        first.line
+                    );
+                    self.error(line, msg);
+                    continue;
+                }
+                out.push(DeclaredDir {
+                    path,
+                    uid,
+                    gid,
+                    mode,
+                    line,
+                });
+            }
+        }
+        out
+    }
+
+    /// `owner`/`group` of a `[[dir]]`: a name or a number (default 0, root); `None`
+    /// when wrong (reported).
+    fn owner(
+        &mut self,
+        table: &Table,
+        key: &str,
+        lookup: impl Fn(&str) -> io::Result<Option<u32>>,
+        what: &str,
+    ) -> Option<u32> {
+        let Some(item) = table.get(key) else {
+            return Some(0);
+        };
+        let line = self.value_line(table, key);
+        if let Some(n) = item.as_integer() {
+            return match u32::try_from(n) {
+                Ok(id) => Some(id),
+                Err(_) => {
+                    self.error(line, format!("dir.{key} {n} is not a valid id"));
+                    None
+                }
+            };
+        }
+        let Some(name) = item.as_str() else {
+            self.type_error(table, "dir", key, "a name or a number", item);
+            return None;
+        };
+        if let Ok(id) = name.parse::<u32>() {
+            return Some(id);
+        }
+        match lookup(name) {
+            Ok(Some(id)) => Some(id),
+            Ok(None) if !self.check_host => Some(NOBODY_ID),
+            Ok(None) => {
+                self.error(line, format!("unknown {what} \"{name}\" in dir.{key}"));
+                None
+            }
+            Err(e) => {
+                self.error(line, format!("cannot look up {what} \"{name}\": {e}"));
+                None
+            }
+        }
     }
 
     fn class(&mut self, name: &str, line: usize) -> Option<Class> {

@@ -3,8 +3,17 @@
 //!
 //! A control request is an xattr call on any path of the mount, with a name under
 //! `user.labfs.ctl.` (never listed, never stored):
-//! - `getfattr -n user.labfs.ctl.status PATH` -> the mount's status as JSON.
+//! - `getfattr -n user.labfs.ctl.status PATH` -> the mount's status as JSON, or a
+//!   summary when the report is larger than one xattr value may be (64 KiB).
+//! - `getfattr -n user.labfs.ctl.status.piece.TOKEN.MODE.OFFSET PATH` -> the bytes
+//!   [OFFSET, OFFSET + 32 KiB) of the status report generated for TOKEN (a name the
+//!   client picks; MODE `quick` or `full`); a piece shorter than 32 KiB is the last.
+//!   Every piece of one token comes from one report (kept for two minutes), so the
+//!   pieces fit together. `labfs status` reads the report this way.
 //! - `getfattr -n user.labfs.ctl.explain PATH` -> PATH's placement as JSON.
+//! - `getfattr -n user.labfs.ctl.explain:REST DIR` -> the placement of DIR/REST, which
+//!   need not exist (REST: a relative path; `labfs explain` uses it for paths that do
+//!   not exist yet and for symlinks, which cannot carry user xattrs).
 //! - `setfattr -n user.labfs.ctl.reload -v 1 PATH` -> re-read the rules file (root
 //!   only; EINVAL and the old rules stay when the file is invalid). `labfs reload`.
 //! - `setfattr -n user.labfs.ctl.promote -v JSON DIR` -> start a promotion job;
@@ -15,12 +24,180 @@
 //! Control names are answered before anything reaches a backend.
 
 use crate::error::Result;
+use crate::fs::xattr::XattrOut;
 use crate::fs::{Ctx, LabFs};
 
 pub const PREFIX: &str = "user.labfs.ctl.";
 pub const STATUS: &str = "user.labfs.ctl.status";
 pub const EXPLAIN: &str = "user.labfs.ctl.explain";
+/// `EXPLAIN_BELOW` + a relative path: the placement of a path below the inode.
+pub const EXPLAIN_BELOW: &str = "user.labfs.ctl.explain:";
 pub const RELOAD: &str = "user.labfs.ctl.reload";
+/// `STATUS_PIECE` + `TOKEN.MODE.OFFSET`: one piece of a status report.
+pub const STATUS_PIECE: &str = "user.labfs.ctl.status.piece.";
+/// The size of every status piece but the last.
+pub const PIECE_BYTES: usize = 32 * 1024;
+/// The largest value returned whole for [`STATUS`].
+const WHOLE_MAX: usize = 60 * 1024;
+/// How long a report stays available to the pieces of its token.
+const REPORT_TTL: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// A request token for [`STATUS_PIECE`]: unique per call on this host.
+pub fn status_token() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!(
+        "{:x}-{:x}-{:x}",
+        std::process::id(),
+        nanos,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+type Reports =
+    std::collections::HashMap<(u32, String), (std::time::Instant, std::sync::Arc<Vec<u8>>)>;
+
+fn reports() -> &'static parking_lot::Mutex<Reports> {
+    static R: std::sync::OnceLock<parking_lot::Mutex<Reports>> = std::sync::OnceLock::new();
+    R.get_or_init(Default::default)
+}
+
+/// The piece `rest` (`TOKEN.MODE.OFFSET`) of a status report.
+fn status_piece(fs: &LabFs, ctx: &Ctx, rest: &str) -> Result<Vec<u8>> {
+    let einval = crate::error::Error::Errno(libc::EINVAL);
+    let mut it = rest.rsplitn(3, '.');
+    let (Some(offset), Some(mode), Some(token)) = (it.next(), it.next(), it.next()) else {
+        return Err(einval);
+    };
+    let offset: usize = offset.parse().map_err(|_| einval)?;
+    let full = match mode {
+        "quick" => false,
+        "full" => true,
+        _ => return Err(crate::error::Error::Errno(libc::EINVAL)),
+    };
+    if token.is_empty() || token.len() > 64 {
+        return Err(crate::error::Error::Errno(libc::EINVAL));
+    }
+    let key = (ctx.uid, format!("{token}.{mode}"));
+    let now = std::time::Instant::now();
+    let cached = {
+        let mut r = reports().lock();
+        r.retain(|_, (t, _)| now.duration_since(*t) < REPORT_TTL);
+        r.get(&key).map(|(_, v)| v.clone())
+    };
+    let report = match cached {
+        Some(v) => v,
+        None if offset > 0 => {
+            // The report of this token is gone (expired): the client starts over.
+            return Err(crate::error::Error::Errno(libc::ESTALE));
+        }
+        None => {
+            let v = std::sync::Arc::new(crate::status::collect(fs, full).to_json().into_bytes());
+            let mut r = reports().lock();
+            if r.len() >= 64 {
+                // Bounded: drop the oldest.
+                if let Some(oldest) = r
+                    .iter()
+                    .min_by_key(|(_, (t, _))| *t)
+                    .map(|(k, _)| k.clone())
+                {
+                    r.remove(&oldest);
+                }
+            }
+            r.insert(key, (now, v.clone()));
+            v
+        }
+    };
+    let start = offset.min(report.len());
+    let end = (start + PIECE_BYTES).min(report.len());
+    Ok(report[start..end].to_vec())
+}
+
+/// The whole report for [`STATUS`], or a summary when it is too large for one value.
+fn status_whole(fs: &LabFs) -> Vec<u8> {
+    let s = crate::status::collect(fs, false);
+    let json = s.to_json().into_bytes();
+    if json.len() <= WHOLE_MAX {
+        return json;
+    }
+    let summary = serde_json::json!({
+        "rules_file": s.rules_file,
+        "atlas_health": s.atlas_health,
+        "at_risk_total_bytes": s.promote.at_risk.total_bytes,
+        "at_risk_total_files": s.promote.at_risk.total_files,
+        "at_risk_subtrees": s.promote.at_risk.subtrees.len(),
+        "truncated": format!(
+            "the report is {} bytes, more than one xattr value holds: `labfs status` reads it in pieces ({STATUS_PIECE}TOKEN.MODE.OFFSET)",
+            json.len()
+        ),
+    });
+    serde_json::to_vec(&summary).unwrap_or_default()
+}
+
+/// The placement of `path` (a namespace path) as `labfs explain` shows it.
+fn explain_path(fs: &LabFs, ctx: &Ctx, path: &str) -> Result<Vec<u8>> {
+    let live = fs.live();
+    let (mut e, exists) = match fs.locate(&fs.creds(ctx), path) {
+        Ok(loc) => {
+            let mut e = crate::explain::Explained::from_placement(
+                &loc.path.to_string_lossy(),
+                &loc.placement,
+                live.rules.unplaced(),
+            );
+            e.backend = loc.backend.to_string();
+            e.state = fs.virtual_xattr(&loc, "user.labfs.state");
+            if let Some(c) = fs.virtual_xattr(&loc, "user.labfs.class") {
+                e.class = c;
+            }
+            (e, true)
+        }
+        Err(err) if err.errno() == libc::ENOENT || err.errno() == libc::ENOTDIR => {
+            let p = live.rules.resolve(path);
+            (
+                crate::explain::Explained::from_placement(path, &p, live.rules.unplaced()),
+                false,
+            )
+        }
+        Err(err) => return Err(err),
+    };
+    if !exists {
+        e.state = Some("does not exist yet".into());
+    }
+    Ok(serde_json::to_vec(&e).unwrap_or_default())
+}
+
+/// getxattr as the mount answers it: a control name here, anything else by the core.
+pub fn getxattr(
+    fs: &LabFs,
+    ctx: &Ctx,
+    ino: u64,
+    name: &std::ffi::OsStr,
+    size: u32,
+) -> Result<XattrOut> {
+    if let Some(v) = get(fs, ctx, ino, name.to_str().unwrap_or(""))? {
+        return crate::fs::xattr::sized(v, size);
+    }
+    fs.getxattr(ctx, ino, name, size)
+}
+
+/// setxattr as the mount answers it: a control name here, anything else by the core.
+pub fn setxattr(
+    fs: &LabFs,
+    ctx: &Ctx,
+    ino: u64,
+    name: &std::ffi::OsStr,
+    value: &[u8],
+    flags: i32,
+) -> Result<()> {
+    if set(fs, ctx, ino, name.to_str().unwrap_or(""), value)? {
+        return Ok(());
+    }
+    fs.setxattr(ctx, ino, name, value, flags)
+}
 
 /// Answer a control getxattr; `None` when `name` is not a control name.
 pub fn get(fs: &LabFs, ctx: &Ctx, ino: u64, name: &str) -> Result<Option<Vec<u8>>> {
@@ -30,19 +207,27 @@ pub fn get(fs: &LabFs, ctx: &Ctx, ino: u64, name: &str) -> Result<Option<Vec<u8>
     if let Some(r) = crate::promote::control_get(fs, ctx, ino, name) {
         return r.map(Some);
     }
+    if let Some(rest) = name.strip_prefix(STATUS_PIECE) {
+        return status_piece(fs, ctx, rest).map(Some);
+    }
+    if let Some(rest) = name.strip_prefix(EXPLAIN_BELOW) {
+        let base = fs.path_of(ino)?;
+        let mut path = base;
+        for c in rest.split('/').filter(|c| !c.is_empty() && *c != ".") {
+            if c == ".." {
+                return Err(crate::error::Error::Errno(libc::EINVAL));
+            }
+            path = crate::fs::backend::join(&path, c);
+        }
+        return explain_path(fs, ctx, &path).map(Some);
+    }
     match name {
-        STATUS => Ok(Some(crate::status::collect(fs).to_json().into_bytes())),
+        STATUS => Ok(Some(status_whole(fs))),
         // What the last reload applied and what needs a remount (for `labfs reload`).
         RELOAD => Ok(Some(crate::daemon::last_reload().into_bytes())),
         EXPLAIN => {
-            let loc = fs.locate_ino(&fs.creds(ctx), ino)?;
-            let mut e = crate::explain::Explained::from_placement(&loc.path, &loc.placement);
-            e.backend = loc.backend.to_string();
-            e.state = fs.virtual_xattr(&loc, "user.labfs.state");
-            if let Some(c) = fs.virtual_xattr(&loc, "user.labfs.class") {
-                e.class = c;
-            }
-            Ok(Some(serde_json::to_vec(&e).unwrap_or_default()))
+            let path = fs.path_of(ino)?;
+            explain_path(fs, ctx, &path).map(Some)
         }
         _ => Err(crate::error::Error::Errno(libc::ENODATA)),
     }
@@ -72,17 +257,22 @@ pub fn set(fs: &LabFs, ctx: &Ctx, ino: u64, name: &str, value: &[u8]) -> Result<
 
 /// `labfs reload MOUNTPOINT`: ask the daemon behind MOUNTPOINT to re-read its rules.
 pub fn reload_cli(mountpoint: &std::path::Path) -> i32 {
-    use crate::cli::{EXIT_FAIL, EXIT_OK, EXIT_USAGE};
-    let rules_file = xattr::get(mountpoint, STATUS)
-        .ok()
-        .flatten()
-        .and_then(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok())
-        .and_then(|v| v["rules_file"].as_str().map(str::to_string));
+    use crate::exit::{EXIT_FAIL, EXIT_OK, EXIT_USAGE};
+    let rules_file = match xattr::get(mountpoint, STATUS) {
+        Ok(Some(raw)) => serde_json::from_slice::<serde_json::Value>(&raw)
+            .ok()
+            .and_then(|v| v["rules_file"].as_str().map(str::to_string)),
+        _ => None,
+    };
     let Some(rules_file) = rules_file else {
-        eprintln!(
-            "labfs: {}: not a labfs mount (or its daemon is not answering)",
-            mountpoint.display()
-        );
+        let why = match crate::status::fetch(mountpoint, false) {
+            Err(e) => e.message(mountpoint),
+            Ok(_) => format!(
+                "{}: the mount did not name its rules file",
+                mountpoint.display()
+            ),
+        };
+        eprintln!("labfs: {why}");
         return EXIT_FAIL;
     };
     match xattr::set(mountpoint, RELOAD, b"1") {

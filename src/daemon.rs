@@ -431,6 +431,7 @@ fn serve(
     fs.health
         .start_probe(fs.atlas.root_fd(), req.config.atlas_health.probe_interval);
     crate::promote::recover_on_mount(&fs);
+    crate::declared::ensure(&fs, &req.config.dirs);
     if !fs.health.is_down() {
         fs.note_root();
     }

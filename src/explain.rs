@@ -4,8 +4,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cli::{load_config, EXIT_FAIL, EXIT_OK, EXIT_USAGE};
-use crate::rules::{Placement, Writer};
+use crate::cli::load_config;
+use crate::exit::{EXIT_FAIL, EXIT_OK, EXIT_USAGE};
+
+use crate::rules::{Placement, Unplaced, Writer};
 
 /// One path's placement, as printed by `explain` (also the control reply).
 #[derive(Debug, Serialize, Deserialize)]
@@ -21,12 +23,26 @@ pub struct Explained {
 }
 
 impl Explained {
-    pub fn from_placement(path: &str, p: &Placement) -> Explained {
+    pub fn from_placement(path: &str, p: &Placement, unplaced: Unplaced) -> Explained {
+        let denied = p.rule.is_none() && unplaced == Unplaced::Deny;
         Explained {
             path: path.to_string(),
-            class: p.class.to_string(),
-            backend: p.backend().to_string(),
-            rule: p.rule_label(),
+            class: if denied {
+                "none: refused (unplaced = \"deny\")".to_string()
+            } else {
+                p.class.to_string()
+            },
+            backend: if denied {
+                "none".to_string()
+            } else {
+                p.backend().to_string()
+            },
+            rule: if denied {
+                "no rule matches; unplaced = \"deny\" refuses creating anything here (EACCES)"
+                    .to_string()
+            } else {
+                p.rule_label()
+            },
             read_only: p.read_only,
             writers: p
                 .rule
@@ -65,60 +81,95 @@ impl Explained {
     }
 }
 
-/// The labfs mount containing `path`, if any (longest match in mountinfo).
-pub fn labfs_mount_of(path: &Path) -> Option<PathBuf> {
-    let canon = std::fs::canonicalize(path).ok()?;
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mut best: Option<PathBuf> = None;
-    for line in text.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = f.iter().position(|x| *x == "-") else {
-            continue;
-        };
-        if f.get(sep + 1) != Some(&"fuse.labfs") || f.len() < 5 {
-            continue;
+/// The nearest existing ancestor of `path` (itself included when it exists and is a
+/// regular file or directory, which can carry user xattrs) and the rest below it.
+fn anchor(path: &Path) -> Option<(PathBuf, PathBuf)> {
+    let mut base = path.to_path_buf();
+    let mut rest: Vec<std::ffi::OsString> = Vec::new();
+    loop {
+        if let Ok(m) = std::fs::symlink_metadata(&base) {
+            if m.is_dir() || (m.is_file() && rest.is_empty()) {
+                let mut r = PathBuf::new();
+                for c in rest.iter().rev() {
+                    r.push(c);
+                }
+                return Some((base, r));
+            }
         }
-        let mp = PathBuf::from(f[4].replace("\\040", " "));
-        if canon.starts_with(&mp)
-            && best
-                .as_ref()
-                .is_none_or(|b| mp.as_os_str().len() > b.as_os_str().len())
-        {
-            best = Some(mp);
+        let name = base.file_name()?.to_os_string();
+        rest.push(name);
+        if !base.pop() {
+            return None;
         }
     }
-    best
+}
+
+/// What the mount holding `path` says about it: `None` when `path` is not inside a
+/// labfs mount (no mount answers the control request).
+fn ask_mount(path: &Path) -> Option<Result<Explained, String>> {
+    let abs = std::path::absolute(path).ok()?;
+    // Lexically: `a/../b` must not be resolved through a symlink `a`.
+    let abs = PathBuf::from(normalize_dots(&abs.to_string_lossy())?);
+    let (base, rest) = anchor(&abs)?;
+    let name = if rest.as_os_str().is_empty() {
+        crate::control::EXPLAIN.to_string()
+    } else {
+        format!("{}{}", crate::control::EXPLAIN_BELOW, rest.to_str()?)
+    };
+    match xattr::get(&base, &name) {
+        Ok(Some(v)) => Some(
+            serde_json::from_slice::<Explained>(&v)
+                .map_err(|e| format!("{}: unreadable answer from the mount: {e}", path.display())),
+        ),
+        Ok(None) => None,
+        Err(e) => match e.raw_os_error() {
+            Some(libc::ENODATA) | Some(libc::ENOTSUP) | Some(libc::EPERM) => None,
+            Some(libc::ENOTCONN) | Some(libc::ECONNABORTED) => Some(Err(format!(
+                "{}: the labfs daemon of this mount died (Transport endpoint is not connected)",
+                path.display()
+            ))),
+            Some(libc::ERANGE) | Some(libc::ENAMETOOLONG) => Some(Err(format!(
+                "{}: the part that does not exist yet is too long to ask the mount about",
+                path.display()
+            ))),
+            _ => Some(Err(format!("{}: {e}", path.display()))),
+        },
+    }
+}
+
+/// "/a/./b/../c" -> "/a/c"; `None` when `..` climbs above the root.
+fn normalize_dots(p: &str) -> Option<String> {
+    let mut out: Vec<&str> = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                out.pop()?;
+            }
+            c => out.push(c),
+        }
+    }
+    Some(format!("/{}", out.join("/")))
 }
 
 pub fn run(config: &Path, path: &Path) -> i32 {
-    if labfs_mount_of(path).is_some() {
-        return match xattr::get(path, crate::control::EXPLAIN) {
-            Ok(Some(v)) => match serde_json::from_slice::<Explained>(&v) {
-                Ok(e) => {
-                    e.print();
-                    EXIT_OK
-                }
-                Err(e) => {
-                    eprintln!(
-                        "labfs: {}: unreadable answer from the mount: {e}",
-                        path.display()
-                    );
-                    EXIT_FAIL
-                }
-            },
-            Ok(None) => {
-                eprintln!("labfs: {}: the mount did not answer", path.display());
-                EXIT_FAIL
-            }
-            Err(e) => {
-                eprintln!("labfs: {}: {e}", path.display());
-                EXIT_FAIL
-            }
-        };
+    // Asked of the mount first: a path inside a labfs mount (existing or not, a
+    // symlink too) is answered by the daemon with the rules in force. This needs no
+    // /proc (a chroot without it still works).
+    match ask_mount(path) {
+        Some(Ok(e)) => {
+            e.print();
+            return EXIT_OK;
+        }
+        Some(Err(msg)) => {
+            eprintln!("labfs: {msg}");
+            return EXIT_FAIL;
+        }
+        None => {}
     }
     let Some(ns) = path.to_str().filter(|s| s.starts_with('/')) else {
         eprintln!(
-            "labfs: {}: give a path inside a labfs mount or an absolute namespace path",
+            "labfs: {}: not inside a labfs mount; give a path inside one, or an absolute namespace path such as /media/x",
             path.display()
         );
         return EXIT_USAGE;
@@ -128,7 +179,7 @@ pub fn run(config: &Path, path: &Path) -> i32 {
         Err(code) => return code,
     };
     let ns = normalize(ns);
-    Explained::from_placement(&ns, &cfg.rules.resolve(&ns)).print();
+    Explained::from_placement(&ns, &cfg.rules.resolve(&ns), cfg.rules.unplaced()).print();
     EXIT_OK
 }
 

@@ -31,7 +31,8 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use crate::cli::{ConfigArg, MountArgs, EXIT_OK, EXIT_USAGE};
+use crate::cli::{ConfigArg, MountArgs};
+use crate::exit::{EXIT_OK, EXIT_USAGE};
 
 /// mount(8)'s "incorrect invocation or permissions".
 pub const MOUNT_EX_USAGE: i32 = 1;
@@ -273,6 +274,18 @@ pub fn dispatch() -> Option<i32> {
         return None;
     }
     let rest: Vec<OsString> = args.collect();
+    // The kernel keeps 15 bytes of the program name, so a daemon started from fstab
+    // would show as `mount.fuse.labf` in ps and top: name it labfs, like every other.
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_NAME,
+            c"labfs".as_ptr() as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
     Some(run(&rest))
 }
 
@@ -326,6 +339,7 @@ fn run(args: &[OsString]) -> i32 {
         },
         foreground: false,
         demo: false,
+        demo_dir: None,
         allow_unmarked: h.options.allow_unmarked,
         recover: h.options.recover,
         options: Some(h.options.kernel.join(",")),

@@ -6,7 +6,9 @@
 use std::cell::RefCell;
 use std::cmp::Ordering;
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fmt;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 /// The class of a piece of data (see docs/rules.md).
@@ -118,6 +120,9 @@ pub struct Rule {
     pub writers: Vec<Writer>,
     /// The class a promoted file takes (default authoritative).
     pub promote_class: Option<Class>,
+    /// Transitional rules: how long data may stay unpromoted before `labfs status`
+    /// reports it as overdue (`max_unpromoted`).
+    pub max_unpromoted: Option<std::time::Duration>,
     /// 1-based line of the `[[rule]]` header in the rules file.
     pub line: usize,
 }
@@ -452,7 +457,8 @@ impl Rules {
     }
 
     /// The placement of `path` (absolute, normalised: "/", "/a", "/a/b").
-    pub fn resolve(&self, path: &str) -> Placement {
+    pub fn resolve<P: AsRef<OsStr> + ?Sized>(&self, path: &P) -> Placement {
+        let path = path.as_ref().as_bytes();
         let best = with_scratch(|cur, next| {
             let mut best = None;
             self.run(path, cur, next, |r| best = best.max(Some(r)));
@@ -463,7 +469,8 @@ impl Rules {
 
     /// Every rule matching `path`, most specific (the winner) first; for
     /// `labfs explain`.
-    pub fn matching(&self, path: &str) -> Vec<Arc<Rule>> {
+    pub fn matching<P: AsRef<OsStr> + ?Sized>(&self, path: &P) -> Vec<Arc<Rule>> {
+        let path = path.as_ref().as_bytes();
         let mut ranks = Vec::new();
         with_scratch(|cur, next| self.run(path, cur, next, |r| push_unique(&mut ranks, r)));
         ranks.sort_unstable_by(|a, b| b.cmp(a));
@@ -476,16 +483,20 @@ impl Rules {
     /// Whether some strict descendant of `path` could resolve to `backend`.
     /// Conservative: may say `true` when no descendant actually can, never
     /// `false` when one can.
-    pub fn may_place_below(&self, path: &str, backend: BackendKind) -> bool {
-        let d = self.descend(path);
+    pub fn may_place_below<P: AsRef<OsStr> + ?Sized>(
+        &self,
+        path: &P,
+        backend: BackendKind,
+    ) -> bool {
+        let d = self.descend(path.as_ref().as_bytes());
         self.backend_of(d.floor) == backend || d.below[backend_index(backend)] > d.floor
     }
 
     /// `Some(b)` when `path` and all its descendants resolve to backend `b`;
     /// `None` when they may not (a conservative answer, like
     /// [`Rules::may_place_below`]).
-    pub fn uniform_backend(&self, path: &str) -> Option<BackendKind> {
-        let d = self.descend(path);
+    pub fn uniform_backend<P: AsRef<OsStr> + ?Sized>(&self, path: &P) -> Option<BackendKind> {
+        let d = self.descend(path.as_ref().as_bytes());
         let here = self.backend_of(d.here);
         let other = here.other();
         let mixed = self.backend_of(d.floor) == other || d.below[backend_index(other)] > d.floor;
@@ -495,8 +506,8 @@ impl Rules {
     /// Whether `path` is a strict ancestor of a path some rule's pattern names
     /// exactly (`/scans` and `/scans/x` for `/scans/*/work`): under
     /// `unplaced = "deny"` such directories may still be created.
-    pub fn is_rule_ancestor(&self, path: &str) -> bool {
-        let d = self.descend(path);
+    pub fn is_rule_ancestor<P: AsRef<OsStr> + ?Sized>(&self, path: &P) -> bool {
+        let d = self.descend(path.as_ref().as_bytes());
         d.below.iter().any(Option::is_some)
     }
 
@@ -533,7 +544,7 @@ impl Rules {
         })
     }
 
-    fn descend(&self, path: &str) -> Descent {
+    fn descend(&self, path: &[u8]) -> Descent {
         with_scratch(|cur, next| {
             let mut here = None;
             self.run(path, cur, next, |r| here = here.max(Some(r)));
@@ -557,7 +568,7 @@ impl Rules {
     /// states after the last component in `cur`.
     fn run(
         &self,
-        path: &str,
+        path: &[u8],
         cur: &mut Vec<u32>,
         next: &mut Vec<u32>,
         mut on_match: impl FnMut(u32),
@@ -566,11 +577,13 @@ impl Rules {
         cur.push(0);
         self.close(cur);
         self.visit_terminals(cur, &mut on_match);
-        for comp in path.split('/').filter(|c| !c.is_empty()) {
+        for comp in path.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
             if cur.is_empty() {
                 break;
             }
-            self.step(cur, Some(comp), next);
+            // Patterns are UTF-8: a name that is not can match only wildcards, which
+            // is what a name no pattern mentions does.
+            self.step(cur, std::str::from_utf8(comp).ok(), next);
             std::mem::swap(cur, next);
             self.visit_terminals(cur, &mut on_match);
         }

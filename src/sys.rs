@@ -169,6 +169,14 @@ pub fn set_inode_flags(fd: impl AsFd, flags: u32) -> io::Result<()> {
     rustix::fs::ioctl_setflags(fd, IFlags::from_bits_retain(flags)).map_err(from_rustix)
 }
 
+/// This node's host name, as the kernel has it (not sanitized).
+pub fn hostname() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
 // ---------------------------------------------------------------------------
 // Resource limits
 // ---------------------------------------------------------------------------

@@ -329,6 +329,22 @@ pub fn write_record(
     res
 }
 
+/// Remove the store record of `path`, if there is one (a promotion that failed after
+/// tagging a directory it then removed). Runs as root.
+pub fn remove_record(atlas: &Backend, path: &str) {
+    let Some((dir, file)) = record_location(path) else {
+        return;
+    };
+    let Ok(_root) = Creds::root().assume() else {
+        return;
+    };
+    let (Ok(dfd), Ok(c)) = (atlas.open_dir(&dir), CString::new(file)) else {
+        return;
+    };
+    // SAFETY: valid dirfd and C string.
+    unsafe { libc::unlinkat(dfd.as_raw_fd(), c.as_ptr(), 0) };
+}
+
 /// Whether Atlas accepts `user.*` xattrs: set and remove one on a probe file under
 /// `ATLAS/.labfs/`. Sets the process-wide [`mode`] and returns it.
 pub fn probe(atlas: &Backend) -> Mode {
@@ -356,7 +372,7 @@ fn probe_inner(atlas: &Backend) -> Result<bool> {
     let dfd = mkdir_chain(atlas, "/.labfs")?;
     let name = format!(
         "xattr-probe.{}.{}",
-        crate::promote::util::hostname(),
+        crate::sys::hostname().replace('/', "_"),
         std::process::id()
     );
     let cname = CString::new(name).map_err(|_| Error::Errno(libc::EINVAL))?;

@@ -1047,10 +1047,13 @@ fn mount_refused_when_atlas_does_not_answer() {
 // Durability xattrs
 // ---------------------------------------------------------------------------
 
-/// `getfattr -d -m '^user.labfs' PATH` as name -> value.
+/// Every `user.labfs.*` name PATH answers (asked by name: they are not listed), as
+/// name -> value.
 fn labfs_xattrs(lab: &MountedLab, rel: &str) -> std::collections::BTreeMap<String, String> {
     let out = lab.sh(&format!(
-        r#"getfattr --absolute-names -d -m '^user.labfs' "$LAB/{rel}""#
+        r#"for n in class backend rule state promoted_at origin digest; do
+             getfattr --absolute-names -n "user.labfs.$n" "$LAB/{rel}" 2>/dev/null || true
+           done"#
     ));
     out.lines()
         .filter_map(|l| l.split_once('='))

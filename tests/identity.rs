@@ -127,3 +127,32 @@ fn supplementary_groups_follow_each_request() {
         assert_eq!((m.uid(), m.gid()), (USER, USER), "{}", b.name());
     }
 }
+
+/// `Creds::assume` returns a `Result`; binding it without `?` (`let _as =
+/// creds.assume();`) compiles and silently runs the request as whoever the thread was.
+/// Every call site must look at the result.
+#[test]
+fn every_identity_switch_in_the_source_checks_its_result() {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut stack = vec![src];
+    let mut offenders = Vec::new();
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                for (i, line) in fs::read_to_string(&p).unwrap().lines().enumerate() {
+                    if line.contains(".assume();") {
+                        offenders.push(format!("{}:{}: {}", p.display(), i + 1, line.trim()));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "unchecked identity switches:\n{}",
+        offenders.join("\n")
+    );
+}

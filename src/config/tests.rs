@@ -130,7 +130,7 @@ class = 7
         false,
         &[
             (1, "unknown unplaced value \"maybe\" (expected authoritative or deny)"),
-            (2, "unknown key \"colour\" (expected one of unplaced, storage, cache, atlas, rule)"),
+            (2, "unknown key \"colour\" (expected one of unplaced, storage, cache, atlas, rule, dir)"),
             (5, "storage.local must be an absolute path, got \"relative/dir\""),
             (6, "unknown key \"atlass\" in [storage]"),
             (8, "bad duration \"5x\" for cache.atlas_ttl"),
@@ -453,4 +453,99 @@ fn demo_rules() {
     // The text `labfs` prints is a valid rules file once [storage] is added.
     let full = format!("{DEMO_RULES_TOML}{STORAGE}");
     assert!(Config::parse(&full, Path::new("t"), false).is_ok());
+}
+
+#[test]
+fn unknown_writers_are_reported_with_every_other_error_in_one_pass() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, l) = (dir.path().join("a"), dir.path().join("l"));
+    std::fs::create_dir(&a).expect("mkdir");
+    std::fs::create_dir(&l).expect("mkdir");
+    let text = format!(
+        "[storage]\natlas = {:?}\nlocal = {:?}\n\n[[rule]]\npath = \"/m\"\nclass = \"authoritative\"\n\
+         read_only = true\nwriters = [\"user:no-such-user-labfs\"]\n\n[[rule]]\npath = \"/x\"\nclass = \"ephemral\"\n",
+        a.display().to_string(),
+        l.display().to_string()
+    );
+    let file = dir.path().join("labfs.toml");
+    std::fs::write(&file, text).expect("write");
+    let e = Config::load(&file).expect_err("two errors");
+    let got: Vec<(usize, String)> = e.errors.into_iter().map(|e| (e.line, e.message)).collect();
+    assert_eq!(got.len(), 2, "{got:#?}");
+    assert_eq!(got[0].0, 9);
+    assert!(
+        got[0].1.contains("unknown user \"no-such-user-labfs\""),
+        "{got:#?}"
+    );
+    assert_eq!(got[1].0, 13);
+    assert!(got[1].1.contains("unknown class \"ephemral\""), "{got:#?}");
+}
+
+#[test]
+fn declared_dirs_parse_with_owner_group_and_mode() {
+    let text = format!(
+        "{STORAGE}[[dir]]\npath = \"/models/\"\nowner = \"root\"\ngroup = 1234\nmode = \"2775\"\n\n\
+         [[dir]]\npath = \"/media\"\nowner = 1000\nmode = 0o750\n\n[[dir]]\npath = \"/scratch\"\n"
+    );
+    let cfg = match Config::parse(&text, Path::new("labfs.toml"), false) {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
+    let got: Vec<(&str, u32, u32, u32)> = cfg
+        .dirs
+        .iter()
+        .map(|d| (d.path.as_str(), d.uid, d.gid, d.mode))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("/models", 0, 1234, 0o2775),
+            ("/media", 1000, 0, 0o750),
+            ("/scratch", 0, 0, 0o755)
+        ]
+    );
+}
+
+#[test]
+fn declared_dir_mistakes_are_reported_with_their_lines() {
+    assert_errors(
+        &format!(
+            "{STORAGE}[[dir]]\npath = \"/a/*\"\n[[dir]]\npath = \"/b\"\n[[dir]]\npath = \"/c\"\nmode = \"9\"\n\
+             colour = 1\n[[dir]]\npath = \"/b\"\n[[dir]]\nowner = \"x\"\n"
+        ),
+        false,
+        &[
+            (5, "must be an absolute namespace path without wildcards"),
+            (10, "dir.mode must be an octal mode"),
+            (11, "unknown key \"colour\" in [[dir]]"),
+            (12, "duplicate dir \"/b\": already declared at line 6"),
+            (14, "dir is missing \"path\""),
+        ],
+    );
+}
+
+#[test]
+fn max_unpromoted_is_a_duration_on_transitional_rules_only() {
+    let ok = format!(
+        "{STORAGE}[[rule]]\npath = \"/scans/*/work\"\nclass = \"transitional\"\nmax_unpromoted = \"24h\"\n"
+    );
+    let cfg = match Config::parse(&ok, Path::new("labfs.toml"), false) {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(
+        cfg.rules.rules()[0].max_unpromoted,
+        Some(Duration::from_secs(86_400))
+    );
+    assert_errors(
+        &format!(
+            "{STORAGE}[[rule]]\npath = \"/c\"\nclass = \"ephemeral\"\nmax_unpromoted = \"1h\"\n\
+             [[rule]]\npath = \"/s\"\nclass = \"transitional\"\nmax_unpromoted = \"soon\"\n"
+        ),
+        false,
+        &[
+            (7, "max_unpromoted is only allowed on transitional rules"),
+            (11, "bad duration \"soon\" for rule.max_unpromoted"),
+        ],
+    );
 }

@@ -9,7 +9,7 @@
 //! still being written.
 
 use std::ffi::{CStr, OsStr, OsString};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,8 +18,9 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 
 use super::attr::{EntryOut, Kind};
-use super::backend::{cstring, fstatat, join};
-use super::{key_of, Attr, Ctx, LabFs, ROOT_INO};
+use super::backend::{cstring, fstatat};
+use super::object::{join, ObjFd};
+use super::{key_of, Ctx, LabFs, ROOT_INO};
 use crate::error::{check, check_size, Error, Result};
 use crate::rules::{BackendKind, Class};
 
@@ -42,7 +43,7 @@ pub struct DirHandle {
     pub ino: u64,
     pub items: Vec<DirItem>,
     /// O_PATH descriptors of the directory on each backend it was listed from.
-    pub dirs: Vec<(BackendKind, OwnedFd)>,
+    pub dirs: Vec<(BackendKind, ObjFd)>,
 }
 
 #[derive(Default)]
@@ -125,22 +126,15 @@ impl LabFs {
 
     pub fn open(&self, ctx: &Ctx, ino: u64, flags: i32) -> Result<Opened> {
         let creds = self.creds(ctx);
-        let loc = self.locate_ino(&creds, ino)?;
         if Self::wants_write(flags) {
-            self.check_writable(ctx, &loc.path, &loc.placement)?;
+            self.check_writable_ino(ctx, ino)?;
         }
+        let (kind, obj) = self.obj(ino)?;
         let fd = {
             let _as = creds.assume()?;
-            let f = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY))
-                | libc::O_NOFOLLOW
-                | libc::O_CLOEXEC;
-            // SAFETY: valid dirfd and C string.
-            let fd = unsafe { libc::openat(loc.parent_fd.as_raw_fd(), loc.name.as_ptr(), f) };
-            check(fd)?;
-            // SAFETY: fd is a new descriptor we own.
-            unsafe { OwnedFd::from_raw_fd(fd) }
+            super::object::reopen(&obj, flags)?
         };
-        Ok(self.new_file_handle(ino, fd, loc.backend, flags))
+        Ok(self.new_file_handle(ino, fd, kind, flags))
     }
 
     pub(crate) fn new_file_handle(
@@ -339,14 +333,10 @@ impl LabFs {
 
     pub fn opendir(&self, ctx: &Ctx, ino: u64) -> Result<u64> {
         let creds = self.creds(ctx);
-        let path = self.path_of(ino)?;
+        let path = self.npath_of(ino)?;
         let live = self.live();
         let p = live.rules.resolve(&path);
-        let primary = if ino == ROOT_INO {
-            p.backend()
-        } else {
-            self.locate(&creds, &path)?.backend
-        };
+        let primary = self.backend_of(ino).unwrap_or_else(|| p.backend());
         let mut items = vec![
             DirItem {
                 name: ".".into(),
@@ -372,15 +362,13 @@ impl LabFs {
                 // Listing the local part must not wait for a stalled or hung Atlas,
                 // but a listing known to miss promoted entries is an error, not a
                 // shorter list (a sync tool would delete what it does not see).
-                if self.has_known_atlas_children(&path) {
+                if self.has_known_atlas_children(&path.to_string_lossy()) {
                     return Err(Error::Errno(libc::ETIMEDOUT));
                 }
                 continue;
             }
             self.atlas_gate(b, &path)?;
-            let backend = self.backend(b);
-            let _as = creds.assume()?;
-            let dfd = match backend.open_beneath(&path, libc::O_RDONLY | libc::O_DIRECTORY) {
+            let dfd = match self.dir_on(&creds, ino, b) {
                 Ok(fd) => fd,
                 Err(e)
                     if b != primary
@@ -390,18 +378,25 @@ impl LabFs {
                 }
                 Err(e) => return Err(e),
             };
-            let names = list_dir(dfd)?;
-            let pfd = backend.open_dir(&path)?;
-            drop(_as);
+            let names = {
+                let _as = creds.assume()?;
+                list_dir(super::object::reopen(
+                    &dfd,
+                    libc::O_RDONLY | libc::O_DIRECTORY,
+                )?)?
+            };
             for (name, dtype) in names {
-                let Some(s) = name.to_str() else { continue };
-                if s == "." || s == ".." || seen.contains(&name) {
+                let nb = name.as_bytes();
+                if nb == b"." || nb == b".." || seen.contains(&name) {
                     continue;
                 }
-                if ino == ROOT_INO && s == ".labfs" {
+                if ino == ROOT_INO && nb == b".labfs" {
                     continue; // labfs's own state on a backend root
                 }
-                let child = join(&path, s);
+                if b == BackendKind::Atlas && crate::atlas_id::is_nfs_silly_rename(nb) {
+                    continue; // the NFS client's name for an unlinked file still open
+                }
+                let child = join(&path, &name);
                 let cp = live.rules.resolve(&child);
                 // A tag that cannot be read fails the listing with its errno: a
                 // promoted entry is never silently left out (tags::is_promoted).
@@ -410,9 +405,9 @@ impl LabFs {
                         && cp.class == Class::Transitional
                         && crate::tags::is_promoted(
                             &self.atlas,
-                            pfd.as_raw_fd(),
-                            &cstring(OsStr::new(s))?,
-                            &child,
+                            dfd.as_raw_fd(),
+                            &cstring(&name)?,
+                            &child.to_string_lossy(),
                         )?);
                 if !visible {
                     continue;
@@ -424,7 +419,7 @@ impl LabFs {
                     from: Some(b),
                 });
             }
-            dirs.push((b, pfd));
+            dirs.push((b, dfd));
         }
         let fh = self.handles.next();
         self.handles
@@ -461,7 +456,6 @@ impl LabFs {
             .get(dh.ino)
             .map(|n| n.parent)
             .unwrap_or(ROOT_INO);
-        let path = self.path_of(dh.ino)?;
         let mut out = Vec::new();
         let mut used = 0usize;
         for (i, item) in dh.items.iter().enumerate().skip(offset as usize) {
@@ -484,12 +478,7 @@ impl LabFs {
                 });
                 continue;
             };
-            let Some(dfd) = dh
-                .dirs
-                .iter()
-                .find(|(b, _)| *b == from)
-                .map(|(_, f)| f.as_raw_fd())
-            else {
+            let Some(dir) = dh.dirs.iter().find(|(b, _)| *b == from).map(|(_, f)| f) else {
                 continue;
             };
             let Ok(cname) = cstring(&item.name) else {
@@ -497,7 +486,7 @@ impl LabFs {
             };
             let st = {
                 let _as = creds.assume()?;
-                match fstatat(dfd, &cname) {
+                match fstatat(dir.as_raw_fd(), &cname) {
                     Ok(st) => st,
                     Err(_) => continue, // gone since opendir
                 }
@@ -505,20 +494,16 @@ impl LabFs {
             let key = key_of(from, &st);
             let kind = Kind::from_mode(st.st_mode);
             if plus {
-                let ino = self
-                    .inodes
-                    .remember(key, dh.ino, &item.name, kind == Kind::Dir);
-                let child = join(&path, &item.name.to_string_lossy());
-                let p = self.placement(&child);
+                let Ok(entry) = self.entry_in(&creds, dh.ino, &item.name, from, (dir, &cname, &st))
+                else {
+                    continue; // gone since the stat
+                };
                 out.push(DirEntryOut {
                     name: item.name.clone(),
                     offset: off,
                     kind,
-                    ino,
-                    entry: Some(EntryOut {
-                        attr: Attr::from_stat(&st, ino),
-                        ttl: self.entry_ttl(from, &p),
-                    }),
+                    ino: entry.attr.ino,
+                    entry: Some(entry),
                 });
             } else {
                 let ino = self
@@ -540,10 +525,9 @@ impl LabFs {
 
     pub fn fsyncdir(&self, ctx: &Ctx, ino: u64) -> Result<()> {
         let creds = self.creds(ctx);
-        let loc = self.locate_ino(&creds, ino)?;
-        let b = self.backend(loc.backend);
+        let (_, obj) = self.obj(ino)?;
         let _as = creds.assume()?;
-        let fd = b.open_beneath(&loc.path, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let fd = super::object::reopen(&obj, libc::O_RDONLY | libc::O_DIRECTORY)?;
         // SAFETY: valid descriptor.
         check(unsafe { libc::fsync(fd.as_raw_fd()) })?;
         Ok(())

@@ -610,7 +610,7 @@ impl LabFs {
         }
         let ino = self
             .inodes
-            .remember(key, parent, &name.to_os_string(), true);
+            .remember(key, super::object::Backing::ByPath, parent, name, true);
         Some(Attr { ino, ..attr })
     }
 

@@ -1,31 +1,55 @@
-//! labfs-owned inode numbers and the lookup-count contract.
+//! The inode table: what the kernel holds, keyed by labfs inode number.
 //!
-//! An inode number is derived from the backing object's identity (backend, st_dev,
-//! st_ino): `(dev_index + 1) << 46 | st_ino`, where `dev_index` numbers the backend
-//! filesystems labfs has met. So hard links share a number, a rename keeps it, and a
-//! file gets the same number again after the kernel forgot it: numbers are stable for
-//! the life of the mount without remembering forgotten inodes. Two cases need a number
-//! that is not derived, kept in small side tables:
-//! - a promoted file keeps the number it had on the local SSD although its backing is
-//!   now on Atlas ([`InodeTable::rekey`], an alias kept for the life of the mount);
-//! - a collision: a backend reused the st_ino of an object that the kernel still holds
-//!   (an unlinked file still open, see [`InodeTable::unbind`]), or an st_ino too large
-//!   to derive from; such an object gets a fresh number above 2^62 while the kernel
-//!   holds it.
+//! # The contract
 //!
-//! The lookup-count contract: every reply that hands the kernel an entry (lookup,
-//! create, mkdir, mknod, symlink, link, and each readdirplus entry other than `.` and
-//! `..`) adds one to the inode's count; `forget(ino, n)` subtracts `n`; an inode whose
-//! count reaches zero is dropped from the table (the root is never dropped), so the
-//! table holds exactly what the kernel holds. The table is sharded (dashmap) and no
-//! lock is held across a backend call.
+//! - **An inode stands for one backing object** (backend + the object's identity:
+//!   `BackingKey` = backend, st_dev, st_ino), never for a path. It keeps a
+//!   [`Backing`] (a file handle, or an O_PATH descriptor where the filesystem cannot
+//!   encode handles) through which every operation on the inode reaches the object:
+//!   getattr, setattr, open, readlink, xattrs, fsync, statfs. So an operation on an
+//!   inode works whichever of its names the kernel used, and after all of them are
+//!   gone while the file is still open.
+//! - **Names are an index onto inodes, many to one.** The backend's directories are
+//!   the forward index (lookup = `fstatat(parent's backing, name)`, then the key finds
+//!   the inode). The inode keeps the names the kernel reached it by (`parent`/`name`,
+//!   the primary one, plus `links` for further hard links) as the reverse index: they
+//!   give the namespace paths the rules place it by. A directory has exactly one name.
+//!   Unlinking one name of a hard-linked file drops that name; the last name is kept
+//!   (as where the object was last seen) until the inode is forgotten.
+//! - **Numbers** are derived from the key: `(dev_index + 1) << 46 | st_ino`, so hard
+//!   links share a number, a rename keeps it, and an object gets the same number again
+//!   after the kernel forgot it without labfs remembering forgotten objects. When the
+//!   derived number is taken by another object the kernel still holds (an unlinked file
+//!   whose st_ino the backend already reused), or st_ino is too large, the object gets
+//!   a fresh number above 2^62, remembered in `fresh` until the object is removed
+//!   through the mount, so its number does not change while mounted either.
+//! - **Lookup counts**: every reply that hands the kernel an entry (lookup, create,
+//!   mkdir, mknod, symlink, link, each readdirplus entry other than `.` and `..`) adds
+//!   one ([`InodeTable::remember`]); `forget(ino, n)` subtracts `n`; an inode whose
+//!   count reaches zero is dropped with its backing (the root never is). The table
+//!   holds exactly what the kernel holds; a reply that does not reach the kernel gives
+//!   its count back through `forget`.
+//! - **When a backing changes**: only at promotion. A promoted object that the kernel
+//!   holds is rebound to its Atlas copy ([`InodeTable::rebind`]) and keeps its number
+//!   while the kernel holds it (a `fresh` entry for the Atlas key, dropped with the
+//!   inode); after the kernel forgot it, the path gets the Atlas object's own derived
+//!   number. Nothing per promoted object outlives the kernel's reference. A hard link
+//!   that leaves the promoted tree is not rebound: the inode stays on the local object
+//!   and only loses the promoted name. [`InodeTable::unbind`] marks an inode whose
+//!   object was removed through the mount (its key no longer identifies it).
+//!
+//! The table is sharded (dashmap); no lock is held across a backend call: the backing
+//! of a new inode is captured before the table is touched, and an operation clones the
+//! backing (an `Arc`) out of the table before it calls the backend.
 
 use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
+pub use super::object::Backing;
 use crate::rules::BackendKind;
 
 pub const ROOT_INO: u64 = 1;
@@ -45,22 +69,87 @@ pub struct BackingKey {
     pub ino: u64,
 }
 
+/// Further names of an inode: (parent inode, name).
+pub type Names = Vec<(u64, Box<OsStr>)>;
+
 /// What labfs remembers about one inode the kernel holds.
 #[derive(Clone, Debug)]
 pub struct Node {
-    /// Where it was last seen in the namespace (for hard links: the latest name).
+    /// The primary name: where the rules place it (for a directory, its only name).
     pub parent: u64,
     pub name: Box<OsStr>,
+    /// Further names (hard links) the kernel reached it by.
+    pub links: Option<Box<Names>>,
     /// `None` once the object is gone from its backend (last link removed).
     pub key: Option<BackingKey>,
+    /// The backend the object is on (kept after `unbind`, for open-unlinked files).
+    pub backend: BackendKind,
+    pub backing: Backing,
     /// Lookups the kernel holds (u32: the kernel forgets long before 4 billion).
     pub nlookup: u32,
     pub is_dir: bool,
+    /// Rebound at promotion: its number is not the one its key derives.
+    pub rebound: bool,
 }
 
 impl Node {
     pub fn backend(&self) -> Option<BackendKind> {
-        self.key.map(|k| k.backend)
+        Some(self.backend)
+    }
+
+    /// Every name of the inode, primary first.
+    pub fn names(&self) -> Vec<(u64, &OsStr)> {
+        let mut v = vec![(self.parent, &*self.name)];
+        if let Some(l) = &self.links {
+            v.extend(l.iter().map(|(p, n)| (*p, &**n)));
+        }
+        v
+    }
+
+    fn has_name(&self, parent: u64, name: &OsStr) -> bool {
+        (self.parent == parent && *self.name == *name)
+            || self
+                .links
+                .as_ref()
+                .is_some_and(|l| l.iter().any(|(p, n)| *p == parent && **n == *name))
+    }
+
+    /// Note that the kernel reached it as `parent/name` (the newest name is primary).
+    fn add_name(&mut self, parent: u64, name: &OsStr) {
+        if self.parent == parent && *self.name == *name {
+            return;
+        }
+        if self.is_dir {
+            self.parent = parent;
+            self.name = name.into();
+            return;
+        }
+        let old = (self.parent, std::mem::replace(&mut self.name, name.into()));
+        self.parent = parent;
+        let links = self.links.get_or_insert_with(Default::default);
+        links.retain(|(p, n)| !(*p == parent && **n == *name));
+        links.push(old);
+        if links.len() > 64 {
+            // A file with very many links: keep the most recent names only.
+            links.remove(0);
+        }
+    }
+
+    /// `parent/name` is gone; the last name is kept as where it was last seen.
+    fn drop_name(&mut self, parent: u64, name: &OsStr) {
+        if let Some(links) = &mut self.links {
+            if self.parent == parent && *self.name == *name {
+                if let Some((p, n)) = links.pop() {
+                    self.parent = p;
+                    self.name = n;
+                }
+            } else {
+                links.retain(|(p, n)| !(*p == parent && **n == *name));
+            }
+            if links.is_empty() {
+                self.links = None;
+            }
+        }
     }
 }
 
@@ -68,9 +157,7 @@ pub struct InodeTable {
     nodes: DashMap<u64, Node>,
     /// (backend, st_dev) -> index used in derived numbers.
     devs: DashMap<(BackendKind, u64), u64>,
-    /// Promoted objects keep their earlier number (for the life of the mount).
-    aliases: DashMap<BackingKey, u64>,
-    /// Objects whose derived number was taken, while the kernel holds them.
+    /// Objects whose number is not derived (see the module doc).
     fresh: DashMap<BackingKey, u64>,
     next_fresh: AtomicU64,
     /// Forgets since the table last considered giving memory back.
@@ -80,30 +167,30 @@ pub struct InodeTable {
 /// How often (in dropped inodes) the table checks whether to shrink.
 const SHRINK_EVERY: u64 = 1 << 16;
 
-impl Default for InodeTable {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl InodeTable {
-    pub fn new() -> InodeTable {
+    /// A table holding only the root, whose object is `root`.
+    pub fn new(key: BackingKey, root: Backing) -> InodeTable {
         let nodes = DashMap::new();
         nodes.insert(
             ROOT_INO,
             Node {
                 parent: ROOT_INO,
                 name: OsString::new().into_boxed_os_str(),
-                key: None,
+                links: None,
+                key: Some(key),
+                backend: key.backend,
+                backing: root,
                 nlookup: 1,
                 is_dir: true,
+                rebound: false,
             },
         );
+        let fresh = DashMap::new();
+        fresh.insert(key, ROOT_INO);
         InodeTable {
             nodes,
             devs: DashMap::new(),
-            aliases: DashMap::new(),
-            fresh: DashMap::new(),
+            fresh,
             next_fresh: AtomicU64::new(FRESH_BASE),
             forgets: AtomicU64::new(0),
         }
@@ -111,6 +198,13 @@ impl InodeTable {
 
     pub fn get(&self, ino: u64) -> Option<Node> {
         self.nodes.get(&ino).map(|n| n.clone())
+    }
+
+    /// The inode's backend and backing, cloned out of the table.
+    pub fn backing(&self, ino: u64) -> Option<(BackendKind, Backing, bool)> {
+        self.nodes
+            .get(&ino)
+            .map(|n| (n.backend, n.backing.clone(), n.is_dir))
     }
 
     pub fn len(&self) -> usize {
@@ -121,10 +215,10 @@ impl InodeTable {
         self.nodes.is_empty()
     }
 
-    /// The namespace path of `ino`, built by walking parents.
-    pub fn path(&self, ino: u64) -> Option<String> {
+    /// The namespace path of `ino` by its primary names, as bytes.
+    pub fn npath(&self, ino: u64) -> Option<OsString> {
         if ino == ROOT_INO {
-            return Some("/".to_string());
+            return Some("/".into());
         }
         let mut parts: Vec<Box<OsStr>> = Vec::new();
         let mut cur = ino;
@@ -132,16 +226,30 @@ impl InodeTable {
             let n = self.nodes.get(&cur)?;
             parts.push(n.name.clone());
             cur = n.parent;
-            if parts.len() > 4096 {
-                return None;
+            if parts.len() > 1 << 20 {
+                return None; // a cycle: never built by the mount
             }
         }
-        let mut s = String::new();
-        for p in parts.iter().rev() {
-            s.push('/');
-            s.push_str(&p.to_string_lossy());
-        }
-        Some(s)
+        Some(join_parts(parts.iter().rev().map(|p| &**p)))
+    }
+
+    /// Every namespace path of `ino` (one per name the kernel reached it by).
+    pub fn npaths(&self, ino: u64) -> Vec<OsString> {
+        let Some(n) = self.get(ino) else {
+            return Vec::new();
+        };
+        n.names()
+            .into_iter()
+            .filter_map(|(p, name)| {
+                let dir = self.npath(p)?;
+                Some(super::object::join(&dir, name))
+            })
+            .collect()
+    }
+
+    /// The namespace path of `ino` as UTF-8 (for callers that still take `&str`).
+    pub fn path(&self, ino: u64) -> Option<String> {
+        self.npath(ino).map(|p| p.to_string_lossy().into_owned())
     }
 
     fn derived(&self, key: &BackingKey) -> Option<u64> {
@@ -163,20 +271,42 @@ impl InodeTable {
 
     /// The number `key` has (or would get), without touching counts.
     pub fn number(&self, key: &BackingKey) -> Option<u64> {
-        if let Some(i) = self.aliases.get(key) {
-            return Some(*i);
-        }
         if let Some(i) = self.fresh.get(key) {
             return Some(*i);
         }
         self.derived(key)
     }
 
+    /// One more kernel reference to an inode already in the table for `key`, reached
+    /// as `parent/name`; `None` when no inode holds `key` (then capture a backing and
+    /// call [`InodeTable::remember`]).
+    pub fn bump(&self, key: &BackingKey, parent: u64, name: &OsStr) -> Option<u64> {
+        let ino = self.number(key)?;
+        let mut n = self.nodes.get_mut(&ino)?;
+        if n.key.as_ref() != Some(key) {
+            return None;
+        }
+        n.nlookup = n.nlookup.saturating_add(1);
+        n.add_name(parent, name);
+        Some(ino)
+    }
+
     /// Remember that the kernel now holds one more reference to the object `key`,
-    /// seen at `parent/name`; returns its inode number.
-    pub fn remember(&self, key: BackingKey, parent: u64, name: &OsString, is_dir: bool) -> u64 {
+    /// reached as `parent/name`, reachable again through `backing`; returns its number.
+    pub fn remember(
+        &self,
+        key: BackingKey,
+        backing: Backing,
+        parent: u64,
+        name: &OsStr,
+        is_dir: bool,
+    ) -> u64 {
+        let mut want = self.number(&key);
+        let mut backing = Some(backing);
+        // Ends: each turn either returns or moves to a brand-new fresh number, which
+        // no inode can hold unless another thread just gave it to the same key.
         loop {
-            let ino = match self.number(&key) {
+            let ino = match want {
                 Some(i) => i,
                 None => self.assign_fresh(key),
             };
@@ -185,24 +315,34 @@ impl InodeTable {
                     let n = o.get_mut();
                     if n.key == Some(key) {
                         n.nlookup = n.nlookup.saturating_add(1);
-                        if n.parent != parent || *n.name != **name {
-                            n.parent = parent;
-                            n.name = name.clone().into_boxed_os_str();
-                        }
+                        n.add_name(parent, name);
                         n.is_dir = is_dir;
+                        if matches!(n.backing, Backing::ByPath) {
+                            if let Some(b) = backing.take() {
+                                n.backing = b;
+                            }
+                        }
                         return ino;
                     }
                     // The number belongs to another object the kernel still holds.
                     drop(o);
-                    self.assign_fresh(key);
+                    want = Some(self.assign_fresh(key));
                 }
                 Entry::Vacant(v) => {
+                    let Some(b) = backing.take() else {
+                        want = Some(self.assign_fresh(key));
+                        continue;
+                    };
                     v.insert(Node {
                         parent,
-                        name: name.clone().into_boxed_os_str(),
+                        name: name.into(),
+                        links: None,
                         key: Some(key),
+                        backend: key.backend,
+                        backing: b,
                         nlookup: 1,
                         is_dir,
+                        rebound: false,
                     });
                     return ino;
                 }
@@ -235,7 +375,8 @@ impl InodeTable {
             node.nlookup == 0
         });
         if let Some((_, node)) = removed {
-            if let Some(key) = node.key {
+            if let (Some(key), true) = (node.key, node.rebound) {
+                // A promoted object keeps its old number only while the kernel holds it.
                 self.fresh.remove_if(&key, |_, v| *v == ino);
             }
             if self.forgets.fetch_add(1, Ordering::Relaxed) % SHRINK_EVERY == SHRINK_EVERY - 1 {
@@ -255,49 +396,76 @@ impl InodeTable {
         }
     }
 
-    /// The object behind `ino` is gone from its backend (last link removed): a new
-    /// object that reuses its backing inode number must not be taken for it while the
-    /// kernel still holds this one.
+    /// Entries of the `fresh` table (bounded by collisions and held promoted inodes).
+    pub fn fresh_len(&self) -> usize {
+        self.fresh.len()
+    }
+
+    /// The object behind `ino` is gone from its backend (last link removed through the
+    /// mount): a new object that reuses its backing inode number must not be taken for
+    /// it while the kernel still holds this one. The backing stays, for open files.
     pub fn unbind(&self, ino: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
         if let Some(mut n) = self.nodes.get_mut(&ino) {
             if let Some(key) = n.key.take() {
                 self.fresh.remove_if(&key, |_, v| *v == ino);
-                self.aliases.remove_if(&key, |_, v| *v == ino);
             }
         }
     }
 
-    /// The name moved (rename through the mount).
-    pub fn moved(&self, ino: u64, parent: u64, name: &OsString) {
+    /// The name `parent/name` of `ino` was removed (one link of several).
+    pub fn unlinked(&self, ino: u64, parent: u64, name: &OsStr) {
         if let Some(mut n) = self.nodes.get_mut(&ino) {
-            n.parent = parent;
-            n.name = name.clone().into_boxed_os_str();
+            n.drop_name(parent, name);
         }
     }
 
-    /// The same inode now has a different backing (promotion to Atlas): it keeps its
-    /// number for the life of the mount.
-    pub fn rekey(&self, ino: u64, key: BackingKey) {
+    /// The name moved (rename through the mount) from `from` to `parent/name`.
+    pub fn moved(&self, ino: u64, from: (u64, &OsStr), parent: u64, name: &OsStr) {
+        if let Some(mut n) = self.nodes.get_mut(&ino) {
+            if n.is_dir || !n.has_name(from.0, from.1) || n.links.is_none() {
+                n.parent = parent;
+                n.name = name.into();
+            } else {
+                n.drop_name(from.0, from.1);
+                n.add_name(parent, name);
+            }
+        }
+    }
+
+    /// Promotion: the object the kernel holds as `ino` is now `key` on Atlas, reached
+    /// through `backing`. It keeps its number while the kernel holds it.
+    pub fn rebind(&self, ino: u64, key: BackingKey, backing: Backing) {
+        if ino == ROOT_INO {
+            return;
+        }
         if let Some(mut n) = self.nodes.get_mut(&ino) {
             if let Some(old) = n.key.replace(key) {
                 self.fresh.remove_if(&old, |_, v| *v == ino);
             }
+            n.backend = key.backend;
+            n.backing = backing;
+            n.rebound = true;
+            self.fresh.insert(key, ino);
         }
-        self.aliases.insert(key, ino);
     }
+}
 
-    /// The root's backing key, set once the backend of "/" is known.
-    pub fn set_root_key(&self, key: BackingKey) {
-        if let Some(mut n) = self.nodes.get_mut(&ROOT_INO) {
-            n.key = Some(key);
-        }
-        self.aliases.insert(key, ROOT_INO);
+fn join_parts<'a>(parts: impl Iterator<Item = &'a OsStr>) -> OsString {
+    let mut v = Vec::new();
+    for p in parts {
+        v.push(b'/');
+        v.extend_from_slice(p.as_bytes());
     }
+    OsString::from_vec(v)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn key(ino: u64) -> BackingKey {
         BackingKey {
@@ -307,91 +475,149 @@ mod tests {
         }
     }
 
+    fn atlas(ino: u64) -> BackingKey {
+        BackingKey {
+            backend: BackendKind::Atlas,
+            dev: 9,
+            ino,
+        }
+    }
+
+    fn b() -> Backing {
+        Backing::Handle(Arc::from(vec![0u8; 8]))
+    }
+
+    fn table() -> InodeTable {
+        InodeTable::new(
+            BackingKey {
+                backend: BackendKind::Atlas,
+                dev: 9,
+                ino: 2,
+            },
+            b(),
+        )
+    }
+
+    fn rem(t: &InodeTable, k: BackingKey, name: &str) -> u64 {
+        t.remember(k, b(), ROOT_INO, OsStr::new(name), false)
+    }
+
     #[test]
     fn same_object_same_number_and_counts_add_up() {
-        let t = InodeTable::new();
-        let a = t.remember(key(10), ROOT_INO, &"a".into(), false);
-        let b = t.remember(key(10), ROOT_INO, &"b".into(), false);
-        assert_eq!(a, b, "hard links share an inode number");
+        let t = table();
+        let a = rem(&t, key(10), "a");
+        let b2 = rem(&t, key(10), "b");
+        assert_eq!(a, b2, "hard links share an inode number");
         assert_eq!(t.get(a).map(|n| n.nlookup), Some(2));
         assert_eq!(t.path(a).as_deref(), Some("/b"));
+        assert_eq!(t.npaths(a).len(), 2, "both names are known");
         t.forget(a, 1);
         assert!(t.get(a).is_some());
         t.forget(a, 1);
         assert!(t.get(a).is_none());
-        let c = t.remember(key(10), ROOT_INO, &"a".into(), false);
+        let c = rem(&t, key(10), "a");
         assert_eq!(c, a, "a forgotten object gets its number back");
-        let other = t.remember(key(11), ROOT_INO, &"o".into(), false);
+        let other = rem(&t, key(11), "o");
         assert_ne!(other, a);
     }
 
     #[test]
-    fn unbind_gives_reused_backing_inode_a_new_number() {
-        let t = InodeTable::new();
-        let a = t.remember(key(10), ROOT_INO, &"a".into(), false);
-        t.unbind(a);
-        let b = t.remember(key(10), ROOT_INO, &"b".into(), false);
-        assert_ne!(
-            a, b,
-            "the unlinked object still held by the kernel keeps its number"
-        );
-        t.forget(a, 1);
-        assert_eq!(t.peek(&key(10)), Some(b));
-        t.forget(b, 1);
-        assert_eq!(
-            t.remember(key(10), ROOT_INO, &"b".into(), false),
-            a,
-            "derived again once free"
-        );
+    fn unlinking_one_name_keeps_the_others() {
+        let t = table();
+        let a = rem(&t, key(10), "x");
+        rem(&t, key(10), "y");
+        t.unlinked(a, ROOT_INO, OsStr::new("y"));
+        assert_eq!(t.path(a).as_deref(), Some("/x"));
+        assert_eq!(t.npaths(a).len(), 1);
+        // The last name stays as where it was last seen.
+        t.unlinked(a, ROOT_INO, OsStr::new("x"));
+        assert_eq!(t.path(a).as_deref(), Some("/x"));
     }
 
     #[test]
-    fn rekey_keeps_the_number() {
-        let t = InodeTable::new();
-        let a = t.remember(key(10), ROOT_INO, &"a".into(), false);
-        let atlas = BackingKey {
-            backend: BackendKind::Atlas,
-            dev: 9,
-            ino: 99,
-        };
-        t.rekey(a, atlas);
-        assert_eq!(t.peek(&atlas), Some(a));
-        assert_eq!(t.peek(&key(10)), None);
-        assert_eq!(t.remember(atlas, ROOT_INO, &"a".into(), false), a);
-        t.forget(a, 2);
+    fn a_collided_object_keeps_its_fresh_number_while_mounted() {
+        let t = table();
+        let a = rem(&t, key(10), "a");
+        t.unbind(a);
+        let b2 = rem(&t, key(10), "b");
+        assert_ne!(a, b2, "the unlinked object still held keeps its number");
+        t.forget(a, 1);
+        assert_eq!(t.peek(&key(10)), Some(b2));
+        t.forget(b2, 1);
         assert_eq!(
-            t.remember(atlas, ROOT_INO, &"a".into(), false),
-            a,
-            "kept after forget"
+            rem(&t, key(10), "b"),
+            b2,
+            "the number does not change after a forget"
         );
+        t.unbind(b2);
+        t.forget(b2, 1);
+        assert_eq!(t.fresh_len(), 1, "only the root's entry is left");
+        assert_eq!(rem(&t, key(10), "c"), a, "derived again once removed");
+    }
+
+    /// The endless loop of issue 10: a promoted file kept its SSD-derived number, the
+    /// SSD reused that inode number for a new file, and looking the promoted file up
+    /// again went round `remember` forever.
+    #[test]
+    fn promoted_file_and_reused_ssd_number_never_loop() {
+        let t = Arc::new(table());
+        let old = rem(&t, key(10), "f");
+        t.rebind(old, atlas(99), b());
+        assert_eq!(t.peek(&atlas(99)), Some(old), "kept while held");
+        // While the kernel holds the promoted inode, the SSD reuses st_ino 10.
+        let fresh_local = rem(&t, key(10), "g");
+        assert_ne!(fresh_local, old);
+        t.forget(old, 1);
+        // Forgotten: the path now shows the Atlas object's own number, nothing kept.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t2 = t.clone();
+        std::thread::spawn(move || {
+            let n = rem(&t2, atlas(99), "f");
+            let _ = tx.send(n);
+        });
+        let n = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("remember of the promoted file finished");
+        assert_ne!(n, fresh_local);
+        assert_eq!(Some(n), t.derived(&atlas(99)));
+        // And the other order: forgotten first, then the SSD reuses the number.
+        let t = table();
+        let old = rem(&t, key(20), "f");
+        t.rebind(old, atlas(98), b());
+        t.forget(old, 1);
+        let newer = rem(&t, key(20), "g");
+        assert_eq!(newer, old, "the SSD object gets its derived number");
+        let p = rem(&t, atlas(98), "f");
+        assert_ne!(p, newer);
+        t.forget(p, 1);
+        assert_eq!(t.fresh_len(), 1, "promotion leaves nothing behind");
     }
 
     #[test]
     fn huge_backend_inode_numbers_get_fresh_numbers() {
-        let t = InodeTable::new();
+        let t = table();
         let big = BackingKey {
             backend: BackendKind::Atlas,
             dev: 1,
             ino: u64::MAX - 5,
         };
-        let a = t.remember(big, ROOT_INO, &"a".into(), false);
+        let a = rem(&t, big, "a");
         assert!(a >= FRESH_BASE);
-        assert_eq!(t.remember(big, ROOT_INO, &"a".into(), false), a);
+        assert_eq!(rem(&t, big, "a"), a);
     }
 
     #[test]
     fn backends_never_share_numbers() {
-        let t = InodeTable::new();
-        let l = t.remember(key(10), ROOT_INO, &"l".into(), false);
-        let a = t.remember(
+        let t = table();
+        let l = rem(&t, key(10), "l");
+        let a = rem(
+            &t,
             BackingKey {
                 backend: BackendKind::Atlas,
                 dev: 7,
                 ino: 10,
             },
-            ROOT_INO,
-            &"a".into(),
-            false,
+            "a",
         );
         assert_ne!(l, a);
         assert_ne!(l, ROOT_INO);
@@ -399,11 +625,11 @@ mod tests {
 
     #[test]
     fn paths_follow_parents_and_renames() {
-        let t = InodeTable::new();
-        let d = t.remember(key(1), ROOT_INO, &"d".into(), true);
-        let f = t.remember(key(2), d, &"f".into(), false);
+        let t = table();
+        let d = t.remember(key(1), b(), ROOT_INO, OsStr::new("d"), true);
+        let f = t.remember(key(2), b(), d, OsStr::new("f"), false);
         assert_eq!(t.path(f).as_deref(), Some("/d/f"));
-        t.moved(f, ROOT_INO, &"g".into());
+        t.moved(f, (d, OsStr::new("f")), ROOT_INO, OsStr::new("g"));
         assert_eq!(t.path(f).as_deref(), Some("/g"));
     }
 }

@@ -17,12 +17,13 @@ pub mod handle;
 pub mod health;
 pub mod identity;
 pub mod inode;
+pub mod object;
 mod ops;
 mod promote_support;
 pub mod xattr;
 
 use std::ffi::{CString, OsStr, OsString};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -38,13 +39,14 @@ pub use identity::Ctx;
 pub use inode::ROOT_INO;
 
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::{check, Error, Result};
 use crate::rules::{BackendKind, Class, Placement, Rules, Unplaced};
-use backend::{cstring, fstatat, join, split};
+use backend::{cstring, fstatat};
 use handle::Handles;
 use health::Health;
 use identity::GroupCache;
 use inode::{BackingKey, InodeTable};
+use object::{Backing, ObjFd};
 
 /// Settings that may change on reload.
 pub struct Live {
@@ -76,6 +78,12 @@ pub struct LabFs {
     pub handles: Handles,
     pub health: Arc<Health>,
     groups: GroupCache,
+    /// Mount ids of the backend roots when their filesystems encode file handles
+    /// (`[atlas, local]`); `None`: inodes there hold O_PATH descriptors.
+    handle_mounts: [Option<i32>; 2],
+    /// A readable (not O_PATH) descriptor of each backend root: `open_by_handle_at`
+    /// takes its mount from it and does not accept O_PATH descriptors.
+    handle_roots: [Option<OwnedFd>; 2],
     /// Paths already logged for a refusal by rule (logged once per path).
     refusals_logged: DashMap<String, ()>,
     invalidator: OnceLock<Box<dyn Fn(Invalidate) + Send + Sync>>,
@@ -89,34 +97,70 @@ pub struct Located {
     pub name: CString,
     pub stat: libc::stat,
     pub placement: Placement,
-    pub path: String,
+    pub path: OsString,
+}
+
+/// A name found in a directory: the directory, the name and what it holds.
+struct Found {
+    dir: ObjFd,
+    cname: CString,
+    stat: libc::stat,
+}
+
+fn dup_fd(fd: i32) -> Result<OwnedFd> {
+    // SAFETY: duplicating a valid descriptor.
+    let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    check(r)?;
+    // SAFETY: new descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(r) })
 }
 
 impl LabFs {
     pub fn new(config: &Config, options: MountOptions) -> std::io::Result<LabFs> {
         let atlas = Backend::open(BackendKind::Atlas, &config.storage.atlas)?;
         let local = Backend::open(BackendKind::Local, &config.storage.local)?;
-        let fs = LabFs {
+        let live = Live::from_config(config);
+        let root_backend = live.rules.resolve("/").backend();
+        let handle_roots = [
+            object::reopen(&atlas.root_fd(), libc::O_RDONLY | libc::O_DIRECTORY).ok(),
+            object::reopen(&local.root_fd(), libc::O_RDONLY | libc::O_DIRECTORY).ok(),
+        ];
+        let mount_of = |r: &Option<OwnedFd>, b: &Backend| {
+            r.as_ref()?;
+            object::handle_mount_id(b.root_fd())
+        };
+        let handle_mounts = [
+            mount_of(&handle_roots[0], &atlas),
+            mount_of(&handle_roots[1], &local),
+        ];
+        let root = match root_backend {
+            BackendKind::Atlas => &atlas,
+            BackendKind::Local => &local,
+        };
+        let st = backend::fstat(root.root_fd()).map_err(backend::to_io)?;
+        let root_fd = dup_fd(root.root_fd()).map_err(backend::to_io)?;
+        let inodes = InodeTable::new(
+            BackingKey {
+                backend: root_backend,
+                dev: st.st_dev,
+                ino: st.st_ino,
+            },
+            Backing::Fd(Arc::new(root_fd)),
+        );
+        Ok(LabFs {
             atlas,
             local,
-            live: RwLock::new(Arc::new(Live::from_config(config))),
-            inodes: InodeTable::new(),
+            live: RwLock::new(Arc::new(live)),
+            inodes,
             handles: Handles::default(),
             health: Arc::new(Health::new(config.atlas_health.timeout)),
             groups: GroupCache::new(),
+            handle_mounts,
+            handle_roots,
             refusals_logged: DashMap::new(),
             invalidator: OnceLock::new(),
             options,
-        };
-        let root_backend = fs.live().rules.resolve("/").backend();
-        let b = fs.backend(root_backend);
-        let st = backend::fstat(b.root_fd()).map_err(backend::to_io)?;
-        fs.inodes.set_root_key(BackingKey {
-            backend: root_backend,
-            dev: st.st_dev,
-            ino: st.st_ino,
-        });
-        Ok(fs)
+        })
     }
 
     pub fn live(&self) -> Arc<Live> {
@@ -145,6 +189,13 @@ impl LabFs {
         }
     }
 
+    fn handle_mount(&self, kind: BackendKind) -> Option<i32> {
+        match kind {
+            BackendKind::Atlas => self.handle_mounts[0],
+            BackendKind::Local => self.handle_mounts[1],
+        }
+    }
+
     pub fn creds(&self, ctx: &Ctx) -> Creds {
         self.groups.creds(ctx, 0)
     }
@@ -161,40 +212,58 @@ impl LabFs {
         }
     }
 
-    pub fn placement(&self, path: &str) -> Placement {
+    pub fn placement<P: AsRef<OsStr> + ?Sized>(&self, path: &P) -> Placement {
         let p = self.live().rules.resolve(path);
         crate::stats::rule_hit(&p);
         p
     }
 
-    /// The namespace path of an inode.
+    /// The namespace path of an inode (by its primary name), as bytes.
+    pub fn npath_of(&self, ino: u64) -> Result<OsString> {
+        self.inodes.npath(ino).ok_or(Error::Stale)
+    }
+
+    /// The namespace path of an inode as UTF-8, for callers that take `&str`
+    /// (a non-UTF-8 path is refused with EINVAL there, never mangled).
     pub fn path_of(&self, ino: u64) -> Result<String> {
-        self.inodes.path(ino).ok_or(Error::Stale)
+        let p = self.npath_of(ino)?;
+        p.into_string().map_err(|_| Error::Errno(libc::EINVAL))
+    }
+
+    pub fn child_npath(&self, parent: u64, name: &OsStr) -> Result<OsString> {
+        check_name(name)?;
+        Ok(object::join(&self.npath_of(parent)?, name))
     }
 
     pub fn child_path(&self, parent: u64, name: &OsStr) -> Result<String> {
-        let name = name_str(name)?;
-        Ok(join(&self.path_of(parent)?, name))
+        self.child_npath(parent, name)?
+            .into_string()
+            .map_err(|_| Error::Errno(libc::EINVAL))
     }
 
     /// The backend a request about `parent/name` will touch first (for dispatch).
     pub fn backend_of_child(&self, parent: u64, name: &OsStr) -> Option<BackendKind> {
-        let path = self.child_path(parent, name).ok()?;
+        let path = self.child_npath(parent, name).ok()?;
         Some(self.placement(&path).backend())
     }
 
-    /// The backend that holds `ino`, as last seen.
+    /// The backend that holds `ino`.
     pub fn backend_of(&self, ino: u64) -> Option<BackendKind> {
         self.inodes.get(ino).and_then(|n| n.backend())
     }
 
     /// Fail fast while Atlas is known not to answer.
-    pub fn atlas_gate(&self, backend: BackendKind, path: &str) -> Result<()> {
+    pub fn atlas_gate<P: AsRef<OsStr> + ?Sized>(
+        &self,
+        backend: BackendKind,
+        path: &P,
+    ) -> Result<()> {
         if backend == BackendKind::Atlas && self.health.is_down() {
-            let p = self.placement(path);
-            self.health.log_outage_once(path, &p.rule_label());
+            let path = path.as_ref().to_string_lossy();
+            let p = self.placement(path.as_ref());
+            self.health.log_outage_once(&path, &p.rule_label());
             return Err(Error::AtlasUnavailable {
-                path: path.to_string(),
+                path: path.into_owned(),
                 rule: p.rule_label(),
             });
         }
@@ -216,7 +285,12 @@ impl LabFs {
     }
 
     /// Check that `ctx` may write at `path` under its rule (EROFS otherwise).
-    pub fn check_writable(&self, ctx: &Ctx, path: &str, p: &Placement) -> Result<()> {
+    pub fn check_writable<P: AsRef<OsStr> + ?Sized>(
+        &self,
+        ctx: &Ctx,
+        path: &P,
+        p: &Placement,
+    ) -> Result<()> {
         if p.read_only {
             let groups = if ctx.uid == 0 {
                 Arc::from(Vec::new())
@@ -225,7 +299,7 @@ impl LabFs {
             };
             if !p.may_write(ctx.uid, ctx.gid, &groups) {
                 return Err(self.refused(Error::ReadOnly {
-                    path: path.to_string(),
+                    path: path.as_ref().to_string_lossy().into_owned(),
                     rule: p.rule_label(),
                 }));
             }
@@ -233,8 +307,23 @@ impl LabFs {
         Ok(())
     }
 
+    /// Check that `ctx` may write the object `ino` through every name it is known by:
+    /// a read-only rule holds whichever name the write comes through.
+    pub fn check_writable_ino(&self, ctx: &Ctx, ino: u64) -> Result<()> {
+        for path in self.inodes.npaths(ino) {
+            self.check_writable(ctx, &path, &self.placement(&path))?;
+        }
+        Ok(())
+    }
+
     /// Check that something may be created at `path` (rules, read-only, unplaced).
-    pub fn check_create(&self, ctx: &Ctx, path: &str, is_dir: bool) -> Result<Placement> {
+    pub fn check_create<P: AsRef<OsStr> + ?Sized>(
+        &self,
+        ctx: &Ctx,
+        path: &P,
+        is_dir: bool,
+    ) -> Result<Placement> {
+        let path = path.as_ref();
         if is_reserved(path) {
             return Err(Error::Errno(libc::EACCES));
         }
@@ -245,22 +334,90 @@ impl LabFs {
             && !(is_dir && live.rules.is_rule_ancestor(path))
         {
             return Err(self.refused(Error::Unplaced {
-                path: path.to_string(),
+                path: path.to_string_lossy().into_owned(),
             }));
         }
         self.check_writable(ctx, path, &p)?;
         Ok(p)
     }
 
-    /// Find where `path` is stored and stat it (as the caller).
-    pub fn locate(&self, creds: &Creds, path: &str) -> Result<Located> {
+    /// An O_PATH descriptor of inode `ino`'s object, with its backend.
+    pub fn obj(&self, ino: u64) -> Result<(BackendKind, ObjFd)> {
+        let (kind, backing, _) = self.inodes.backing(ino).ok_or(Error::Stale)?;
+        if kind == BackendKind::Atlas && self.health.is_down() {
+            self.atlas_gate(kind, &self.npath_of(ino)?)?;
+        }
+        if let Backing::ByPath = backing {
+            let path = self.npath_of(ino)?;
+            let _root = Creds::root().assume()?;
+            return Ok((kind, ObjFd::Owned(self.open_dir_path(kind, &path)?)));
+        }
+        let root = match kind {
+            BackendKind::Atlas => &self.handle_roots[0],
+            BackendKind::Local => &self.handle_roots[1],
+        };
+        let root = root
+            .as_ref()
+            .map(|f| f.as_raw_fd())
+            .unwrap_or_else(|| self.backend(kind).root_fd());
+        Ok((kind, backing.open(root)?))
+    }
+
+    /// Directory `ino` on backend `kind` as an O_PATH descriptor: the inode's own
+    /// object when it is stored there, else (the other part of a namespace directory
+    /// stored on both backends) its path beneath that backend's root, as the caller.
+    fn dir_on(&self, creds: &Creds, ino: u64, kind: BackendKind) -> Result<ObjFd> {
+        let path = self.npath_of(ino)?;
+        self.atlas_gate(kind, &path)?;
+        if self.backend_of(ino) == Some(kind) {
+            match self.obj(ino) {
+                Ok((_, fd)) => return Ok(fd),
+                // The directory object is gone (removed behind labfs's back, or by
+                // another node on Atlas): a directory is its one namespace path, so
+                // reach what is at that path now, refusing symlinks (never ESTALE, on
+                // which the kernel would walk the path again and follow a symlink
+                // planted there).
+                Err(e) if e.errno() == libc::ESTALE || e.errno() == libc::ENOENT => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let root = self.backend(kind).root_fd();
+        if ino == ROOT_INO {
+            return Ok(ObjFd::Owned(dup_fd(root)?));
+        }
+        let _as = creds.assume()?;
+        Ok(ObjFd::Owned(object::open_beneath(
+            root,
+            &path,
+            libc::O_PATH | libc::O_DIRECTORY,
+        )?))
+    }
+
+    /// Open namespace directory `dir` on `kind` by path (O_PATH), as whoever the
+    /// thread acts as; no length limit.
+    pub fn open_dir_path(&self, kind: BackendKind, dir: &OsStr) -> Result<OwnedFd> {
+        object::open_beneath(
+            self.backend(kind).root_fd(),
+            dir,
+            libc::O_PATH | libc::O_DIRECTORY,
+        )
+    }
+
+    /// Find where `path` is stored and stat it (as the caller), by path from the
+    /// backend roots (for promote and the operator commands; requests go by inode).
+    pub fn locate<P: AsRef<OsStr> + ?Sized>(&self, creds: &Creds, path: &P) -> Result<Located> {
+        let path = path.as_ref();
         if is_reserved(path) {
             return Err(Error::Errno(libc::ENOENT));
         }
         let placement = self.placement(path);
         let primary = placement.backend();
-        let (dir, name) = split(path);
-        let cname = cstring(OsStr::new(name))?;
+        let (dir, name) = object::split(path);
+        let cname = if path.as_bytes() == b"/" {
+            cstring(OsStr::new("."))?
+        } else {
+            cstring(name)?
+        };
         match self.stat_on(creds, primary, path, dir, &cname) {
             Ok((parent_fd, stat)) => {
                 return Ok(Located {
@@ -269,7 +426,7 @@ impl LabFs {
                     name: cname,
                     stat,
                     placement,
-                    path: path.to_string(),
+                    path: path.to_os_string(),
                 })
             }
             Err(e) if e.errno() == libc::ENOENT || e.errno() == libc::ENOTDIR => {
@@ -282,7 +439,12 @@ impl LabFs {
         // A transitional path may have been promoted to Atlas.
         let (parent_fd, stat) = self.stat_on(creds, BackendKind::Atlas, path, dir, &cname)?;
         // A tag that cannot be read is that error, never "absent" (tags::is_promoted).
-        if !crate::tags::is_promoted(&self.atlas, parent_fd.as_raw_fd(), &cname, path)? {
+        if !crate::tags::is_promoted(
+            &self.atlas,
+            parent_fd.as_raw_fd(),
+            &cname,
+            &path.to_string_lossy(),
+        )? {
             return Err(Error::Errno(libc::ENOENT));
         }
         Ok(Located {
@@ -291,7 +453,7 @@ impl LabFs {
             name: cname,
             stat,
             placement,
-            path: path.to_string(),
+            path: path.to_os_string(),
         })
     }
 
@@ -299,45 +461,138 @@ impl LabFs {
         &self,
         creds: &Creds,
         kind: BackendKind,
-        path: &str,
-        dir: &str,
+        path: &OsStr,
+        dir: &OsStr,
         name: &CString,
     ) -> Result<(OwnedFd, libc::stat)> {
         self.atlas_gate(kind, path)?;
-        let b = self.backend(kind);
         let _as = creds.assume()?;
-        let pfd = b.open_dir(dir)?;
-        let st = if path == "/" {
-            backend::fstat(b.root_fd())?
+        let pfd = self.open_dir_path(kind, dir)?;
+        let st = if path.as_bytes() == b"/" {
+            backend::fstat(self.backend(kind).root_fd())?
         } else {
             fstatat(pfd.as_raw_fd(), name)?
         };
         Ok((pfd, st))
     }
 
-    /// Locate an inode already known to the kernel.
+    /// Locate an inode already known to the kernel, by its primary name.
     pub fn locate_ino(&self, creds: &Creds, ino: u64) -> Result<Located> {
-        let path = self.path_of(ino)?;
+        let path = self.npath_of(ino)?;
         self.locate(creds, &path)
     }
 
-    /// Turn a located object into an entry the kernel will hold (one more lookup).
-    pub fn entry_for(&self, parent: u64, name: &OsStr, loc: &Located) -> EntryOut {
-        let is_dir = loc.stat.st_mode & libc::S_IFMT == libc::S_IFDIR;
-        let ino = if loc.path == "/" {
-            ROOT_INO
-        } else {
-            self.inodes.remember(
-                key_of(loc.backend, &loc.stat),
-                parent,
-                &name.to_os_string(),
-                is_dir,
-            )
+    /// Look `name` up in directory `parent` on backend `kind` (as the caller).
+    fn find(
+        &self,
+        creds: &Creds,
+        parent: u64,
+        name: &OsStr,
+        kind: BackendKind,
+        path: &OsStr,
+    ) -> Result<Found> {
+        // Refused under the name asked for (what the log and the caller see).
+        self.atlas_gate(kind, path)?;
+        let dir = self.dir_on(creds, parent, kind)?;
+        let cname = cstring(name)?;
+        let stat = {
+            let _as = creds.assume()?;
+            fstatat(dir.as_raw_fd(), &cname)?
         };
-        EntryOut {
-            attr: Attr::from_stat(&loc.stat, ino),
-            ttl: self.entry_ttl(loc.backend, &loc.placement),
+        Ok(Found { dir, cname, stat })
+    }
+
+    /// Where `parent/name` is stored now: its placement's backend, or for a
+    /// transitional name missing there, its promoted copy on Atlas.
+    fn find_child(
+        &self,
+        creds: &Creds,
+        parent: u64,
+        name: &OsStr,
+    ) -> Result<(BackendKind, Found, Placement, OsString)> {
+        let path = self.child_npath(parent, name)?;
+        if is_reserved(&path) {
+            return Err(Error::Errno(libc::ENOENT));
         }
+        let placement = self.placement(&path);
+        let primary = placement.backend();
+        match self.find(creds, parent, name, primary, &path) {
+            Ok(f) => return Ok((primary, f, placement, path)),
+            Err(e) if e.errno() == libc::ENOENT || e.errno() == libc::ENOTDIR => {
+                if placement.class != Class::Transitional || primary == BackendKind::Atlas {
+                    return Err(e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        let f = self.find(creds, parent, name, BackendKind::Atlas, &path)?;
+        // A tag that cannot be read is that error, never "absent" (tags::is_promoted).
+        if !crate::tags::is_promoted(
+            &self.atlas,
+            f.dir.as_raw_fd(),
+            &f.cname,
+            &path.to_string_lossy(),
+        )? {
+            return Err(Error::Errno(libc::ENOENT));
+        }
+        Ok((BackendKind::Atlas, f, placement, path))
+    }
+
+    /// Hand the kernel the object `name` found in `dir` on `kind` (one more lookup),
+    /// capturing its backing when the table does not hold it yet.
+    fn entry_in(
+        &self,
+        creds: &Creds,
+        parent: u64,
+        name: &OsStr,
+        kind: BackendKind,
+        (dir, cname, stat): (&ObjFd, &CString, &libc::stat),
+    ) -> Result<EntryOut> {
+        let key = key_of(kind, stat);
+        if let Some(ino) = self.inodes.bump(&key, parent, name) {
+            return Ok(EntryOut {
+                attr: Attr::from_stat(stat, ino),
+                ttl: self.ttl(kind),
+            });
+        }
+        // A new inode: its backing comes from the object itself (an O_PATH open),
+        // so the key and the backing cannot belong to two different objects.
+        let (fd, st) = {
+            let _as = creds.assume()?;
+            object::open_child(dir.as_raw_fd(), cname)?
+        };
+        let key = key_of(kind, &st);
+        let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        let backing = Backing::of_path_fd(fd, self.handle_mount(kind));
+        let ino = self.inodes.remember(key, backing, parent, name, is_dir);
+        Ok(EntryOut {
+            attr: Attr::from_stat(&st, ino),
+            ttl: self.ttl(kind),
+        })
+    }
+
+    /// Remember a just-created object reached through `fd` (any descriptor of it).
+    fn entry_fd(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        kind: BackendKind,
+        fd: i32,
+        st: &libc::stat,
+    ) -> Result<EntryOut> {
+        let key = key_of(kind, st);
+        let ino = match self.inodes.bump(&key, parent, name) {
+            Some(i) => i,
+            None => {
+                let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                let backing = Backing::of_fd(fd, self.handle_mount(kind))?;
+                self.inodes.remember(key, backing, parent, name, is_dir)
+            }
+        };
+        Ok(EntryOut {
+            attr: Attr::from_stat(st, ino),
+            ttl: self.ttl(kind),
+        })
     }
 
     /// How long the kernel may trust an entry: long for data only labfs writes
@@ -347,14 +602,14 @@ impl LabFs {
     }
 
     pub fn lookup(&self, ctx: &Ctx, parent: u64, name: &OsStr) -> Result<EntryOut> {
-        let path = self.child_path(parent, name)?;
-        let loc = self.locate(&self.creds(ctx), &path)?;
-        Ok(self.entry_for(parent, name, &loc))
+        let creds = self.creds(ctx);
+        let (kind, f, _, _) = self.find_child(&creds, parent, name)?;
+        self.entry_in(&creds, parent, name, kind, (&f.dir, &f.cname, &f.stat))
     }
 
     /// How long the kernel may cache "no such entry" for `parent/name`, if at all.
     pub fn negative_ttl(&self, parent: u64, name: &OsStr) -> Option<Duration> {
-        let path = self.child_path(parent, name).ok()?;
+        let path = self.child_npath(parent, name).ok()?;
         let p = self.placement(&path);
         match p.class {
             Class::Ephemeral => Some(self.ttl(BackendKind::Local)),
@@ -369,26 +624,27 @@ impl LabFs {
         self.inodes.forget(ino, n);
     }
 
-    pub fn getattr(&self, ctx: &Ctx, ino: u64, fh: Option<u64>) -> Result<(Attr, Duration)> {
+    pub fn getattr(&self, _ctx: &Ctx, ino: u64, fh: Option<u64>) -> Result<(Attr, Duration)> {
         if let Some(h) = fh.and_then(|fh| self.handles.file(fh)) {
             let st = backend::fstat(h.fd.as_raw_fd())?;
             return Ok((Attr::from_stat(&st, ino), self.ttl(h.backend)));
         }
-        let loc = self.locate_ino(&self.creds(ctx), ino)?;
-        let ttl = self.entry_ttl(loc.backend, &loc.placement);
-        Ok((Attr::from_stat(&loc.stat, ino), ttl))
+        let (kind, fd) = self.obj(ino)?;
+        let st = backend::fstat(fd.as_raw_fd())?;
+        Ok((Attr::from_stat(&st, ino), self.ttl(kind)))
     }
 
     pub fn readlink(&self, ctx: &Ctx, ino: u64) -> Result<Vec<u8>> {
         let creds = self.creds(ctx);
-        let loc = self.locate_ino(&creds, ino)?;
+        let (_, fd) = self.obj(ino)?;
         let _as = creds.assume()?;
         let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
-        // SAFETY: valid dirfd, C string and buffer of the given length.
+        // SAFETY: valid descriptor (an O_PATH symlink with an empty path), C string
+        // and buffer of the given length.
         let n = unsafe {
             libc::readlinkat(
-                loc.parent_fd.as_raw_fd(),
-                loc.name.as_ptr(),
+                fd.as_raw_fd(),
+                c"".as_ptr(),
                 buf.as_mut_ptr() as *mut libc::c_char,
                 buf.len(),
             )
@@ -399,17 +655,12 @@ impl LabFs {
     }
 
     pub fn statfs(&self, ctx: &Ctx, ino: u64) -> Result<libc::statvfs> {
-        let path = self.path_of(ino)?;
-        let kind = self
-            .backend_of(ino)
-            .unwrap_or_else(|| self.placement(&path).backend());
-        self.atlas_gate(kind, &path)?;
-        let b = self.backend(kind);
+        let (_, fd) = self.obj(ino)?;
         let creds = self.creds(ctx);
         let _as = creds.assume()?;
         // SAFETY: zeroed statvfs is a valid out-parameter.
         let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
-        crate::error::check(unsafe { libc::fstatvfs(b.root_fd(), &mut sv) })?;
+        crate::error::check(unsafe { libc::fstatvfs(fd.as_raw_fd(), &mut sv) })?;
         Ok(sv)
     }
 }
@@ -435,23 +686,30 @@ pub fn key_of(backend: BackendKind, st: &libc::stat) -> BackingKey {
 
 /// `/.labfs` on either backend root holds labfs's own state (Atlas identity, journal,
 /// staging, tag store): never part of the namespace.
-pub fn is_reserved(path: &str) -> bool {
-    path == "/.labfs" || path.starts_with("/.labfs/")
+pub fn is_reserved<P: AsRef<OsStr> + ?Sized>(path: &P) -> bool {
+    let b = path.as_ref().as_bytes();
+    b == b"/.labfs" || b.starts_with(b"/.labfs/")
 }
 
-/// A name from the kernel as UTF-8 (rules are written in UTF-8; other names are refused).
-pub fn name_str(name: &OsStr) -> Result<&str> {
-    let s = std::str::from_utf8(name.as_bytes()).map_err(|_| Error::Errno(libc::EINVAL))?;
-    if s.is_empty() || s.contains('/') || s == "." || s == ".." {
+/// A name from the kernel: any bytes but `/` and NUL, not `.` or `..`.
+pub fn check_name(name: &OsStr) -> Result<()> {
+    let b = name.as_bytes();
+    if b.is_empty() || b.contains(&b'/') || b.contains(&0) || b == b"." || b == b".." {
         return Err(Error::Errno(libc::EINVAL));
     }
-    Ok(s)
+    Ok(())
+}
+
+/// A name from the kernel as UTF-8, for callers that take `&str` (EINVAL otherwise).
+pub fn name_str(name: &OsStr) -> Result<&str> {
+    check_name(name)?;
+    std::str::from_utf8(name.as_bytes()).map_err(|_| Error::Errno(libc::EINVAL))
 }
 
 impl LabFs {
     /// Whether listing directory `ino` touches only the local SSD.
     pub fn dir_is_local_only(&self, ino: u64) -> bool {
-        let Some(path) = self.inodes.path(ino) else {
+        let Some(path) = self.inodes.npath(ino) else {
             return true;
         };
         let live = self.live();
@@ -463,7 +721,7 @@ impl LabFs {
 
     /// Whether removing `parent/name` may have to look at Atlas.
     pub fn may_touch_atlas_below(&self, parent: u64, name: &OsStr) -> bool {
-        let Ok(path) = self.child_path(parent, name) else {
+        let Ok(path) = self.child_npath(parent, name) else {
             return false;
         };
         let live = self.live();

@@ -9,9 +9,10 @@
 use std::ffi::{CString, OsStr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use super::backend::{cstring, fstatat, split, Creds};
+use super::backend::{cstring, fstat, fstatat, Creds};
 use super::handle::Opened;
-use super::{Attr, Ctx, EntryOut, LabFs, Located, SetAttr, ROOT_INO};
+use super::object::{self, ObjFd};
+use super::{Attr, Ctx, EntryOut, LabFs, SetAttr, ROOT_INO};
 use crate::error::{check, Error, Result};
 use crate::rules::BackendKind;
 
@@ -23,24 +24,63 @@ pub enum NewNode<'a> {
 }
 
 impl LabFs {
-    /// Open (creating as needed) the parent of `path` on `kind`, ready for a new entry.
-    fn parent_for_create(&self, creds: &Creds, kind: BackendKind, path: &str) -> Result<OwnedFd> {
+    /// Directory `parent` on `kind`, ready for a new entry at `path` (its child):
+    /// created on that backend if the namespace directory so far existed only on the
+    /// other one.
+    fn parent_for_create(
+        &self,
+        creds: &Creds,
+        parent: u64,
+        kind: BackendKind,
+        path: &OsStr,
+    ) -> Result<ObjFd> {
         self.atlas_gate(kind, path)?;
-        let (dir, _) = split(path);
-        let b = self.backend(kind);
-        {
-            let _as = creds.assume()?;
-            match b.open_dir(dir) {
-                Ok(fd) => return Ok(fd),
-                Err(e) if e.errno() == libc::ENOENT => {}
-                Err(e) => return Err(e),
+        match self.dir_on(creds, parent, kind) {
+            Ok(fd) => return Ok(fd),
+            Err(e) if e.errno() == libc::ENOENT => {}
+            Err(e) => return Err(e),
+        }
+        let (dir, _) = object::split(path);
+        Ok(ObjFd::Owned(self.ensure_dirs(kind, dir)?))
+    }
+
+    /// Create every missing directory of namespace directory `dir` on `kind`, copying
+    /// mode and ownership from the namespace's own directory of that name (wherever it
+    /// lives). Runs with the daemon's identity: these are structural directories.
+    fn ensure_dirs(&self, kind: BackendKind, dir: &OsStr) -> Result<OwnedFd> {
+        let _root = Creds::root().assume()?;
+        match self.open_dir_path(kind, dir) {
+            Ok(fd) => return Ok(fd),
+            Err(e) if e.errno() == libc::ENOENT => {}
+            Err(e) => return Err(e),
+        }
+        let (parent, name) = object::split(dir);
+        let pfd = self.ensure_dirs(kind, parent)?;
+        let tmpl = self.locate(&Creds::root(), dir).ok().map(|l| l.stat);
+        let mode = tmpl.map(|s| s.st_mode & 0o7777).unwrap_or(0o755);
+        let cname = cstring(name)?;
+        // SAFETY: valid dirfd and C string.
+        let r = unsafe { libc::mkdirat(pfd.as_raw_fd(), cname.as_ptr(), mode) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(Error::Io(e));
+            }
+        } else if let Some(s) = tmpl {
+            // SAFETY: valid dirfd and C string.
+            unsafe {
+                libc::fchownat(
+                    pfd.as_raw_fd(),
+                    cname.as_ptr(),
+                    s.st_uid,
+                    s.st_gid,
+                    libc::AT_SYMLINK_NOFOLLOW,
+                );
+                // chown clears setuid/setgid bits: put the mode back.
+                libc::fchmodat(pfd.as_raw_fd(), cname.as_ptr(), mode, 0);
             }
         }
-        // The namespace directory exists (the kernel looked it up) but not on this
-        // backend yet: create it, mirroring the namespace's own directory.
-        let template =
-            |d: &str| -> Option<libc::stat> { self.locate(&Creds::root(), d).ok().map(|l| l.stat) };
-        b.ensure_dirs(dir, &template)
+        self.open_dir_path(kind, dir)
     }
 
     fn new_entry(
@@ -51,43 +91,36 @@ impl LabFs {
         umask: u32,
         what: NewNode<'_>,
     ) -> Result<EntryOut> {
-        let path = self.child_path(parent, name)?;
+        let path = self.child_npath(parent, name)?;
         let is_dir = matches!(what, NewNode::Dir { .. });
         let p = self.check_create(ctx, &path, is_dir)?;
         let kind = p.backend();
         let creds = self.creds_umask(ctx, umask);
-        let pfd = self.parent_for_create(&creds, kind, &path)?;
+        let pfd = self.parent_for_create(&creds, parent, kind, &path)?;
         let cname = cstring(name)?;
-        let _as = creds.assume()?;
-        // SAFETY (all three): valid dirfd and C strings.
-        match what {
-            NewNode::Dir { mode } => check(unsafe {
-                libc::mkdirat(pfd.as_raw_fd(), cname.as_ptr(), mode as libc::mode_t)
-            })?,
-            NewNode::Node { mode, rdev } => check(unsafe {
-                libc::mknodat(
-                    pfd.as_raw_fd(),
-                    cname.as_ptr(),
-                    mode as libc::mode_t,
-                    rdev as libc::dev_t,
-                )
-            })?,
-            NewNode::Symlink { target } => {
-                let t = cstring(target)?;
-                check(unsafe { libc::symlinkat(t.as_ptr(), pfd.as_raw_fd(), cname.as_ptr()) })?
-            }
+        let (fd, st) = {
+            let _as = creds.assume()?;
+            // SAFETY (all three): valid dirfd and C strings.
+            match what {
+                NewNode::Dir { mode } => check(unsafe {
+                    libc::mkdirat(pfd.as_raw_fd(), cname.as_ptr(), mode as libc::mode_t)
+                })?,
+                NewNode::Node { mode, rdev } => check(unsafe {
+                    libc::mknodat(
+                        pfd.as_raw_fd(),
+                        cname.as_ptr(),
+                        mode as libc::mode_t,
+                        rdev as libc::dev_t,
+                    )
+                })?,
+                NewNode::Symlink { target } => {
+                    let t = cstring(target)?;
+                    check(unsafe { libc::symlinkat(t.as_ptr(), pfd.as_raw_fd(), cname.as_ptr()) })?
+                }
+            };
+            object::open_child(pfd.as_raw_fd(), &cname)?
         };
-        let st = fstatat(pfd.as_raw_fd(), &cname)?;
-        drop(_as);
-        let loc = Located {
-            backend: kind,
-            parent_fd: pfd,
-            name: cname,
-            stat: st,
-            placement: p,
-            path,
-        };
-        Ok(self.entry_for(parent, name, &loc))
+        self.entry_fd(parent, name, kind, fd.as_raw_fd(), &st)
     }
 
     pub fn mkdir(
@@ -141,11 +174,11 @@ impl LabFs {
         umask: u32,
         flags: i32,
     ) -> Result<(EntryOut, Opened)> {
-        let path = self.child_path(parent, name)?;
+        let path = self.child_npath(parent, name)?;
         let p = self.check_create(ctx, &path, false)?;
         let kind = p.backend();
         let creds = self.creds_umask(ctx, umask);
-        let pfd = self.parent_for_create(&creds, kind, &path)?;
+        let pfd = self.parent_for_create(&creds, parent, kind, &path)?;
         let cname = cstring(name)?;
         let fd = {
             let _as = creds.assume()?;
@@ -157,57 +190,48 @@ impl LabFs {
             // SAFETY: new descriptor we own.
             unsafe { OwnedFd::from_raw_fd(fd) }
         };
-        let st = super::backend::fstat(fd.as_raw_fd())?;
-        let loc = Located {
-            backend: kind,
-            parent_fd: pfd,
-            name: cname,
-            stat: st,
-            placement: p,
-            path,
-        };
-        let entry = self.entry_for(parent, name, &loc);
+        let st = fstat(fd.as_raw_fd())?;
+        let entry = self.entry_fd(parent, name, kind, fd.as_raw_fd(), &st)?;
         let opened = self.new_file_handle(entry.attr.ino, fd, kind, flags);
         Ok((entry, opened))
     }
 
     pub fn link(&self, ctx: &Ctx, ino: u64, newparent: u64, newname: &OsStr) -> Result<EntryOut> {
         let creds = self.creds(ctx);
-        let src = self.locate_ino(&creds, ino)?;
-        let dst = self.child_path(newparent, newname)?;
+        let dst = self.child_npath(newparent, newname)?;
         let p = self.check_create(ctx, &dst, false)?;
-        if p.backend() != src.backend {
+        // A new name is a new way to write the object: a read-only rule on any of its
+        // names holds for it (else `ln /lab/media/song /lab/docs/song` would bypass it).
+        self.check_writable_ino(ctx, ino)?;
+        let (kind, src) = self.obj(ino)?;
+        if p.backend() != kind {
             return Err(self.refused(Error::CrossBackend {
-                from: src.path.clone(),
-                to: dst,
-                from_backend: src.backend.as_str(),
+                from: self.npath_of(ino)?.to_string_lossy().into_owned(),
+                to: dst.to_string_lossy().into_owned(),
+                from_backend: kind.as_str(),
                 to_backend: p.backend().as_str(),
             }));
         }
-        let pfd = self.parent_for_create(&creds, src.backend, &dst)?;
+        let pfd = self.parent_for_create(&creds, newparent, kind, &dst)?;
         let cname = cstring(newname)?;
-        let _as = creds.assume()?;
-        // SAFETY: valid dirfds and C strings.
-        check(unsafe {
-            libc::linkat(
-                src.parent_fd.as_raw_fd(),
-                src.name.as_ptr(),
-                pfd.as_raw_fd(),
-                cname.as_ptr(),
-                0,
-            )
-        })?;
-        let st = fstatat(pfd.as_raw_fd(), &cname)?;
-        drop(_as);
-        let loc = Located {
-            backend: src.backend,
-            parent_fd: pfd,
-            name: cname,
-            stat: st,
-            placement: p,
-            path: dst,
+        let st = {
+            let _as = creds.assume()?;
+            // linkat through /proc/self/fd/N links the object itself (AT_EMPTY_PATH would
+            // need CAP_DAC_READ_SEARCH, which a thread acting as a user does not have).
+            let from = src.proc_path();
+            // SAFETY: valid C strings and dirfd.
+            check(unsafe {
+                libc::linkat(
+                    libc::AT_FDCWD,
+                    from.as_ptr(),
+                    pfd.as_raw_fd(),
+                    cname.as_ptr(),
+                    libc::AT_SYMLINK_FOLLOW,
+                )
+            })?;
+            fstatat(pfd.as_raw_fd(), &cname)?
         };
-        Ok(self.entry_for(newparent, newname, &loc))
+        self.entry_in(&creds, newparent, newname, kind, (&pfd, &cname, &st))
     }
 
     pub fn unlink(&self, ctx: &Ctx, parent: u64, name: &OsStr) -> Result<()> {
@@ -220,50 +244,56 @@ impl LabFs {
 
     fn remove(&self, ctx: &Ctx, parent: u64, name: &OsStr, dir: bool) -> Result<()> {
         let creds = self.creds(ctx);
-        let path = self.child_path(parent, name)?;
-        let loc = self.locate(&creds, &path)?;
-        self.check_writable(ctx, &path, &loc.placement)?;
-        let known = self.inodes.peek(&super::key_of(loc.backend, &loc.stat));
+        let (kind, f, placement, path) = self.find_child(&creds, parent, name)?;
+        self.check_writable(ctx, &path, &placement)?;
+        let known = self.inodes.peek(&super::key_of(kind, &f.stat));
         if dir {
             // The namespace directory is empty only if every backend's part is.
-            let other = loc.backend.other();
+            let other = kind.other();
             // A transitional directory may also have a promoted part on Atlas.
-            let promoted_part = other == BackendKind::Atlas
-                && loc.placement.class == crate::rules::Class::Transitional;
+            let promoted_part =
+                other == BackendKind::Atlas && placement.class == crate::rules::Class::Transitional;
             if (self.live().rules.may_place_below(&path, other) || promoted_part)
                 && !(other == BackendKind::Atlas && self.health.is_down())
             {
-                let b = self.backend(other);
-                let _as = creds.assume()?;
-                if let Ok(fd) = b.open_beneath(&path, libc::O_RDONLY | libc::O_DIRECTORY) {
-                    let names = super::handle::list_dir(fd)?;
-                    if names.iter().any(|(n, _)| n != "." && n != "..") {
-                        return Err(Error::Errno(libc::ENOTEMPTY));
-                    }
-                    // An empty structural directory goes with the namespace one.
-                    if let Ok(pfd) = b.open_dir(split(&path).0) {
+                if let Ok(odir) = self.dir_on(&creds, parent, other) {
+                    let _as = creds.assume()?;
+                    if let Ok(fd) = open_at(
+                        odir.as_raw_fd(),
+                        &f.cname,
+                        libc::O_RDONLY | libc::O_DIRECTORY,
+                    ) {
+                        let names = super::handle::list_dir(fd)?;
+                        if names.iter().any(|(n, _)| n != "." && n != "..") {
+                            return Err(Error::Errno(libc::ENOTEMPTY));
+                        }
+                        // An empty structural directory goes with the namespace one.
                         // SAFETY: valid dirfd and C string.
                         unsafe {
-                            libc::unlinkat(pfd.as_raw_fd(), loc.name.as_ptr(), libc::AT_REMOVEDIR)
+                            libc::unlinkat(odir.as_raw_fd(), f.cname.as_ptr(), libc::AT_REMOVEDIR)
                         };
                     }
                 }
             }
         }
-        let _as = creds.assume()?;
-        let flags = if dir { libc::AT_REMOVEDIR } else { 0 };
-        // SAFETY: valid dirfd and C string.
-        check(unsafe { libc::unlinkat(loc.parent_fd.as_raw_fd(), loc.name.as_ptr(), flags) })?;
+        {
+            let _as = creds.assume()?;
+            let flags = if dir { libc::AT_REMOVEDIR } else { 0 };
+            // SAFETY: valid dirfd and C string.
+            check(unsafe { libc::unlinkat(f.dir.as_raw_fd(), f.cname.as_ptr(), flags) })?;
+        }
         if let Some(ino) = known {
-            if dir || loc.stat.st_nlink <= 1 {
+            if dir || f.stat.st_nlink <= 1 {
                 self.inodes.unbind(ino);
+            } else {
+                self.inodes.unlinked(ino, parent, name);
             }
         }
         Ok(())
     }
 
     /// Whether a rename of `path` stays on `backend` for the whole subtree.
-    fn subtree_on(&self, path: &str, is_dir: bool, backend: BackendKind) -> bool {
+    fn subtree_on(&self, path: &OsStr, is_dir: bool, backend: BackendKind) -> bool {
         let rules = self.live().rules.clone();
         if is_dir {
             rules.uniform_backend(path) == Some(backend)
@@ -282,64 +312,64 @@ impl LabFs {
         flags: u32,
     ) -> Result<()> {
         let creds = self.creds(ctx);
-        let from = self.child_path(parent, name)?;
-        let to = self.child_path(newparent, newname)?;
-        let src = self.locate(&creds, &from)?;
-        self.check_writable(ctx, &from, &src.placement)?;
-        let dp = self.check_create(ctx, &to, src.stat.st_mode & libc::S_IFMT == libc::S_IFDIR)?;
+        let (kind, src, sp, from) = self.find_child(&creds, parent, name)?;
+        self.check_writable(ctx, &from, &sp)?;
+        let to = self.child_npath(newparent, newname)?;
         let is_dir = src.stat.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        let dp = self.check_create(ctx, &to, is_dir)?;
         let cross = |to_backend: BackendKind| Error::CrossBackend {
-            from: from.clone(),
-            to: to.clone(),
-            from_backend: src.backend.as_str(),
+            from: from.to_string_lossy().into_owned(),
+            to: to.to_string_lossy().into_owned(),
+            from_backend: kind.as_str(),
             to_backend: to_backend.as_str(),
         };
-        if dp.backend() != src.backend {
+        if dp.backend() != kind {
             return Err(self.refused(cross(dp.backend())));
         }
-        if is_dir
-            && (!self.subtree_on(&from, true, src.backend)
-                || !self.subtree_on(&to, true, src.backend))
-        {
+        if is_dir && (!self.subtree_on(&from, true, kind) || !self.subtree_on(&to, true, kind)) {
             // Part of the tree would change backend: let mv copy it path by path.
-            return Err(self.refused(cross(src.backend.other())));
+            return Err(self.refused(cross(kind.other())));
         }
-        let dst_parent = self.parent_for_create(&creds, src.backend, &to)?;
+        let dst_parent = self.parent_for_create(&creds, newparent, kind, &to)?;
         let dname = cstring(newname)?;
         // What the target was, so its number can be retired if this removes it.
         let replaced = {
             let _as = creds.assume()?;
-            fstatat(dst_parent.as_raw_fd(), &dname).ok()
+            let replaced = fstatat(dst_parent.as_raw_fd(), &dname).ok();
+            // SAFETY: valid dirfds and C strings; flags are passed through for renameat2.
+            check(unsafe {
+                libc::renameat2(
+                    src.dir.as_raw_fd(),
+                    src.cname.as_ptr(),
+                    dst_parent.as_raw_fd(),
+                    dname.as_ptr(),
+                    flags,
+                )
+            } as i32)?;
+            replaced
         };
-        let _as = creds.assume()?;
-        // SAFETY: valid dirfds and C strings; flags are passed through for renameat2.
-        check(unsafe {
-            libc::renameat2(
-                src.parent_fd.as_raw_fd(),
-                src.name.as_ptr(),
-                dst_parent.as_raw_fd(),
-                dname.as_ptr(),
-                flags,
-            )
-        } as i32)?;
-        drop(_as);
-        let src_key = super::key_of(src.backend, &src.stat);
+        let src_key = super::key_of(kind, &src.stat);
+        let src_ino = self.inodes.peek(&src_key);
         if flags & libc::RENAME_EXCHANGE != 0 {
             if let Some(st) = replaced {
-                if let Some(other) = self.inodes.peek(&super::key_of(src.backend, &st)) {
-                    self.inodes.moved(other, parent, &name.to_os_string());
+                if let Some(other) = self.inodes.peek(&super::key_of(kind, &st)) {
+                    self.inodes.moved(other, (newparent, newname), parent, name);
                 }
             }
         } else if let Some(st) = replaced {
-            let k = super::key_of(src.backend, &st);
-            if k != src_key && (st.st_nlink <= 1 || st.st_mode & libc::S_IFMT == libc::S_IFDIR) {
+            let k = super::key_of(kind, &st);
+            if k != src_key {
                 if let Some(old) = self.inodes.peek(&k) {
-                    self.inodes.unbind(old);
+                    if st.st_nlink <= 1 || st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                        self.inodes.unbind(old);
+                    } else {
+                        self.inodes.unlinked(old, newparent, newname);
+                    }
                 }
             }
         }
-        if let Some(ino) = self.inodes.peek(&src_key) {
-            self.inodes.moved(ino, newparent, &newname.to_os_string());
+        if let Some(ino) = src_ino {
+            self.inodes.moved(ino, (parent, name), newparent, newname);
         }
         Ok(())
     }
@@ -351,36 +381,34 @@ impl LabFs {
         set: &SetAttr,
     ) -> Result<(Attr, std::time::Duration)> {
         let creds = self.creds(ctx);
-        let loc = self.locate_ino(&creds, ino)?;
         if set.is_write() {
-            self.check_writable(ctx, &loc.path, &loc.placement)?;
+            self.check_writable_ino(ctx, ino)?;
         }
         let handle = set.fh.and_then(|fh| self.handles.file(fh));
+        let (kind, obj) = self.obj(ino)?;
+        let st0 = fstat(obj.as_raw_fd())?;
+        let proc = obj.proc_path();
+        let is_link = st0.st_mode & libc::S_IFMT == libc::S_IFLNK;
         if !set.is_write() {
             // With FUSE_HANDLE_KILLPRIV_V2 an otherwise empty setattr is the kernel's
             // "kill setuid/setgid" (FATTR_KILL_SUIDGID), sent before a write that goes
             // straight to the backing file (passthrough) by someone without
             // CAP_FSETID; the write itself runs with root's backing credentials.
-            let mode = loc.stat.st_mode & 0o7777;
+            let mode = st0.st_mode & 0o7777;
             let mut new = mode & !libc::S_ISUID;
             if mode & libc::S_IXGRP != 0 {
                 new &= !libc::S_ISGID;
             }
-            if new != mode && loc.stat.st_mode & libc::S_IFMT == libc::S_IFREG {
+            if new != mode && st0.st_mode & libc::S_IFMT == libc::S_IFREG {
                 let _root = Creds::root().assume()?;
-                // SAFETY: valid dirfd and C string.
-                check(unsafe {
-                    libc::fchmodat(loc.parent_fd.as_raw_fd(), loc.name.as_ptr(), new, 0)
-                })?;
+                // SAFETY: valid C string (the object's /proc/self/fd path).
+                check(unsafe { libc::chmod(proc.as_ptr(), new) })?;
             }
         }
         let _as = creds.assume()?;
-        let pfd = loc.parent_fd.as_raw_fd();
-        let name = loc.name.as_ptr();
-        let is_link = loc.stat.st_mode & libc::S_IFMT == libc::S_IFLNK;
         if let Some(mode) = set.mode {
             if !is_link {
-                let old = loc.stat.st_mode & 0o7777;
+                let old = st0.st_mode & 0o7777;
                 let new = mode & 0o7777;
                 // The kernel clears setuid/setgid on a write by someone who does not own
                 // the file (file_remove_privs, which skips the ownership check). Under
@@ -388,22 +416,30 @@ impl LabFs {
                 // non-owner asking exactly for "the same mode minus those bits" is that
                 // path, and the backend needs root's right to do it.
                 let kill_priv = ctx.uid != 0
-                    && ctx.uid != loc.stat.st_uid
+                    && ctx.uid != st0.st_uid
                     && new == old & !(libc::S_ISUID | libc::S_ISGID)
                     && new != old;
                 let _root = kill_priv.then(|| Creds::root().assume()).transpose()?;
-                // SAFETY: valid dirfd and C string (or the handle's descriptor).
+                // SAFETY: valid descriptor or C string.
                 match &handle {
                     Some(h) => check(unsafe { libc::fchmod(h.fd.as_raw_fd(), new) })?,
-                    None => check(unsafe { libc::fchmodat(pfd, name, new, 0) })?,
+                    None => check(unsafe { libc::chmod(proc.as_ptr(), new) })?,
                 };
             }
         }
         if set.uid.is_some() || set.gid.is_some() {
             let uid = set.uid.unwrap_or(u32::MAX);
             let gid = set.gid.unwrap_or(u32::MAX);
-            // SAFETY: valid dirfd and C string.
-            check(unsafe { libc::fchownat(pfd, name, uid, gid, libc::AT_SYMLINK_NOFOLLOW) })?;
+            // SAFETY: valid descriptor, empty C string with AT_EMPTY_PATH.
+            check(unsafe {
+                libc::fchownat(
+                    obj.as_raw_fd(),
+                    c"".as_ptr(),
+                    uid,
+                    gid,
+                    libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+                )
+            })?;
         }
         if let Some(size) = set.size {
             match &handle {
@@ -412,7 +448,7 @@ impl LabFs {
                     check(unsafe { libc::ftruncate(h.fd.as_raw_fd(), size as libc::off_t) })?
                 }
                 None => {
-                    let fd = open_at(pfd, &loc.name, libc::O_WRONLY)?;
+                    let fd = object::reopen(&obj, libc::O_WRONLY)?;
                     // SAFETY: valid descriptor.
                     check(unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) })?
                 }
@@ -423,19 +459,21 @@ impl LabFs {
                 super::attr::timespec(set.atime),
                 super::attr::timespec(set.mtime),
             ];
-            // SAFETY: valid dirfd, C string and two timespecs.
+            // SAFETY: valid descriptor, empty C string with AT_EMPTY_PATH, two timespecs.
             check(unsafe {
-                libc::utimensat(pfd, name, times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+                libc::utimensat(
+                    obj.as_raw_fd(),
+                    c"".as_ptr(),
+                    times.as_ptr(),
+                    libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+                )
             })?;
         }
         let st = match &handle {
-            Some(h) => super::backend::fstat(h.fd.as_raw_fd())?,
-            None => fstatat(pfd, &loc.name)?,
+            Some(h) => fstat(h.fd.as_raw_fd())?,
+            None => fstat(obj.as_raw_fd())?,
         };
-        Ok((
-            Attr::from_stat(&st, ino),
-            self.entry_ttl(loc.backend, &loc.placement),
-        ))
+        Ok((Attr::from_stat(&st, ino), self.ttl(kind)))
     }
 
     /// access(2): the kernel checks mode bits itself (default_permissions); labfs adds
@@ -444,10 +482,9 @@ impl LabFs {
         if ino == ROOT_INO && mask & libc::W_OK == 0 {
             return Ok(());
         }
-        let creds = self.creds(ctx);
-        let loc = self.locate_ino(&creds, ino)?;
+        self.obj(ino)?;
         if mask & libc::W_OK != 0 {
-            self.check_writable(ctx, &loc.path, &loc.placement)?;
+            self.check_writable_ino(ctx, ino)?;
         }
         Ok(())
     }

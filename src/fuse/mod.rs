@@ -735,7 +735,7 @@ impl Filesystem for LabFuse {
     ) {
         let c = ctx(req);
         let (n, v) = (name.to_os_string(), value.to_vec());
-        let work = move |fs: &LabFs| fs.setxattr(&c, ino.0, &n, &v, flags);
+        let work = move |fs: &LabFs| crate::control::setxattr(fs, &c, ino.0, &n, &v, flags);
         if is_control(name) {
             self.run_control("setxattr", reply, work, |r, ()| r.ok());
             return;
@@ -746,9 +746,14 @@ impl Filesystem for LabFuse {
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let c = ctx(req);
         let n = name.to_os_string();
-        let work = move |fs: &LabFs| fs.getxattr(&c, ino.0, &n, size);
-        if name == crate::control::EXPLAIN {
-            // Explaining a path locates it, maybe on Atlas.
+        let work = move |fs: &LabFs| crate::control::getxattr(fs, &c, ino.0, &n, size);
+        if is_control(name)
+            && !name
+                .as_encoded_bytes()
+                .starts_with(crate::promote::CTL_PROMOTE.as_bytes())
+        {
+            // Status pieces and explaining a path may touch Atlas (and time out on
+            // their own): the Atlas lane, whose threads grow; never the local one.
             self.run(BackendKind::Atlas, "getxattr", reply, work, xattr_reply);
             return;
         }

@@ -1,10 +1,15 @@
 //! The at-risk report of `labfs status`: transitional data on this node's local SSD
 //! that has not been promoted, by subtree (the topmost directory a transitional rule
-//! places, e.g. `/scans/s1/work`), with size, file count and age (oldest mtime),
-//! oldest first. This is what an operator checks before rebuilding a node.
+//! places, e.g. `/scans/s1/work`), with size, file count, age (oldest mtime) and the
+//! files themselves, oldest first. This is what an operator checks before
+//! rebuilding a node.
+//!
+//! The walk visits directories in name order and stops after a fixed number of
+//! entries ([`ENTRY_BUDGET`]; none with `full`), so the same data always gives the
+//! same report; a report cut short names the subtrees it did not finish and the
+//! directories it did not reach.
 
 use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -13,8 +18,10 @@ use crate::fs::backend::{fstatat, join};
 use crate::fs::{Creds, LabFs};
 use crate::rules::{Class, Rules};
 
-/// The walk gives up after this long (the report then says it is incomplete).
-const BUDGET: Duration = Duration::from_secs(3);
+/// Entries (files and directories) a quick walk visits before it stops.
+pub const ENTRY_BUDGET: u64 = 250_000;
+/// Files named per subtree in a quick report (all with `full`).
+pub const NAMED_FILES: usize = 20;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AtRisk {
@@ -22,14 +29,28 @@ pub struct AtRisk {
     pub subtrees: Vec<Subtree>,
     pub total_bytes: u64,
     pub total_files: u64,
-    /// False when the walk was cut short (very large local trees).
+    /// False when the walk was cut short (see `not_reached` and each subtree's
+    /// `complete`); `labfs status --full` walks everything.
     pub complete: bool,
+    /// Whether this is a `--full` walk.
+    #[serde(default)]
+    pub full: bool,
+    /// Entries visited by the walk.
+    #[serde(default)]
+    pub entries_visited: u64,
+    /// Directories the walk did not reach (they may hold more at-risk data).
+    #[serde(default)]
+    pub not_reached: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Subtree {
     pub path: String,
+    /// The deciding rule with its line, e.g. `/scans/*/work (line 13)`.
     pub rule: String,
+    /// The rule's pattern alone, e.g. `/scans/*/work`.
+    #[serde(default)]
+    pub rule_path: String,
     pub bytes: u64,
     pub files: u64,
     /// Oldest mtime of a file in it (Unix seconds) and its RFC 3339 form.
@@ -38,6 +59,23 @@ pub struct Subtree {
     pub age_secs: i64,
     /// A promotion of (part of) it is running.
     pub promoting: bool,
+    /// The rule's `max_unpromoted`, in seconds.
+    #[serde(default)]
+    pub max_unpromoted_secs: Option<u64>,
+    /// Older than `max_unpromoted`.
+    #[serde(default)]
+    pub overdue: bool,
+    /// False when the walk stopped inside this subtree (counts are a lower bound).
+    #[serde(default = "yes")]
+    pub complete: bool,
+    /// The at-risk files (namespace paths, in walk order): all of them with `full`,
+    /// else the first [`NAMED_FILES`].
+    #[serde(default)]
+    pub named: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Whether some path at or below `path` could match `pattern` (conservative).
@@ -57,30 +95,24 @@ fn could_match_below(pattern: &str, path: &str) -> bool {
     go(&pat, &comps)
 }
 
-fn worth_descending(rules: &Rules, path: &str) -> bool {
-    rules
-        .rules()
-        .iter()
-        .any(|r| r.class == Class::Transitional && could_match_below(&r.path, path))
+fn worth_descending(transitional: &[&str], path: &str) -> bool {
+    transitional.iter().any(|r| could_match_below(r, path))
 }
 
 struct Walker<'a> {
     fs: &'a LabFs,
     rules: &'a Rules,
-    deadline: Instant,
-    complete: bool,
+    budget: Option<u64>,
+    visited: u64,
 }
 
 impl Walker<'_> {
-    fn out_of_time(&mut self) -> bool {
-        if Instant::now() > self.deadline {
-            self.complete = false;
-        }
-        !self.complete
+    fn out_of_budget(&self) -> bool {
+        self.budget.is_some_and(|b| self.visited >= b)
     }
 
-    /// Children of a local directory with their lstat.
-    fn children(&self, dir: &str) -> Vec<(String, libc::stat)> {
+    /// Children of a local directory with their lstat, in name order.
+    fn children(&mut self, dir: &str) -> Vec<(String, libc::stat)> {
         let Ok(rd) = self
             .fs
             .local
@@ -105,46 +137,55 @@ impl Walker<'_> {
                 out.push((n.to_string(), st));
             }
         }
+        self.visited += out.len() as u64;
+        out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
 
-    /// Sum a transitional subtree.
-    fn sum(&mut self, top: &str, st: &libc::stat, acc: &mut Subtree) {
-        let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
-        if !is_dir {
-            acc.files += 1;
-            if st.st_mode & libc::S_IFMT == libc::S_IFREG {
-                acc.bytes += st.st_size as u64;
-            }
-            acc.oldest_mtime = acc.oldest_mtime.min(st.st_mtime);
-            return;
+    fn add_file(&self, acc: &mut Subtree, path: &str, st: &libc::stat) {
+        acc.files += 1;
+        if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+            acc.bytes += st.st_size as u64;
         }
+        acc.oldest_mtime = acc.oldest_mtime.min(st.st_mtime);
+        if self.budget.is_none() || acc.named.len() < NAMED_FILES {
+            acc.named.push(path.to_string());
+        }
+    }
+
+    /// Sum a transitional subtree; false when the budget ran out inside it.
+    fn sum(&mut self, top: &str, st: &libc::stat, acc: &mut Subtree) -> bool {
+        if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            self.add_file(acc, top, st);
+            return true;
+        }
+        // Depth first, in name order (a stack of name-sorted lists, reversed).
         let mut stack = vec![top.to_string()];
         while let Some(dir) = stack.pop() {
-            if self.out_of_time() {
-                return;
+            if self.out_of_budget() {
+                return false;
             }
+            let mut dirs = Vec::new();
             for (n, cst) in self.children(&dir) {
                 let child = join(&dir, &n);
                 if self.rules.resolve(&child).class != Class::Transitional {
                     continue;
                 }
                 if cst.st_mode & libc::S_IFMT == libc::S_IFDIR {
-                    stack.push(child);
+                    dirs.push(child);
                 } else {
-                    acc.files += 1;
-                    if cst.st_mode & libc::S_IFMT == libc::S_IFREG {
-                        acc.bytes += cst.st_size as u64;
-                    }
-                    acc.oldest_mtime = acc.oldest_mtime.min(cst.st_mtime);
+                    self.add_file(acc, &child, &cst);
                 }
             }
+            stack.extend(dirs.into_iter().rev());
         }
+        true
     }
 }
 
-/// Walk the local backend (as root) for unpromoted transitional data.
-pub fn report(fs: &LabFs) -> AtRisk {
+/// Walk the local backend (as root) for unpromoted transitional data; `full`: with
+/// no entry budget.
+pub fn report(fs: &LabFs, full: bool) -> AtRisk {
     let _root = match Creds::root().assume() {
         Ok(g) => g,
         Err(e) => {
@@ -153,47 +194,79 @@ pub fn report(fs: &LabFs) -> AtRisk {
         }
     };
     let live = fs.live();
+    let transitional: Vec<&str> = live
+        .rules
+        .rules()
+        .iter()
+        .filter(|r| r.class == Class::Transitional)
+        .map(|r| r.path.as_str())
+        .collect();
     let mut w = Walker {
         fs,
         rules: &live.rules,
-        deadline: Instant::now() + BUDGET,
-        complete: true,
+        budget: (!full).then_some(ENTRY_BUDGET),
+        visited: 0,
     };
     let mut subtrees = Vec::new();
+    let mut not_reached = Vec::new();
+    let mut complete = true;
     let mut stack = vec!["/".to_string()];
+    if transitional.is_empty() {
+        stack.clear();
+    }
     while let Some(dir) = stack.pop() {
-        if w.out_of_time() {
-            break;
+        if w.out_of_budget() {
+            complete = false;
+            not_reached.push(dir);
+            continue;
         }
+        let mut dirs = Vec::new();
         for (n, st) in w.children(&dir) {
             let child = join(&dir, &n);
             let p = w.rules.resolve(&child);
             if p.class == Class::Transitional {
+                let max = p.rule.as_ref().and_then(|r| r.max_unpromoted);
                 let mut acc = Subtree {
                     path: child.clone(),
                     rule: p.rule_label(),
+                    rule_path: p.rule.as_ref().map(|r| r.path.clone()).unwrap_or_default(),
                     bytes: 0,
                     files: 0,
                     oldest_mtime: i64::MAX,
                     oldest: String::new(),
                     age_secs: 0,
                     promoting: super::in_flight(&child),
+                    max_unpromoted_secs: max.map(|d| d.as_secs()),
+                    overdue: false,
+                    complete: true,
+                    named: Vec::new(),
                 };
-                w.sum(&child, &st, &mut acc);
-                if acc.files > 0 {
+                if !w.sum(&child, &st, &mut acc) {
+                    acc.complete = false;
+                    complete = false;
+                }
+                if acc.files > 0 || !acc.complete {
                     subtrees.push(acc);
                 }
             } else if st.st_mode & libc::S_IFMT == libc::S_IFDIR
-                && worth_descending(w.rules, &child)
+                && worth_descending(&transitional, &child)
             {
-                stack.push(child);
+                dirs.push(child);
             }
         }
+        stack.extend(dirs.into_iter().rev());
     }
+    not_reached.sort();
     let now = util::now_secs();
     for s in &mut subtrees {
+        if s.files == 0 {
+            s.oldest_mtime = now;
+        }
         s.oldest = util::rfc3339(s.oldest_mtime);
         s.age_secs = (now - s.oldest_mtime).max(0);
+        s.overdue = s
+            .max_unpromoted_secs
+            .is_some_and(|m| s.files > 0 && s.age_secs as u64 > m);
     }
     subtrees.sort_by(|a, b| {
         a.oldest_mtime
@@ -204,7 +277,10 @@ pub fn report(fs: &LabFs) -> AtRisk {
         total_bytes: subtrees.iter().map(|s| s.bytes).sum(),
         total_files: subtrees.iter().map(|s| s.files).sum(),
         subtrees,
-        complete: w.complete,
+        complete,
+        full,
+        entries_visited: w.visited,
+        not_reached,
     }
 }
 

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use super::job::{Progress, Request};
 use super::{CTL_JOB_PREFIX, CTL_PROMOTE};
-use crate::cli::{EXIT_FAIL, EXIT_OK};
+use crate::exit::{EXIT_FAIL, EXIT_OK};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 

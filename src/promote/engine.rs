@@ -19,6 +19,7 @@ use tracing::{error, info, warn};
 use super::copy;
 use super::job::{failed, Job, JobError, JobResult, Phase};
 use super::journal::{Entry, EntryKind, Journal, State};
+use super::place;
 use super::plan;
 use super::util::{self, cstr};
 use crate::error::Result;
@@ -260,6 +261,12 @@ fn execute(fs: &LabFs, job: &Job) -> JobResult<String> {
         ));
     }
     check_caller(fs, job)?;
+    if let crate::atlas_id::Squash::Yes(_) = crate::atlas_id::root_squash() {
+        return Err(JobError::Refused(format!(
+            "{path}: not promoted, nothing was changed: {}",
+            crate::atlas_id::SQUASH_HELP
+        )));
+    }
     let p = fs.placement(path);
     if fs.health.is_down() {
         return Err(JobError::Refused(format!(
@@ -925,6 +932,28 @@ fn verify(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
         }
         Ok(())
     })?;
+    // Owner, group and mode as the server keeps them: an Atlas that squashes root (or
+    // maps ids) must not silently hand the tree to someone else.
+    for e in &j.entries {
+        let ns = j.ns_path(&e.rel);
+        let sr = cstr(&Journal::staged_rel(&e.rel)).map_err(failed(&ns))?;
+        let st = fstatat(sfd.as_raw_fd(), &sr)
+            .map_err(failed(format!("{ns}: the staged copy on Atlas")))?;
+        let want_mode = e.mode & 0o7777;
+        let got_mode = st.st_mode & 0o7777;
+        let mode_differs = e.kind != EntryKind::Symlink && got_mode != want_mode;
+        if st.st_uid != e.uid || st.st_gid != e.gid || mode_differs {
+            let squash = match crate::atlas_id::root_squash() {
+                crate::atlas_id::Squash::Yes(_) => format!(" {}", crate::atlas_id::SQUASH_HELP),
+                _ => " Does the NFS export squash root or map ids (root_squash, all_squash, anonuid)?"
+                    .to_string(),
+            };
+            return Err(JobError::Failed(format!(
+                "{ns}: on Atlas it is owned by {}:{} with mode {got_mode:o}, but the local one by {}:{}                  with mode {want_mode:o}; nothing was changed.{squash}",
+                st.st_uid, st.st_gid, e.uid, e.gid
+            )));
+        }
+    }
     // The sources must still be what was copied, and nobody may have opened them for
     // writing meanwhile.
     for e in j.entries.iter().filter(|e| !e.is_dir()) {
@@ -997,8 +1026,60 @@ fn tag_existing(fs: &LabFs, ns: &str, t: &BTreeMap<String, String>) -> Result<()
     Ok(())
 }
 
-/// Rename the commit units into place. On error: how many were renamed already.
+/// Test-only: `LABFS_PROMOTE_FAIL_AT=placing` makes putting the first unit in place
+/// fail with EIO, after the parent chain was made (see docs/promote.md).
+fn fail_hook() -> Result<()> {
+    if std::env::var("LABFS_PROMOTE_FAIL_AT").is_ok_and(|v| v == "placing") {
+        error!("LABFS_PROMOTE_FAIL_AT=placing: failing the commit (test hook)");
+        return Err(crate::error::Error::Errno(libc::EIO));
+    }
+    Ok(())
+}
+
+/// Rename the commit units into place. On error: how many were renamed already; when
+/// none was, what this job added on Atlas for the parent chain is removed again.
 fn commit(fs: &LabFs, j: &Journal) -> std::result::Result<(), (usize, JobError)> {
+    let missing = missing_parents(fs, j);
+    let undo = |e: (usize, JobError)| {
+        if e.0 == 0 {
+            undo_parent_chain(fs, &missing);
+        }
+        e
+    };
+    commit_units(fs, j).map_err(undo)
+}
+
+/// The directories of `j.path`'s parent chain that are missing on Atlas, deepest first.
+fn missing_parents(fs: &LabFs, j: &Journal) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = split(&j.path).0.to_string();
+    while cur != "/" {
+        match plan::atlas_lstat(fs, &cur) {
+            Ok(None) => out.push(cur.clone()),
+            _ => break,
+        }
+        cur = split(&cur).0.to_string();
+    }
+    out
+}
+
+/// Remove the parent directories this job made (deepest first) while they are still
+/// empty, with their store records: a failed promotion leaves nothing on Atlas. A
+/// directory another node put something into meanwhile stays, tags and all.
+fn undo_parent_chain(fs: &LabFs, made: &[String]) {
+    for d in made {
+        let (parent, name) = split(d);
+        let (Ok(pfd), Ok(c)) = (fs.atlas.open_dir(parent), cstr(name)) else {
+            return;
+        };
+        if util::unlink_at(pfd.as_raw_fd(), &c, true).is_err() {
+            return;
+        }
+        tags::remove_record(&fs.atlas, d);
+    }
+}
+
+fn commit_units(fs: &LabFs, j: &Journal) -> std::result::Result<(), (usize, JobError)> {
     ensure_parent_chain(fs, j)
         .map_err(|e| (0, failed("creating the parent directories on Atlas")(e)))?;
     let sfd = staging_fd(fs, j).map_err(|e| (0, failed("opening the staging directory")(e)))?;
@@ -1022,13 +1103,26 @@ fn commit(fs: &LabFs, j: &Journal) -> std::result::Result<(), (usize, JobError)>
                 util::open_under(sfd.as_raw_fd(), sdir, libc::O_PATH | libc::O_DIRECTORY, 0)?;
             let to = fs.atlas.open_dir(dir)?;
             let cname = cstr(name)?;
-            util::rename_at(
-                from.as_raw_fd(),
-                &cstr(sname)?,
-                to.as_raw_fd(),
-                &cname,
-                !e.target_exists,
-            )?;
+            fail_hook()?;
+            if e.target_exists {
+                // --merge: replace the existing file (plain rename, atomic on NFS too).
+                util::rename_at(
+                    from.as_raw_fd(),
+                    &cstr(sname)?,
+                    to.as_raw_fd(),
+                    &cname,
+                    false,
+                )?;
+            } else {
+                place::place_new(
+                    from.as_raw_fd(),
+                    &cstr(sname)?,
+                    to.as_raw_fd(),
+                    &cname,
+                    e.is_dir(),
+                    false,
+                )?;
+            }
             if e.is_dir() {
                 // Renaming a directory may touch its times on some servers.
                 let mut st = fstatat(to.as_raw_fd(), &cname)?;
@@ -1179,22 +1273,21 @@ fn remove_local(
         warn_fn(format!("{ns}: not found on Atlas; the local copy is kept"));
         return Ok(false);
     };
-    // The number the object has (or would get, if the kernel does not hold it now):
-    // its Atlas object keeps it for the life of the mount.
-    let known = if recovering {
+    // The inode the kernel holds for the local object, if any: it follows the object
+    // to Atlas, unless the object keeps other local names (hard links from outside the
+    // promoted tree), which keep it (and their local data).
+    let held = if recovering {
         None
     } else {
-        fs.inodes.number(&entry_key(e))
+        fs.inodes.peek(&entry_key(e))
     };
-    let held = known.is_some() && fs.inodes.peek(&entry_key(e)).is_some();
     let atlas_key = crate::fs::key_of(BackendKind::Atlas, &atlas_st);
-    if let (Some(ino), false) = (known, e.is_dir()) {
-        fs.promote_rekey(ino, atlas_key, false);
-    }
     match util::unlink_at(pfd.as_raw_fd(), &c, e.is_dir()) {
         Ok(()) => {
-            if let Some(ino) = known {
-                fs.promote_rekey(ino, atlas_key, held);
+            if let Some(ino) = held {
+                if let Err(err) = fs.promote_rebind(ino, &ns, &j.path, atlas_key) {
+                    warn_fn(format!("{ns}: {err}; the kernel will look it up again"));
+                }
             }
             Ok(true)
         }

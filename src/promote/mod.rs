@@ -12,6 +12,7 @@ mod copy;
 mod engine;
 pub mod job;
 pub mod journal;
+mod place;
 mod plan;
 pub mod recover;
 pub mod util;
@@ -45,6 +46,8 @@ struct Registry {
     stopping: AtomicBool,
     refusals: job::RateLog,
     requests: job::RateLog,
+    /// Jobs that ended `failed` since the daemon started (for monitoring).
+    failed: std::sync::atomic::AtomicU64,
 }
 
 fn registry() -> &'static Registry {
@@ -56,6 +59,7 @@ fn registry() -> &'static Registry {
         stopping: AtomicBool::new(false),
         refusals: job::RateLog::new(1),
         requests: job::RateLog::new(job::REQUEST_LOG_BURST),
+        failed: std::sync::atomic::AtomicU64::new(0),
     })
 }
 
@@ -76,6 +80,7 @@ pub fn in_flight(path: &str) -> bool {
 /// Complete or roll back promotions interrupted by a crash (journal replay); probe
 /// whether Atlas takes user xattrs. Runs before the mount serves requests.
 pub fn recover_on_mount(fs: &Arc<LabFs>) {
+    crate::fs::xattr::set_promotion_probe(in_flight);
     *registry().fs.lock() = Some(Arc::downgrade(fs));
     registry().stopping.store(false, Ordering::Relaxed);
     if fs.health.is_down() {
@@ -83,6 +88,9 @@ pub fn recover_on_mount(fs: &Arc<LabFs>) {
         return;
     }
     crate::tags::probe(&fs.atlas);
+    if let crate::atlas_id::Squash::Yes(_) = crate::atlas_id::root_squash() {
+        warn!("{}", crate::atlas_id::SQUASH_HELP);
+    }
     recover::run(fs);
 }
 
@@ -290,6 +298,9 @@ fn start(fs: &LabFs, ctx: &Ctx, ino: u64, value: &[u8]) -> Result<()> {
             let job = job.clone();
             move || {
                 engine::run(&arc, &job);
+                if job.phase() == Phase::Failed {
+                    registry().failed.fetch_add(1, Ordering::Relaxed);
+                }
                 registry().running.fetch_sub(1, Ordering::Relaxed);
             }
         });
@@ -297,6 +308,7 @@ fn start(fs: &LabFs, ctx: &Ctx, ino: u64, value: &[u8]) -> Result<()> {
         r.running.fetch_sub(1, Ordering::Relaxed);
         job.set_error(format!("cannot start a promotion thread: {e}"));
         job.set_phase(Phase::Failed);
+        r.failed.fetch_add(1, Ordering::Relaxed);
     }
     Ok(())
 }
@@ -306,16 +318,29 @@ fn start(fs: &LabFs, ctx: &Ctx, ino: u64, value: &[u8]) -> Result<()> {
 pub struct StatusPart {
     /// `xattr` or `store` (where stored tags live on Atlas).
     pub xattr_mode: String,
+    /// `yes` (Atlas squashes root), `no`, or `unknown` (not probed: `--allow-unmarked`).
+    #[serde(default)]
+    pub root_squash: String,
     pub promotions: Vec<InFlight>,
+    /// Promotions that failed since the mount.
+    #[serde(default)]
+    pub promotions_failed: u64,
     pub at_risk: atrisk::AtRisk,
 }
 
-/// Collect promotion's part of `labfs status`.
-pub fn status_part(fs: &LabFs) -> StatusPart {
+/// Collect promotion's part of `labfs status`; `full`: the complete at-risk walk.
+pub fn status_part(fs: &LabFs, full: bool) -> StatusPart {
     StatusPart {
         xattr_mode: crate::tags::mode().as_str().to_string(),
+        root_squash: match crate::atlas_id::root_squash() {
+            crate::atlas_id::Squash::Yes(_) => "yes",
+            crate::atlas_id::Squash::No => "no",
+            crate::atlas_id::Squash::Unknown => "unknown",
+        }
+        .to_string(),
         promotions: in_flight_list(),
-        at_risk: atrisk::report(fs),
+        promotions_failed: registry().failed.load(Ordering::Relaxed),
+        at_risk: atrisk::report(fs, full),
     }
 }
 
@@ -329,6 +354,11 @@ pub fn print_status(v: &serde_json::Value) {
         _ => "not probed",
     };
     println!("xattr mode: {mode} ({what})");
+    match v["root_squash"].as_str().unwrap_or("unknown") {
+        "yes" => println!("root squash: YES. {}", crate::atlas_id::SQUASH_HELP),
+        "no" => println!("root squash: no (root on this node is root on Atlas)"),
+        _ => println!("root squash: unknown (not probed)"),
+    }
     let jobs: Vec<InFlight> = serde_json::from_value(v["promotions"].clone()).unwrap_or_default();
     if jobs.is_empty() {
         println!("promotions in flight: none");
@@ -348,33 +378,66 @@ pub fn print_status(v: &serde_json::Value) {
         }
     }
     let r: atrisk::AtRisk = serde_json::from_value(v["at_risk"].clone()).unwrap_or_default();
+    let cut = if r.complete {
+        String::new()
+    } else {
+        format!(
+            " (walk stopped after {} entries: counts are a lower bound; `labfs status --full` walks everything)",
+            r.entries_visited
+        )
+    };
     if r.subtrees.is_empty() {
-        println!("at risk (transitional data not yet promoted): none");
+        println!("at risk (transitional data not yet promoted): none{cut}");
     } else {
         println!(
-            "at risk (transitional data not yet promoted): {} in {} file(s){}",
+            "at risk (transitional data not yet promoted): {} in {} file(s), {} subtree(s){cut}",
             engine::human(r.total_bytes),
             r.total_files,
-            if r.complete {
-                ""
-            } else {
-                " (scan incomplete: more may exist)"
-            }
+            r.subtrees.len()
         );
         println!(
             "  {:<40} {:>10} {:>8}  {:<8} OLDEST",
             "SUBTREE", "SIZE", "FILES", "AGE"
         );
         for s in &r.subtrees {
+            let mut notes = String::new();
+            if s.promoting {
+                notes.push_str("  (promoting)");
+            }
+            if !s.complete {
+                notes.push_str("  (not walked to the end: more may exist)");
+            }
+            if s.overdue {
+                let max = s.max_unpromoted_secs.unwrap_or(0) as i64;
+                notes.push_str(&format!("  OVERDUE (max_unpromoted {})", atrisk::age(max)));
+            }
             println!(
-                "  {:<40} {:>10} {:>8}  {:<8} {}{}",
+                "  {:<40} {:>10} {:>8}  {:<8} {}{notes}",
                 s.path,
                 engine::human(s.bytes),
                 s.files,
                 atrisk::age(s.age_secs),
                 s.oldest,
-                if s.promoting { "  (promoting)" } else { "" }
             );
+            for f in &s.named {
+                println!("      {f}");
+            }
+            let unnamed = s.files.saturating_sub(s.named.len() as u64);
+            if unnamed > 0 {
+                println!(
+                    "      ... and {unnamed} more file(s) (`labfs status --full` names them all)"
+                );
+            }
+        }
+    }
+    if !r.not_reached.is_empty() {
+        println!(
+            "  not reached by the walk ({} director{}; may hold more at-risk data):",
+            r.not_reached.len(),
+            if r.not_reached.len() == 1 { "y" } else { "ies" }
+        );
+        for d in &r.not_reached {
+            println!("      {d}");
         }
     }
 }

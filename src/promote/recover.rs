@@ -3,8 +3,9 @@
 //! | journal state        | what recovery does                                            |
 //! |----------------------|---------------------------------------------------------------|
 //! | `planned`, `staged`  | roll back: delete the staging copy; the local copy is intact  |
-//! | `verified`           | roll forward: rename every staged unit whose local source is  |
-//! |                      | unchanged into place, then as `committed`                     |
+//! | `verified`           | roll forward: put every staged unit whose local source is     |
+//! |                      | unchanged in place (taking over its own NFS claim             |
+//! |                      | placeholder), then as `committed`                             |
 //! | `committed`          | roll forward: remove each local file only if its content, the |
 //! |                      | journal's digest and the Atlas copy all agree                 |
 //! | unreadable           | nothing is touched; logged as an error                        |
@@ -19,6 +20,7 @@ use tracing::{error, info, warn};
 
 use super::engine;
 use super::journal::{EntryKind, Journal, State};
+use super::place;
 use super::plan;
 use super::util::{self, cstr};
 use crate::fs::backend::{fstatat, split};
@@ -123,17 +125,26 @@ fn roll_forward_commit(fs: &LabFs, j: &mut Journal) -> Result<(), String> {
                 let Ok(c) = cstr(n) else { return false };
                 fstatat(pfd.as_raw_fd(), &c).is_ok_and(|st| !engine::changed(x, &st))
             });
-        if !unchanged {
-            warn!(id = %j.id, "{ns}: the local copy changed since it was verified; not promoting it");
-            continue;
-        }
         let (dir, name) = split(&ns);
         let to = fs
             .atlas
             .open_dir(dir)
             .map_err(|err| format!("{dir} on Atlas: {err}"))?;
         let cn = cstr(name).map_err(|e| e.to_string())?;
-        match util::rename_at(spfd.as_raw_fd(), &cs, to.as_raw_fd(), &cn, !e.target_exists) {
+        if !unchanged {
+            warn!(id = %j.id, "{ns}: the local copy changed since it was verified; not promoting it");
+            if !e.target_exists && e.is_dir() {
+                // A claim this job made on NFS before the crash goes again.
+                place::remove_placeholder(to.as_raw_fd(), &cn);
+            }
+            continue;
+        }
+        let placed = if e.target_exists {
+            util::rename_at(spfd.as_raw_fd(), &cs, to.as_raw_fd(), &cn, false)
+        } else {
+            place::place_new(spfd.as_raw_fd(), &cs, to.as_raw_fd(), &cn, e.is_dir(), true)
+        };
+        match placed {
             Ok(()) => {
                 let _ = util::fsync_dir(to.as_raw_fd());
             }

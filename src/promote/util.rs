@@ -10,14 +10,7 @@ use crate::error::{check, check_size, Error, Result};
 
 /// This node's host name (the `user.labfs.origin` tag and the staging directory).
 pub fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: valid buffer of the given length.
-    let r = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
-    if r != 0 {
-        return "unknown-host".to_string();
-    }
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    let s: String = String::from_utf8_lossy(&buf[..end])
+    let s: String = crate::sys::hostname()
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_' {

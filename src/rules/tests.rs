@@ -10,6 +10,7 @@ fn rule(path: &str, class: Class, line: usize) -> Rule {
         read_only: false,
         writers: Vec::new(),
         promote_class: None,
+        max_unpromoted: None,
         line,
     }
 }
@@ -59,6 +60,31 @@ fn rule_covers_its_path_and_everything_below() {
     assert_eq!(winner(&r, "/scans/a"), None);
     assert_eq!(winner(&r, "/scans"), None);
     assert_eq!(r.resolve("/scans/a/work/x").backend(), BackendKind::Local);
+}
+
+#[test]
+fn paths_are_bytes_and_non_utf8_names_are_placed() {
+    use std::os::unix::ffi::OsStrExt;
+    let r = demo_like();
+    let b = |s: &[u8]| std::ffi::OsStr::from_bytes(s).to_os_string();
+    // A non-UTF-8 name below a rule takes the rule; as a wildcard component too.
+    assert_eq!(r.resolve(&b(b"/cache/\xff\xfe")).class, Ephemeral);
+    assert_eq!(
+        r.resolve(&b(b"/scans/\xe9t\xe9/work/f")).class,
+        Transitional
+    );
+    // It never equals a literal.
+    assert_eq!(
+        r.resolve(&b(b"/cach\xe9")).rule.map(|x| x.path.clone()),
+        None
+    );
+    assert!(r.may_place_below(&b(b"/scans/\xff"), BackendKind::Local));
+    // No depth limit: a path of thousands of components resolves.
+    let mut deep = b"/cache".to_vec();
+    for _ in 0..5000 {
+        deep.extend_from_slice(b"/d");
+    }
+    assert_eq!(r.resolve(&b(&deep)).class, Ephemeral);
 }
 
 #[test]
