@@ -223,6 +223,8 @@ pub fn get(fs: &LabFs, ctx: &Ctx, ino: u64, name: &str) -> Result<Option<Vec<u8>
     }
     match name {
         STATUS => Ok(Some(status_whole(fs))),
+        // What the last reload applied and what needs a remount (for `labfs reload`).
+        RELOAD => Ok(Some(crate::daemon::last_reload().into_bytes())),
         EXPLAIN => {
             let path = fs.path_of(ino)?;
             explain_path(fs, ctx, &path).map(Some)
@@ -275,10 +277,13 @@ pub fn reload_cli(mountpoint: &std::path::Path) -> i32 {
     };
     match xattr::set(mountpoint, RELOAD, b"1") {
         Ok(()) => {
-            println!(
-                "labfs: {}: rules reloaded from {rules_file}",
-                mountpoint.display()
-            );
+            let report = xattr::get(mountpoint, RELOAD)
+                .ok()
+                .flatten()
+                .map(|r| String::from_utf8_lossy(&r).into_owned())
+                .filter(|r| !r.is_empty())
+                .unwrap_or_else(|| format!("rules reloaded from {rules_file}"));
+            println!("labfs: {}: {report}", mountpoint.display());
             EXIT_OK
         }
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {

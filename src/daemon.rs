@@ -433,6 +433,9 @@ fn serve(
         .start_probe(fs.atlas.root_fd(), req.config.atlas_health.probe_interval);
     crate::promote::recover_on_mount(&fs);
     crate::declared::ensure(&fs, &req.config.dirs);
+    if !fs.health.is_down() {
+        fs.note_root();
+    }
     crate::stats::mark_start();
     let fsname = format!("labfs:{}", req.config.storage.atlas.display());
     let mountpoint = req.mountpoint.clone();
@@ -515,8 +518,18 @@ fn serve(
     }
 }
 
-/// Re-read the rules file (SIGHUP, `labfs reload`); keep the old rules if the new
-/// file is invalid. The error says why, for `labfs reload` to print.
+/// What the last reload did, for `labfs reload` to print (`user.labfs.ctl.reload`).
+static LAST_RELOAD: parking_lot::Mutex<String> = parking_lot::Mutex::new(String::new());
+
+/// The report of the last reload ("" before any).
+pub fn last_reload() -> String {
+    LAST_RELOAD.lock().clone()
+}
+
+/// Re-read the rules file (SIGHUP, `labfs reload`) and apply every setting that can
+/// change live: the rules, `[cache]` TTLs, `[atlas] timeout` and `probe_interval`.
+/// `[storage]` (backends, Atlas id) and mount options need a remount: the report says
+/// so. Keeps the old settings if the new file is invalid; the error says why.
 pub fn reload(fs: &LabFs, path: Option<&Path>) -> Result<(), String> {
     let Some(path) = path else {
         info!("reload: the demo's built-in rules do not change");
@@ -524,21 +537,56 @@ pub fn reload(fs: &LabFs, path: Option<&Path>) -> Result<(), String> {
     };
     match Config::load(path) {
         Ok(c) => {
+            let mut applied = vec!["rules".to_string()];
+            let mut remount = Vec::new();
             let (atlas, local) = (&fs.atlas.root_path, &fs.local.root_path);
             if c.storage.atlas != *atlas || c.storage.local != *local {
-                warn!(
-                    "reload: [storage] changed in {}; the backends stay {} and {} until the next mount",
-                    path.display(),
+                remount.push(format!(
+                    "[storage] atlas/local (the backends stay {} and {})",
                     atlas.display(),
                     local.display()
-                );
+                ));
+            }
+            let old = fs.live();
+            if c.cache.atlas_ttl != old.atlas_ttl || c.cache.local_ttl != old.local_ttl {
+                applied.push(format!(
+                    "[cache] atlas_ttl {:?}, local_ttl {:?}",
+                    c.cache.atlas_ttl, c.cache.local_ttl
+                ));
+            }
+            let h = &c.atlas_health;
+            if h.timeout != fs.health.timeout() || h.probe_interval != fs.health.probe_interval() {
+                applied.push(format!(
+                    "[atlas] timeout {:?} (was {:?}), probe_interval {:?} (was {:?})",
+                    h.timeout,
+                    fs.health.timeout(),
+                    h.probe_interval,
+                    fs.health.probe_interval()
+                ));
             }
             fs.reload(&c);
-            info!("rules reloaded from {}", path.display());
+            fs.health.set_timing(h.timeout, h.probe_interval);
+            let mut report = format!(
+                "reloaded from {}: applied {}",
+                path.display(),
+                applied.join("; ")
+            );
+            if remount.is_empty() {
+                report.push_str("; nothing needs a remount");
+            } else {
+                report.push_str(&format!(
+                    "; needs a remount to change: {}",
+                    remount.join("; ")
+                ));
+                warn!("reload: needs a remount to change: {}", remount.join("; "));
+            }
+            info!("{report}");
+            *LAST_RELOAD.lock() = report;
             Ok(())
         }
         Err(e) => {
             error!("rules NOT reloaded, the old rules stay in force:\n{e}");
+            *LAST_RELOAD.lock() = format!("NOT reloaded: {e}");
             Err(e.to_string())
         }
     }

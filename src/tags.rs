@@ -104,8 +104,15 @@ pub fn proc_path(dirfd: RawFd, name: &CStr) -> CString {
 
 /// Read one xattr of `name` in `dirfd`; `None` when absent or unreadable.
 pub fn get_xattr(dirfd: RawFd, name: &CStr, attr: &str) -> Option<Vec<u8>> {
+    try_get_xattr(dirfd, name, attr).ok().flatten()
+}
+
+/// Read one xattr of `name` in `dirfd`: `Ok(None)` when absent (ENODATA) or when
+/// the filesystem has no such xattrs (EOPNOTSUPP); any other error (EIO, ETIMEDOUT,
+/// EACCES, ESTALE...) is returned as it is.
+pub fn try_get_xattr(dirfd: RawFd, name: &CStr, attr: &str) -> Result<Option<Vec<u8>>> {
     let p = proc_path(dirfd, name);
-    let a = CString::new(attr).ok()?;
+    let a = CString::new(attr).map_err(|_| Error::Errno(libc::EINVAL))?;
     let mut buf = vec![0u8; 256];
     loop {
         // SAFETY: valid C strings and buffer.
@@ -119,14 +126,16 @@ pub fn get_xattr(dirfd: RawFd, name: &CStr, attr: &str) -> Option<Vec<u8>> {
         };
         if n >= 0 {
             buf.truncate(n as usize);
-            return Some(buf);
+            return Ok(Some(buf));
         }
-        if std::io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE) && buf.len() < 65536
-        {
-            buf.resize(buf.len() * 4, 0);
-            continue;
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ERANGE) if buf.len() < 65536 => buf.resize(buf.len() * 4, 0),
+            Some(libc::ENODATA) | Some(libc::EOPNOTSUPP) => return Ok(None),
+            #[allow(unreachable_patterns)]
+            Some(libc::ENOTSUP) => return Ok(None),
+            _ => return Err(Error::Io(e)),
         }
-        return None;
     }
 }
 
@@ -138,16 +147,29 @@ pub fn read_tag(
     path: &str,
     tag: &str,
 ) -> Option<Vec<u8>> {
-    if let Some(v) = get_xattr(dirfd, name, tag) {
-        return Some(v);
+    try_read_tag(atlas, dirfd, name, path, tag).ok().flatten()
+}
+
+/// As [`read_tag`], with the error that kept it from being read.
+pub fn try_read_tag(
+    atlas: &Backend,
+    dirfd: RawFd,
+    name: &CStr,
+    path: &str,
+    tag: &str,
+) -> Result<Option<Vec<u8>>> {
+    if let Some(v) = try_get_xattr(dirfd, name, tag)? {
+        return Ok(Some(v));
     }
-    let rec = read_record(atlas, dirfd, name, path)?;
-    rec.tags.get(tag).map(|v| v.clone().into_bytes())
+    let rec = try_read_record(atlas, dirfd, name, path)?;
+    Ok(rec.and_then(|r| r.tags.get(tag).map(|v| v.clone().into_bytes())))
 }
 
 /// Whether the Atlas object `name` in `dirfd` (namespace path `path`) was promoted.
-pub fn is_promoted(atlas: &Backend, dirfd: RawFd, name: &CStr, path: &str) -> bool {
-    read_tag(atlas, dirfd, name, path, CLASS).is_some()
+/// An error while reading its tags (EIO, ETIMEDOUT, EACCES...) is the caller's to
+/// see: it never reads as "not promoted", which would hide the object (ENOENT).
+pub fn is_promoted(atlas: &Backend, dirfd: RawFd, name: &CStr, path: &str) -> Result<bool> {
+    Ok(try_read_tag(atlas, dirfd, name, path, CLASS)?.is_some())
 }
 
 /// One record of the tag store.
@@ -187,19 +209,41 @@ pub fn record_location(path: &str) -> Option<(String, String)> {
 
 /// The store record of `path`, if it describes the object `name` in `dirfd` now.
 pub fn read_record(atlas: &Backend, dirfd: RawFd, name: &CStr, path: &str) -> Option<Record> {
-    let (dir, file) = record_location(path)?;
-    let _root = Creds::root().assume().ok()?;
-    let fd = atlas
-        .open_beneath(&format!("{dir}/{file}"), libc::O_RDONLY)
-        .ok()?;
+    try_read_record(atlas, dirfd, name, path).ok().flatten()
+}
+
+/// As [`read_record`]: `Ok(None)` when there is no record (or it describes another
+/// object, or cannot be parsed); an error reading it is returned as it is.
+pub fn try_read_record(
+    atlas: &Backend,
+    dirfd: RawFd,
+    name: &CStr,
+    path: &str,
+) -> Result<Option<Record>> {
+    let Some((dir, file)) = record_location(path) else {
+        return Ok(None);
+    };
+    let _root = Creds::root().assume()?;
+    let fd = match atlas.open_beneath(&format!("{dir}/{file}"), libc::O_RDONLY) {
+        Ok(fd) => fd,
+        Err(e) if matches!(e.errno(), libc::ENOENT | libc::ENOTDIR) => return Ok(None),
+        Err(e) => return Err(e),
+    };
     let mut text = Vec::new();
-    std::fs::File::from(fd).read_to_end(&mut text).ok()?;
-    let rec: Record = serde_json::from_slice(&text).ok()?;
+    std::fs::File::from(fd).read_to_end(&mut text)?;
+    let Ok(rec) = serde_json::from_slice::<Record>(&text) else {
+        warn!("{path}: unreadable tag record {dir}/{file} on Atlas; ignored");
+        return Ok(None);
+    };
     if rec.path != path {
-        return None;
+        return Ok(None);
     }
-    let st = fstatat(dirfd, name).ok()?;
-    (st.st_ino == rec.ino).then_some(rec)
+    let st = match fstatat(dirfd, name) {
+        Ok(st) => st,
+        Err(e) if e.errno() == libc::ENOENT => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    Ok((st.st_ino == rec.ino).then_some(rec))
 }
 
 fn mkdir_chain(atlas: &Backend, dir: &str) -> Result<OwnedFd> {

@@ -467,7 +467,12 @@ impl LabFs {
                 continue;
             }
             if b != primary && b == BackendKind::Atlas && self.health.is_stalled() {
-                // Listing the local part must not wait for a stalled or hung Atlas.
+                // Listing the local part must not wait for a stalled or hung Atlas,
+                // but a listing known to miss promoted entries is an error, not a
+                // shorter list (a sync tool would delete what it does not see).
+                if self.has_known_atlas_children(&path.to_string_lossy()) {
+                    return Err(Error::Errno(libc::ETIMEDOUT));
+                }
                 continue;
             }
             self.atlas_gate(b, &path)?;
@@ -535,19 +540,17 @@ impl LabFs {
                 }
                 let child = join(&path, &name);
                 let cp = live.rules.resolve(&child);
+                // A tag that cannot be read fails the listing with its errno: a
+                // promoted entry is never silently left out (tags::is_promoted).
                 let visible = cp.backend() == b
                     || (b == BackendKind::Atlas
                         && cp.class == Class::Transitional
-                        && cstring(&name)
-                            .map(|c| {
-                                crate::tags::is_promoted(
-                                    &self.atlas,
-                                    dfd.as_raw_fd(),
-                                    &c,
-                                    &child.to_string_lossy(),
-                                )
-                            })
-                            .unwrap_or(false));
+                        && crate::tags::is_promoted(
+                            &self.atlas,
+                            dfd.as_raw_fd(),
+                            &cstring(&name)?,
+                            &child.to_string_lossy(),
+                        )?);
                 if !visible {
                     continue;
                 }

@@ -7,6 +7,16 @@
 //! per outage and path) and never fall back to local SSD; local paths are unaffected.
 //! When a probe answers again, service resumes without a remount.
 //!
+//! What counts as "not answering" is the server, not this node: a backend call is
+//! timed by a [`CallClock`], which subtracts the time its thread spent running or
+//! waiting for a CPU (`/proc/thread-self/schedstat`) from the wall time, so a node
+//! whose CPUs are saturated does not declare Atlas down. A request waits for Atlas at
+//! most `timeout`; however busy the node, it is answered within `timeout` +
+//! [`Health::margin`] (then ETIMEDOUT, counted as `node_busy_timeouts`, Atlas not
+//! marked down). A call that answers but took more than [`Health::slow_threshold`]
+//! waiting for Atlas marks Atlas *slow* for [`SLOW_FOR`] (shown by `labfs status`),
+//! which is not an outage.
+//!
 //! Between "slow" and "down" there is "stalled": a metadata request that local paths
 //! depend on (the attributes of `/`, `/scans`, ... on the way to a local path, or
 //! whether a transitional name was promoted) got no answer within [`Health::hedge`].
@@ -54,7 +64,76 @@ pub struct Health {
     /// Last-known backing and attributes of the Atlas directories on the way to local
     /// paths, by namespace path (their inode numbers may be forgotten and renewed).
     dirs: DashMap<String, (BackingKey, Attr)>,
-    pub timeout: Duration,
+    /// `[atlas] timeout` and `probe_interval`, milliseconds (changed live by reload).
+    timeout_ms: AtomicU64,
+    probe_ms: AtomicU64,
+    /// Backend calls that waited for Atlas longer than the timeout.
+    backend_timeouts: AtomicU64,
+    /// Requests answered ETIMEDOUT at timeout + margin without their call waiting
+    /// that long for Atlas (the node was too busy to run them).
+    busy_timeouts: AtomicU64,
+    /// Longest time one Atlas call waited for Atlas / for a CPU, microseconds.
+    slowest_call_us: AtomicU64,
+    most_cpu_wait_us: AtomicU64,
+    /// Until when Atlas counts as slow.
+    slow_until: Mutex<Option<Instant>>,
+    /// Namespace paths of transitional names this daemon has seen on Atlas (promoted):
+    /// while Atlas is down they answer ETIMEDOUT, never "absent".
+    atlas_names: DashSet<String>,
+}
+
+/// How long one slow call keeps Atlas reported slow.
+pub const SLOW_FOR: Duration = Duration::from_secs(60);
+
+/// (time on a CPU, time waiting for a CPU) of thread `tid` so far, nanoseconds.
+fn schedstat(tid: Option<i32>) -> Option<(u64, u64)> {
+    let path = match tid {
+        Some(t) => format!("/proc/self/task/{t}/schedstat"),
+        None => "/proc/thread-self/schedstat".to_string(),
+    };
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut f = text.split_whitespace().map(|v| v.parse::<u64>().ok());
+    Some((f.next()??, f.next()??))
+}
+
+/// The clock of one backend call: started on the calling thread right before the
+/// call, read from any thread (the watchdog) while it runs.
+#[derive(Clone, Copy, Debug)]
+pub struct CallClock {
+    tid: i32,
+    start: Instant,
+    sched: Option<(u64, u64)>,
+}
+
+impl CallClock {
+    /// Start timing a call made by the current thread.
+    pub fn start() -> CallClock {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        CallClock {
+            tid,
+            start: Instant::now(),
+            sched: schedstat(None),
+        }
+    }
+
+    /// Wall time since the start.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// (time the call has waited for the backend, time its thread ran or waited for
+    /// a CPU meanwhile). Without schedstat, all of the wall time counts as waiting.
+    pub fn split(&self) -> (Duration, Duration) {
+        let wall = self.start.elapsed();
+        let busy = match (self.sched, schedstat(Some(self.tid))) {
+            (Some((c0, w0)), Some((c1, w1))) => {
+                Duration::from_nanos(c1.saturating_sub(c0) + w1.saturating_sub(w0))
+            }
+            _ => Duration::ZERO,
+        };
+        (wall.saturating_sub(busy), busy.min(wall))
+    }
 }
 
 /// A snapshot for `labfs status`.
@@ -74,6 +153,22 @@ pub struct HealthReport {
     pub refused_requests: u64,
     /// The configured bound (`[atlas] timeout`), milliseconds.
     pub timeout_ms: u64,
+    /// However busy the node, a request is answered within timeout + this.
+    pub margin_ms: u64,
+    /// `answering`, `slow` (answering, but a call waited for Atlas longer than
+    /// `slow_threshold_ms` within the last minute) or `not answering`.
+    pub state: String,
+    pub slow: bool,
+    pub slow_threshold_ms: u64,
+    /// Backend calls that waited for Atlas longer than the timeout (each one is an
+    /// ETIMEDOUT the caller saw, or marked Atlas down).
+    pub backend_timeouts: u64,
+    /// Requests answered ETIMEDOUT at timeout + margin although their backend call had
+    /// not waited for Atlas that long: the node was too busy to run them.
+    pub node_busy_timeouts: u64,
+    /// Longest time one call waited for Atlas, and for a CPU, milliseconds.
+    pub slowest_call_ms: f64,
+    pub most_cpu_wait_ms: f64,
     pub last_probe_latency_ms: f64,
     pub last_ok: Option<u64>,
 }
@@ -119,8 +214,90 @@ impl Health {
             last_ok: Mutex::new(None),
             space: Mutex::new(None),
             dirs: DashMap::new(),
-            timeout,
+            timeout_ms: AtomicU64::new(timeout.as_millis() as u64),
+            probe_ms: AtomicU64::new(1000),
+            backend_timeouts: AtomicU64::new(0),
+            busy_timeouts: AtomicU64::new(0),
+            slowest_call_us: AtomicU64::new(0),
+            most_cpu_wait_us: AtomicU64::new(0),
+            slow_until: Mutex::new(None),
+            atlas_names: DashSet::new(),
         }
+    }
+
+    /// `[atlas] timeout`: how long a request waits for Atlas.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// Apply `[atlas] timeout` and `probe_interval` (mount and reload).
+    pub fn set_timing(&self, timeout: Duration, probe_interval: Duration) {
+        self.timeout_ms
+            .store(timeout.as_millis().max(1) as u64, Ordering::Relaxed);
+        self.probe_ms
+            .store(probe_interval.as_millis().max(1) as u64, Ordering::Relaxed);
+    }
+
+    pub fn probe_interval(&self) -> Duration {
+        Duration::from_millis(self.probe_ms.load(Ordering::Relaxed))
+    }
+
+    /// However busy the node, a request is answered within timeout + margin: the
+    /// margin is the timeout again, at least 1 s.
+    pub fn margin(&self) -> Duration {
+        self.timeout().max(Duration::from_secs(1))
+    }
+
+    /// A call that waited for Atlas longer than this marks Atlas slow: a quarter of
+    /// the timeout.
+    pub fn slow_threshold(&self) -> Duration {
+        self.timeout() / 4
+    }
+
+    /// Account for a finished Atlas call: how long it waited for Atlas and for a CPU.
+    pub fn note_call(&self, waited: Duration, busy: Duration) {
+        self.slowest_call_us
+            .fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
+        self.most_cpu_wait_us
+            .fetch_max(busy.as_micros() as u64, Ordering::Relaxed);
+        if waited > self.slow_threshold() {
+            let mut s = self.slow_until.lock();
+            if s.is_none_or(|t| t < Instant::now()) {
+                info!(
+                    "Atlas is slow: a call waited {:.1}s for it (slow above {:?}, timeout {:?}); not an outage",
+                    waited.as_secs_f64(),
+                    self.slow_threshold(),
+                    self.timeout()
+                );
+            }
+            *s = Some(Instant::now() + SLOW_FOR);
+        }
+    }
+
+    /// A backend call waited for Atlas longer than the timeout.
+    pub fn note_backend_timeout(&self, waited: Duration) {
+        self.backend_timeouts.fetch_add(1, Ordering::Relaxed);
+        self.slowest_call_us
+            .fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// A request answered at timeout + margin while its call was not shown waiting
+    /// for Atlas that long (the node was too busy): counted and logged, Atlas stays up.
+    pub fn note_busy_timeout(&self, op: &str, waited: Duration, busy: Duration) {
+        let n = self.busy_timeouts.fetch_add(1, Ordering::Relaxed);
+        if n.is_power_of_two() || n == 0 {
+            warn!(
+                "{op}: answered ETIMEDOUT after timeout + margin ({:?}): the node was too busy to run it (waited {:.1}s for Atlas, {:.1}s for a CPU or a lane thread); Atlas not marked down ({} such requests so far)",
+                self.timeout() + self.margin(),
+                waited.as_secs_f64(),
+                busy.as_secs_f64(),
+                n + 1
+            );
+        }
+    }
+
+    pub fn is_slow(&self) -> bool {
+        self.slow_until.lock().is_some_and(|t| t > Instant::now())
     }
 
     pub fn is_down(&self) -> bool {
@@ -135,7 +312,7 @@ impl Health {
     /// How long a request that local paths depend on waits for Atlas before it is
     /// answered without it: a quarter of the timeout, at most 500 ms.
     pub fn hedge(&self) -> Duration {
-        (self.timeout / 4).clamp(Duration::from_millis(20), Duration::from_millis(500))
+        (self.timeout() / 4).clamp(Duration::from_millis(20), Duration::from_millis(500))
     }
 
     pub fn mark_down(&self, reason: &str) {
@@ -213,7 +390,22 @@ impl Health {
             },
             stalled: self.is_stalled(),
             refused_requests: self.refused.load(Ordering::Relaxed),
-            timeout_ms: self.timeout.as_millis() as u64,
+            timeout_ms: self.timeout().as_millis() as u64,
+            margin_ms: self.margin().as_millis() as u64,
+            state: if self.is_down() {
+                "not answering"
+            } else if self.is_slow() {
+                "slow"
+            } else {
+                "answering"
+            }
+            .to_string(),
+            slow: self.is_slow(),
+            slow_threshold_ms: self.slow_threshold().as_millis() as u64,
+            backend_timeouts: self.backend_timeouts.load(Ordering::Relaxed),
+            node_busy_timeouts: self.busy_timeouts.load(Ordering::Relaxed),
+            slowest_call_ms: self.slowest_call_us.load(Ordering::Relaxed) as f64 / 1000.0,
+            most_cpu_wait_ms: self.most_cpu_wait_us.load(Ordering::Relaxed) as f64 / 1000.0,
             last_probe_latency_ms: self.last_latency_us.load(Ordering::Relaxed) as f64 / 1000.0,
             last_ok: self.last_ok.lock().map(epoch),
         }
@@ -238,39 +430,45 @@ impl Health {
 
     /// Start the probe thread for the Atlas root descriptor `root` (kept open by the caller).
     pub fn start_probe(self: &Arc<Self>, root: RawFd, interval: Duration) {
+        self.probe_ms
+            .store(interval.as_millis().max(1) as u64, Ordering::Relaxed);
         let h = self.clone();
         let _ = thread::Builder::new()
             .name("atlas-probe".into())
-            .spawn(move || h.probe_loop(root, interval));
+            .spawn(move || h.probe_loop(root));
     }
 
-    fn probe_loop(&self, root: RawFd, interval: Duration) {
+    fn probe_loop(&self, root: RawFd) {
         type Probe = Option<(Duration, u64, u64)>;
         let (tx, rx) = mpsc::channel::<Probe>();
+        let clock: Arc<Mutex<Option<CallClock>>> = Arc::new(Mutex::new(None));
         let mut in_flight = false;
         loop {
             if !in_flight {
                 let tx = tx.clone();
+                let clock = clock.clone();
+                *clock.lock() = None;
                 in_flight = true;
                 // The probe runs on its own thread: if Atlas hangs, only it hangs.
                 let spawned = thread::Builder::new()
                     .name("atlas-probe-call".into())
                     .spawn(move || {
-                        let t = Instant::now();
+                        let c = CallClock::start();
+                        *clock.lock() = Some(c);
                         // SAFETY: zeroed statvfs is a valid out-parameter; root stays open.
                         let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
                         let ok = unsafe { libc::fstatvfs(root, &mut sv) } == 0;
                         let frsize = sv.f_frsize;
                         let _ =
                             tx.send(ok.then(|| {
-                                (t.elapsed(), sv.f_bavail * frsize, sv.f_blocks * frsize)
+                                (c.split().0, sv.f_bavail * frsize, sv.f_blocks * frsize)
                             }));
                     });
                 if spawned.is_err() {
                     in_flight = false;
                 }
             }
-            match rx.recv_timeout(self.timeout) {
+            match rx.recv_timeout(self.timeout()) {
                 Ok(answer) => {
                     in_flight = false;
                     match answer {
@@ -282,10 +480,15 @@ impl Health {
                             self.mark_up();
                         }
                     }
-                    thread::sleep(interval);
+                    thread::sleep(self.probe_interval());
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    self.mark_down("no answer to statfs within the timeout");
+                    // Only time the call spent waiting for Atlas counts: a probe
+                    // thread that was not even started, or waited for a CPU, does not.
+                    let waited = clock.lock().map(|c| c.split().0);
+                    if waited.is_some_and(|w| w >= self.timeout()) {
+                        self.mark_down("no answer to statfs within the timeout");
+                    }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
@@ -304,14 +507,23 @@ impl LabFs {
             && live.rules.may_place_below(path, BackendKind::Local)
     }
 
-    /// Note a directory entry handed to the kernel, if it is on the way to local paths.
+    /// Note a directory entry handed to the kernel: a directory on the way to local
+    /// paths (for its last-known attributes), a transitional name found on Atlas.
     pub fn note_entry(&self, parent: u64, name: &OsStr, attr: &Attr) {
-        if attr.kind != Kind::Dir {
-            return;
-        }
         let Ok(path) = self.child_path(parent, name) else {
             return;
         };
+        if self.inodes.get(attr.ino).and_then(|n| n.backend()) == Some(BackendKind::Atlas)
+            && self.placement(&path).class == crate::rules::Class::Transitional
+        {
+            if self.health.atlas_names.len() >= MAX_REMEMBERED_DIRS {
+                self.health.atlas_names.clear();
+            }
+            self.health.atlas_names.insert(path.clone());
+        }
+        if attr.kind != Kind::Dir {
+            return;
+        }
         if let Some(key) = self.inodes.get(attr.ino).and_then(|n| n.key) {
             if key.backend == BackendKind::Atlas && self.leads_to_local(&path) {
                 self.health.note_dir(path, key, attr);
@@ -338,6 +550,39 @@ impl LabFs {
         } else if self.leads_to_local(&path) {
             self.health.note_dir(path, key, attr);
         }
+    }
+
+    /// Remember the root's attributes at mount (when it is on Atlas): the kernel asks
+    /// for them again whenever its copy expires, and a caller without
+    /// CAP_DAC_OVERRIDE needs them to reach any local path during an outage.
+    pub fn note_root(&self) {
+        let root = super::Ctx {
+            uid: 0,
+            gid: 0,
+            pid: 0,
+        };
+        if let Ok((attr, _)) = self.getattr(&root, super::ROOT_INO, None) {
+            self.note_getattr(super::ROOT_INO, &attr);
+        }
+    }
+
+    /// Whether transitional name `parent/name` was seen on Atlas by this daemon.
+    pub fn known_on_atlas(&self, parent: u64, name: &OsStr) -> bool {
+        self.child_path(parent, name)
+            .is_ok_and(|p| self.health.atlas_names.contains(&p))
+    }
+
+    /// Whether directory `path` has transitional children this daemon saw on Atlas.
+    pub fn has_known_atlas_children(&self, path: &str) -> bool {
+        let prefix = if path == "/" {
+            "/".to_string()
+        } else {
+            format!("{path}/")
+        };
+        self.health.atlas_names.iter().any(|p| {
+            p.strip_prefix(&prefix)
+                .is_some_and(|rest| !rest.contains('/'))
+        })
     }
 
     /// The last-known attributes of directory `ino`, for an outage.

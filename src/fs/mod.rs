@@ -440,12 +440,13 @@ impl LabFs {
         }
         // A transitional path may have been promoted to Atlas.
         let (parent_fd, stat) = self.stat_on(creds, BackendKind::Atlas, path, dir, &cname)?;
+        // A tag that cannot be read is that error, never "absent" (tags::is_promoted).
         if !crate::tags::is_promoted(
             &self.atlas,
             parent_fd.as_raw_fd(),
             &cname,
             &path.to_string_lossy(),
-        ) {
+        )? {
             return Err(Error::Errno(libc::ENOENT));
         }
         Ok(Located {
@@ -527,12 +528,13 @@ impl LabFs {
             Err(e) => return Err(e),
         }
         let f = self.find(creds, parent, name, BackendKind::Atlas, &path)?;
+        // A tag that cannot be read is that error, never "absent" (tags::is_promoted).
         if !crate::tags::is_promoted(
             &self.atlas,
             f.dir.as_raw_fd(),
             &f.cname,
             &path.to_string_lossy(),
-        ) {
+        )? {
             return Err(Error::Errno(libc::ENOENT));
         }
         Ok((BackendKind::Atlas, f, placement, path))

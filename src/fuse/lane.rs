@@ -1,7 +1,20 @@
 //! Dispatch lanes: local requests inline, Atlas requests on a growing pool with a
 //! watchdog that answers ETIMEDOUT (see the module documentation of `fuse`).
+//!
+//! Lanes by construction: the lane is chosen from the backend the request will touch
+//! before any backend call: an inode's backend as last seen, a handle's own backend,
+//! and Atlas whenever that is unknown (a forgotten inode, an unlinked-but-open Atlas
+//! file, a parent not known on the local SSD whose template lives on Atlas). Control
+//! requests (`user.labfs.ctl.*`) have a lane of their own ([`ControlLane`]).
+//!
+//! Outage detection: the watchdog times each Atlas request's backend call with a
+//! [`CallClock`]: only time the call spent waiting for Atlas counts (not time queued
+//! for a lane thread, running, or waiting for a CPU). A call that waited the timeout
+//! marks Atlas down; a request not answered within timeout + margin is answered
+//! ETIMEDOUT anyway, counted as the node being busy, and Atlas stays up.
 
 use super::*;
+use crate::fs::health::CallClock;
 
 /// A reply that can carry an error.
 pub(super) trait Fail: Send + 'static {
@@ -49,19 +62,48 @@ pub(super) fn log_failure(op: &'static str, e: &Error) {
 /// called with the core on the thread that stops waiting; must not touch Atlas.
 pub(super) type Fallback<R> = Box<dyn FnOnce(&LabFs, R) + Send>;
 
+/// When a fallback answers instead of Atlas.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum When {
+    /// After the hedge, or at once while Atlas is stalled: for answers that are true
+    /// without Atlas (last-known attributes of the directories on the way to local
+    /// paths, the local part of a listing).
+    Hedge,
+    /// Only while Atlas is known down; until then the request waits for Atlas like
+    /// any other (a guess such as "absent" must not be made because Atlas is slow).
+    Down,
+}
+
+/// A fallback and when it applies.
+pub(super) struct Answer<R> {
+    pub(super) f: Fallback<R>,
+    pub(super) when: When,
+}
+
+impl<R> Answer<R> {
+    pub(super) fn hedge(f: Fallback<R>) -> Answer<R> {
+        Answer {
+            f,
+            when: When::Hedge,
+        }
+    }
+}
+
 pub(super) trait Expire: Send + Sync {
-    fn deadline(&self) -> Instant;
-    /// Whether the request has an answer without Atlas (and waits only the hedge).
-    fn hedged(&self) -> bool;
-    /// Answer (the fallback, else ETIMEDOUT) if nobody has answered yet; true when it did.
-    fn expire(&self, fs: &LabFs) -> bool;
+    /// Answer without Atlas if it is time (and nobody has answered yet); true when the
+    /// slot is finished with (answered by anyone).
+    fn check(&self, fs: &LabFs, now: Instant) -> bool;
 }
 
 pub(super) struct Slot<R: Fail> {
+    pub(super) op: &'static str,
     pub(super) reply: Mutex<Option<R>>,
     pub(super) fallback: Mutex<Option<Fallback<R>>>,
-    pub(super) deadline: Instant,
-    pub(super) hedged: bool,
+    pub(super) queued: Instant,
+    /// Set (hedged requests) when the fallback answers after the hedge.
+    pub(super) hedge_at: Option<Instant>,
+    /// The clock of the backend call, once a lane thread runs it.
+    pub(super) call: Mutex<Option<CallClock>>,
 }
 
 impl<R: Fail> Slot<R> {
@@ -79,16 +121,39 @@ impl<R: Fail> Slot<R> {
 }
 
 impl<R: Fail> Expire for Slot<R> {
-    fn deadline(&self) -> Instant {
-        self.deadline
-    }
-    fn hedged(&self) -> bool {
-        self.hedged
-    }
-    fn expire(&self, fs: &LabFs) -> bool {
-        let Some(r) = self.reply.lock().take() else {
+    fn check(&self, fs: &LabFs, now: Instant) -> bool {
+        let timeout = fs.health.timeout();
+        if self.reply.lock().is_none() {
+            return true;
+        }
+        let call = *self.call.lock();
+        let (waited, busy) = call
+            .map(|c| c.split())
+            .unwrap_or((Duration::ZERO, Duration::ZERO));
+        let queued_for = now.saturating_duration_since(self.queued);
+        let atlas_late = call.is_some() && waited >= timeout;
+        let hedge_due = self.hedge_at.is_some_and(|t| now >= t);
+        let bound_due = queued_for >= timeout + fs.health.margin();
+        if !(atlas_late || hedge_due || bound_due) {
             return false;
+        }
+        let Some(r) = self.reply.lock().take() else {
+            return true;
         };
+        if atlas_late {
+            fs.health.note_backend_timeout(waited);
+            if self.hedge_at.is_none() {
+                fs.health.mark_down(&format!(
+                    "a {} call waited {:.1}s for Atlas (timeout {timeout:?}; not counting {:.1}s running or waiting for a CPU)",
+                    self.op,
+                    waited.as_secs_f64(),
+                    busy.as_secs_f64()
+                ));
+            }
+        } else if bound_due && !hedge_due {
+            fs.health
+                .note_busy_timeout(self.op, waited, queued_for.saturating_sub(waited));
+        }
         self.answer_without_atlas(fs, r);
         true
     }
@@ -178,8 +243,6 @@ impl Pool {
 pub(super) struct AtlasLane {
     pub(super) pool: Arc<Pool>,
     pub(super) inflight: Arc<Mutex<Vec<Weak<dyn Expire>>>>,
-    pub(super) timeout: Duration,
-    pub(super) hedge: Duration,
 }
 
 impl AtlasLane {
@@ -198,46 +261,90 @@ impl AtlasLane {
         }
         let inflight: Arc<Mutex<Vec<Weak<dyn Expire>>>> = Arc::new(Mutex::new(Vec::new()));
         let watch = inflight.clone();
-        let timeout = fs.health.timeout;
-        let hedge = fs.health.hedge();
-        let tick = (hedge / 5).clamp(Duration::from_millis(10), Duration::from_millis(100));
         let weak_fs = Arc::downgrade(&fs);
         let _ = thread::Builder::new()
             .name("atlas-watchdog".into())
             .spawn(move || loop {
+                let tick = weak_fs.upgrade().map_or(Duration::from_millis(100), |fs| {
+                    (fs.health.hedge() / 5)
+                        .clamp(Duration::from_millis(10), Duration::from_millis(100))
+                });
                 thread::sleep(tick);
                 let Some(fs) = weak_fs.upgrade() else {
                     return;
                 };
                 let now = Instant::now();
-                let mut expired = Vec::new();
-                watch.lock().retain(|w| match w.upgrade() {
-                    Some(s) if s.deadline() <= now => {
-                        expired.push(s);
-                        false
-                    }
-                    Some(_) => true,
-                    None => false,
-                });
-                for s in expired {
-                    if s.expire(&fs) && !s.hedged() {
-                        fs.health
-                            .mark_down("a request waited longer than the timeout");
-                    }
+                let slots: Vec<Arc<dyn Expire>> = {
+                    let mut w = watch.lock();
+                    w.retain(|s| s.strong_count() > 0);
+                    w.iter().filter_map(Weak::upgrade).collect()
+                };
+                let done: Vec<*const ()> = slots
+                    .iter()
+                    .filter(|s| s.check(&fs, now))
+                    .map(|s| Arc::as_ptr(s) as *const ())
+                    .collect();
+                if !done.is_empty() {
+                    watch
+                        .lock()
+                        .retain(|w| !done.contains(&(w.as_ptr() as *const ())));
                 }
             });
-        AtlasLane {
-            pool,
-            inflight,
-            timeout,
-            hedge,
-        }
+        AtlasLane { pool, inflight }
+    }
+}
+
+/// The lane of control requests (`user.labfs.ctl.*`): one thread, so whatever a
+/// control request costs (`ctl.status` walks the SSD, `ctl.explain` may stat Atlas),
+/// it never runs on the threads that serve local paths and at most one runs at once;
+/// requests queue behind it, at most [`CONTROL_QUEUE`] (then EBUSY).
+pub(super) struct ControlLane {
+    tx: std::sync::mpsc::SyncSender<Job>,
+}
+
+/// Control requests waiting for the control lane before new ones are refused.
+pub(super) const CONTROL_QUEUE: usize = 64;
+
+impl ControlLane {
+    pub(super) fn start() -> ControlLane {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(CONTROL_QUEUE);
+        let _ = thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            });
+        ControlLane { tx }
+    }
+
+    /// Queue `job`; gives it back when the queue is full.
+    pub(super) fn push(&self, job: Job) -> std::result::Result<(), Job> {
+        self.tx.try_send(job).map_err(|e| match e {
+            std::sync::mpsc::TrySendError::Full(j)
+            | std::sync::mpsc::TrySendError::Disconnected(j) => j,
+        })
     }
 }
 
 impl LabFuse {
+    /// The lane of a request on inode `ino`: its backend as last seen; Atlas when
+    /// unknown (never inline on a guess).
     pub(super) fn lane_ino(&self, ino: INodeNo) -> BackendKind {
-        self.fs.backend_of(ino.0).unwrap_or(BackendKind::Local)
+        self.fs.backend_of(ino.0).unwrap_or(BackendKind::Atlas)
+    }
+
+    /// The lane of a request on open file `fh` (of inode `ino`): the handle's own
+    /// backend (an Atlas file unlinked while open, or promoted since it was opened,
+    /// keeps the backend its descriptor is on); Atlas when the handle is unknown.
+    pub(super) fn lane_fh(&self, ino: INodeNo, fh: FileHandle) -> BackendKind {
+        match self.fs.handles.file(fh.0) {
+            Some(h) => h.backend,
+            None => {
+                let _ = ino;
+                BackendKind::Atlas
+            }
+        }
     }
 
     pub(super) fn lane_dir(&self, ino: INodeNo) -> BackendKind {
@@ -251,14 +358,17 @@ impl LabFuse {
     /// The lane of a lookup, and its answer for when Atlas does not answer: the
     /// directories on the way to local paths answer from their last-known entry; a
     /// transitional name that is not on the local SSD (it may have been promoted) asks
-    /// Atlas on the Atlas lane, and is absent while Atlas does not answer.
+    /// Atlas on the Atlas lane. If this daemon has seen that name on Atlas it waits
+    /// for Atlas (ETIMEDOUT while Atlas is down), never "absent"; a name never seen
+    /// there reads as absent once Atlas has not answered within the hedge, so work in
+    /// the local transitional directories goes on during an outage.
     pub(super) fn lookup_lane(
         &self,
         parent: INodeNo,
         name: &OsStr,
-    ) -> (BackendKind, Option<Fallback<ReplyEntry>>) {
+    ) -> (BackendKind, Option<Answer<ReplyEntry>>) {
         let Ok(path) = self.fs.child_path(parent.0, name) else {
-            return (BackendKind::Local, None);
+            return (BackendKind::Atlas, None);
         };
         let p = self.fs.placement(&path);
         let lane = p.backend();
@@ -276,23 +386,51 @@ impl LabFuse {
                     }
                 }
             });
-            return (lane, Some(f));
+            return (lane, Some(Answer::hedge(f)));
         }
         if p.class == Class::Transitional
             && lane == BackendKind::Local
             && self.fs.local_lacks(&path)
         {
-            let f: Fallback<ReplyEntry> =
-                Box::new(|_: &LabFs, reply: ReplyEntry| reply.error(Errno::ENOENT));
-            return (BackendKind::Atlas, Some(f));
+            if self.fs.known_on_atlas(parent.0, name) {
+                // Seen on Atlas (promoted): waits for Atlas like any Atlas request,
+                // ETIMEDOUT at once while Atlas is known down.
+                let f: Fallback<ReplyEntry> = Box::new(|_: &LabFs, reply: ReplyEntry| {
+                    reply.error(Errno::from_i32(libc::ETIMEDOUT))
+                });
+                return (
+                    BackendKind::Atlas,
+                    Some(Answer {
+                        f,
+                        when: When::Down,
+                    }),
+                );
+            }
+            let n = name.to_os_string();
+            let f: Fallback<ReplyEntry> = Box::new(move |fs: &LabFs, reply: ReplyEntry| {
+                if fs.known_on_atlas(parent.0, &n) {
+                    reply.error(Errno::from_i32(libc::ETIMEDOUT))
+                } else {
+                    reply.error(Errno::ENOENT)
+                }
+            });
+            return (BackendKind::Atlas, Some(Answer::hedge(f)));
         }
         (lane, None)
     }
 
+    /// The lane of a request that creates, removes or renames `parent/name`: local
+    /// only when the name is placed on the local SSD and its parent is known there
+    /// (else the core may look up the parent, or a template for it, on Atlas).
     pub(super) fn lane_child(&self, parent: INodeNo, name: &OsStr) -> BackendKind {
-        self.fs
-            .backend_of_child(parent.0, name)
-            .unwrap_or(BackendKind::Local)
+        match self.fs.backend_of_child(parent.0, name) {
+            Some(BackendKind::Local)
+                if self.fs.backend_of(parent.0) == Some(BackendKind::Local) =>
+            {
+                BackendKind::Local
+            }
+            _ => BackendKind::Atlas,
+        }
     }
 
     /// Run `work` on the lane of `backend` and answer with `ok` or the error.
@@ -307,12 +445,44 @@ impl LabFuse {
         self.run_hedged(backend, op, reply, work, ok, None, |_, _| {});
     }
 
+    /// Run a control request on the control lane ([`ControlLane`]); EBUSY when its
+    /// queue is full.
+    pub(super) fn run_control<R: Fail, T: Send + 'static>(
+        &self,
+        op: &'static str,
+        reply: R,
+        work: impl FnOnce(&LabFs) -> Result<T> + Send + 'static,
+        ok: impl FnOnce(R, T) + Send + 'static,
+    ) {
+        let fs = self.fs.clone();
+        let slot = Arc::new(Mutex::new(Some(reply)));
+        let mine = slot.clone();
+        let job: Job = Box::new(move || {
+            let Some(reply) = mine.lock().take() else {
+                return;
+            };
+            match work(&fs) {
+                Ok(t) => ok(reply, t),
+                Err(e) => {
+                    log_failure(op, &e);
+                    reply.fail(Errno::from_i32(e.errno()));
+                }
+            }
+        });
+        if self.control.push(job).is_err() {
+            if let Some(reply) = slot.lock().take() {
+                reply.fail(Errno::from_i32(libc::EBUSY));
+            }
+        }
+    }
+
     /// As [`LabFuse::run`], with an answer for when Atlas does not answer.
     ///
-    /// With a `fallback` (a request that local paths depend on: the attributes of a
-    /// directory on the way to them, a transitional name that is not on the local SSD),
-    /// an Atlas request waits for Atlas at most the hedge, and not at all while Atlas
-    /// is stalled or down; it is then answered by `fallback` instead of ETIMEDOUT.
+    /// With a `fallback` of [`When::Hedge`] (a request that local paths depend on:
+    /// the attributes of a directory on the way to them), an Atlas request waits for
+    /// Atlas at most the hedge, and not at all while Atlas is stalled or down; it is
+    /// then answered by the fallback instead of ETIMEDOUT. A [`When::Down`] fallback
+    /// answers only while Atlas is known down; otherwise the request waits like any.
     /// `late` undoes what `work` did when it finishes after the request was answered
     /// without it (a lookup count, an open handle): its result is never delivered.
     #[allow(clippy::too_many_arguments)]
@@ -323,7 +493,7 @@ impl LabFuse {
         reply: R,
         work: impl FnOnce(&LabFs) -> Result<T> + Send + 'static,
         ok: impl FnOnce(R, T) + Send + 'static,
-        fallback: Option<Fallback<R>>,
+        fallback: Option<Answer<R>>,
         late: impl FnOnce(&LabFs, T) + Send + 'static,
     ) {
         let work = crate::stats::timed(backend, work);
@@ -343,24 +513,29 @@ impl LabFuse {
             reply.fail(Errno::from_i32(libc::ETIMEDOUT));
             return;
         }
-        let hedged = fallback.is_some();
-        let fallback = match fallback {
-            Some(f) if self.fs.health.is_stalled() => {
-                f(&self.fs, reply);
+        let (fallback, hedged) = match fallback {
+            Some(a) if a.when == When::Hedge && self.fs.health.is_stalled() => {
+                (a.f)(&self.fs, reply);
                 return;
             }
-            f => f,
+            Some(a) if a.when == When::Down && self.fs.health.is_down() => {
+                (a.f)(&self.fs, reply);
+                return;
+            }
+            Some(a) => {
+                let hedged = a.when == When::Hedge;
+                (Some(a.f), hedged)
+            }
+            None => (None, false),
         };
-        let wait = if hedged {
-            self.atlas.hedge
-        } else {
-            self.atlas.timeout
-        };
+        let now = Instant::now();
         let slot = Arc::new(Slot {
+            op,
             reply: Mutex::new(Some(reply)),
             fallback: Mutex::new(fallback),
-            deadline: Instant::now() + wait,
-            hedged,
+            queued: now,
+            hedge_at: hedged.then(|| now + self.fs.health.hedge()),
+            call: Mutex::new(None),
         });
         let weak: Weak<dyn Expire> = Arc::downgrade(&slot) as Weak<dyn Expire>;
         self.atlas.inflight.lock().push(weak);
@@ -369,7 +544,11 @@ impl LabFuse {
             if slot.reply.lock().is_none() {
                 return; // answered while queued: do not act late
             }
+            let clock = CallClock::start();
+            *slot.call.lock() = Some(clock);
             let res = work(&fs);
+            let (waited, busy) = clock.split();
+            fs.health.note_call(waited, busy);
             let Some(reply) = slot.reply.lock().take() else {
                 if let Ok(t) = res {
                     late(&fs, t);
@@ -378,7 +557,12 @@ impl LabFuse {
             };
             match res {
                 Ok(t) => ok(reply, t),
-                Err(e) if hedged && e.errno() == libc::ETIMEDOUT => {
+                Err(e)
+                    if e.errno() == libc::ETIMEDOUT
+                        && slot.fallback.lock().is_some()
+                        && (slot.hedge_at.is_some() || fs.health.is_down()) =>
+                {
+                    // Refused because Atlas is down: the fallback answers.
                     slot.answer_without_atlas(&fs, reply);
                 }
                 Err(e) => {
@@ -388,5 +572,43 @@ impl LabFuse {
             }
         });
         self.atlas.pool.push(job);
+    }
+}
+
+/// Lookup counts the core added for entries prepared for the kernel, not yet
+/// delivered: whatever is still held when the guard drops is forgotten (an entry that
+/// did not fit the reply, or a whole reply that came after the watchdog answered
+/// ETIMEDOUT). The model is mountpoint-s3's `DirectoryReplier`.
+pub(super) struct Lookups {
+    fs: Arc<LabFs>,
+    held: Vec<u64>,
+}
+
+impl Lookups {
+    pub(super) fn new(fs: Arc<LabFs>) -> Lookups {
+        Lookups {
+            fs,
+            held: Vec::new(),
+        }
+    }
+
+    /// One lookup of `ino` was added for the kernel.
+    pub(super) fn hold(&mut self, ino: u64) {
+        self.held.push(ino);
+    }
+
+    /// The kernel received one lookup of `ino`.
+    pub(super) fn delivered(&mut self, ino: u64) {
+        if let Some(i) = self.held.iter().rposition(|h| *h == ino) {
+            self.held.swap_remove(i);
+        }
+    }
+}
+
+impl Drop for Lookups {
+    fn drop(&mut self) {
+        for ino in self.held.drain(..) {
+            self.fs.forget(ino, 1);
+        }
     }
 }

@@ -43,7 +43,7 @@ const READDIR_BATCH: usize = 32 * 1024;
 mod lane;
 mod passthrough;
 
-use lane::{log_failure, AtlasLane, Fallback};
+use lane::{log_failure, Answer, AtlasLane, ControlLane, Fallback};
 use passthrough::{dir_flags, Passthrough};
 
 fn kind(k: Kind) -> FileType {
@@ -90,6 +90,7 @@ fn ctx(req: &Request) -> Ctx {
 pub struct LabFuse {
     fs: Arc<LabFs>,
     atlas: AtlasLane,
+    control: ControlLane,
     pass: Arc<Passthrough>,
 }
 
@@ -97,6 +98,7 @@ impl LabFuse {
     pub fn new(fs: Arc<LabFs>) -> LabFuse {
         LabFuse {
             atlas: AtlasLane::start(fs.clone()),
+            control: ControlLane::start(),
             pass: Arc::new(Passthrough {
                 fs: fs.clone(),
                 enabled: AtomicBool::new(false),
@@ -113,6 +115,12 @@ fn time(t: Option<TimeOrNow>) -> Option<SetTime> {
         TimeOrNow::Now => SetTime::Now,
         TimeOrNow::SpecificTime(s) => SetTime::At(s),
     })
+}
+
+/// Whether `name` is a control request (`user.labfs.ctl.*`).
+fn is_control(name: &OsStr) -> bool {
+    name.as_encoded_bytes()
+        .starts_with(crate::control::PREFIX.as_bytes())
 }
 
 fn xattr_reply(reply: ReplyXattr, out: XattrOut) {
@@ -206,7 +214,8 @@ impl Filesystem for LabFuse {
                         }
                     },
                 ) as Fallback<ReplyAttr>
-            });
+            })
+            .map(Answer::hedge);
         self.run_hedged(
             lane,
             "getattr",
@@ -427,7 +436,7 @@ impl Filesystem for LabFuse {
         reply: ReplyData,
     ) {
         self.run(
-            self.lane_ino(ino),
+            self.lane_fh(ino, fh),
             "read",
             reply,
             move |fs| fs.read(fh.0, offset, size),
@@ -447,11 +456,15 @@ impl Filesystem for LabFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-            self.fs.kill_suid_sgid(fh.0);
-        }
-        if self.lane_ino(ino) == BackendKind::Local {
+        // Clearing setuid/setgid (an fstat, maybe an fchmod) touches the backing file:
+        // it runs on the handle's lane with the write, never on the event loop.
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        let lane = self.lane_fh(ino, fh);
+        if lane == BackendKind::Local {
             match crate::stats::timed(BackendKind::Local, |fs: &LabFs| {
+                if kill {
+                    fs.kill_suid_sgid(fh.0);
+                }
                 fs.write(fh.0, offset, data)
             })(&self.fs)
             {
@@ -468,7 +481,12 @@ impl Filesystem for LabFuse {
             BackendKind::Atlas,
             "write",
             reply,
-            move |fs| fs.write(fh.0, offset, &d),
+            move |fs| {
+                if kill {
+                    fs.kill_suid_sgid(fh.0);
+                }
+                fs.write(fh.0, offset, &d)
+            },
             |r, n| r.written(n),
         );
     }
@@ -482,7 +500,7 @@ impl Filesystem for LabFuse {
         reply: ReplyEmpty,
     ) {
         self.run(
-            self.lane_ino(ino),
+            self.lane_fh(ino, fh),
             "flush",
             reply,
             move |fs| fs.flush(fh.0),
@@ -502,7 +520,7 @@ impl Filesystem for LabFuse {
     ) {
         self.pass.released(_ino.0, fh.0);
         reply.ok();
-        if self.lane_ino(_ino) == BackendKind::Atlas {
+        if self.lane_fh(_ino, fh) == BackendKind::Atlas {
             // close(2) on NFS flushes dirty pages and may hang with the server.
             let fs = self.fs.clone();
             self.atlas.spawn(Box::new(move || fs.release(fh.0)));
@@ -520,7 +538,7 @@ impl Filesystem for LabFuse {
         reply: ReplyEmpty,
     ) {
         self.run(
-            self.lane_ino(ino),
+            self.lane_fh(ino, fh),
             "fsync",
             reply,
             move |fs| fs.fsync(fh.0, datasync),
@@ -556,17 +574,19 @@ impl Filesystem for LabFuse {
         let lane = self.lane_dir(ino);
         // A directory stored on the local SSD lists its local part while Atlas does not
         // answer (the core skips Atlas while it is stalled).
-        let fallback = (lane == BackendKind::Atlas && self.fs.lists_locally(ino.0)).then(|| {
-            Box::new(
-                move |fs: &LabFs, reply: ReplyOpen| match fs.opendir(&c, ino.0) {
-                    Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-                    Err(e) => {
-                        log_failure("opendir", &e);
-                        reply.error(Errno::from_i32(e.errno()));
-                    }
-                },
-            ) as Fallback<ReplyOpen>
-        });
+        let fallback = (lane == BackendKind::Atlas && self.fs.lists_locally(ino.0))
+            .then(|| {
+                Box::new(
+                    move |fs: &LabFs, reply: ReplyOpen| match fs.opendir(&c, ino.0) {
+                        Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                        Err(e) => {
+                            log_failure("opendir", &e);
+                            reply.error(Errno::from_i32(e.errno()));
+                        }
+                    },
+                ) as Fallback<ReplyOpen>
+            })
+            .map(Answer::hedge);
         let local = lane == BackendKind::Local;
         self.run_hedged(
             lane,
@@ -618,61 +638,61 @@ impl Filesystem for LabFuse {
         let c = ctx(req);
         let fs = self.fs.clone();
         let lane = self.lane_dir(ino);
-        // Entries of directories on the way to local paths are remembered for outages.
-        let note = lane == BackendKind::Atlas
-            && self
-                .fs
-                .path_of(ino.0)
-                .is_ok_and(|p| self.fs.leads_to_local(&p));
+        // Entries of Atlas listings are noted (directories on the way to local paths,
+        // transitional names found on Atlas) for outages.
+        let note = lane == BackendKind::Atlas;
         self.run(
             lane,
             "readdirplus",
             reply,
-            move |fs| {
-                let entries = fs.readdir(&c, fh.0, offset, true, READDIR_BATCH)?;
-                if note {
-                    for e in &entries {
-                        if let Some(en) = &e.entry {
-                            fs.note_entry(ino.0, &e.name, &en.attr);
+            move |core| {
+                let entries = core.readdir(&c, fh.0, offset, true, READDIR_BATCH)?;
+                // Every entry with attributes holds a lookup until delivered.
+                let mut held = lane::Lookups::new(fs);
+                for e in &entries {
+                    if let Some(en) = &e.entry {
+                        held.hold(e.ino);
+                        if note {
+                            core.note_entry(ino.0, &e.name, &en.attr);
                         }
                     }
                 }
-                Ok(entries)
+                Ok((entries, held))
             },
-            move |mut reply, entries| {
-                let mut full = false;
+            move |mut reply, (entries, mut held)| {
                 for e in entries {
-                    if !full {
-                        full = match e.entry {
-                            Some(en) => reply.add(
+                    let full = match e.entry {
+                        Some(en) => reply.add(
+                            INodeNo(e.ino),
+                            e.offset,
+                            &e.name,
+                            &en.ttl,
+                            &file_attr(&en.attr),
+                            Generation(0),
+                        ),
+                        None => {
+                            let mut a = file_attr(&neg_attr());
+                            a.ino = INodeNo(e.ino);
+                            a.kind = FileType::Directory;
+                            reply.add(
                                 INodeNo(e.ino),
                                 e.offset,
                                 &e.name,
-                                &en.ttl,
-                                &file_attr(&en.attr),
+                                &Duration::ZERO,
+                                &a,
                                 Generation(0),
-                            ),
-                            None => {
-                                let mut a = file_attr(&neg_attr());
-                                a.ino = INodeNo(e.ino);
-                                a.kind = FileType::Directory;
-                                reply.add(
-                                    INodeNo(e.ino),
-                                    e.offset,
-                                    &e.name,
-                                    &Duration::ZERO,
-                                    &a,
-                                    Generation(0),
-                                )
-                            }
-                        };
+                            )
+                        }
+                    };
+                    if full {
+                        break;
                     }
-                    if full && e.entry.is_some() {
-                        // Not handed to the kernel after all.
-                        fs.forget(e.ino, 1);
+                    if e.entry.is_some() {
+                        held.delivered(e.ino);
                     }
                 }
                 reply.ok();
+                // `held` drops here: what did not fit is forgotten.
             },
         );
     }
@@ -741,33 +761,34 @@ impl Filesystem for LabFuse {
     ) {
         let c = ctx(req);
         let (n, v) = (name.to_os_string(), value.to_vec());
-        self.run(
-            self.lane_ino(ino),
-            "setxattr",
-            reply,
-            move |fs| crate::control::setxattr(fs, &c, ino.0, &n, &v, flags),
-            |r, ()| r.ok(),
-        );
+        let work = move |fs: &LabFs| crate::control::setxattr(fs, &c, ino.0, &n, &v, flags);
+        if is_control(name) {
+            self.run_control("setxattr", reply, work, |r, ()| r.ok());
+            return;
+        }
+        self.run(self.lane_ino(ino), "setxattr", reply, work, |r, ()| r.ok());
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let c = ctx(req);
         let n = name.to_os_string();
-        let lane = if n
-            .to_str()
-            .is_some_and(|s| s.starts_with(crate::control::PREFIX))
+        let work = move |fs: &LabFs| crate::control::getxattr(fs, &c, ino.0, &n, size);
+        if is_control(name)
+            && !name
+                .as_encoded_bytes()
+                .starts_with(crate::promote::CTL_PROMOTE.as_bytes())
         {
-            BackendKind::Local
-        } else {
-            self.lane_ino(ino)
-        };
-        self.run(
-            lane,
-            "getxattr",
-            reply,
-            move |fs| crate::control::getxattr(fs, &c, ino.0, &n, size),
-            xattr_reply,
-        );
+            // Status pieces and explaining a path may touch Atlas (and time out on
+            // their own): the Atlas lane, whose threads grow; never the local one.
+            self.run(BackendKind::Atlas, "getxattr", reply, work, xattr_reply);
+            return;
+        }
+        if is_control(name) {
+            // Control requests have their own lane with bounded work (see lane.rs).
+            self.run_control("getxattr", reply, work, xattr_reply);
+            return;
+        }
+        self.run(self.lane_ino(ino), "getxattr", reply, work, xattr_reply);
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
@@ -845,7 +866,7 @@ impl Filesystem for LabFuse {
     ) {
         let c = ctx(req);
         self.run(
-            self.lane_ino(ino),
+            self.lane_fh(ino, fh),
             "fallocate",
             reply,
             move |fs| fs.fallocate(&c, fh.0, offset, length, mode),
@@ -863,7 +884,7 @@ impl Filesystem for LabFuse {
         reply: ReplyLseek,
     ) {
         self.run(
-            self.lane_ino(ino),
+            self.lane_fh(ino, fh),
             "lseek",
             reply,
             move |fs| fs.lseek(fh.0, offset, whence),
@@ -884,8 +905,8 @@ impl Filesystem for LabFuse {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let lane = if self.lane_ino(ino_in) == BackendKind::Local
-            && self.lane_ino(ino_out) == BackendKind::Local
+        let lane = if self.lane_fh(ino_in, fh_in) == BackendKind::Local
+            && self.lane_fh(ino_out, fh_out) == BackendKind::Local
         {
             BackendKind::Local
         } else {
