@@ -853,7 +853,7 @@ fn frozen_atlas_fails_closed_while_local_paths_keep_working() {
     assert!(!h["reason"].as_str().unwrap_or("").is_empty(), "{v:#}");
     let table = lab.timed(r#""$LABFS" status "$LAB""#, LOCAL_BOUND);
     assert!(
-        table.ok() && table.stdout.contains("NOT ANSWERING since"),
+        table.code == 3 && table.stdout.contains("NOT ANSWERING since"),
         "{}",
         table.stdout
     );

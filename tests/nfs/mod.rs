@@ -31,19 +31,7 @@ mod claim;
 /// Scenarios that fail until another part of labfs lands, with what they wait for.
 /// Such a scenario's FAIL is reported loudly and accepted; once it passes, its test
 /// fails until it is removed from here (so the list never hides a regression).
-const KNOWN_FAILING: &[(&str, &str)] = &[
-    (
-        "open_unlinked_file",
-        "getattr of an open, unlinked file looks its path up (ENOENT): needs inodes keyed \
-         by identity (helper core's src/fs rewrite)",
-    ),
-    (
-        "estale_passed_through",
-        "fstat of an open file looks its path up, so a file removed on the server answers \
-         ENOENT instead of the NFS client's ESTALE: needs inodes keyed by identity \
-         (helper core's src/fs rewrite)",
-    ),
-];
+const KNOWN_FAILING: &[(&str, &str)] = &[];
 
 /// The whole group (boot included) must end within this.
 const GROUP_TIMEOUT: Duration = Duration::from_secs(20 * 60);
