@@ -377,7 +377,9 @@ timeout = "3s"
 probe_interval = "1s"'
     mkdir -p "$LAB_h/docs" "$LAB_h/cache"
     echo before >"$LAB_h/docs/f"
-    head -c $((4 * 1024 * 1024)) /dev/urandom >"$LAB_h/docs/big"
+    # Written on the server, not through the mount: no page of it is in this node's
+    # caches, so the read below must reach the daemon (and through it the server).
+    head -c $((4 * 1024 * 1024)) /dev/urandom >"/srv/nsq/$SCEN-h/docs/big"
     # A program with an Atlas file open before the outage reads during it.
     $PY - "$LAB_h/docs/big" "$OUT/$SCEN.reader" <<'PYEOF' &
 import errno, os, sys, time
