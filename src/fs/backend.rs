@@ -113,29 +113,41 @@ impl Backend {
         let mode = tmpl.map(|s| s.st_mode & 0o7777).unwrap_or(0o755);
         let cname = cstring(OsStr::new(name)).map_err(Error::Io)?;
         let _root = Creds::root().assume()?;
-        // SAFETY: valid dirfd and C string.
-        let r = unsafe { libc::mkdirat(pfd.as_raw_fd(), cname.as_ptr(), mode) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EEXIST) {
-                return Err(Error::Io(e));
-            }
-        } else if let Some(s) = tmpl {
-            // SAFETY: valid dirfd and C string.
-            unsafe {
-                libc::fchownat(
-                    pfd.as_raw_fd(),
-                    cname.as_ptr(),
-                    s.st_uid,
-                    s.st_gid,
-                    libc::AT_SYMLINK_NOFOLLOW,
-                );
-                // chown clears setuid/setgid bits: put the mode back.
-                libc::fchmodat(pfd.as_raw_fd(), cname.as_ptr(), mode, 0);
-            }
-        }
+        mkdir_like(pfd.as_raw_fd(), &cname, mode, tmpl)?;
         self.open_dir(dir)
     }
+}
+
+/// `mkdirat(dir, name, mode)`; a directory that already exists is fine. A new one
+/// takes the owner of `template` (the namespace's own directory of that name), and
+/// its mode again afterwards (chown clears setuid/setgid).
+pub(crate) fn mkdir_like(
+    dir: RawFd,
+    name: &CStr,
+    mode: u32,
+    template: Option<libc::stat>,
+) -> Result<()> {
+    // SAFETY: valid dirfd and C string.
+    let r = unsafe { libc::mkdirat(dir, name.as_ptr(), mode) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EEXIST) {
+            return Err(Error::Io(e));
+        }
+    } else if let Some(s) = template {
+        // SAFETY: valid dirfd and C string.
+        unsafe {
+            libc::fchownat(
+                dir,
+                name.as_ptr(),
+                s.st_uid,
+                s.st_gid,
+                libc::AT_SYMLINK_NOFOLLOW,
+            );
+            libc::fchmodat(dir, name.as_ptr(), mode, 0);
+        }
+    }
+    Ok(())
 }
 
 /// `"/a/b"` -> `"a/b"`, `"/"` -> `"."`.

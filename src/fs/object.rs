@@ -229,25 +229,9 @@ pub fn open_beneath(root: RawFd, path: &OsStr, flags: i32) -> Result<OwnedFd> {
 
 fn openat2(dir: RawFd, rel: &[u8], flags: i32) -> Result<OwnedFd> {
     let c = CString::new(rel).map_err(|_| Error::Errno(libc::EINVAL))?;
-    // SAFETY: open_how is plain data; zero is valid for every field.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: openat2 with a valid dirfd, C string and open_how of the right size.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dir,
-            c.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(Error::Io(std::io::Error::last_os_error()));
-    }
-    // SAFETY: the kernel returned a new descriptor that we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    // SAFETY: `dir` is a descriptor the caller holds open for this call.
+    let dir = unsafe { std::os::fd::BorrowedFd::borrow_raw(dir) };
+    crate::sys::open_beneath(dir, &c, flags).map_err(Error::Io)
 }
 
 /// Split a namespace path (bytes) into its parent and final component.

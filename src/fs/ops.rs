@@ -59,27 +59,7 @@ impl LabFs {
         let tmpl = self.locate(&Creds::root(), dir).ok().map(|l| l.stat);
         let mode = tmpl.map(|s| s.st_mode & 0o7777).unwrap_or(0o755);
         let cname = cstring(name)?;
-        // SAFETY: valid dirfd and C string.
-        let r = unsafe { libc::mkdirat(pfd.as_raw_fd(), cname.as_ptr(), mode) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EEXIST) {
-                return Err(Error::Io(e));
-            }
-        } else if let Some(s) = tmpl {
-            // SAFETY: valid dirfd and C string.
-            unsafe {
-                libc::fchownat(
-                    pfd.as_raw_fd(),
-                    cname.as_ptr(),
-                    s.st_uid,
-                    s.st_gid,
-                    libc::AT_SYMLINK_NOFOLLOW,
-                );
-                // chown clears setuid/setgid bits: put the mode back.
-                libc::fchmodat(pfd.as_raw_fd(), cname.as_ptr(), mode, 0);
-            }
-        }
+        super::backend::mkdir_like(pfd.as_raw_fd(), &cname, mode, tmpl)?;
         self.open_dir_path(kind, dir)
     }
 
