@@ -234,21 +234,61 @@ pub fn get_fsxattr(fd: impl AsFd) -> io::Result<[u8; 28]> {
 // Resource limits
 // ---------------------------------------------------------------------------
 
-/// Raise the soft RLIMIT_NOFILE to the hard limit; returns the limit now in force.
-pub fn raise_nofile_limit() -> io::Result<u64> {
+/// The daemon's RLIMIT_NOFILE after [`raise_nofile_limit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NofileLimit {
+    /// The soft limit now in force (`u64::MAX` when unlimited).
+    pub soft: u64,
+    /// The hard limit now in force.
+    pub hard: u64,
+    /// The hard limit could be raised to `fs.nr_open` (root with CAP_SYS_RESOURCE).
+    pub raised_hard: bool,
+}
+
+/// `/proc/sys/fs/nr_open`: the most descriptors one process may be allowed.
+pub fn nr_open() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Raise RLIMIT_NOFILE as far as the process may: soft and hard to `fs.nr_open` when
+/// it can raise the hard limit (CAP_SYS_RESOURCE), else the soft limit to the hard
+/// one. Every open file of every caller is one of the daemon's descriptors, so a
+/// daemon whose limit is no larger than a caller's would run out before the caller.
+pub fn raise_nofile_limit() -> io::Result<NofileLimit> {
     let lim = rustix::process::getrlimit(Resource::Nofile);
-    if lim.current == lim.maximum {
-        return Ok(lim.current.unwrap_or(u64::MAX));
+    let hard = lim.maximum.unwrap_or(u64::MAX);
+    if let Some(n) = nr_open().filter(|n| *n > hard) {
+        let want = Rlimit {
+            current: Some(n),
+            maximum: Some(n),
+        };
+        if rustix::process::setrlimit(Resource::Nofile, want).is_ok() {
+            return Ok(NofileLimit {
+                soft: n,
+                hard: n,
+                raised_hard: true,
+            });
+        }
     }
-    rustix::process::setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: lim.maximum,
-            maximum: lim.maximum,
-        },
-    )
-    .map_err(from_rustix)?;
-    Ok(lim.maximum.unwrap_or(u64::MAX))
+    if lim.current != lim.maximum {
+        rustix::process::setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            },
+        )
+        .map_err(from_rustix)?;
+    }
+    Ok(NofileLimit {
+        soft: hard,
+        hard,
+        raised_hard: false,
+    })
 }
 
 /// The soft RLIMIT_NOFILE in force (`u64::MAX` when unlimited).
