@@ -231,6 +231,16 @@ pub fn get_fsxattr(fd: impl AsFd) -> io::Result<[u8; 28]> {
 }
 
 // ---------------------------------------------------------------------------
+// Memory
+// ---------------------------------------------------------------------------
+
+/// Return the allocator's free memory to the system (glibc keeps freed chunks).
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim only consolidates and releases free memory.
+    unsafe { libc::malloc_trim(0) };
+}
+
+// ---------------------------------------------------------------------------
 // Resource limits
 // ---------------------------------------------------------------------------
 

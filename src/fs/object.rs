@@ -32,13 +32,55 @@ const MAX_HANDLE: usize = 128;
 /// How an inode reaches its backing object again.
 #[derive(Clone, Debug)]
 pub enum Backing {
-    /// `struct file_handle` as the kernel encoded it (type, then bytes).
-    Handle(Arc<[u8]>),
+    /// `struct file_handle` as the kernel encoded it (header, then bytes).
+    Handle(HandleBytes),
     /// An O_PATH descriptor held for the inode's life.
     Fd(Arc<OwnedFd>),
     /// Not reached yet: a directory handed out from memory while Atlas did not
     /// answer; reached by its one namespace path until a lookup gives it a backing.
     ByPath,
+}
+
+/// An encoded `struct file_handle`, inline when it is short (tmpfs, ext4, xfs and
+/// btrfs handles are 16-28 bytes with the header): one remembered inode then needs no
+/// allocation of its own for its handle. NFS handles are longer and go to the heap.
+#[derive(Clone)]
+pub enum HandleBytes {
+    Inline {
+        len: u8,
+        bytes: [u8; HandleBytes::INLINE],
+    },
+    Heap(Arc<[u8]>),
+}
+
+impl HandleBytes {
+    const INLINE: usize = 30;
+
+    pub fn new(b: &[u8]) -> HandleBytes {
+        if b.len() <= HandleBytes::INLINE {
+            let mut bytes = [0u8; HandleBytes::INLINE];
+            bytes[..b.len()].copy_from_slice(b);
+            HandleBytes::Inline {
+                len: b.len() as u8,
+                bytes,
+            }
+        } else {
+            HandleBytes::Heap(Arc::from(b))
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            HandleBytes::Inline { len, bytes } => &bytes[..*len as usize],
+            HandleBytes::Heap(b) => b,
+        }
+    }
+}
+
+impl std::fmt::Debug for HandleBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HandleBytes({} bytes)", self.as_bytes().len())
+    }
 }
 
 /// An O_PATH descriptor of an object, owned or borrowed from its inode.
@@ -100,7 +142,7 @@ impl Backing {
     pub fn of_fd(fd: RawFd, mnt_id: Option<i32>) -> Result<Backing> {
         if let (Some(want), Some((h, m))) = (mnt_id, encode(fd)) {
             if m == want {
-                return Ok(Backing::Handle(Arc::from(h)));
+                return Ok(Backing::Handle(HandleBytes::new(&h)));
             }
         }
         let p = proc_fd_path(fd);
@@ -115,7 +157,7 @@ impl Backing {
     pub fn of_path_fd(fd: OwnedFd, mnt_id: Option<i32>) -> Backing {
         if let (Some(want), Some((h, m))) = (mnt_id, encode(fd.as_raw_fd())) {
             if m == want {
-                return Backing::Handle(Arc::from(h));
+                return Backing::Handle(HandleBytes::new(&h));
             }
         }
         Backing::Fd(Arc::new(fd))
@@ -127,7 +169,7 @@ impl Backing {
             Backing::Fd(f) => Ok(ObjFd::Held(f.clone())),
             Backing::ByPath => Err(Error::Errno(libc::ESTALE)),
             Backing::Handle(h) => {
-                let mut buf = h.to_vec();
+                let mut buf = h.as_bytes().to_vec();
                 let fh = buf.as_mut_ptr() as *mut libc::file_handle;
                 let _root = Creds::root().assume()?;
                 // SAFETY: buf holds a file_handle as name_to_handle_at encoded it.
@@ -143,7 +185,8 @@ impl Backing {
     /// Heap bytes this backing keeps (for memory accounting in tests).
     pub fn heap_size(&self) -> usize {
         match self {
-            Backing::Handle(h) => h.len() + 16,
+            Backing::Handle(HandleBytes::Heap(h)) => h.len() + 16,
+            Backing::Handle(HandleBytes::Inline { .. }) => 0,
             Backing::Fd(_) => 24,
             Backing::ByPath => 0,
         }
