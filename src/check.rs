@@ -8,8 +8,8 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use crate::cli::load_config;
 use crate::config::Config;
+use crate::exit::load_config;
 use crate::exit::{EXIT_FAIL, EXIT_OK};
 use crate::rules::{BackendKind, Class};
 

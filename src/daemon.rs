@@ -418,7 +418,11 @@ fn serve(
     // own mapping, returned to the system as soon as it is freed.
     // SAFETY: mallopt only tunes the allocator.
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024) };
-    let fs = match LabFs::new(&req.config, req.mount_options.clone()) {
+    let fs = match LabFs::new(
+        &req.config,
+        req.mount_options.clone(),
+        Box::new(crate::tags::StoredTags),
+    ) {
         Ok(fs) => Arc::new(fs),
         Err(e) => {
             let msg = format!("cannot open the backends: {e}");

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cli::load_config;
+use crate::exit::load_config;
 use crate::exit::{EXIT_FAIL, EXIT_OK, EXIT_USAGE};
 
 use crate::rules::{Placement, Unplaced, Writer};

@@ -541,11 +541,11 @@ impl LabFs {
                 let child = join(&path, &name);
                 let cp = live.rules.resolve(&child);
                 // A tag that cannot be read fails the listing with its errno: a
-                // promoted entry is never silently left out (tags::is_promoted).
+                // promoted entry is never silently left out (TagReader::is_promoted).
                 let visible = cp.backend() == b
                     || (b == BackendKind::Atlas
                         && cp.class == Class::Transitional
-                        && crate::tags::is_promoted(
+                        && self.tags.is_promoted(
                             &self.atlas,
                             dfd.as_raw_fd(),
                             &cstring(&name)?,

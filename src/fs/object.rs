@@ -109,6 +109,14 @@ pub fn proc_fd_path(fd: RawFd) -> CString {
     CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default()
 }
 
+/// `/proc/self/fd/DIR/NAME`: NAME in an already opened directory, without resolving
+/// any path from `/` (the l*xattr calls do not follow a final symlink).
+pub fn proc_child_path(dirfd: RawFd, name: &std::ffi::CStr) -> CString {
+    let mut v = format!("/proc/self/fd/{dirfd}/").into_bytes();
+    v.extend_from_slice(name.to_bytes());
+    CString::new(v).unwrap_or_default()
+}
+
 /// The mount id of the filesystem behind `fd`, if it can encode handles.
 pub fn handle_mount_id(fd: RawFd) -> Option<i32> {
     encode(fd).map(|(_, m)| m)
