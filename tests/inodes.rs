@@ -472,3 +472,42 @@ PY"#,
         "RSS after forget {after} KiB (before the walk {before}, at {held} inodes {grown})"
     );
 }
+
+/// `labfs explain`, `check` and `status` with a name that is not UTF-8 (b"bad\xffname"):
+/// the bytes reach the daemon unchanged, the output shows them escaped (`\xff`, a
+/// backslash as `\\`) and the JSON stays valid.
+#[test]
+fn explain_check_and_status_show_names_that_are_not_utf8_escaped() {
+    let lab = MountedLab::new();
+    lab.sh(
+        r#"mkdir -p "$LAB/docs" "$LAB/cache" "$LAB/scans/s1/work"
+           echo d > "$LAB/docs/$(printf 'bad\377name')"; echo c > "$LAB/cache/$(printf 'bad\377name')"
+           echo x > "$LOCAL/scans/s1/$(printf 'stray\377\\')""#,
+    );
+    // Through the mount: the daemon explains the object itself.
+    let (code, out, err) = lab.sh_status(
+        r#""$LABFS" explain "$LAB/docs/$(printf 'bad\377name')"; "$LABFS" explain "$LAB/cache/$(printf 'bad\377name')""#,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("path:      /docs/bad\\xffname"), "{out}");
+    assert!(out.contains("backend:   atlas"), "{out}");
+    assert!(out.contains("path:      /cache/bad\\xffname"), "{out}");
+    assert!(out.contains("backend:   local"), "{out}");
+    // By the rules file alone, with a namespace path.
+    let (code, out, err) =
+        lab.sh_status(r#""$LABFS" explain --config "$CFG" "$(printf '/cache/new\377')""#);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("path:      /cache/new\\xff"), "{out}");
+    // check names the misplaced file exactly (a literal backslash escaped too).
+    let (code, out, err) = lab.labfs("check", &[]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("/scans/s1/stray\\xff\\\\ on local"),
+        "{out}{err}"
+    );
+    // status --json stays valid JSON while such names are held.
+    let mnt = lab.mnt().to_string_lossy().into_owned();
+    let json = Sh::program(LABFS, &["status", "--json", &mnt]).ok();
+    let v: serde_json::Value = serde_json::from_str(json.trim()).expect("status --json is JSON");
+    assert!(v["inodes"].as_u64().is_some(), "{json}");
+}

@@ -470,7 +470,7 @@ impl LabFs {
                 // Listing the local part must not wait for a stalled or hung Atlas,
                 // but a listing known to miss promoted entries is an error, not a
                 // shorter list (a sync tool would delete what it does not see).
-                if self.has_known_atlas_children(&path.to_string_lossy()) {
+                if self.has_known_atlas_children(&path) {
                     return Err(Error::Errno(libc::ETIMEDOUT));
                 }
                 continue;
