@@ -149,12 +149,23 @@ log "targets: ${TARGETS[*]}"
     echo "files: $FILES; source tree: $n files; reps: $REPS; loads: $LOADS"
 } >"$OUT/machine.txt"
 RES=$OUT/results.tsv
-printf 'load\ttarget\tworkload\trep\tseconds\tload1\n' >"$RES"
+printf 'load\ttarget\tworkload\trep\tseconds\tload1\tdaemon_cpu_ms\tdaemon_ctxsw\n' >"$RES"
 load1() { cut -d' ' -f1 /proc/loadavg; }
+TICK_MS=$((1000 / $(getconf CLK_TCK)))
+# "CPU-ms CONTEXT-SWITCHES" of a target's daemon so far (all its threads), "- -" for native.
+dstat() {
+    local pid=${DPID[$1]:-}
+    [ -n "$pid" ] || { echo "- -"; return; }
+    local cpu ctx
+    cpu=$(awk -v t="$TICK_MS" '{ sub(/.*\) /, ""); print ($12 + $13) * t }' "/proc/$pid/stat")
+    ctx=$(cat /proc/"$pid"/task/*/status | awk '/ctxt_switches/ { n += $2 } END { print n }')
+    echo "$cpu $ctx"
+}
 sample() { # COND TARGET WORKLOAD REP CMD... (CMD prints "SECONDS s" or is timed here)
-    local cond=$1 t=$2 w=$3 rep=$4 l0 t0 t1 v
+    local cond=$1 t=$2 w=$3 rep=$4 l0 t0 t1 v s0 s1 dcpu dctx
     shift 4
     l0=$(load1)
+    s0=$(dstat "$t")
     if [ "$w" = "tar x" ]; then
         t0=$EPOCHREALTIME
         "$@" >>"$OUT/run.log" 2>&1 || die "$t $w failed: $(tail -3 "$OUT/run.log")"
@@ -164,8 +175,14 @@ sample() { # COND TARGET WORKLOAD REP CMD... (CMD prints "SECONDS s" or is timed
         v=$("$@" 2>>"$OUT/run.log") || die "$t $w failed: $(tail -3 "$OUT/run.log")"
         v=${v% *}
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$cond" "$t" "$w" "$rep" "$v" "$l0" >>"$RES"
-    log "$cond $t $w #$rep: $v s (load $l0)"
+    s1=$(dstat "$t")
+    if [ "${s0% *}" = - ]; then
+        dcpu=-; dctx=-
+    else
+        dcpu=$((${s1% *} - ${s0% *})); dctx=$((${s1#* } - ${s0#* }))
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$cond" "$t" "$w" "$rep" "$v" "$l0" "$dcpu" "$dctx" >>"$RES"
+    log "$cond $t $w #$rep: $v s (load $l0; daemon $dcpu ms CPU, $dctx context switches)"
 }
 
 for cond in $LOADS; do
@@ -226,5 +243,36 @@ for c in conds:
             ratio = f" ({m / nat:.1f}×)" if nat and t != "native" else ""
             cells.append(f"{m:.3f}{ratio} [{statistics.median(ld):.1f}/{max(ld):.1f}]")
         print(f"| {w} | " + " | ".join(cells) + " |")
+    print(f"\n{c}: daemon CPU ms / context switches per sample (medians)")
+    print("| workload | " + " | ".join(t for t in targets if t != "native") + " |")
+    print("|---" * len(targets) + "|")
+    for w in works:
+        cells = []
+        for t in targets:
+            if t == "native":
+                continue
+            s = [r for r in rows if r["load"] == c and r["target"] == t and r["workload"] == w and r["daemon_cpu_ms"] != "-"]
+            if not s:
+                cells.append("-")
+                continue
+            cpu = statistics.median(float(r["daemon_cpu_ms"]) for r in s)
+            ctx = statistics.median(float(r["daemon_ctxsw"]) for r in s)
+            cells.append(f"{cpu:.0f} ms / {ctx:.0f}")
+        print(f"| {w} | " + " | ".join(cells) + " |")
+    # Same repetition, back to back: the ratio of each pair, then its median.
+    pairs = [("proto-uring", "proto-devfuse"), ("php-uring", "php")]
+    for a, b in pairs:
+        if a not in targets or b not in targets:
+            continue
+        out = []
+        for w in works:
+            by = {}
+            for r in rows:
+                if r["load"] == c and r["workload"] == w and r["target"] in (a, b):
+                    by.setdefault(r["rep"], {})[r["target"]] = float(r["seconds"])
+            q = [v[a] / v[b] for v in by.values() if a in v and b in v and v[b] > 0]
+            if q:
+                out.append(f"{w} {statistics.median(q):.2f} (range {min(q):.2f}-{max(q):.2f})")
+        print(f"\n{c}: {a} / {b} time, median of per-repetition ratios: " + "; ".join(out))
 EOF
 log "results in $OUT"
