@@ -922,9 +922,7 @@ fn ring_sqe(e: &RingEntry, idx: usize, qid: u16) -> io_uring::squeue::Entry128 {
 
 /// One queue: registers `depth` entries, then serves requests until the connection ends.
 fn ring_queue(dev: &File, fs: &Fs, qid: u16, depth: usize, payload: usize) -> Result<(), String> {
-    let mut cpus = rustix::thread::CpuSet::new();
-    cpus.set(qid as usize);
-    let _ = rustix::thread::sched_setaffinity(None, &cpus);
+    pin_to(qid as usize);
 
     let mut ring: io_uring::IoUring<io_uring::squeue::Entry128, io_uring::cqueue::Entry> =
         io_uring::IoUring::builder()
@@ -1032,6 +1030,15 @@ fn serve_entry(fs: &Fs, e: &mut RingEntry, body: &mut Vec<u8>) {
     hdr[RING_ENT_IN_OUT + 16..RING_ENT_IN_OUT + 20].copy_from_slice(&(n as u32).to_le_bytes());
 }
 
+/// Best effort: an unpinned thread still serves, only with less locality.
+fn pin_to(cpu: usize) {
+    let mut cpus = rustix::thread::CpuSet::new();
+    cpus.set(cpu);
+    if let Err(e) = rustix::thread::sched_setaffinity(None, &cpus) {
+        eprintln!("fuse_transport: pinning a thread to CPU {cpu}: {e}");
+    }
+}
+
 fn possible_cpus() -> usize {
     // "0-1" or "0": the kernel makes one queue per possible CPU and needs them all.
     fs::read_to_string("/sys/devices/system/cpu/possible")
@@ -1083,20 +1090,23 @@ fn mount(backing: &Path, mnt: &Path) -> Result<File, String> {
 struct Args {
     uring: bool,
     threads: usize,
+    /// Pin /dev/fuse reader i to CPU i (mod the CPU count), as the rings are pinned.
+    pin: bool,
     depth: usize,
     ttl: Duration,
     backing: PathBuf,
     mnt: PathBuf,
 }
 
-const USAGE: &str = "usage: fuse_transport --transport devfuse|uring [--threads N] [--depth D] \
-                     [--ttl SECS] BACKING MOUNTPOINT";
+const USAGE: &str = "usage: fuse_transport --transport devfuse|uring [--threads N] [--pin] \
+                     [--depth D] [--ttl SECS] BACKING MOUNTPOINT";
 
 fn parse_args() -> Result<Option<Args>, String> {
     let mut it = std::env::args_os().skip(1);
     let mut transport = None;
     let (mut threads, mut depth, mut ttl) = (1usize, 8usize, 3600.0f64);
     let mut pos = Vec::new();
+    let mut pin = false;
     while let Some(a) = it.next() {
         let mut val = |name: &str| {
             it.next()
@@ -1106,6 +1116,7 @@ fn parse_args() -> Result<Option<Args>, String> {
         match a.to_str() {
             Some("--bench") => return Ok(None), // `cargo bench` with no arguments
             Some("--transport") => transport = Some(val("--transport")?),
+            Some("--pin") => pin = true,
             Some("--threads") => {
                 threads = val("--threads")?
                     .parse()
@@ -1133,6 +1144,7 @@ fn parse_args() -> Result<Option<Args>, String> {
     Ok(Some(Args {
         uring,
         threads: threads.max(1),
+        pin,
         depth: depth.max(1),
         ttl: Duration::from_secs_f64(ttl),
         backing,
@@ -1149,7 +1161,13 @@ fn run(a: Args) -> Result<(), String> {
     for i in 0..a.threads {
         let (dev, fs) = (dev.clone(), fs.clone());
         let inited = (i == 0).then(|| tx.clone());
-        workers.push(std::thread::spawn(move || devfuse_loop(&dev, &fs, inited)));
+        let pin = a.pin.then(|| i % possible_cpus());
+        workers.push(std::thread::spawn(move || {
+            if let Some(cpu) = pin {
+                pin_to(cpu);
+            }
+            devfuse_loop(&dev, &fs, inited)
+        }));
     }
     drop(tx);
     let mut rings = Vec::new();

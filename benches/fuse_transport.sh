@@ -5,7 +5,7 @@
 #
 #   sudo bash benches/fuse_transport.sh [--reps N] [--files N] [--src-files N]
 #                                       [--labfs BIN] [--proto BIN] [--passthrough-hp BIN]
-#                                       [--loads "quiet cpu2"] [--out DIR]
+#                                       [--loads "quiet cpu2 affinity"] [--out DIR]
 #
 # Targets, each over its own directory of one tmpfs (so the figures are FUSE's cost, not a
 # disk's):
@@ -18,7 +18,10 @@
 # Workloads: the N-file loop (create 512 B, stat, list, unlink) from Rust (benches/meta.rs
 # `loop`) and from Python (benches/loop.py), and `tar x` of a source tree (crates of
 # ~/.cargo/registry/src, about --src-files files). Each --loads condition is run in turn:
-# "quiet" is the machine as it is, "cpu2" has `stress-ng --cpu 2` running beside.
+# "quiet" is the machine as it is, "cpu2" has `stress-ng --cpu 2` running beside;
+# "affinity" runs the Rust loop pinned (taskset) to CPU 0 and then to CPU 1 on native, on
+# proto-devfuse-cpu0 (one /dev/fuse reader pinned to CPU 0), proto-devfuse-pin2 (two
+# readers, one pinned to each CPU) and proto-uring (whose ring threads pin themselves).
 # Every sample records the 1-minute load average at its start. Prints the medians.
 # /sys/module/fuse/parameters/enable_uring is set to Y for the run and restored on exit.
 set -euo pipefail
@@ -30,7 +33,7 @@ SRC_FILES=4000
 LABFS_BIN=$REPO/target/release/labfs
 PROTO_BIN=""
 PHP_BIN=""
-LOADS="quiet cpu2"
+LOADS="quiet cpu2 affinity"
 OUT=/var/tmp/labfs-transport-$(date -u +%Y%m%dT%H%M%S)
 while [ $# -gt 0 ]; do
     case $1 in
@@ -58,7 +61,7 @@ if [ -z "$PROTO_BIN" ]; then
         | sed -n 's/.*"executable":"\([^"]*fuse_transport[^"]*\)".*/\1/p' | tail -1)
 fi
 [ -x "$PROTO_BIN" ] || die "no prototype binary (cargo bench --bench fuse_transport --no-run)"
-for t in python3 stress-ng tar rustc; do command -v "$t" >/dev/null || die "$t is required"; done
+for t in python3 stress-ng tar rustc taskset; do command -v "$t" >/dev/null || die "$t is required"; done
 
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/labfs-transport.XXXXXX)
@@ -116,7 +119,7 @@ up() { # NAME ROOT-UNDER-MOUNT MNT CMD...
     ROOT[$name]=$mnt$sub
     mkdir -p "${ROOT[$name]}"
 }
-mkdir -p "$WORK/native" "$WORK/b-devfuse" "$WORK/b-devfuse2" "$WORK/b-uring" "$WORK/labfs/local/lab" "$WORK/labfs/atlas/lab"
+mkdir -p "$WORK/native" "$WORK/b-devfuse" "$WORK/b-devfuse2" "$WORK/b-uring" "$WORK/b-devfuse-cpu0" "$WORK/b-devfuse-pin2" "$WORK/labfs/local/lab" "$WORK/labfs/atlas/lab"
 ROOT[native]=$WORK/native
 TARGETS=(native)
 up proto-devfuse "" "$WORK/m-devfuse" "$PROTO_BIN" --transport devfuse "$WORK/b-devfuse" "$WORK/m-devfuse"
@@ -124,6 +127,11 @@ up proto-devfuse2 "" "$WORK/m-devfuse2" "$PROTO_BIN" --transport devfuse --threa
 up proto-uring "" "$WORK/m-uring" "$PROTO_BIN" --transport uring "$WORK/b-uring" "$WORK/m-uring"
 grep -q io_uring < <(ls -l "/proc/${DPID[proto-uring]}/fd") || die "proto-uring holds no io_uring"
 TARGETS+=(proto-devfuse proto-devfuse2 proto-uring)
+case " $LOADS " in
+    *" affinity "*)
+        up proto-devfuse-cpu0 "" "$WORK/m-devfuse-cpu0" "$PROTO_BIN" --transport devfuse --pin "$WORK/b-devfuse-cpu0" "$WORK/m-devfuse-cpu0"
+        up proto-devfuse-pin2 "" "$WORK/m-devfuse-pin2" "$PROTO_BIN" --transport devfuse --threads 2 --pin "$WORK/b-devfuse-pin2" "$WORK/m-devfuse-pin2" ;;
+esac
 cat >"$WORK/labfs.toml" <<EOF
 [storage]
 atlas = "$WORK/labfs/atlas/lab"
@@ -188,6 +196,18 @@ sample() { # COND TARGET WORKLOAD REP CMD... (CMD prints "SECONDS s" or is timed
 for cond in $LOADS; do
     case $cond in
         quiet) ;;
+        affinity)
+            for ((rep = 1; rep <= REPS; rep++)); do
+                for t in native proto-devfuse-cpu0 proto-devfuse-pin2 proto-uring; do
+                    d=${ROOT[$t]}/loop
+                    mkdir -p "$d"
+                    for cpu in 0 1; do
+                        sample "$cond" "$t" "loop (Rust), caller on CPU $cpu" "$rep" taskset -c "$cpu" "$WORK/meta" loop "$d" "$FILES"
+                    done
+                    rmdir "$d"
+                done
+            done
+            continue ;;
         cpu2)
             stress-ng --cpu 2 --quiet >/dev/null 2>&1 &
             STRESS_PID=$!
@@ -215,7 +235,8 @@ for cond in $LOADS; do
 done
 
 # Unmount the prototypes so they print their request counts, then the table.
-for t in proto-devfuse proto-devfuse2 proto-uring; do
+for t in proto-devfuse proto-devfuse2 proto-uring proto-devfuse-cpu0 proto-devfuse-pin2; do
+    [ -n "${DPID[$t]:-}" ] || continue
     umount "$WORK/m-${t#proto-}"
     wait "${DPID[$t]}" || log "$t exited with $?"
     log "$t: $(grep -h 'fuse_transport:' "$OUT/$t.log" | tr '\n' ' ')"
@@ -226,7 +247,11 @@ rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 conds = list(dict.fromkeys(r["load"] for r in rows))
 targets = list(dict.fromkeys(r["target"] for r in rows))
 works = list(dict.fromkeys(r["workload"] for r in rows))
+all_targets, all_works = targets, works
 for c in conds:
+    here = [r for r in rows if r["load"] == c]
+    targets = [t for t in all_targets if any(r["target"] == t for r in here)]
+    works = [w for w in all_works if any(r["workload"] == w for r in here)]
     print(f"\n{c}: median seconds (ratio to native), load1 median/max")
     print("| workload | " + " | ".join(targets) + " |")
     print("|---" * (len(targets) + 1) + "|")
