@@ -20,7 +20,7 @@
 //! inodes, no credential switching: it is run as root by the bench). It is a bench target,
 //! not part of the product; see docs/benchmarks.md, "FUSE over io_uring: prototype".
 //!
-//!   fuse_transport --transport devfuse|uring [--threads N] [--depth D] [--ttl SECS] BACKING MOUNTPOINT
+//!   fuse_transport --transport devfuse|uring [--threads N] [--pin] [--depth D] [--ttl SECS] BACKING MOUNTPOINT
 //!
 //! It mounts (as root, with mount(2)), serves until the mount is unmounted, then prints
 //! the request counts by opcode to stderr. `cargo bench --bench fuse_transport` (no
