@@ -22,9 +22,12 @@
 # table says so; the daemon's watchdog counters are recorded per suite either way.
 #
 # Output: DIR/<target>/<suite>.results with one "PASS|FAIL|SKIP name [detail]" line per
-# test, DIR/<target>/<suite>.log with the raw output, DIR/<target>/<suite>.health (labfs
+# test, DIR/<target>/<suite>.log with the raw output, DIR/<target>/<suite>.commit (the
+# commit measured), DIR/<target>/<suite>.health (labfs
 # targets: the daemon's Atlas-watchdog counters during the suite, and the load average),
-# and DIR/table.md (also printed).
+# and DIR/table.md (also printed): failures and skips ext4 does not have, each marked
+# documented (listed in tests/conformance/exceptions, explained in docs/semantics.md) or
+# NOT documented.
 set -u
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -62,7 +65,7 @@ while [ $# -gt 0 ]; do
     --xfstests) XFS=$(cd "$2" && pwd) || die "no folder $2"; shift ;;
     --stress-ng) SNG=$(cd "$2" && pwd) || die "no folder $2"; shift ;;
     --libfuse) LIBFUSE=$(cd "$2" && pwd) || die "no folder $2"; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
     esac
     shift
@@ -76,6 +79,15 @@ fi
 [ -x "$LABFS" ] || die "no labfs binary at $LABFS (cargo build --release, or --labfs BIN)"
 case "$BACKING" in ext4|tmpfs) ;; *) die "--backing is ext4 or tmpfs" ;; esac
 case "$LOAD" in *[!0-9]*|"") die "--load takes a number of CPU hogs" ;; esac
+
+# The commit of the worktree the binary was built in (target/release/labfs), recorded
+# beside each suite's results (DIR/<target>/<suite>.commit) and shown per row.
+bin_repo=$(dirname "$(readlink -f "$LABFS")")
+if commit=$(git -C "$bin_repo" rev-parse --short HEAD 2>/dev/null); then
+    git -C "$bin_repo" diff --quiet HEAD -- src 2>/dev/null || commit="$commit+uncommitted src changes"
+else
+    commit="unknown (binary outside a git worktree)"
+fi
 
 W=$(mktemp -d /tmp/labfs-conformance.XXXXXX)
 [ -n "$OUT" ] || OUT="$W/out"
@@ -482,6 +494,7 @@ for S in $ONLY_RUN; do
             health="$health $(health_delta "$W/health.before" "$W/health.after")"
         fi
         echo "$health" >"$OUT/$T/$S.health"
+        echo "$commit" >"$OUT/$T/$S.commit"
         echo "run.sh: $S on $T: $(grep -cE '^(PASS|XFAIL)' "$R") passed, $(grep -c '^FAIL' "$R") failed, $(grep -c '^SKIP' "$R") skipped in $(($(date +%s) - start)) s; $health" >&2
         grep -q " $W/mnt fuse.labfs " /proc/mounts || die "the labfs mount is gone (daemon died?), see $DLOG"
     done
@@ -496,21 +509,17 @@ measured() { # a suite with results for at least one target in $OUT
     return 1
 }
 {
-    # The commit of the worktree the binary was built in (target/release/labfs).
-    bin_repo=$(dirname "$(readlink -f "$LABFS")")
-    if commit=$(git -C "$bin_repo" rev-parse --short HEAD 2>/dev/null); then
-        git -C "$bin_repo" diff --quiet HEAD -- src 2>/dev/null || commit="$commit+uncommitted src changes"
+    if [ "$REPORT" = 1 ]; then
+        echo "results in $OUT (each row names the commit it was measured on), kernel $(uname -r)"
     else
-        commit="unknown (binary outside a git worktree)"
+        echo "labfs binary $LABFS ($("$LABFS" --version 2>/dev/null | head -1)), commit $commit, backing $BACKING, kernel $(uname -r)"
     fi
-
-    echo "labfs binary $LABFS ($("$LABFS" --version 2>/dev/null | head -1)), commit $commit, backing $BACKING, kernel $(uname -r)"
     loads=$(cat "$OUT"/*/*.health 2>/dev/null | awk '{print $2}' | sort -u | tr '\n' ' ')
     [ -n "$loads" ] && echo "load generator: ${loads% }; load average (1 min) at each suite's start..end in DIR/<target>/<suite>.health"
 
     echo
-    printf '| suite |'; for T in $TARGETS; do printf ' %s |' "$T"; done; echo
-    printf '| --- |'; for T in $TARGETS; do printf ' --- |'; done; echo
+    printf '| suite |'; for T in $TARGETS; do printf ' %s |' "$T"; done; echo ' measured on |'
+    printf '| --- |'; for T in $TARGETS; do printf ' --- |'; done; echo ' --- |'
     for S in $ONLY; do
         measured "$S" || continue
         printf '| %s |' "$S"
@@ -521,7 +530,8 @@ measured() { # a suite with results for at least one target in $OUT
             p=$(grep -cE '^(PASS|XFAIL)' "$R"); f=$(grep -c '^FAIL' "$R"); s=$(grep -c '^SKIP' "$R")
             printf ' %s/%s pass%s |' "$p" "$((p + f))" "$([ "$s" = 0 ] || echo ", $s skip")"
         done
-        echo
+        # The commit(s) the row's results were measured on (a row may mix runs).
+        printf ' %s |\n' "$(for T in $TARGETS; do cat "$OUT/$T/$S.commit" 2>/dev/null || echo '?'; done | sort -u | tr '\n' ' ' | sed 's/ $//')"
     done
     echo
     for T in $TARGETS; do
@@ -531,8 +541,21 @@ measured() { # a suite with results for at least one target in $OUT
             if [ "$T" != ext4 ] && [ -f "$OUT/ext4/$S.results" ]; then
                 grep '^FAIL' "$OUT/$T/$S.results" | awk '{print $2}' | sort >"$W/f.t"
                 grep '^FAIL' "$OUT/ext4/$S.results" | awk '{print $2}' | sort >"$W/f.e"
-                extra=$(comm -23 "$W/f.t" "$W/f.e" | tr '\n' ' ')
-                [ -n "$extra" ] && echo "- $T $S, failing here but not on ext4: $extra"
+                comm -23 "$W/f.t" "$W/f.e" >"$W/f.x"
+                # Split into the documented exceptions (tests/conformance/exceptions) and the rest.
+                awk -v s="$S" '$1 == s { print $2 }' "$here/exceptions" 2>/dev/null | sort >"$W/f.d"
+                doc=$(comm -12 "$W/f.x" "$W/f.d" | tr '\n' ' ')
+                extra=$(comm -23 "$W/f.x" "$W/f.d" | tr '\n' ' ')
+                [ -n "$extra" ] && echo "- $T $S, failing here but not on ext4, NOT documented: $extra"
+                [ -n "$doc" ] && echo "- $T $S, failing here but not on ext4, documented exceptions (docs/semantics.md): $doc"
+                # Tests ext4 runs and this target skips.
+                grep '^SKIP' "$OUT/$T/$S.results" | awk '{print $2}' | sort >"$W/s.t"
+                grep '^SKIP' "$OUT/ext4/$S.results" | awk '{print $2}' | sort >"$W/s.e"
+                comm -23 "$W/s.t" "$W/s.e" >"$W/s.x"
+                doc=$(comm -12 "$W/s.x" "$W/f.d" | tr '\n' ' ')
+                extra=$(comm -23 "$W/s.x" "$W/f.d" | tr '\n' ' ')
+                [ -n "$extra" ] && echo "- $T $S, skipped here but not on ext4, NOT documented: $extra"
+                [ -n "$doc" ] && echo "- $T $S, skipped here but not on ext4, documented exceptions: $doc"
             elif [ "$T" = ext4 ]; then
                 fails=$(grep '^FAIL' "$OUT/$T/$S.results" | awk '{print $2}' | tr '\n' ' ')
                 [ -n "$fails" ] && echo "- ext4 $S failures (the suite's own on this kernel): $fails"
