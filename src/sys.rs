@@ -231,6 +231,55 @@ pub fn get_fsxattr(fd: impl AsFd) -> io::Result<[u8; 28]> {
 }
 
 // ---------------------------------------------------------------------------
+// Opening by path, locks, pipes, unmounting, sessions
+// ---------------------------------------------------------------------------
+
+/// `open(path, flags | O_CLOEXEC)` (e.g. `/proc/self/fd/N` to reopen an object).
+pub fn open_path(path: &CStr, flags: i32) -> io::Result<OwnedFd> {
+    let flags = OFlags::from_bits_retain(flags as u32) | OFlags::CLOEXEC;
+    rustix::fs::open(path, flags, Mode::empty()).map_err(from_rustix)
+}
+
+/// `openat(dirfd, name, flags | O_CLOEXEC)`.
+pub fn open_at(dirfd: BorrowedFd<'_>, name: &CStr, flags: i32) -> io::Result<OwnedFd> {
+    let flags = OFlags::from_bits_retain(flags as u32) | OFlags::CLOEXEC;
+    rustix::fs::openat(dirfd, name, flags, Mode::empty()).map_err(from_rustix)
+}
+
+/// `flock(fd, LOCK_EX | LOCK_NB)`.
+pub fn try_lock_exclusive(fd: impl AsFd) -> io::Result<()> {
+    rustix::fs::flock(fd, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(from_rustix)
+}
+
+/// `ftruncate(fd, len)`.
+pub fn truncate_fd(fd: impl AsFd, len: u64) -> io::Result<()> {
+    rustix::fs::ftruncate(fd, len).map_err(from_rustix)
+}
+
+/// `pipe2(O_CLOEXEC)`: (read end, write end).
+pub fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+    rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(from_rustix)
+}
+
+/// `umount2(path, flags)` with `MNT_DETACH` (lazy) and/or `UMOUNT_NOFOLLOW`.
+pub fn unmount(path: &CStr, lazy: bool, nofollow: bool) -> io::Result<()> {
+    use rustix::mount::UnmountFlags;
+    let mut f = UnmountFlags::empty();
+    if lazy {
+        f |= UnmountFlags::DETACH;
+    }
+    if nofollow {
+        f |= UnmountFlags::NOFOLLOW;
+    }
+    rustix::mount::unmount(path, f).map_err(from_rustix)
+}
+
+/// `setsid()`: a new session, detached from the terminal.
+pub fn new_session() -> io::Result<()> {
+    rustix::process::setsid().map(|_| ()).map_err(from_rustix)
+}
+
+// ---------------------------------------------------------------------------
 // Memory
 // ---------------------------------------------------------------------------
 

@@ -153,12 +153,9 @@ impl Backing {
                 return Ok(Backing::Handle(HandleBytes::new(&h)));
             }
         }
-        let p = proc_fd_path(fd);
-        // SAFETY: valid C string; O_PATH of the object the magic link names.
-        let r = unsafe { libc::open(p.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
-        check(r)?;
-        // SAFETY: new descriptor we own.
-        Ok(Backing::Fd(Arc::new(unsafe { OwnedFd::from_raw_fd(r) })))
+        // O_PATH of the object the magic link names.
+        let f = crate::sys::open_path(&proc_fd_path(fd), libc::O_PATH).map_err(Error::Io)?;
+        Ok(Backing::Fd(Arc::new(f)))
     }
 
     /// Take an O_PATH descriptor we already own as the backing (handle if possible).
@@ -205,28 +202,15 @@ impl Backing {
 /// thread acts as (the kernel checks the mode as for open(2)).
 pub fn reopen(fd: &impl AsRawFd, flags: i32) -> Result<OwnedFd> {
     let p = proc_fd_path(fd.as_raw_fd());
-    let f = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW))
-        | libc::O_CLOEXEC;
-    // SAFETY: valid C string.
-    let r = unsafe { libc::open(p.as_ptr(), f) };
-    check(r)?;
-    // SAFETY: new descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(r) })
+    let f = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW);
+    crate::sys::open_path(&p, f).map_err(Error::Io)
 }
 
 /// openat(dirfd, name, O_PATH | O_NOFOLLOW) and its lstat.
 pub fn open_child(dirfd: RawFd, name: &std::ffi::CStr) -> Result<(OwnedFd, libc::stat)> {
-    // SAFETY: valid dirfd and C string.
-    let r = unsafe {
-        libc::openat(
-            dirfd,
-            name.as_ptr(),
-            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    };
-    check(r)?;
-    // SAFETY: new descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(r) };
+    // SAFETY: `dirfd` is a descriptor the caller holds open for this call.
+    let dir = unsafe { std::os::fd::BorrowedFd::borrow_raw(dirfd) };
+    let fd = crate::sys::open_at(dir, name, libc::O_PATH | libc::O_NOFOLLOW).map_err(Error::Io)?;
     let st = fstat(fd.as_raw_fd())?;
     Ok((fd, st))
 }
