@@ -123,7 +123,7 @@ pub fn run(config: &Path, rules_only: bool) -> i32 {
                      entr{} on Atlas below may be promoted (promoted symlinks, and every promoted file \
                      on an Atlas without user xattrs, are recorded there); run `labfs check` as root to tell",
                     cfg.storage.atlas.join(crate::tags::STORE_DIR).display(),
-                    unsafe { libc::geteuid() },
+                    crate::sys::effective_ids().0,
                     if uncertain == 1 { "y" } else { "ies" }
                 );
             }

@@ -128,6 +128,7 @@ fn encode(fd: RawFd) -> Option<(Vec<u8>, i32)> {
     // SAFETY: buf is large enough for the header and MAX_HANDLE bytes, and aligned
     // enough for the two u32/i32 header fields (Vec<u8> from the allocator is 8-aligned).
     let fh = buf.as_mut_ptr() as *mut libc::file_handle;
+    // SAFETY: as above: `fh` points at the header inside `buf`.
     unsafe { (*fh).handle_bytes = MAX_HANDLE as u32 };
     let mut mnt: libc::c_int = 0;
     let empty = c"";
