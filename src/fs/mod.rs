@@ -445,7 +445,7 @@ impl LabFs {
             &self.atlas,
             parent_fd.as_raw_fd(),
             &cname,
-            &path.to_string_lossy(),
+            &path,
         )? {
             return Err(Error::Errno(libc::ENOENT));
         }
@@ -533,7 +533,7 @@ impl LabFs {
             &self.atlas,
             f.dir.as_raw_fd(),
             &f.cname,
-            &path.to_string_lossy(),
+            &path,
         )? {
             return Err(Error::Errno(libc::ENOENT));
         }

@@ -6,8 +6,9 @@
 //! `planned` -> `staged` -> `verified` -> `committed` -> (journal removed once the
 //! local copy is gone).
 
-use std::ffi::CString;
+use std::ffi::{CString, OsStr, OsString};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
 use serde::{Deserialize, Serialize};
 
@@ -52,30 +53,78 @@ pub enum EntryKind {
     Link,
 }
 
-/// One object of the promoted tree.
+/// A timestamp as the journal keeps it: seconds and nanoseconds (12 bytes in memory;
+/// written as the `[secs, nsecs]` pair of journal version 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[repr(C, packed(4))]
+pub struct Ts {
+    secs: i64,
+    nsecs: u32,
+}
+
+impl Ts {
+    pub fn new(secs: i64, nsecs: i64) -> Ts {
+        Ts {
+            secs,
+            nsecs: nsecs.clamp(0, 999_999_999) as u32,
+        }
+    }
+    pub fn pair(self) -> (i64, i64) {
+        let (s, n) = (self.secs, self.nsecs);
+        (s, n as i64)
+    }
+}
+
+impl Serialize for Ts {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.pair().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Ts {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Ts, D::Error> {
+        let (s, n) = <(i64, i64)>::deserialize(d)?;
+        Ok(Ts::new(s, n))
+    }
+}
+
+/// One object of the promoted tree. Kept small: a job holds one per object for its
+/// whole life (about 150 bytes plus the relative path; docs/promote.md, Memory).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Entry {
-    /// Path relative to the promoted top ("" for the top itself).
-    pub rel: String,
+    /// Path relative to the promoted top ("" for the top itself), any bytes.
+    #[serde(with = "bytes")]
+    pub rel: Box<OsStr>,
     pub kind: EntryKind,
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
     pub size: u64,
-    /// Bytes allocated on the source (st_blocks * 512).
+    /// Bytes allocated on the source (st_blocks * 512); only the plan's free-space
+    /// check uses it, so it is not kept in memory (0 once planned).
+    #[serde(default, skip_serializing)]
     pub alloc: u64,
-    pub atime: (i64, i64),
-    pub mtime: (i64, i64),
-    pub ctime: (i64, i64),
+    pub atime: Ts,
+    pub mtime: Ts,
+    pub ctime: Ts,
     /// st_dev / st_ino of the source on the local backend.
     pub dev: u64,
     pub ino: u64,
     /// For `Link`: the `rel` of the first name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub link_to: Option<String>,
-    /// `blake3:<hex>` of a file's content (known from `staged` on).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub digest: Option<String>,
+    #[serde(
+        default,
+        with = "bytes_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub link_to: Option<Box<OsStr>>,
+    /// The blake3 digest of a file's content (known from `staged` on), written as
+    /// `blake3:<hex>`.
+    #[serde(
+        default,
+        with = "digest_text",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub digest: Option<[u8; 32]>,
     /// Whether this entry is renamed into place on its own at commit.
     #[serde(default)]
     pub unit: bool,
@@ -91,7 +140,123 @@ impl Entry {
     pub fn is_dir(&self) -> bool {
         self.kind == EntryKind::Dir
     }
+
+    /// `blake3:<hex>`, the `user.labfs.digest` tag of a file.
+    pub fn digest_tag(&self) -> Option<String> {
+        self.digest.map(|d| digest_tag(&d))
+    }
 }
+
+/// `blake3:<hex>` of a digest.
+pub fn digest_tag(d: &[u8; 32]) -> String {
+    format!("blake3:{}", blake3::Hash::from_bytes(*d).to_hex())
+}
+
+/// Paths in the journal: a JSON string when the bytes are UTF-8 (every journal of
+/// version 1 reads the same), else `{"hex": "<the bytes in hex>"}`, so any name a
+/// backend can hold round-trips exactly.
+pub mod bytes {
+    use std::ffi::{OsStr, OsString};
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize)]
+    #[serde(untagged)]
+    enum ReprOut<'a> {
+        Text(&'a str),
+        Raw { hex: String },
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Text(String),
+        Raw { hex: String },
+    }
+
+    pub fn to_repr(b: &[u8]) -> impl Serialize + '_ {
+        match std::str::from_utf8(b) {
+            Ok(s) => ReprOut::Text(s),
+            Err(_) => ReprOut::Raw {
+                hex: b.iter().map(|x| format!("{x:02x}")).collect(),
+            },
+        }
+    }
+
+    pub fn from_hex(h: &str) -> Option<Vec<u8>> {
+        if h.len() % 2 != 0 {
+            return None;
+        }
+        (0..h.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(h.get(i..i + 2)?, 16).ok())
+            .collect()
+    }
+
+    pub fn serialize<S: Serializer, P: AsRef<OsStr> + ?Sized>(
+        p: &P,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        to_repr(p.as_ref().as_bytes()).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, T: From<OsString>>(d: D) -> Result<T, D::Error> {
+        let v = match Repr::deserialize(d)? {
+            Repr::Text(t) => t.into_bytes(),
+            Repr::Raw { hex } => from_hex(&hex)
+                .ok_or_else(|| serde::de::Error::custom("bad hex in a path"))?,
+        };
+        Ok(T::from(OsString::from_vec(v)))
+    }
+}
+
+/// [`bytes`] for optional paths.
+pub mod bytes_opt {
+    use std::ffi::{OsStr, OsString};
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer, P: AsRef<OsStr>>(p: &Option<P>, s: S) -> Result<S::Ok, S::Error> {
+        match p {
+            Some(p) => super::bytes::serialize(p.as_ref(), s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, T: From<OsString>>(
+        d: D,
+    ) -> Result<Option<T>, D::Error> {
+        #[derive(Deserialize)]
+        struct W(#[serde(with = "super::bytes")] OsString);
+        Ok(Option::<W>::deserialize(d)?.map(|w| T::from(w.0)))
+    }
+}
+
+mod digest_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&super::digest_tag(d)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
+        let Some(t) = Option::<String>::deserialize(d)? else {
+            return Ok(None);
+        };
+        let hex = t.strip_prefix("blake3:").unwrap_or(&t);
+        blake3::Hash::from_hex(hex)
+            .map(|h| Some(*h.as_bytes()))
+            .map_err(|_| serde::de::Error::custom("bad digest"))
+    }
+}
+
+/// The journal versions this labfs reads: 1 (paths always UTF-8) and 2 (paths may be
+/// `{"hex": ...}`). It writes 2.
+pub const VERSION: u32 = 2;
 
 /// The whole journal of one job.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -99,7 +264,8 @@ pub struct Journal {
     pub version: u32,
     pub id: String,
     /// Namespace path of the promoted top.
-    pub path: String,
+    #[serde(with = "bytes")]
+    pub path: OsString,
     pub host: String,
     pub merge: bool,
     pub state: State,
@@ -114,22 +280,18 @@ pub struct Journal {
 
 impl Journal {
     /// Namespace path of an entry.
-    pub fn ns_path(&self, rel: &str) -> String {
-        if rel.is_empty() {
-            self.path.clone()
-        } else if self.path == "/" {
-            format!("/{rel}")
-        } else {
-            format!("{}/{rel}", self.path)
-        }
+    pub fn ns_path(&self, rel: &OsStr) -> OsString {
+        ns_of(&self.path, rel)
     }
 
     /// Path of an entry's staged copy, relative to the staging directory.
-    pub fn staged_rel(rel: &str) -> String {
+    pub fn staged_rel(rel: &OsStr) -> OsString {
         if rel.is_empty() {
-            "data".to_string()
+            OsString::from("data")
         } else {
-            format!("data/{rel}")
+            let mut v = b"data/".to_vec();
+            v.extend_from_slice(rel.as_bytes());
+            OsString::from_vec(v)
         }
     }
 
@@ -140,7 +302,6 @@ impl Journal {
     /// Write the journal atomically.
     pub fn save(&self, local: &Backend) -> Result<()> {
         let dfd = ensure_dir(local)?;
-        let body = serde_json::to_vec(self).map_err(|_| Error::Errno(libc::EINVAL))?;
         let name = Self::file_name(&self.id);
         let tmp = format!(".{name}.tmp");
         let (cname, ctmp) = (cstr(&name)?, cstr(&tmp)?);
@@ -150,7 +311,12 @@ impl Journal {
             libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
             0o600,
         )?;
-        write_all(&fd, &body)?;
+        {
+            // Streamed: a journal of a million objects is never one buffer in memory.
+            let mut w = std::io::BufWriter::with_capacity(256 << 10, std::fs::File::from(fd.try_clone()?));
+            serde_json::to_writer(&mut w, self).map_err(|_| Error::Errno(libc::EINVAL))?;
+            std::io::Write::flush(&mut w)?;
+        }
         util::fsync_fd(fd.as_raw_fd())?;
         drop(fd);
         util::rename_at(dfd.as_raw_fd(), &ctmp, dfd.as_raw_fd(), &cname, false)?;
@@ -191,29 +357,27 @@ impl Journal {
             let Some(id) = n.strip_suffix(".json") else {
                 continue;
             };
-            let parsed = read_file(&pfd, n).and_then(|b| {
-                serde_json::from_slice::<Journal>(&b)
-                    .map_err(|e| format!("unreadable journal: {e}"))
-            });
+            let parsed = read_journal(&pfd, n);
             out.push((id.to_string(), parsed));
         }
         Ok(out)
     }
 }
 
-fn read_file(dfd: &OwnedFd, name: &str) -> std::result::Result<Vec<u8>, String> {
-    use std::io::Read;
+fn read_journal(dfd: &OwnedFd, name: &str) -> std::result::Result<Journal, String> {
     let c = cstr(name).map_err(|e| e.to_string())?;
     let fd = util::open_at(dfd.as_raw_fd(), &c, libc::O_RDONLY, 0).map_err(|e| e.to_string())?;
-    let mut b = Vec::new();
-    std::fs::File::from(fd)
-        .read_to_end(&mut b)
-        .map_err(|e| e.to_string())?;
-    Ok(b)
+    let r = std::io::BufReader::with_capacity(256 << 10, std::fs::File::from(fd));
+    serde_json::from_reader::<_, Journal>(r).map_err(|e| format!("unreadable journal: {e}"))
 }
 
-fn write_all(fd: &OwnedFd, body: &[u8]) -> Result<()> {
-    crate::fs::backend::write_all(fd.as_raw_fd(), body)
+/// Namespace path of `rel` under `top`.
+pub fn ns_of(top: &OsStr, rel: &OsStr) -> OsString {
+    if rel.is_empty() {
+        top.to_os_string()
+    } else {
+        crate::fs::object::join(top, rel)
+    }
 }
 
 /// `LOCAL/.labfs/promote`, created (0700, root) when missing.
