@@ -29,9 +29,9 @@
 
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString, OsStr, OsString};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use serde::{Deserialize, Serialize};
@@ -319,11 +319,8 @@ pub fn write_record<P: AsRef<OsStr> + ?Sized>(
     let _root = Creds::root().assume()?;
     let dfd = mkdir_chain(atlas, &dir)?;
     // The O_PATH descriptor cannot be fsynced: open the directory for reading.
-    let dir_rd = crate::fs::object::open_beneath(
-        atlas.root_fd(),
-        &dir,
-        libc::O_RDONLY | libc::O_DIRECTORY,
-    )?;
+    let dir_rd =
+        crate::fs::object::open_beneath(atlas.root_fd(), &dir, libc::O_RDONLY | libc::O_DIRECTORY)?;
     let mut tmp = b".".to_vec();
     tmp.extend_from_slice(file.as_bytes());
     tmp.extend_from_slice(format!(".tmp.{}", std::process::id()).as_bytes());

@@ -138,7 +138,8 @@ impl AlignedBuf {
             .unwrap_or(std::alloc::Layout::new::<u8>());
         // SAFETY: non-zero size; a null result is handled below.
         let p = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr = std::ptr::NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        let ptr =
+            std::ptr::NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
         AlignedBuf { ptr, len }
     }
     pub fn as_mut(&mut self) -> &mut [u8] {
@@ -241,11 +242,18 @@ impl ReadBack {
             // advice drops them and the read goes to the server / device.
             unsafe {
                 libc::fdatasync(fd);
-                libc::posix_fadvise(fd, p.off as libc::off_t, want as libc::off_t, libc::POSIX_FADV_DONTNEED);
+                libc::posix_fadvise(
+                    fd,
+                    p.off as libc::off_t,
+                    want as libc::off_t,
+                    libc::POSIX_FADV_DONTNEED,
+                );
             }
             pread_full(fd, &mut self.buf.as_mut()[..want], p.off)
         }
-        .map_err(|e| JobError::Failed(format!("{}: reading the copy back from Atlas: {e}", p.what)))?;
+        .map_err(|e| {
+            JobError::Failed(format!("{}: reading the copy back from Atlas: {e}", p.what))
+        })?;
         if got != want || self.buf.as_mut()[..want] != p.data[..] {
             return Err(JobError::Failed(format!(
                 "{}: the copy on Atlas does not match the local file (bytes {}..{} differ); nothing was changed",

@@ -26,8 +26,8 @@ use super::plan;
 use super::util::{self, cos, cstr, open_ns, open_ns_dir, show};
 use crate::error::Result;
 use crate::fs::backend::{fstat, fstatat};
-use crate::fs::object::split;
 use crate::fs::inode::BackingKey;
+use crate::fs::object::split;
 use crate::fs::{Creds, LabFs};
 use crate::rules::{BackendKind, Class};
 use crate::tags;
@@ -324,7 +324,10 @@ fn execute(fs: &LabFs, job: &Job) -> JobResult<String> {
     plan::assign_units(fs, path, &mut entries, job.merge)?;
     check_space(fs, path, plan.need_bytes)?;
     for s in &plan.skipped {
-        job.warn(format!("{}: placed by another rule; left where it is", show(s)));
+        job.warn(format!(
+            "{}: placed by another rule; left where it is",
+            show(s)
+        ));
     }
 
     let class = p
@@ -659,12 +662,21 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
         let (sdir, sname) = split_rel(&sr);
         let dfd = util::open_under(sfd.as_raw_fd(), sdir, libc::O_PATH | libc::O_DIRECTORY, 0)
             .map_err(failed("staging"))?;
-        util::mkdir_at(dfd.as_raw_fd(), &cos(sname).map_err(failed(show(sname)))?, 0o700)
-            .map_err(failed(format!("staging {}", show(&j.ns_path(&e.rel)))))?;
+        util::mkdir_at(
+            dfd.as_raw_fd(),
+            &cos(sname).map_err(failed(show(sname)))?,
+            0o700,
+        )
+        .map_err(failed(format!("staging {}", show(&j.ns_path(&e.rel)))))?;
     }
     let use_cfr = AtomicBool::new(true);
     let mut order: Vec<u32> = (0..j.entries.len() as u32)
-        .filter(|&i| matches!(j.entries[i as usize].kind, EntryKind::File | EntryKind::Symlink))
+        .filter(|&i| {
+            matches!(
+                j.entries[i as usize].kind,
+                EntryKind::File | EntryKind::Symlink
+            )
+        })
         .collect();
     // Largest first: the workers finish together.
     order.sort_by_key(|&i| std::cmp::Reverse(j.entries[i as usize].size));
@@ -719,8 +731,13 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
         let (from_dir, from_name) = split_rel(&from);
         let sr = Journal::staged_rel(&e.rel);
         let (sdir, sname) = split_rel(&sr);
-        let ffd = util::open_under(sfd.as_raw_fd(), from_dir, libc::O_PATH | libc::O_DIRECTORY, 0)
-            .map_err(failed("staging a hard link"))?;
+        let ffd = util::open_under(
+            sfd.as_raw_fd(),
+            from_dir,
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )
+        .map_err(failed("staging a hard link"))?;
         let tfd = util::open_under(sfd.as_raw_fd(), sdir, libc::O_PATH | libc::O_DIRECTORY, 0)
             .map_err(failed("staging a hard link"))?;
         let (cf, ct) = (
@@ -729,7 +746,13 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
         );
         // SAFETY: valid dirfds and C strings.
         crate::error::check(unsafe {
-            libc::linkat(ffd.as_raw_fd(), cf.as_ptr(), tfd.as_raw_fd(), ct.as_ptr(), 0)
+            libc::linkat(
+                ffd.as_raw_fd(),
+                cf.as_ptr(),
+                tfd.as_raw_fd(),
+                ct.as_ptr(),
+                0,
+            )
         })
         .map_err(failed(format!(
             "staging the hard link {}",
@@ -780,7 +803,9 @@ fn open_readback(dfd: &OwnedFd, name: &std::ffi::CStr) -> Result<(OwnedFd, bool)
     let flags = libc::O_RDONLY | libc::O_NOATIME;
     match util::open_at(dfd.as_raw_fd(), name, flags | libc::O_DIRECT, 0) {
         Ok(fd) => Ok((fd, true)),
-        Err(e) if e.errno() == libc::EINVAL => Ok((util::open_at(dfd.as_raw_fd(), name, flags, 0)?, false)),
+        Err(e) if e.errno() == libc::EINVAL => {
+            Ok((util::open_at(dfd.as_raw_fd(), name, flags, 0)?, false))
+        }
         Err(e) if e.errno() == libc::EPERM => Ok((
             util::open_at(dfd.as_raw_fd(), name, libc::O_RDONLY, 0)?,
             false,
@@ -819,8 +844,7 @@ fn stage_file(
         0o600,
     )
     .map_err(failed(format!("staging {shown}")))?;
-    let (rfd, direct) =
-        open_readback(&dfd, &cname).map_err(failed(format!("staging {shown}")))?;
+    let (rfd, direct) = open_readback(&dfd, &cname).map_err(failed(format!("staging {shown}")))?;
     let stop = || stop_requested(job);
     let digest = copy::copy_data(
         src.as_raw_fd(),
@@ -915,20 +939,31 @@ fn stage_symlink(fs: &LabFs, j: &Journal, e: &Entry, sfd: &OwnedFd) -> JobResult
         )
     })
     .map_err(failed(format!("{shown}: owner on Atlas")))?;
-    util::set_times_at(dfd.as_raw_fd(), &cs, &st).map_err(failed(format!("{shown}: timestamps")))?;
-    let ino = fstatat(dfd.as_raw_fd(), &cs).map_err(failed(&shown))?.st_ino;
+    util::set_times_at(dfd.as_raw_fd(), &cs, &st)
+        .map_err(failed(format!("{shown}: timestamps")))?;
+    let ino = fstatat(dfd.as_raw_fd(), &cs)
+        .map_err(failed(&shown))?
+        .st_ino;
     Ok(StagedInfo { digest: None, ino })
 }
 
 fn stage_dir_meta(fs: &LabFs, job: &Job, j: &Journal, e: &Entry, sfd: &OwnedFd) -> JobResult<u64> {
     let ns = j.ns_path(&e.rel);
     let shown = show(&ns);
-    let src = open_ns(&fs.local, &ns, libc::O_RDONLY | libc::O_DIRECTORY).map_err(failed(&shown))?;
+    let src =
+        open_ns(&fs.local, &ns, libc::O_RDONLY | libc::O_DIRECTORY).map_err(failed(&shown))?;
     let st = fstat(src.as_raw_fd()).map_err(failed(&shown))?;
     let sr = Journal::staged_rel(&e.rel);
     let dst = util::open_under(sfd.as_raw_fd(), &sr, libc::O_RDONLY | libc::O_DIRECTORY, 0)
         .map_err(failed(format!("staging {shown}")))?;
-    apply_meta(job, &shown, src.as_raw_fd(), dst.as_raw_fd(), e, &tags_for(j, e))?;
+    apply_meta(
+        job,
+        &shown,
+        src.as_raw_fd(),
+        dst.as_raw_fd(),
+        e,
+        &tags_for(j, e),
+    )?;
     // The planned times, not the current ones: creating the staged children does
     // not touch the source, but files created there meanwhile would.
     let mut times = st;
@@ -1172,7 +1207,10 @@ fn commit_units(fs: &LabFs, j: &Journal) -> std::result::Result<(), (usize, JobE
         })();
         if let Err(err) = res {
             let msg = if err.errno() == libc::EEXIST || err.errno() == libc::ENOTEMPTY {
-                format!("{}: appeared on Atlas during the promotion; nothing was replaced", show(&ns))
+                format!(
+                    "{}: appeared on Atlas during the promotion; nothing was replaced",
+                    show(&ns)
+                )
             } else {
                 format!("{}: renaming into place on Atlas: {err}", show(&ns))
             };
@@ -1204,8 +1242,9 @@ fn write_store_records(fs: &LabFs, j: &Journal) -> JobResult<()> {
         if tags::get_xattr(pfd.as_raw_fd(), &c, tags::CLASS).is_some() {
             return Ok(());
         }
-        tags::write_record(&fs.atlas, &ns, st.st_ino, &tags_for(j, e), false)
-            .map_err(failed(format!("{}: writing its tag record on Atlas", show(&ns))))
+        tags::write_record(&fs.atlas, &ns, st.st_ino, &tags_for(j, e), false).map_err(failed(
+            format!("{}: writing its tag record on Atlas", show(&ns)),
+        ))
     })?;
     util::syncfs(sync_fd.as_raw_fd()).map_err(failed("syncfs of Atlas after writing tag records"))
 }
@@ -1312,11 +1351,12 @@ fn remove_local(
         Err(err) => return Err(failed(&shown)(err)),
     };
     let c = cos(name).map_err(failed(&shown))?;
-    let Some(atlas_st) =
-        plan::atlas_lstat(fs, &ns).map_err(failed(format!("{shown} on Atlas")))?
+    let Some(atlas_st) = plan::atlas_lstat(fs, &ns).map_err(failed(format!("{shown} on Atlas")))?
     else {
         // Never remove a local object whose Atlas copy is not there.
-        warn_fn(format!("{shown}: not found on Atlas; the local copy is kept"));
+        warn_fn(format!(
+            "{shown}: not found on Atlas; the local copy is kept"
+        ));
         return Ok(false);
     };
     // The inode the kernel holds for the local object, if any: it follows the object

@@ -318,8 +318,7 @@ impl Job {
 /// Whether `path` is `top` or below it.
 pub fn covers<T: AsRef<OsStr> + ?Sized, P: AsRef<OsStr> + ?Sized>(top: &T, path: &P) -> bool {
     let (top, path) = (top.as_ref().as_bytes(), path.as_ref().as_bytes());
-    path == top
-        || (path.starts_with(top) && (top == b"/" || path.get(top.len()) == Some(&b'/')))
+    path == top || (path.starts_with(top) && (top == b"/" || path.get(top.len()) == Some(&b'/')))
 }
 
 /// Promotions one user may have in flight (queued or running) at once; the next is

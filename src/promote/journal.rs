@@ -111,19 +111,11 @@ pub struct Entry {
     pub dev: u64,
     pub ino: u64,
     /// For `Link`: the `rel` of the first name.
-    #[serde(
-        default,
-        with = "bytes_opt",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "bytes_opt", skip_serializing_if = "Option::is_none")]
     pub link_to: Option<Box<OsStr>>,
     /// The blake3 digest of a file's content (known from `staged` on), written as
     /// `blake3:<hex>`.
-    #[serde(
-        default,
-        with = "digest_text",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "digest_text", skip_serializing_if = "Option::is_none")]
     pub digest: Option<[u8; 32]>,
     /// Whether this entry is renamed into place on its own at commit.
     #[serde(default)]
@@ -204,8 +196,9 @@ pub mod bytes {
     pub fn deserialize<'de, D: Deserializer<'de>, T: From<OsString>>(d: D) -> Result<T, D::Error> {
         let v = match Repr::deserialize(d)? {
             Repr::Text(t) => t.into_bytes(),
-            Repr::Raw { hex } => from_hex(&hex)
-                .ok_or_else(|| serde::de::Error::custom("bad hex in a path"))?,
+            Repr::Raw { hex } => {
+                from_hex(&hex).ok_or_else(|| serde::de::Error::custom("bad hex in a path"))?
+            }
         };
         Ok(T::from(OsString::from_vec(v)))
     }
@@ -217,7 +210,10 @@ pub mod bytes_opt {
 
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer, P: AsRef<OsStr>>(p: &Option<P>, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer, P: AsRef<OsStr>>(
+        p: &Option<P>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         match p {
             Some(p) => super::bytes::serialize(p.as_ref(), s),
             None => s.serialize_none(),
@@ -313,7 +309,8 @@ impl Journal {
         )?;
         {
             // Streamed: a journal of a million objects is never one buffer in memory.
-            let mut w = std::io::BufWriter::with_capacity(256 << 10, std::fs::File::from(fd.try_clone()?));
+            let mut w =
+                std::io::BufWriter::with_capacity(256 << 10, std::fs::File::from(fd.try_clone()?));
             serde_json::to_writer(&mut w, self).map_err(|_| Error::Errno(libc::EINVAL))?;
             std::io::Write::flush(&mut w)?;
         }

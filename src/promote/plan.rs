@@ -91,32 +91,37 @@ pub fn walk(fs: &LabFs, job: &Job, top: &libc::stat) -> JobResult<Plan> {
     let mut need_bytes = 0u64;
     // Only files with more than one link: the first name each (dev, ino) was seen by.
     let mut first_name: HashMap<(u64, u64), Box<OsStr>> = HashMap::new();
-    let mut push = |rel: &OsStr, st: &libc::stat, entries: &mut Vec<Entry>, special: &mut Vec<String>| {
-        let kind = match st.st_mode & libc::S_IFMT {
-            libc::S_IFDIR => EntryKind::Dir,
-            libc::S_IFREG => EntryKind::File,
-            libc::S_IFLNK => EntryKind::Symlink,
-            other => {
-                special.push(format!("{} ({})", show(&ns_of(&job.path, rel)), kind_name(other)));
-                return;
+    let mut push =
+        |rel: &OsStr, st: &libc::stat, entries: &mut Vec<Entry>, special: &mut Vec<String>| {
+            let kind = match st.st_mode & libc::S_IFMT {
+                libc::S_IFDIR => EntryKind::Dir,
+                libc::S_IFREG => EntryKind::File,
+                libc::S_IFLNK => EntryKind::Symlink,
+                other => {
+                    special.push(format!(
+                        "{} ({})",
+                        show(&ns_of(&job.path, rel)),
+                        kind_name(other)
+                    ));
+                    return;
+                }
+            };
+            let mut e = entry_of(rel, kind, st);
+            if kind == EntryKind::File && st.st_nlink > 1 {
+                match first_name.get(&(st.st_dev, st.st_ino)) {
+                    Some(first) => {
+                        e.kind = EntryKind::Link;
+                        e.link_to = Some(first.clone());
+                    }
+                    None => {
+                        first_name.insert((st.st_dev, st.st_ino), rel.into());
+                    }
+                }
             }
+            need_bytes += need_of(e.kind, st);
+            e.alloc = 0;
+            entries.push(e);
         };
-        let mut e = entry_of(rel, kind, st);
-        if kind == EntryKind::File && st.st_nlink > 1 {
-            match first_name.get(&(st.st_dev, st.st_ino)) {
-                Some(first) => {
-                    e.kind = EntryKind::Link;
-                    e.link_to = Some(first.clone());
-                }
-                None => {
-                    first_name.insert((st.st_dev, st.st_ino), rel.into());
-                }
-            }
-        }
-        need_bytes += need_of(e.kind, st);
-        e.alloc = 0;
-        entries.push(e);
-    };
     push(OsStr::new(""), top, &mut entries, &mut special);
     let mut stack: Vec<OsString> = Vec::new();
     if top.st_mode & libc::S_IFMT == libc::S_IFDIR {

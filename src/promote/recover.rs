@@ -69,7 +69,9 @@ fn recover_one(fs: &LabFs, j: &mut Journal) {
         State::Planned | State::Staged => {
             engine::remove_staging(fs, &j.staging);
             match Journal::remove(&fs.local, &j.id) {
-                Ok(()) => info!(id = %j.id, "rolled back: {} stays on local, unchanged", show(&j.path)),
+                Ok(()) => {
+                    info!(id = %j.id, "rolled back: {} stays on local, unchanged", show(&j.path))
+                }
                 Err(e) => {
                     warn!(id = %j.id, "rolled back, but the journal could not be removed: {e}")
                 }
@@ -130,8 +132,8 @@ fn roll_forward_commit(fs: &LabFs, j: &mut Journal) -> Result<(), String> {
                 fstatat(pfd.as_raw_fd(), &c).is_ok_and(|st| !engine::changed(x, &st))
             });
         let (dir, name) = split(&ns);
-        let to = open_ns_dir(&fs.atlas, dir)
-            .map_err(|err| format!("{} on Atlas: {err}", show(dir)))?;
+        let to =
+            open_ns_dir(&fs.atlas, dir).map_err(|err| format!("{} on Atlas: {err}", show(dir)))?;
         let cn = cos(name).map_err(|e| e.to_string())?;
         if !unchanged {
             warn!(id = %j.id, "{shown}: the local copy changed since it was verified; not promoting it");
