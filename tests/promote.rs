@@ -1154,3 +1154,86 @@ fn a_journal_of_the_previous_format_still_recovers() {
         lab.daemon_log()
     );
 }
+
+/// A `kB` field of /proc/PID/status, in bytes.
+fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+#[test]
+fn promoting_many_small_files_keeps_the_daemon_small() {
+    // 50,000 small files; the daemon's peak RSS during the promotion, above what it
+    // held before, per file, must stay below a bound that keeps 1,000,000 files under
+    // 200 MiB (docs/promote.md, Memory).
+    // LABFS_TEST_PROMOTE_FILES=1000000 measures the figure docs/promote.md gives.
+    let n: usize = std::env::var("LABFS_TEST_PROMOTE_FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000)
+        .max(500);
+    // Bytes per file at the peak, above a fixed allowance (the copy workers' buffers
+    // and stacks): 8 MiB + 170 B x 1,000,000 + the daemon's own ~7 MiB < 200 MiB.
+    const PER_FILE_BOUND: u64 = 170;
+    const FIXED: u64 = 8 << 20;
+    let lab = MountedLab::new();
+    if n > 50_000 {
+        // The fixture's 512 MiB backends are too small for the free-space estimate
+        // (4 KiB per object) of a million files.
+        lab.sh(r#"mount -o remount,size=16g "$ATLAS" && mount -o remount,size=16g "$LOCAL""#);
+    }
+    lab.sh(r#"mkdir -p "$LAB/scans/m/work/out""#);
+    // Written on the local backend directly: the kernel then holds no inode per file
+    // (that is the inode table's budget, measured elsewhere), so what grows is the
+    // promotion's own memory.
+    let top = lab.local_path("scans/m/work/out");
+    for d in 0..n / 500 {
+        let dir = top.join(format!("d{d:04}"));
+        fs::create_dir(&dir).expect("mkdir");
+        for f in 0..500 {
+            // Mostly empty (a tmpfs page per file would not fit a million), every 50th
+            // with a few bytes.
+            let body: &[u8] = if f % 50 == 49 { b"tiny" } else { b"" };
+            fs::write(dir.join(format!("frame{f:05}.tif")), body).expect("write");
+        }
+    }
+    let pid = lab.pid();
+    // Reset the peak (VmHWM) to the current RSS: "5" in clear_refs.
+    fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("clear_refs");
+    let before = proc_status_bytes(pid, "VmRSS");
+    let t0 = std::time::Instant::now();
+    promote_ok(&lab, r#""$LAB/scans/m/work/out""#);
+    let took = t0.elapsed();
+    let peak = proc_status_bytes(pid, "VmHWM");
+    let after = proc_status_bytes(pid, "VmRSS");
+    let grown = peak.saturating_sub(before);
+    let per_file = grown.saturating_sub(FIXED) / n as u64;
+    eprintln!(
+        "promote of {n} files: {:.1} s, RSS before {} KiB, peak {} KiB, after {} KiB: \
+         {per_file} bytes per file beyond {} KiB",
+        took.as_secs_f64(),
+        before / 1024,
+        peak / 1024,
+        after / 1024,
+        FIXED / 1024
+    );
+    assert!(
+        grown < FIXED + PER_FILE_BOUND * n as u64,
+        "the daemon grew by {} KiB promoting {n} files (bound {} KiB + {PER_FILE_BOUND} B per file)",
+        grown / 1024,
+        FIXED / 1024
+    );
+    // What the job held is returned when it ends (not kept until unmount).
+    assert!(
+        after.saturating_sub(before) < (2 << 20) + (n as u64) * 8,
+        "RSS after the promotion {} KiB, before {} KiB",
+        after / 1024,
+        before / 1024
+    );
+    let last = format!("scans/m/work/out/d{:04}/frame00499.tif", n / 500 - 1);
+    assert_eq!(fs::read(lab.atlas_path(&last)).expect("on Atlas"), b"tiny");
+}

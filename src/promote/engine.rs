@@ -134,6 +134,13 @@ pub fn run(fs: &Arc<LabFs>, job: &Arc<Job>) {
     job.set_phase(Phase::Planning);
     let outcome = execute(fs, job);
     drop(slot);
+    // The job's records (one per object) were freed; hand the pages back to the
+    // system now rather than keeping them in the allocator until a later job.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     match outcome {
         Ok(msg) => {
             info!(id = %job.id, "promoted {}: {msg}", show(&job.path));
@@ -447,7 +454,7 @@ fn open_writers(fs: &LabFs, j_path: &OsStr, entries: &[Entry]) -> Vec<OsString> 
                 .peek(&entry_key(e))
                 .is_some_and(|ino| fs.handles.writers_of(ino) > 0)
         })
-        .map(|e| ns_of(j_path, &e.rel))
+        .map(|e| ns_of(j_path, e.rel()))
         .collect()
 }
 
@@ -658,7 +665,7 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
         util::syncfs_handle(sfd.as_raw_fd()).map_err(failed("opening the staging directory"))?;
     // Directories first, parents before children (mode 0700 until they are complete).
     for e in j.entries.iter().filter(|e| e.is_dir()) {
-        let sr = Journal::staged_rel(&e.rel);
+        let sr = Journal::staged_rel(e.rel());
         let (sdir, sname) = split_rel(&sr);
         let dfd = util::open_under(sfd.as_raw_fd(), sdir, libc::O_PATH | libc::O_DIRECTORY, 0)
             .map_err(failed("staging"))?;
@@ -667,7 +674,7 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
             &cos(sname).map_err(failed(show(sname)))?,
             0o700,
         )
-        .map_err(failed(format!("staging {}", show(&j.ns_path(&e.rel)))))?;
+        .map_err(failed(format!("staging {}", show(&j.ns_path(e.rel())))))?;
     }
     let use_cfr = AtomicBool::new(true);
     let mut order: Vec<u32> = (0..j.entries.len() as u32)
@@ -707,29 +714,26 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
         for (i, info) in results.into_inner() {
             let e = &mut j.entries[i as usize];
             e.digest = info.digest;
-            e.staged_ino = Some(info.ino);
+            e.set_staged_ino(Some(info.ino));
         }
     }
     drop(order);
     // Other names of hard-linked files: the first names they point to (few).
-    let wanted: std::collections::HashSet<&OsStr> = j
-        .entries
-        .iter()
-        .filter_map(|e| e.link_to.as_deref())
-        .collect();
+    let wanted: std::collections::HashSet<&OsStr> =
+        j.entries.iter().filter_map(|e| e.link_to()).collect();
     let firsts: HashMap<Box<OsStr>, (Option<[u8; 32]>, Option<u64>)> = j
         .entries
         .iter()
-        .filter(|e| e.kind == EntryKind::File && wanted.contains(&*e.rel))
-        .map(|e| (e.rel.clone(), (e.digest, e.staged_ino)))
+        .filter(|e| e.kind == EntryKind::File && wanted.contains(e.rel()))
+        .map(|e| (Box::<OsStr>::from(e.rel()), (e.digest, e.staged_ino())))
         .collect();
     drop(wanted);
     let top = j.path.clone();
     for e in j.entries.iter_mut().filter(|e| e.kind == EntryKind::Link) {
-        let first = e.link_to.clone().unwrap_or_else(|| OsStr::new("").into());
+        let first = Box::<OsStr>::from(e.link_to().unwrap_or(OsStr::new("")));
         let from = Journal::staged_rel(&first);
         let (from_dir, from_name) = split_rel(&from);
-        let sr = Journal::staged_rel(&e.rel);
+        let sr = Journal::staged_rel(e.rel());
         let (sdir, sname) = split_rel(&sr);
         let ffd = util::open_under(
             sfd.as_raw_fd(),
@@ -756,11 +760,11 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
         })
         .map_err(failed(format!(
             "staging the hard link {}",
-            show(&ns_of(&top, &e.rel))
+            show(&ns_of(&top, e.rel()))
         )))?;
         if let Some((d, ino)) = firsts.get(&first) {
             e.digest = *d;
-            e.staged_ino = *ino;
+            e.set_staged_ino(*ino);
         }
         job.files_done.fetch_add(1, Ordering::Relaxed);
     }
@@ -774,7 +778,7 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
             return Err(JobError::Stopped("stopped while staging".into()));
         }
         let ino = stage_dir_meta(fs, job, j, &j.entries[i], &sfd)?;
-        j.entries[i].staged_ino = Some(ino);
+        j.entries[i].set_staged_ino(Some(ino));
     }
     // Everything staged is durable once syncfs succeeds (one call for the whole tree
     // instead of an fsync per file and directory).
@@ -823,7 +827,7 @@ fn stage_file(
     w: &mut Worker,
     use_cfr: &AtomicBool,
 ) -> JobResult<StagedInfo> {
-    let ns = j.ns_path(&e.rel);
+    let ns = j.ns_path(e.rel());
     let shown = show(&ns);
     let src = open_src(fs, &ns, libc::O_RDONLY).map_err(failed(&shown))?;
     let st = fstat(src.as_raw_fd()).map_err(failed(&shown))?;
@@ -832,7 +836,7 @@ fn stage_file(
             "{shown}: changed while it was being promoted; try again"
         )));
     }
-    let sr = Journal::staged_rel(&e.rel);
+    let sr = Journal::staged_rel(e.rel());
     let (sdir, sname) = split_rel(&sr);
     let dfd = util::open_under(sfd.as_raw_fd(), sdir, libc::O_PATH | libc::O_DIRECTORY, 0)
         .map_err(failed("staging"))?;
@@ -906,7 +910,7 @@ fn apply_meta(
 }
 
 fn stage_symlink(fs: &LabFs, j: &Journal, e: &Entry, sfd: &OwnedFd) -> JobResult<StagedInfo> {
-    let ns = j.ns_path(&e.rel);
+    let ns = j.ns_path(e.rel());
     let shown = show(&ns);
     let (dir, name) = split(&ns);
     let pfd = open_ns_dir(&fs.local, dir).map_err(failed(&shown))?;
@@ -918,7 +922,7 @@ fn stage_symlink(fs: &LabFs, j: &Journal, e: &Entry, sfd: &OwnedFd) -> JobResult
             "{shown}: changed while it was being promoted; try again"
         )));
     }
-    let sr = Journal::staged_rel(&e.rel);
+    let sr = Journal::staged_rel(e.rel());
     let (sdir, sname) = split_rel(&sr);
     let dfd = util::open_under(sfd.as_raw_fd(), sdir, libc::O_PATH | libc::O_DIRECTORY, 0)
         .map_err(failed("staging"))?;
@@ -948,12 +952,12 @@ fn stage_symlink(fs: &LabFs, j: &Journal, e: &Entry, sfd: &OwnedFd) -> JobResult
 }
 
 fn stage_dir_meta(fs: &LabFs, job: &Job, j: &Journal, e: &Entry, sfd: &OwnedFd) -> JobResult<u64> {
-    let ns = j.ns_path(&e.rel);
+    let ns = j.ns_path(e.rel());
     let shown = show(&ns);
     let src =
         open_ns(&fs.local, &ns, libc::O_RDONLY | libc::O_DIRECTORY).map_err(failed(&shown))?;
     let st = fstat(src.as_raw_fd()).map_err(failed(&shown))?;
-    let sr = Journal::staged_rel(&e.rel);
+    let sr = Journal::staged_rel(e.rel());
     let dst = util::open_under(sfd.as_raw_fd(), &sr, libc::O_RDONLY | libc::O_DIRECTORY, 0)
         .map_err(failed(format!("staging {shown}")))?;
     apply_meta(
@@ -982,8 +986,8 @@ fn verify(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
     // Owner, group and mode as the server keeps them: an Atlas that squashes root (or
     // maps ids) must not silently hand the tree to someone else.
     for e in &j.entries {
-        let ns = j.ns_path(&e.rel);
-        let sr = cos(&Journal::staged_rel(&e.rel)).map_err(failed(show(&ns)))?;
+        let ns = j.ns_path(e.rel());
+        let sr = cos(&Journal::staged_rel(e.rel())).map_err(failed(show(&ns)))?;
         let st = fstatat(sfd.as_raw_fd(), &sr)
             .map_err(failed(format!("{}: the staged copy on Atlas", show(&ns))))?;
         if matches!(e.kind, EntryKind::File | EntryKind::Link) && st.st_size as u64 != e.size {
@@ -1012,7 +1016,7 @@ fn verify(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
     // The sources must still be what was copied, and nobody may have opened them for
     // writing meanwhile.
     for e in j.entries.iter().filter(|e| !e.is_dir()) {
-        let ns = j.ns_path(&e.rel);
+        let ns = j.ns_path(e.rel());
         match local_lstat(fs, &ns).map_err(failed(show(&ns)))? {
             Some(st) if !changed(e, &st) => {}
             _ => {
@@ -1159,7 +1163,7 @@ fn commit_units(fs: &LabFs, j: &Journal) -> std::result::Result<(), (usize, JobE
     let mut renamed = 0usize;
     let mut touched: BTreeSet<OsString> = BTreeSet::new();
     for e in j.entries.iter() {
-        let ns = j.ns_path(&e.rel);
+        let ns = j.ns_path(e.rel());
         let (dir, name) = split(&ns);
         if !e.unit {
             if e.is_dir() && e.target_exists {
@@ -1170,7 +1174,7 @@ fn commit_units(fs: &LabFs, j: &Journal) -> std::result::Result<(), (usize, JobE
             continue;
         }
         let res = (|| -> Result<()> {
-            let sr = Journal::staged_rel(&e.rel);
+            let sr = Journal::staged_rel(e.rel());
             let (sdir, sname) = split_rel(&sr);
             let from =
                 util::open_under(sfd.as_raw_fd(), sdir, libc::O_PATH | libc::O_DIRECTORY, 0)?;
@@ -1234,7 +1238,7 @@ fn write_store_records(fs: &LabFs, j: &Journal) -> JobResult<()> {
     let root = fs.atlas.open_dir("/").map_err(failed("Atlas root"))?;
     let sync_fd = util::syncfs_handle(root.as_raw_fd()).map_err(failed("Atlas root"))?;
     parallel(&entries, |e, _| {
-        let ns = j.ns_path(&e.rel);
+        let ns = j.ns_path(e.rel());
         let (dir, name) = split(&ns);
         let pfd = open_ns_dir(&fs.atlas, dir).map_err(failed(format!("{} on Atlas", show(&ns))))?;
         let c = cos(name).map_err(failed(show(&ns)))?;
@@ -1268,16 +1272,13 @@ pub fn clean_entries(
     };
     // Digests of the first names of hard links (a link's own entry has its digest too,
     // but recovery checks the first name's, as the journal recorded it).
-    let wanted: std::collections::HashSet<&OsStr> = j
-        .entries
-        .iter()
-        .filter_map(|e| e.link_to.as_deref())
-        .collect();
+    let wanted: std::collections::HashSet<&OsStr> =
+        j.entries.iter().filter_map(|e| e.link_to()).collect();
     let digests: HashMap<&OsStr, [u8; 32]> = j
         .entries
         .iter()
-        .filter(|e| e.kind == EntryKind::File && wanted.contains(&*e.rel))
-        .filter_map(|e| e.digest.map(|d| (&*e.rel, d)))
+        .filter(|e| e.kind == EntryKind::File && wanted.contains(e.rel()))
+        .filter_map(|e| e.digest.map(|d| (e.rel(), d)))
         .collect();
     drop(wanted);
     let files: Vec<u32> = (0..j.entries.len() as u32)
@@ -1285,7 +1286,7 @@ pub fn clean_entries(
         .collect();
     parallel(&files, |&i, buf| {
         let e = &j.entries[i as usize];
-        let ns = j.ns_path(&e.rel);
+        let ns = j.ns_path(e.rel());
         let Some(st) = local_lstat(fs, &ns).map_err(failed(show(&ns)))? else {
             return Ok(());
         };
@@ -1342,7 +1343,7 @@ fn remove_local(
     recovering: bool,
     warn_fn: &(dyn Fn(String) + Sync),
 ) -> JobResult<bool> {
-    let ns = j.ns_path(&e.rel);
+    let ns = j.ns_path(e.rel());
     let shown = show(&ns);
     let (dir, name) = split(&ns);
     let pfd = match open_ns_dir(&fs.local, dir) {
@@ -1413,7 +1414,7 @@ fn same_on_both(
         }
         _ => {
             let want = if e.kind == EntryKind::Link {
-                e.link_to.as_deref().and_then(|r| digests.get(r).copied())
+                e.link_to().and_then(|r| digests.get(r).copied())
             } else {
                 e.digest
             };

@@ -88,49 +88,195 @@ impl<'de> Deserialize<'de> for Ts {
     }
 }
 
-/// One object of the promoted tree. Kept small: a job holds one per object for its
-/// whole life (about 150 bytes plus the relative path; docs/promote.md, Memory).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// One object of the promoted tree. Kept small (136 bytes plus its relative path): a
+/// job holds one per object for its whole life (docs/promote.md, Memory). In the
+/// journal it is written with the fields of [`EntryOut`].
+#[derive(Clone, Debug)]
 pub struct Entry {
-    /// Path relative to the promoted top ("" for the top itself), any bytes.
-    #[serde(with = "bytes")]
-    pub rel: Box<OsStr>,
+    /// The path relative to the promoted top ("" for the top itself, any bytes), then,
+    /// for a `Link`, a NUL and the `rel` of the first name (no path holds a NUL).
+    names: Box<OsStr>,
     pub kind: EntryKind,
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
     pub size: u64,
-    /// Bytes allocated on the source (st_blocks * 512); only the plan's free-space
-    /// check uses it, so it is not kept in memory (0 once planned).
-    #[serde(default, skip_serializing)]
-    pub alloc: u64,
     pub atime: Ts,
     pub mtime: Ts,
     pub ctime: Ts,
     /// st_dev / st_ino of the source on the local backend.
     pub dev: u64,
     pub ino: u64,
-    /// For `Link`: the `rel` of the first name.
-    #[serde(default, with = "bytes_opt", skip_serializing_if = "Option::is_none")]
-    pub link_to: Option<Box<OsStr>>,
-    /// The blake3 digest of a file's content (known from `staged` on), written as
-    /// `blake3:<hex>`.
-    #[serde(default, with = "digest_text", skip_serializing_if = "Option::is_none")]
+    /// The blake3 digest of a file's content (known from `staged` on).
     pub digest: Option<[u8; 32]>,
     /// Whether this entry is renamed into place on its own at commit.
-    #[serde(default)]
     pub unit: bool,
     /// Whether the target existed on Atlas when planned (merge only).
-    #[serde(default)]
     pub target_exists: bool,
-    /// Inode number of the staged copy on Atlas (known from `staged` on).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub staged_ino: Option<u64>,
+    /// Inode number of the staged copy on Atlas (known from `staged` on; 0: unknown).
+    staged: u64,
+}
+
+/// An entry as the journal writes it (version 1's fields; paths per [`bytes`]).
+#[derive(Serialize)]
+struct EntryOut<'a> {
+    #[serde(with = "bytes")]
+    rel: &'a OsStr,
+    kind: EntryKind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    atime: Ts,
+    mtime: Ts,
+    ctime: Ts,
+    dev: u64,
+    ino: u64,
+    #[serde(with = "bytes_opt", skip_serializing_if = "Option::is_none")]
+    link_to: Option<&'a OsStr>,
+    #[serde(with = "digest_text", skip_serializing_if = "Option::is_none")]
+    digest: Option<[u8; 32]>,
+    unit: bool,
+    target_exists: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    staged_ino: Option<u64>,
+}
+
+/// An entry as the journal holds it (unknown fields, like version 1's `alloc`, are
+/// ignored).
+#[derive(Deserialize)]
+struct EntryIn {
+    #[serde(with = "bytes")]
+    rel: OsString,
+    kind: EntryKind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    atime: Ts,
+    mtime: Ts,
+    ctime: Ts,
+    dev: u64,
+    ino: u64,
+    #[serde(default, with = "bytes_opt")]
+    link_to: Option<OsString>,
+    #[serde(default, with = "digest_text")]
+    digest: Option<[u8; 32]>,
+    #[serde(default)]
+    unit: bool,
+    #[serde(default)]
+    target_exists: bool,
+    #[serde(default)]
+    staged_ino: Option<u64>,
+}
+
+impl Serialize for Entry {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        EntryOut {
+            rel: self.rel(),
+            kind: self.kind,
+            mode: self.mode,
+            uid: self.uid,
+            gid: self.gid,
+            size: self.size,
+            atime: self.atime,
+            mtime: self.mtime,
+            ctime: self.ctime,
+            dev: self.dev,
+            ino: self.ino,
+            link_to: self.link_to(),
+            digest: self.digest,
+            unit: self.unit,
+            target_exists: self.target_exists,
+            staged_ino: self.staged_ino(),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Entry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Entry, D::Error> {
+        let e = EntryIn::deserialize(d)?;
+        if e.rel.as_bytes().contains(&0) {
+            return Err(serde::de::Error::custom("a path with a NUL"));
+        }
+        let mut out = Entry {
+            names: e.rel.into_boxed_os_str(),
+            kind: e.kind,
+            mode: e.mode,
+            uid: e.uid,
+            gid: e.gid,
+            size: e.size,
+            atime: e.atime,
+            mtime: e.mtime,
+            ctime: e.ctime,
+            dev: e.dev,
+            ino: e.ino,
+            digest: e.digest,
+            unit: e.unit,
+            target_exists: e.target_exists,
+            staged: e.staged_ino.unwrap_or(0),
+        };
+        if let Some(l) = e.link_to {
+            out.set_link_to(&l);
+        }
+        Ok(out)
+    }
 }
 
 impl Entry {
+    /// An entry for `rel` from the source's lstat.
+    pub fn new(rel: &OsStr, kind: EntryKind, st: &libc::stat) -> Entry {
+        Entry {
+            names: rel.into(),
+            kind,
+            mode: st.st_mode,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            size: st.st_size as u64,
+            atime: Ts::new(st.st_atime, st.st_atime_nsec),
+            mtime: Ts::new(st.st_mtime, st.st_mtime_nsec),
+            ctime: Ts::new(st.st_ctime, st.st_ctime_nsec),
+            dev: st.st_dev,
+            ino: st.st_ino,
+            digest: None,
+            unit: false,
+            target_exists: false,
+            staged: 0,
+        }
+    }
+
     pub fn is_dir(&self) -> bool {
         self.kind == EntryKind::Dir
+    }
+
+    /// Path relative to the promoted top ("" for the top itself).
+    pub fn rel(&self) -> &OsStr {
+        let b = self.names.as_bytes();
+        OsStr::from_bytes(b.split(|c| *c == 0).next().unwrap_or(b))
+    }
+
+    /// For `Link`: the `rel` of the first name.
+    pub fn link_to(&self) -> Option<&OsStr> {
+        let b = self.names.as_bytes();
+        let i = b.iter().position(|c| *c == 0)?;
+        Some(OsStr::from_bytes(&b[i + 1..]))
+    }
+
+    pub fn set_link_to(&mut self, first: &OsStr) {
+        let mut v = self.rel().as_bytes().to_vec();
+        v.push(0);
+        v.extend_from_slice(first.as_bytes());
+        self.names = OsString::from_vec(v).into_boxed_os_str();
+    }
+
+    /// Inode number of the staged copy on Atlas, once staged.
+    pub fn staged_ino(&self) -> Option<u64> {
+        (self.staged != 0).then_some(self.staged)
+    }
+
+    pub fn set_staged_ino(&mut self, ino: Option<u64>) {
+        self.staged = ino.unwrap_or(0);
     }
 
     /// `blake3:<hex>`, the `user.labfs.digest` tag of a file.
@@ -389,4 +535,71 @@ fn ensure_dir(local: &Backend) -> Result<OwnedFd> {
     let l = local.open_dir("/.labfs")?;
     util::mkdir_p1(l.as_raw_fd(), &cstr("promote")?, 0o700)?;
     local.open_dir(DIR)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Entry {
+        // SAFETY: plain data; zero is valid for every field.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        st.st_mode = libc::S_IFREG | 0o640;
+        st.st_size = 5;
+        st.st_ino = 42;
+        st.st_mtime = 1_700_000_000;
+        st.st_mtime_nsec = 123;
+        let mut e = Entry::new(
+            OsStr::from_bytes(b"d\xff\xfe/caf\xe9"),
+            EntryKind::Link,
+            &st,
+        );
+        e.set_link_to(OsStr::from_bytes(b"first\xe9"));
+        e.digest = Some([9u8; 32]);
+        e.set_staged_ino(Some(77));
+        e
+    }
+
+    #[test]
+    fn entries_stay_small() {
+        assert!(
+            std::mem::size_of::<Entry>() <= 136,
+            "{}",
+            std::mem::size_of::<Entry>()
+        );
+    }
+
+    #[test]
+    fn any_bytes_round_trip_through_the_journal_format() {
+        let e = sample();
+        let text = serde_json::to_string(&e).expect("serialize");
+        assert!(
+            text.contains(r#""rel":{"hex":"64fffe2f636166e9"}"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#""link_to":{"hex":"6669727374e9"}"#),
+            "{text}"
+        );
+        let back: Entry = serde_json::from_str(&text).expect("parse");
+        assert_eq!(back.rel().as_bytes(), b"d\xff\xfe/caf\xe9");
+        assert_eq!(back.link_to().map(OsStr::as_bytes), Some(&b"first\xe9"[..]));
+        assert_eq!(back.digest, Some([9u8; 32]));
+        assert_eq!(back.staged_ino(), Some(77));
+        assert_eq!(back.mtime.pair(), (1_700_000_000, 123));
+    }
+
+    #[test]
+    fn a_version_1_entry_reads_as_before() {
+        let v1 = r#"{"rel":"sub/a.txt","kind":"file","mode":33188,"uid":0,"gid":0,"size":6,
+            "alloc":4096,"atime":[1,2],"mtime":[3,4],"ctime":[5,6],"dev":7,"ino":8,
+            "digest":"blake3:0909090909090909090909090909090909090909090909090909090909090909",
+            "unit":false,"target_exists":false,"staged_ino":99}"#;
+        let e: Entry = serde_json::from_str(v1).expect("parse v1");
+        assert_eq!(e.rel(), OsStr::new("sub/a.txt"));
+        assert_eq!(e.link_to(), None);
+        assert_eq!(e.digest, Some([9u8; 32]));
+        assert_eq!(e.staged_ino(), Some(99));
+        assert_eq!(e.ctime.pair(), (5, 6));
+    }
 }

@@ -8,7 +8,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::atomic::Ordering;
 
 use super::job::{failed, Job, JobError, JobResult};
-use super::journal::{ns_of, Entry, EntryKind, Ts};
+use super::journal::{ns_of, Entry, EntryKind};
 use super::util::{cos, open_ns, open_ns_dir, show};
 use crate::fs::backend::fstatat;
 use crate::fs::object::split;
@@ -25,25 +25,7 @@ pub struct Plan {
 }
 
 pub fn entry_of(rel: &OsStr, kind: EntryKind, st: &libc::stat) -> Entry {
-    Entry {
-        rel: rel.into(),
-        kind,
-        mode: st.st_mode,
-        uid: st.st_uid,
-        gid: st.st_gid,
-        size: st.st_size as u64,
-        alloc: (st.st_blocks as u64).saturating_mul(512),
-        atime: Ts::new(st.st_atime, st.st_atime_nsec),
-        mtime: Ts::new(st.st_mtime, st.st_mtime_nsec),
-        ctime: Ts::new(st.st_ctime, st.st_ctime_nsec),
-        dev: st.st_dev,
-        ino: st.st_ino,
-        link_to: None,
-        digest: None,
-        unit: false,
-        target_exists: false,
-        staged_ino: None,
-    }
+    Entry::new(rel, kind, st)
 }
 
 fn kind_name(mode: u32) -> &'static str {
@@ -111,7 +93,7 @@ pub fn walk(fs: &LabFs, job: &Job, top: &libc::stat) -> JobResult<Plan> {
                 match first_name.get(&(st.st_dev, st.st_ino)) {
                     Some(first) => {
                         e.kind = EntryKind::Link;
-                        e.link_to = Some(first.clone());
+                        e.set_link_to(first);
                     }
                     None => {
                         first_name.insert((st.st_dev, st.st_ino), rel.into());
@@ -119,7 +101,6 @@ pub fn walk(fs: &LabFs, job: &Job, top: &libc::stat) -> JobResult<Plan> {
                 }
             }
             need_bytes += need_of(e.kind, st);
-            e.alloc = 0;
             entries.push(e);
         };
     push(OsStr::new(""), top, &mut entries, &mut special);
@@ -194,7 +175,7 @@ pub fn assign_units(fs: &LabFs, path: &OsStr, entries: &mut [Entry], merge: bool
     // commit unit (the top's parent counts as existing), so this stays small.
     let mut existing: std::collections::HashSet<Box<OsStr>> = std::collections::HashSet::new();
     for e in entries.iter_mut() {
-        let rb = e.rel.as_bytes();
+        let rb = e.rel().as_bytes();
         let parent_existing = match rb.iter().rposition(|c| *c == b'/') {
             Some(i) => existing.contains(OsStr::from_bytes(&rb[..i])),
             None if rb.is_empty() => true,
@@ -204,7 +185,7 @@ pub fn assign_units(fs: &LabFs, path: &OsStr, entries: &mut [Entry], merge: bool
             e.unit = false;
             continue;
         }
-        let ns = ns_of(path, &e.rel);
+        let ns = ns_of(path, e.rel());
         let target = atlas_lstat(fs, &ns).map_err(failed(format!("{} on Atlas", show(&ns))))?;
         match target {
             None => {
@@ -231,7 +212,7 @@ pub fn assign_units(fs: &LabFs, path: &OsStr, entries: &mut [Entry], merge: bool
                 e.target_exists = true;
                 if e.is_dir() {
                     e.unit = false;
-                    existing.insert(e.rel.clone());
+                    existing.insert(Box::<OsStr>::from(e.rel()));
                 } else {
                     e.unit = true;
                 }

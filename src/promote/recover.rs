@@ -99,10 +99,10 @@ fn roll_forward_commit(fs: &LabFs, j: &mut Journal) -> Result<(), String> {
     engine::ensure_parent_chain(fs, j).map_err(|e| format!("parent directories on Atlas: {e}"))?;
     let sfd = fs.atlas.open_dir(&j.staging).ok();
     for e in j.entries.iter().filter(|e| e.unit) {
-        let ns = j.ns_path(&e.rel);
+        let ns = j.ns_path(e.rel());
         let shown = show(&ns);
         let Some(sfd) = sfd.as_ref() else { break };
-        let sr = Journal::staged_rel(&e.rel);
+        let sr = Journal::staged_rel(e.rel());
         let (sdir, sname) = engine::split_rel(&sr);
         let Ok(spfd) = util::open_under(sfd.as_raw_fd(), sdir, libc::O_PATH | libc::O_DIRECTORY, 0)
         else {
@@ -114,16 +114,16 @@ fn roll_forward_commit(fs: &LabFs, j: &mut Journal) -> Result<(), String> {
         }
         // Only if every local source of the unit is still what was verified.
         let under = |x: &OsStr| {
-            let (x, r) = (x.as_bytes(), e.rel.as_bytes());
+            let (x, r) = (x.as_bytes(), e.rel().as_bytes());
             x == r || r.is_empty() || (x.starts_with(r) && x.get(r.len()) == Some(&b'/'))
         };
         let unchanged = j
             .entries
             .iter()
-            .filter(|x| under(&x.rel))
+            .filter(|x| under(x.rel()))
             .filter(|x| !x.is_dir())
             .all(|x| {
-                let xns = j.ns_path(&x.rel);
+                let xns = j.ns_path(x.rel());
                 let (d, n) = split(&xns);
                 let Ok(pfd) = open_ns_dir(&fs.local, d) else {
                     return false;
@@ -168,11 +168,11 @@ fn roll_forward_commit(fs: &LabFs, j: &mut Journal) -> Result<(), String> {
 /// Store records (or tags on merged-into directories) for what is in place.
 fn store_records(fs: &LabFs, j: &Journal) -> Result<(), String> {
     for e in &j.entries {
-        let ns = j.ns_path(&e.rel);
+        let ns = j.ns_path(e.rel());
         let Ok(Some(st)) = plan::atlas_lstat(fs, &ns) else {
             continue;
         };
-        let ours = Some(st.st_ino) == e.staged_ino;
+        let ours = Some(st.st_ino) == e.staged_ino();
         let merged_dir = e.is_dir() && e.target_exists && !e.unit;
         if !(ours || merged_dir) {
             continue;
