@@ -1060,9 +1060,8 @@ fn promote_a_tree_with_names_that_are_not_utf8() {
 
     // The top itself not UTF-8: the CLI argument, the request and the journal carry
     // the bytes.
-    let (code, out, err) = lab.sh_status(&format!(
-        r#""$LABFS" promote --json "$LAB/scans/$(printf 'caf\351')/work""#
-    ));
+    let (code, out, err) =
+        lab.sh_status(r#""$LABFS" promote --json "$LAB/scans/$(printf 'caf\351')/work""#);
     assert_eq!(code, 0, "{out}{err}\n{}", lab.daemon_log());
     let p: serde_json::Value = serde_json::from_str(out.trim()).expect("--json result");
     assert_eq!(p["path"], "/scans/caf\\xe9/work", "{p}");

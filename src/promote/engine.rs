@@ -636,6 +636,9 @@ struct StagedInfo {
     ino: u64,
 }
 
+/// Digest and staged inode of a hard link's first name.
+type StagedFirst = (Option<[u8; 32]>, Option<u64>);
+
 /// A copy worker's buffers: the copy chunk and the queue of ranges to read back.
 struct Worker {
     buf: Vec<u8>,
@@ -721,7 +724,7 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
     // Other names of hard-linked files: the first names they point to (few).
     let wanted: std::collections::HashSet<&OsStr> =
         j.entries.iter().filter_map(|e| e.link_to()).collect();
-    let firsts: HashMap<Box<OsStr>, (Option<[u8; 32]>, Option<u64>)> = j
+    let firsts: HashMap<Box<OsStr>, StagedFirst> = j
         .entries
         .iter()
         .filter(|e| e.kind == EntryKind::File && wanted.contains(e.rel()))
