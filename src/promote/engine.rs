@@ -1,8 +1,9 @@
 //! One promotion job, on its own thread (plus a few copy workers), never on a FUSE
 //! thread and never holding a lock across I/O:
 //!
-//! plan -> journal `planned` -> stage (copy + digest + metadata + tags; one syncfs) ->
-//! journal `staged` -> verify (re-read every staged file against its digest) ->
+//! plan -> journal `planned` -> stage (copy + digest + metadata + tags, every range
+//! read back from Atlas with O_DIRECT and compared; one syncfs) -> journal `staged` ->
+//! verify (size, owner, mode on Atlas; sources unchanged; no writers) ->
 //! journal `verified` -> commit (rename into place, fsync the parent, store records) ->
 //! journal `committed` -> clean (remove the local copy, re-key inodes, invalidate
 //! kernel caches) -> journal removed.

@@ -24,9 +24,10 @@ pub const DIR: &str = "/.labfs/promote";
 pub enum State {
     /// Tree walked; nothing on Atlas yet (or only a partial staging directory).
     Planned,
-    /// Every object copied and fsynced under the staging directory.
+    /// Every object copied, read back and compared, and made durable (syncfs) under
+    /// the staging directory.
     Staged,
-    /// Staged content re-read and equal to the source digests; tags set.
+    /// Staged objects' size, owner and mode checked; sources unchanged; tags set.
     Verified,
     /// Renamed into place on Atlas (and store records written).
     Committed,
