@@ -1236,3 +1236,24 @@ fn promoting_many_small_files_keeps_the_daemon_small() {
     let last = format!("scans/m/work/out/d{:04}/frame00499.tif", n / 500 - 1);
     assert_eq!(fs::read(lab.atlas_path(&last)).expect("on Atlas"), b"tiny");
 }
+
+#[test]
+fn names_that_are_not_utf8_keep_their_tags_in_the_store() {
+    // An Atlas without user xattrs: the tags of `caf\xe9` are a store record whose
+    // file name and recorded path carry the same bytes.
+    let lab = MountedLab::builder().xattr_less_atlas().mount();
+    let top = lab.path("scans/s1/work/out");
+    make_latin1_tree(&lab, &top);
+    promote_ok(&lab, r#""$LAB/scans/s1/work/out""#);
+    check_latin1_promoted(&lab, b"scans/s1/work/out");
+    let rec = bjoin(
+        &lab.atlas_path(".labfs/tags/scans/s1/work/out"),
+        b"caf\xe9.labfs-tags",
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&fs::read(&rec).expect("store record")).expect("record JSON");
+    assert_eq!(
+        v["path"]["hex"], "2f7363616e732f73312f776f726b2f6f75742f636166e9",
+        "{v}"
+    );
+}
