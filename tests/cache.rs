@@ -122,3 +122,63 @@ fn unchanged_atlas_directory_is_listed_from_the_kernel_cache_and_a_change_shows(
     assert_eq!(after.len(), 2000);
     assert!(!after.iter().any(|n| n == "f00000"));
 }
+
+/// Names read from an open directory stream, from its current position to the end.
+fn read_stream(dir: *mut libc::DIR) -> Vec<String> {
+    let mut out = Vec::new();
+    loop {
+        // SAFETY: `dir` is a live DIR*; errno is reset to tell the end from an error.
+        unsafe { *libc::__errno_location() = 0 };
+        let ent = unsafe { libc::readdir64(dir) };
+        if ent.is_null() {
+            let err = std::io::Error::last_os_error();
+            assert_eq!(err.raw_os_error(), Some(0), "readdir failed: {err}");
+            break;
+        }
+        // SAFETY: a valid dirent64 until the next readdir.
+        let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) };
+        let name = name.to_string_lossy().into_owned();
+        if name != "." && name != ".." {
+            out.push(name);
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn rewinddir_after_reading_to_the_end_lists_the_directory_as_it_is_now() {
+    let lab = MountedLab::with_dirs();
+    for b in BOTH {
+        let rel = format!("{}/rd", b.dir());
+        let d = lab.path(&rel);
+        fs::create_dir(&d).expect("mkdir");
+        fs::write(d.join("a"), b"1").expect("create a");
+        fs::write(d.join("b"), b"1").expect("create b");
+        let c = std::ffi::CString::new(d.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: a valid path; the stream is closed below.
+        let dir = unsafe { libc::opendir(c.as_ptr()) };
+        assert!(!dir.is_null(), "opendir {}", d.display());
+        assert_eq!(read_stream(dir), ["a", "b"], "{}: first pass", b.name());
+        // Changed while the stream is open, at its end.
+        fs::write(d.join("c"), b"1").expect("create c");
+        fs::remove_file(d.join("a")).expect("unlink a");
+        // SAFETY: live stream.
+        unsafe { libc::rewinddir(dir) };
+        let again = read_stream(dir);
+        // And once more without a change: the same.
+        unsafe { libc::rewinddir(dir) };
+        let third = read_stream(dir);
+        // SAFETY: closing the stream opened above.
+        unsafe { libc::closedir(dir) };
+        assert_eq!(
+            again,
+            ["b", "c"],
+            "{}: after rewinddir the listing still showed the directory as it was at opendir",
+            b.name()
+        );
+        assert_eq!(third, ["b", "c"], "{}: second rewind", b.name());
+        // A fresh listing agrees (and the kernel's cached listing is not stale either).
+        assert_eq!(names(&d), ["b", "c"], "{}: fresh opendir", b.name());
+    }
+}

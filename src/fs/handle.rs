@@ -1,9 +1,9 @@
 //! Open file and directory handles.
 //!
 //! Handle lifetime: `open`/`create` make a [`FileHandle`] holding the backend file
-//! descriptor, `release` drops it; `opendir` snapshots the union listing of the
-//! directory into a [`DirHandle`] (so offsets stay valid while entries come and go),
-//! `releasedir` drops it. Handles record the backend they were opened on: an open
+//! descriptor, `release` drops it; `opendir` (or the first READDIR) snapshots the
+//! union listing of the directory into a [`DirHandle`] (so offsets stay valid while
+//! entries come and go), a rewind to offset 0 takes it again, `releasedir` drops it. Handles record the backend they were opened on: an open
 //! file keeps reading and writing the object it opened even if it is promoted
 //! meanwhile. Writers are counted per inode so `promote` can refuse files that are
 //! still being written.
@@ -46,6 +46,9 @@ pub struct DirHandle {
     pub dirs: Vec<(BackendKind, ObjFd)>,
     /// False until the first READDIR(PLUS) of a lazily listed handle.
     pub listed: bool,
+    /// A READDIR(PLUS) of this handle has handed out entries: one at offset 0 after
+    /// that is a rewind (`rewinddir`, `lseek(fd, 0)`), which lists the directory anew.
+    pub read: bool,
     /// A directory with an Atlas part whose every part shows the same version as at
     /// the previous opendir (and the rules are the same): the kernel may list it from
     /// its cache (close-to-open, as for files).
@@ -438,6 +441,7 @@ impl LabFs {
                 items: Vec::new(),
                 dirs: Vec::new(),
                 listed: false,
+                read: false,
                 keep_cache: false,
             }
         } else {
@@ -502,6 +506,7 @@ impl LabFs {
                 items: Vec::new(),
                 dirs: Vec::new(),
                 listed: false,
+                read: false,
                 keep_cache,
             });
         }
@@ -568,6 +573,7 @@ impl LabFs {
             items,
             dirs,
             listed: true,
+            read: false,
             keep_cache,
         })
     }
@@ -602,9 +608,13 @@ impl LabFs {
             .map(|d| d.clone())
             .ok_or(Error::Errno(libc::EBADF))?;
         let mut dh = dh.lock();
-        if !dh.listed {
+        // POSIX: after a rewind the stream shows the directory as it is now, not the
+        // snapshot taken at opendir. The kernel sends no READDIR at all while its own
+        // cached listing is valid, so this costs nothing on the cached path.
+        if !dh.listed || (offset == 0 && dh.read) {
             *dh = self.list_union(ctx, dh.ino, false)?;
         }
+        dh.read = true;
         let creds = self.creds(ctx);
         let parent_ino = self
             .inodes
