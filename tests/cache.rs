@@ -182,3 +182,54 @@ fn rewinddir_after_reading_to_the_end_lists_the_directory_as_it_is_now() {
         assert_eq!(names(&d), ["b", "c"], "{}: fresh opendir", b.name());
     }
 }
+
+#[test]
+fn capability_queries_for_files_created_here_skip_atlas_and_setcap_still_shows() {
+    // A long Atlas TTL, so neither entries nor the records expire while counting.
+    let lab = MountedLab::builder()
+        .rules(&format!("[cache]\natlas_ttl = \"60s\"\n{DEFAULT_RULES}"))
+        .mount();
+    lab.sh(r#"mkdir -p "$LAB/docs/here" "$LAB/docs/behind" "$LAB/cache/c""#);
+    let n = 100;
+    lab.sh(&format!(
+        r#"for i in $(seq {n}); do : > "$LAB/docs/here/f$i"; : > "{behind}/f$i"; done
+           ls -l "$LAB/docs/behind" >/dev/null; stat "$LAB/docs/behind/"* >/dev/null"#,
+        behind = lab.atlas_path("docs/behind").display()
+    ));
+    // Before the first write and at every chown the kernel asks for
+    // security.capability: for files created through this mount it is answered
+    // without the Atlas lane, for the others it is an Atlas request.
+    let touch = |dir: &str| {
+        let before = atlas_requests(lab.mnt());
+        lab.sh(&format!(
+            r#"for f in "$LAB/{dir}/"*; do echo y >> "$f"; chown 1000 "$f"; done"#
+        ));
+        atlas_requests(lab.mnt()) - before
+    };
+    let here = touch("docs/here");
+    let behind = touch("docs/behind");
+    assert!(
+        here + n <= behind,
+        "writing and chowning {n} files created here took {here} Atlas requests, {behind} for files created behind labfs: the capability queries still reach Atlas"
+    );
+    // A capability set through the mount shows at once, and a write drops it, on both
+    // backends.
+    for f in ["docs/here/f1", "cache/c/f"] {
+        let p = lab.path(f);
+        lab.sh(&format!(
+            r#"echo x > "{p}"; setcap cap_net_raw+ep "{p}""#,
+            p = p.display()
+        ));
+        let got = lab.sh(&format!(r#"getcap "{}""#, p.display()));
+        assert!(
+            got.contains("cap_net_raw"),
+            "{f}: getcap after setcap: {got:?}"
+        );
+        lab.sh(&format!(r#"echo more >> "{}""#, p.display()));
+        let got = lab.sh(&format!(r#"getcap "{}""#, p.display()));
+        assert!(
+            !got.contains("cap_net_raw"),
+            "{f}: a write kept the file capability: {got:?}"
+        );
+    }
+}
