@@ -233,3 +233,32 @@ fn capability_queries_for_files_created_here_skip_atlas_and_setcap_still_shows()
         );
     }
 }
+
+#[test]
+fn capability_set_on_atlas_by_another_node_shows_once_atlas_ttl_ends() {
+    let lab = MountedLab::builder()
+        .rules(&format!("[cache]\natlas_ttl = \"200ms\"\n{DEFAULT_RULES}"))
+        .mount();
+    lab.sh(r#"mkdir -p "$LAB/docs"; echo x > "$LAB/docs/f""#);
+    // Another node sets a capability on the file this node just created.
+    lab.sh(&format!(
+        r#"setcap cap_net_raw+ep "{}""#,
+        lab.atlas_path("docs/f").display()
+    ));
+    let p = lab.path("docs/f");
+    let start = std::time::Instant::now();
+    wait_until(
+        "getcap through the mount shows the capability set on Atlas",
+        std::time::Duration::from_secs(10),
+        || {
+            lab.sh(&format!(r#"getcap "{}""#, p.display()))
+                .contains("cap_net_raw")
+        },
+    );
+    // The documented window: atlas_ttl (plus this host's scheduling).
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(5),
+        "the capability took {:?} to show (atlas_ttl 200 ms)",
+        start.elapsed()
+    );
+}
