@@ -262,3 +262,37 @@ fn capability_set_on_atlas_by_another_node_shows_once_atlas_ttl_ends() {
         start.elapsed()
     );
 }
+
+#[test]
+fn plain_readdir_numbers_match_stat() {
+    use std::os::unix::fs::{DirEntryExt, MetadataExt};
+    let lab = MountedLab::with_dirs();
+    for b in BOTH {
+        let d = lab.path(&format!("{}/many", b.dir()));
+        fs::create_dir(&d).expect("mkdir");
+        // Far more than one READDIRPLUS batch, so most entries come by plain READDIR.
+        for i in 0..3000 {
+            fs::write(d.join(format!("f{i:05}")), b"x").expect("create");
+        }
+        fs::create_dir(d.join("sub")).expect("mkdir sub");
+        fs::hard_link(d.join("f00000"), d.join("zlink")).expect("link");
+        // Listed whole first (no stat in between), then compared.
+        let listed: Vec<(String, u64)> = fs::read_dir(&d)
+            .expect("read_dir")
+            .map(|e| {
+                let e = e.expect("entry");
+                (e.file_name().to_string_lossy().into_owned(), e.ino())
+            })
+            .collect();
+        assert_eq!(listed.len(), 3002, "{}: entries listed", b.name());
+        for (name, ino) in &listed {
+            let st = fs::symlink_metadata(d.join(name)).expect("lstat");
+            assert_eq!(
+                *ino,
+                st.ino(),
+                "{}: readdir's d_ino of {name} differs from its st_ino",
+                b.name()
+            );
+        }
+    }
+}
