@@ -105,25 +105,27 @@ pub struct LabFuse {
 /// the Atlas entry TTL and a local one (labfs is the only writer of the SSD) as long as
 /// the kernel holds the inode. Answering from the record is safe for the capability
 /// itself: labfs writes and chowns through the backend's own kernel, which drops a
-/// capability the file has at that write or chown whatever this answer said.
+/// capability the file has at that write or chown whatever this answer said. A record
+/// holds only while the inode stays on the backend it was created on (a promotion
+/// rebinds it to an Atlas copy).
 #[derive(Default)]
-struct NoCaps(DashMap<u64, Instant>);
+struct NoCaps(DashMap<u64, (Instant, BackendKind)>);
 
 /// Records kept at most; beyond that the set starts again (each record only saves work).
 const NO_CAPS_MAX: usize = 1 << 16;
 
 impl NoCaps {
-    fn created(&self, ino: u64, ttl: Duration) {
+    fn created(&self, ino: u64, ttl: Duration, backend: BackendKind) {
         if self.0.len() >= NO_CAPS_MAX {
             self.0.clear();
         }
-        self.0.insert(ino, Instant::now() + ttl);
+        self.0.insert(ino, (Instant::now() + ttl, backend));
     }
 
-    fn known_none(&self, ino: u64) -> bool {
+    fn known_none(&self, ino: u64, backend: Option<BackendKind>) -> bool {
         let now = Instant::now();
         match self.0.get(&ino).map(|t| *t) {
-            Some(until) if now < until => true,
+            Some((until, b)) if now < until && Some(b) == backend => true,
             Some(_) => {
                 self.0.remove(&ino);
                 false
@@ -820,7 +822,9 @@ impl Filesystem for LabFuse {
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        if name.as_encoded_bytes() == b"security.capability" && self.no_caps.known_none(ino.0) {
+        if name.as_encoded_bytes() == b"security.capability"
+            && self.no_caps.known_none(ino.0, self.fs.backend_of(ino.0))
+        {
             // Answered here, on the event loop: no backend call, no Atlas lane.
             reply.error(Errno::from_i32(libc::ENODATA));
             return;
@@ -902,7 +906,7 @@ impl Filesystem for LabFuse {
             move |fs| {
                 let (e, o) = fs.create(&c, parent.0, &n, mode, umask, flags)?;
                 if o.created {
-                    no_caps.created(e.attr.ino, e.ttl);
+                    no_caps.created(e.attr.ino, e.ttl, o.backend);
                 }
                 Ok((e, o))
             },
