@@ -448,7 +448,8 @@ impl LabFs {
             DirHandle {
                 ino,
                 items: Vec::new(),
-                dirs: vec![(BackendKind::Local, held)],
+                // The device is taken with the listing, at the first READDIR.
+                dirs: vec![(BackendKind::Local, held, 0)],
                 listed: false,
                 read: false,
                 keep_cache: false,
