@@ -10,7 +10,7 @@
 //! The tag names are defined here, with the core that answers them; `tags` re-exports
 //! them for promotion.
 
-use std::ffi::CStr;
+use std::ffi::{CStr, OsStr};
 use std::os::fd::RawFd;
 
 use super::Backend;
@@ -31,7 +31,7 @@ pub trait TagReader: Send + Sync {
         atlas: &Backend,
         dirfd: RawFd,
         name: &CStr,
-        path: &str,
+        path: &OsStr,
         tag: &str,
     ) -> Result<Option<Vec<u8>>>;
 
@@ -41,7 +41,7 @@ pub trait TagReader: Send + Sync {
         atlas: &Backend,
         dirfd: RawFd,
         name: &CStr,
-        path: &str,
+        path: &OsStr,
         tag: &str,
     ) -> Option<Vec<u8>> {
         self.try_read_tag(atlas, dirfd, name, path, tag)
@@ -50,7 +50,13 @@ pub trait TagReader: Send + Sync {
     }
 
     /// Whether the object was promoted (it carries a stored class).
-    fn is_promoted(&self, atlas: &Backend, dirfd: RawFd, name: &CStr, path: &str) -> Result<bool> {
+    fn is_promoted(
+        &self,
+        atlas: &Backend,
+        dirfd: RawFd,
+        name: &CStr,
+        path: &OsStr,
+    ) -> Result<bool> {
         Ok(self
             .try_read_tag(atlas, dirfd, name, path, CLASS)?
             .is_some())
