@@ -564,6 +564,13 @@ pub fn reload(fs: &LabFs, path: Option<&Path>) -> Result<(), String> {
                     fs.health.probe_interval()
                 ));
             }
+            let io = fs.atlas_io_under(&c);
+            if io != fs.atlas_io() {
+                remount.push(format!(
+                    "open Atlas files would get {} ({})",
+                    io.mode, io.why
+                ));
+            }
             fs.reload(&c);
             fs.health.set_timing(h.timeout, h.probe_interval);
             let mut report = format!(

@@ -152,6 +152,7 @@ impl Filesystem for LabFuse {
             info!("kernel FUSE passthrough enabled for open files");
         } else {
             info!("kernel FUSE passthrough not offered: file I/O goes through the daemon");
+            self.fs.no_kernel_passthrough();
         }
         Ok(())
     }
