@@ -3,17 +3,17 @@
 //! Kernel FUSE passthrough hands an open file's reads, writes and mmap to the backing
 //! file in the kernel: native speed, but labfs no longer sees those calls, so its
 //! watchdog cannot bound them. It is used by default only where the Atlas backend
-//! bounds its own failures:
-//! - an NFS mount with `soft` or `softerr` whose major timeout (`timeo` × (`retrans` + 1)
-//!   over TCP, `timeo` × 2^`retrans` over UDP) is within `[atlas] timeout`: a stuck
-//!   read, write, fsync or close then ends with `EIO`/`ETIMEDOUT` from NFS itself;
-//! - a local block filesystem (ext4, xfs, btrfs, f2fs, tmpfs, ...): no server to hang.
+//! cannot hang on a server: a local filesystem (ext4, xfs, btrfs, f2fs, tmpfs, ...),
+//! such as the benchmark's Atlas stand-in.
 //!
-//! Everything else (a hard NFS mount, a FUSE or other network filesystem, a mount that
-//! cannot be identified) keeps the daemon path: every read and write is a request on
-//! the Atlas lane, bounded by the watchdog. `[atlas] file_io` or `--atlas-passthrough`
-//! force either way. This module owns the decision and its reason; it does no I/O on
-//! Atlas beyond reading `/proc/self` (which never touches the server).
+//! Everything else keeps the daemon path, where every read and write is a request on
+//! the Atlas lane, bounded by the watchdog: an NFS mount, hard or soft (see
+//! [`bounded`] for the measurement that rules soft mounts out), a FUSE or other
+//! network filesystem, a mount that cannot be identified. `[atlas] file_io` or
+//! `--atlas-passthrough` force either way. Passthrough I/O runs with the credentials
+//! of the daemon that registered the backing file (root), as on the local SSD: forced
+//! onto an NFS export that squashes root, it would run as the anonymous user. This
+//! module owns the decision and its reason; it reads only `/proc/self`, never Atlas.
 
 use std::os::fd::RawFd;
 use std::time::Duration;
@@ -149,6 +149,12 @@ pub fn nfs_soft_bound(opts: &[String]) -> Option<Duration> {
 
 /// Whether the Atlas backend on mount `m` bounds its own failures within `timeout`:
 /// `Ok(why)` when it does, `Err(why not)`.
+///
+/// NFS never qualifies by itself, not even `soft`/`softerr` within the timeout: with
+/// the server's traffic dropped, the NFS rig measured reads of a file open on a soft
+/// mount ending after 2× the RPC major timeout on v3 and 11× on v4.2 (`timeo=10,
+/// retrans=1`: 4.0 s and 22 s for a nominal 2 s; docs/benchmarks.md), so the options
+/// do not give a bound labfs could promise.
 pub fn bounded(m: &MountEntry, timeout: Duration) -> Result<String, String> {
     let fs = m.fstype.as_str();
     if LOCAL_BLOCK.contains(&fs) {
@@ -158,26 +164,18 @@ pub fn bounded(m: &MountEntry, timeout: Duration) -> Result<String, String> {
         ));
     }
     if fs == "nfs" || fs == "nfs4" {
-        let opts = &m.super_options;
-        return match nfs_soft_bound(opts) {
-            Some(t) if t <= timeout => Ok(format!(
-                "Atlas is a {} NFS mount ({}) whose requests fail after {:.1} s (timeo, retrans), within [atlas] timeout {:.1} s",
-                if opts.iter().any(|o| o == "softerr") { "softerr" } else { "soft" },
+        return Err(match nfs_soft_bound(&m.super_options) {
+            Some(t) => format!(
+                "Atlas is a soft NFS mount ({}): its requests should fail after {:.1} s (timeo, retrans; [atlas] timeout {:.1} s), but a hung server was measured to keep reads waiting up to 11 times that",
                 m.mount_point,
                 t.as_secs_f64(),
                 timeout.as_secs_f64()
-            )),
-            Some(t) => Err(format!(
-                "Atlas is a soft NFS mount ({}) whose requests may wait {:.1} s (timeo, retrans), longer than [atlas] timeout {:.1} s",
-                m.mount_point,
-                t.as_secs_f64(),
-                timeout.as_secs_f64()
-            )),
-            None => Err(format!(
+            ),
+            None => format!(
                 "Atlas is a hard NFS mount ({}): a hung server would hang reads and writes of open files in the NFS client",
                 m.mount_point
-            )),
-        };
+            ),
+        });
     }
     Err(format!(
         "Atlas is on {fs} ({}), whose behaviour with a hung server is not known",
@@ -267,7 +265,7 @@ mod tests {
     }
 
     #[test]
-    fn soft_nfs_within_the_timeout_passes_through() {
+    fn soft_nfs_keeps_the_daemon_path_too() {
         let soft = NFS_HARD
             .replace("hard,", "soft,")
             .replace("timeo=600", "timeo=20");
@@ -277,20 +275,15 @@ mod tests {
             nfs_soft_bound(&m.super_options),
             Some(Duration::from_secs(6))
         );
-        let ok = decide(false, AtlasFileIo::Auto, Ok(&m), Duration::from_secs(10));
-        assert_eq!(ok.mode, "passthrough", "{ok:?}");
-        let too_long = decide(false, AtlasFileIo::Auto, Ok(&m), Duration::from_secs(5));
-        assert_eq!(too_long.mode, "daemon", "{too_long:?}");
-        let softerr = NFS_HARD
-            .replace("hard,", "softerr,")
-            .replace("timeo=600", "timeo=10");
-        let e = decide(
-            false,
-            AtlasFileIo::Auto,
-            Ok(&entry(&softerr)),
-            Duration::from_secs(3),
+        let d = decide(false, AtlasFileIo::Auto, Ok(&m), Duration::from_secs(10));
+        assert_eq!(d.mode, "daemon", "{d:?}");
+        assert!(
+            d.why.contains("soft NFS") && d.why.contains("6.0 s"),
+            "{}",
+            d.why
         );
-        assert_eq!(e.mode, "passthrough", "{e:?}");
+        let softerr = NFS_HARD.replace("hard,", "softerr,");
+        assert!(nfs_soft_bound(&entry(&softerr).super_options).is_some());
         // softreval is not soft.
         let reval = NFS_HARD.replace("hard,", "hard,softreval,");
         assert_eq!(nfs_soft_bound(&entry(&reval).super_options), None);

@@ -153,6 +153,7 @@ impl Filesystem for LabFuse {
         } else {
             info!("kernel FUSE passthrough not offered: file I/O goes through the daemon");
             self.fs.no_kernel_passthrough();
+            info!("open Atlas files: {}", self.fs.atlas_io().why);
         }
         Ok(())
     }
