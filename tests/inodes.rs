@@ -364,15 +364,24 @@ fn promotion_leaves_no_inodes_behind_after_forget() {
         let v: serde_json::Value = serde_json::from_str(out.trim()).expect("status --json");
         v["inodes"].as_u64().expect("inodes in status")
     };
-    // No other test's cache drop (global to the machine) between listing and counting.
+    // Hold every promoted file open, so the kernel keeps all 2000 inodes while they
+    // are counted whatever else the machine does (reclaim or another test's cache
+    // drop may forget unused dentries at any time); an open descriptor pins its inode.
     let held = {
-        let _no_drop = inode_numbers_compared();
-        // stat every name (not only a listing, which the kernel may answer from its
-        // cache): each lookup the kernel does not yet hold reaches the daemon.
-        lab.sh(r#"cd "$LAB/scans/m/work/out" && stat -- f* >/dev/null"#);
-        inodes(&lab)
+        raise_open_file_limit(4096);
+        let dir = lab.mnt().join("scans/m/work/out");
+        let open: Vec<fs::File> = (1..=2000)
+            .map(|i| fs::File::open(dir.join(format!("f{i}"))))
+            .collect::<std::io::Result<_>>()
+            .expect("open every promoted file");
+        let held = inodes(&lab);
+        drop(open);
+        held
     };
-    assert!(held > 2000, "the kernel holds the listed files: {held}");
+    assert!(
+        held > 2000,
+        "the daemon holds an inode for each open file: {held}"
+    );
     if !drop_kernel_caches() {
         return;
     }
@@ -385,4 +394,24 @@ fn promotion_leaves_no_inodes_behind_after_forget() {
         );
         drop_kernel_caches();
     }
+}
+
+/// Raises this process's soft open-file limit to at least `want` (within the hard limit).
+fn raise_open_file_limit(want: u64) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let cur = getrlimit(Resource::Nofile);
+    if cur.current.is_some_and(|c| c >= want) {
+        return;
+    }
+    let soft = match cur.maximum {
+        Some(max) => want.min(max),
+        None => want,
+    };
+    let _ = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(soft),
+            maximum: cur.maximum,
+        },
+    );
 }
