@@ -151,9 +151,17 @@ impl LocalLock {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| MountError::Refused(format!("{}: {e}", path.display())))?;
+        // `umount` returns before the previous daemon has seen its session end (a few
+        // ms later it exits and the kernel drops its lock): `umount /lab && labfs mount`
+        // waits up to 2 s for that instead of refusing.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         // SAFETY: valid descriptor owned by `file`.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) && std::time::Instant::now() < deadline {
+                thread::sleep(std::time::Duration::from_millis(20));
+                continue;
+            }
             if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
                 return Err(MountError::Refused(format!(
                     "{}: lock: {e}",
