@@ -5,6 +5,7 @@
 mod budget;
 mod cache;
 mod common;
+mod conformance;
 mod failclosed;
 mod identity;
 mod inode_flags;

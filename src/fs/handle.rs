@@ -432,13 +432,15 @@ impl LabFs {
     pub fn opendir(&self, ctx: &Ctx, ino: u64) -> Result<u64> {
         let dh = if self.dir_is_local_only(ino) {
             // Still resolved now: a directory swapped for something else behind labfs's
-            // back fails here, as it did when the listing was taken here.
+            // back fails here, as it did when the listing was taken here. Held while
+            // open, so that a directory removed meanwhile still answers fstat, fsync
+            // and readdir on the descriptor (its handle resolves while it is held).
             let creds = self.creds(ctx);
-            drop(self.dir_on(&creds, ino, BackendKind::Local)?);
+            let held = self.dir_on(&creds, ino, BackendKind::Local)?;
             DirHandle {
                 ino,
                 items: Vec::new(),
-                dirs: Vec::new(),
+                dirs: vec![(BackendKind::Local, held)],
                 listed: false,
                 keep_cache: false,
             }
@@ -499,10 +501,12 @@ impl LabFs {
             && self.handles.same_dir_version(ino, &live, versions);
         if keep_cache && lazy {
             // The kernel lists it from its cache; a READDIR, if one comes, lists it then.
+            // The parts stay held, as for a listed handle (a removed directory's
+            // descriptor keeps answering).
             return Ok(DirHandle {
                 ino,
                 items: Vec::new(),
-                dirs: Vec::new(),
+                dirs: parts,
                 listed: false,
                 keep_cache,
             });
