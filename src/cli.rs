@@ -154,8 +154,10 @@ pub struct MountArgs {
     /// Extra FUSE mount options (comma separated), as in fstab.
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Option<String>,
-    /// Use kernel passthrough for open Atlas files too (faster; reads of an open file
-    /// then hang with a hung NFS server instead of failing after the timeout).
+    /// Always use kernel passthrough for open Atlas files, also on NFS (faster; reads of
+    /// an open file then hang with a hung NFS server instead of failing after the
+    /// timeout). Without it, `[atlas] file_io` decides (default: only where Atlas is a
+    /// local filesystem).
     #[arg(long)]
     pub atlas_passthrough: bool,
     /// Append the daemon's log to FILE (a daemonized mount otherwise logs to its

@@ -124,13 +124,25 @@ impl Default for CacheConfig {
     }
 }
 
-/// How an unresponsive Atlas is detected.
+/// How an unresponsive Atlas is detected, and how open Atlas files are served (`[atlas]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HealthConfig {
     /// An Atlas request fails after this long instead of hanging the caller.
     pub timeout: Duration,
     /// How often a down Atlas is probed to notice it is back.
     pub probe_interval: Duration,
+    /// `[atlas] file_io`: kernel passthrough or the daemon for open Atlas files.
+    pub file_io: AtlasFileIo,
+}
+
+/// `[atlas] file_io` (see src/fs/atlas_io.rs): `auto` passes open Atlas files through
+/// the kernel only where the backend bounds its own failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AtlasFileIo {
+    #[default]
+    Auto,
+    Passthrough,
+    Daemon,
 }
 
 impl Default for HealthConfig {
@@ -138,6 +150,7 @@ impl Default for HealthConfig {
         HealthConfig {
             timeout: Duration::from_secs(10),
             probe_interval: Duration::from_secs(2),
+            file_io: AtlasFileIo::Auto,
         }
     }
 }
@@ -290,7 +303,7 @@ const DIR_KEYS: &[&str] = &["path", "owner", "group", "mode"];
 const LIMITS_KEYS: &[&str] = &["open_files_per_uid"];
 const STORAGE_KEYS: &[&str] = &["atlas", "local", "atlas_id"];
 const CACHE_KEYS: &[&str] = &["atlas_ttl", "local_ttl"];
-const ATLAS_KEYS: &[&str] = &["timeout", "probe_interval"];
+const ATLAS_KEYS: &[&str] = &["timeout", "probe_interval", "file_io"];
 const RULE_KEYS: &[&str] = &[
     "path",
     "class",
@@ -392,6 +405,19 @@ fn parse_text(
                 } else {
                     *slot = d;
                 }
+            }
+        }
+        if let Some((v, line)) = p.string(table, "atlas", "file_io") {
+            match v {
+                "auto" => health.file_io = AtlasFileIo::Auto,
+                "passthrough" => health.file_io = AtlasFileIo::Passthrough,
+                "daemon" => health.file_io = AtlasFileIo::Daemon,
+                other => p.error(
+                    line,
+                    format!(
+                        "atlas.file_io must be \"auto\", \"passthrough\" or \"daemon\", not {other:?}"
+                    ),
+                ),
             }
         }
     }

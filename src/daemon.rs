@@ -146,7 +146,15 @@ impl LocalLock {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| MountError::Refused(format!("{}: {e}", path.display())))?;
-        if let Err(e) = crate::sys::try_lock_exclusive(&file) {
+        // `umount` returns before the previous daemon has seen its session end (a few
+        // ms later it exits and the kernel drops its lock): `umount /lab && labfs mount`
+        // waits up to 2 s for that instead of refusing.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while let Err(e) = crate::sys::try_lock_exclusive(&file) {
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) && std::time::Instant::now() < deadline {
+                thread::sleep(std::time::Duration::from_millis(20));
+                continue;
+            }
             if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
                 return Err(MountError::Refused(format!(
                     "{}: lock: {e}",
@@ -550,6 +558,13 @@ pub fn reload(fs: &LabFs, path: Option<&Path>) -> Result<(), String> {
                     fs.health.timeout(),
                     h.probe_interval,
                     fs.health.probe_interval()
+                ));
+            }
+            let io = fs.atlas_io_under(&c);
+            if io != fs.atlas_io() {
+                remount.push(format!(
+                    "open Atlas files would get {} ({})",
+                    io.mode, io.why
                 ));
             }
             fs.reload(&c);

@@ -40,6 +40,8 @@ pub struct Status {
     pub atlas: BackendStatus,
     pub local: BackendStatus,
     pub atlas_health: HealthReport,
+    /// Kernel passthrough or the daemon for open Atlas files, and why.
+    pub atlas_file_io: crate::fs::atlas_io::AtlasIo,
     pub inodes: usize,
     pub open_files: usize,
     /// Requests, latency per backend, errors by errno, rule hits since the mount.
@@ -91,6 +93,7 @@ pub fn collect(fs: &LabFs, full: bool) -> Status {
             total_bytes: lt,
         },
         atlas_health: health,
+        atlas_file_io: fs.atlas_io(),
         inodes: fs.inodes.len(),
         open_files: fs.handles.open_files(),
         stats: crate::stats::snapshot(fs),
@@ -485,6 +488,16 @@ fn print_table(v: &serde_json::Value) {
             health
         );
     }
+    let io = &v["atlas_file_io"];
+    println!(
+        "open Atlas files: {} ({})",
+        match io["mode"].as_str() {
+            Some("passthrough") => "kernel passthrough",
+            Some("daemon") => "through the daemon (bounded)",
+            _ => "?",
+        },
+        io["why"].as_str().unwrap_or("?")
+    );
     println!(
         "inodes remembered: {}   open files: {}",
         v["inodes"], v["open_files"]

@@ -509,6 +509,13 @@ impl FrozenLab {
             .expect("start labfs");
         wait_mounted(&self.mnt, "fuse.labfs", &mut child, Duration::from_secs(20));
         self.daemon = Some(child);
+        // The bound on open files holds only on the daemon path: a FUSE stand-in, like
+        // a hard NFS mount, is not known to bound its own failures (src/fs/atlas_io.rs).
+        let log = fs::read_to_string(&self.log).unwrap_or_default();
+        assert!(
+            log.contains("open Atlas files: through the daemon") && log.contains("fuse.mergerfs"),
+            "open Atlas files on the frozen stand-in must go through the daemon:\n{log}"
+        );
     }
 
     fn stand_in_pid(&self) -> i32 {

@@ -415,6 +415,36 @@ fn durations() {
 }
 
 #[test]
+fn atlas_file_io() {
+    use crate::config::AtlasFileIo;
+    let parse = |v: &str| {
+        Config::parse(
+            &format!("{STORAGE}[atlas]\nfile_io = \"{v}\"\n"),
+            Path::new("t"),
+            false,
+        )
+        .map(|c| c.atlas_health.file_io)
+    };
+    assert_eq!(
+        Config::parse(STORAGE, Path::new("t"), false)
+            .map(|c| c.atlas_health.file_io)
+            .ok(),
+        Some(AtlasFileIo::Auto)
+    );
+    assert_eq!(parse("auto").ok(), Some(AtlasFileIo::Auto));
+    assert_eq!(parse("passthrough").ok(), Some(AtlasFileIo::Passthrough));
+    assert_eq!(parse("daemon").ok(), Some(AtlasFileIo::Daemon));
+    assert_errors(
+        &format!("{STORAGE}[atlas]\nfile_io = \"fast\"\n"),
+        false,
+        &[(
+            5,
+            "atlas.file_io must be \"auto\", \"passthrough\" or \"daemon\"",
+        )],
+    );
+}
+
+#[test]
 fn unplaced_deny() {
     let cfg = Config::parse(
         &format!("unplaced = \"deny\"\n{STORAGE}"),

@@ -236,7 +236,9 @@ impl LabFs {
         flags: i32,
     ) -> Opened {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        let passthrough = backend == BackendKind::Local || self.options.atlas_passthrough;
+        // Atlas: only where the backend bounds its own failures, or when forced
+        // (src/fs/atlas_io.rs); otherwise every read and write passes the watchdog.
+        let passthrough = backend == BackendKind::Local || self.atlas_passthrough();
         let raw = fd.as_raw_fd();
         // Close-to-open: the NFS client revalidated the attributes at this open, so an
         // unchanged version means no one changed the file since the previous open.

@@ -11,6 +11,7 @@
 //! the promoted tag ([`tag_reader`]). Anything else is misplaced: hidden, reported by
 //! `labfs check`, never deleted.
 
+pub mod atlas_io;
 pub mod attr;
 pub mod backend;
 pub mod budget;
@@ -96,6 +97,10 @@ pub struct LabFs {
     pub tags: Box<dyn tag_reader::TagReader>,
     /// Placement decisions per rule, for `labfs status`.
     pub placements: placements::PlacementCounts,
+    /// Kernel passthrough or the daemon for open Atlas files, and why ([`atlas_io`]).
+    atlas_io: atlas_io::AtlasIo,
+    /// False once the kernel turned FUSE passthrough down at init.
+    kernel_passthrough: std::sync::atomic::AtomicBool,
 }
 
 /// Where a namespace path is stored right now, with the handles to reach it.
@@ -159,7 +164,19 @@ impl LabFs {
             },
             Backing::Fd(Arc::new(root_fd)),
         );
+        let atlas_io = atlas_io::for_backend(options.atlas_passthrough, config, atlas.root_fd());
+        tracing::info!(
+            "open Atlas files: {} ({})",
+            if atlas_io.passthrough() {
+                "kernel passthrough"
+            } else {
+                "through the daemon, bounded by [atlas] timeout"
+            },
+            atlas_io.why
+        );
         Ok(LabFs {
+            atlas_io,
+            kernel_passthrough: std::sync::atomic::AtomicBool::new(true),
             atlas,
             local,
             live: RwLock::new(Arc::new(live)),
@@ -175,6 +192,47 @@ impl LabFs {
             tags,
             placements: Default::default(),
         })
+    }
+
+    /// How open Atlas files are served, and why ([`atlas_io`]).
+    pub fn atlas_io(&self) -> atlas_io::AtlasIo {
+        self.with_kernel(self.atlas_io.clone())
+    }
+
+    /// What `config` would decide for open Atlas files (a reload applies it only at
+    /// the next mount).
+    pub fn atlas_io_under(&self, config: &Config) -> atlas_io::AtlasIo {
+        self.with_kernel(atlas_io::for_backend(
+            self.options.atlas_passthrough,
+            config,
+            self.atlas.root_fd(),
+        ))
+    }
+
+    fn with_kernel(&self, io: atlas_io::AtlasIo) -> atlas_io::AtlasIo {
+        if io.passthrough() && !self.atlas_kernel_ok() {
+            return atlas_io::AtlasIo::daemon(format!(
+                "the kernel does not offer FUSE passthrough (otherwise: {})",
+                io.why
+            ));
+        }
+        io
+    }
+
+    /// Whether opens of Atlas files are handed to kernel passthrough.
+    pub fn atlas_passthrough(&self) -> bool {
+        self.atlas_io.passthrough() && self.atlas_kernel_ok()
+    }
+
+    fn atlas_kernel_ok(&self) -> bool {
+        self.kernel_passthrough
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The kernel turned FUSE passthrough down at init: every file goes through the daemon.
+    pub fn no_kernel_passthrough(&self) {
+        self.kernel_passthrough
+            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn live(&self) -> Arc<Live> {

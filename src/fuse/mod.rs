@@ -202,6 +202,8 @@ impl Filesystem for LabFuse {
             info!("kernel FUSE passthrough enabled for open files");
         } else {
             info!("kernel FUSE passthrough not offered: file I/O goes through the daemon");
+            self.fs.no_kernel_passthrough();
+            info!("open Atlas files: {}", self.fs.atlas_io().why);
         }
         Ok(())
     }

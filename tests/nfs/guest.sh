@@ -69,6 +69,7 @@ echo "/srv 127.0.0.1(ro,fsid=0,no_subtree_check,crossmnt)" >>/etc/exports
 export_dir nsq 101 no_root_squash
 export_dir sq 102 root_squash
 export_dir fail 103 no_root_squash
+export_dir soft 104 no_root_squash
 # Short grace and lease periods: v4 opens wait for the grace period after nfsd starts.
 echo 10 >/proc/fs/nfsd/nfsv4leasetime || true
 echo 10 >/proc/fs/nfsd/nfsv4gracetime || true
@@ -100,6 +101,11 @@ nfs_mount sq 4.2 /mnt/sq42 || rig_fail "mount v4.2 root_squash"
 # cached for 1 s (actimeo=1; see docs/operations.md, NFS export settings).
 nfs_mount nsq 4.2 /mnt/b42 nosharecache,actimeo=1 || rig_fail "mount v4.2 nosharecache"
 nfs_mount fail 4.2 /mnt/f42 || rig_fail "mount v4.2 (fail export)"
+# Soft mounts whose requests should fail after timeo x (retrans + 1) = 1 s x 2 = 2 s
+# (the soft_mount_hung_server scenarios measure what they do).
+mkdir -p /mnt/s3 /mnt/s42
+mount -t nfs -o vers=3,soft,proto=tcp,timeo=10,retrans=1,nolock 127.0.0.1:/srv/soft /mnt/s3 || rig_fail "mount v3 soft"
+mount -t nfs -o vers=4.2,softerr,proto=tcp,timeo=10,retrans=1 127.0.0.1:/soft /mnt/s42 || rig_fail "mount v4.2 softerr"
 findmnt -t nfs,nfs4
 # The nodes' local SSDs.
 ext4_at local 512 /mnt/local || rig_fail "ext4 for the local backends"

@@ -365,6 +365,8 @@ scenarios!(
     nfs_open_unlinked_file,
     nfs_estale_passed_through,
     nfs_hung_server,
+    nfs_soft_mount_hung_server_v3,
+    nfs_soft_mount_hung_server_v42,
     nfs_export_not_mounted_refused,
     nfs_two_nodes_staleness,
     nfs_concurrent_promotes,
