@@ -12,7 +12,7 @@
 # run. The local backend is a tmpfs (the source tree is in RAM, so the timings are the
 # copy to Atlas, not reading the source). Each repetition builds a fresh tree, times
 # `cp -a TREE ATLAS/... && sync -f ATLAS` (then deletes that copy), then times
-# `labfs promote MNT/.../TREE` (copy + blake3 + fsync + re-read verify + rename + local
+# `labfs promote MNT/.../TREE` (copy + blake3 + O_DIRECT read-back + syncfs + rename + local
 # removal). Everything it mounts is undone on exit, also on failure or Ctrl-C.
 set -euo pipefail
 

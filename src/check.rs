@@ -38,7 +38,7 @@ fn tag_store_readable(atlas: &Path) -> bool {
 
 /// Promoted data on Atlas is tagged (xattrs, or the tag store on an Atlas without them).
 fn promoted(cfg: &Config, ns_path: &OsStr, file: &Path) -> bool {
-    crate::tags::is_promoted_file(&cfg.storage.atlas, &ns_path.to_string_lossy(), file)
+    crate::tags::is_promoted_file(&cfg.storage.atlas, ns_path, file)
 }
 
 /// Every misplaced entry on both backends.

@@ -28,9 +28,10 @@
 //! that mixes both modes on one Atlas still sees every node's tags.
 
 use std::collections::BTreeMap;
-use std::ffi::{CStr, CString};
+use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use serde::{Deserialize, Serialize};
@@ -140,22 +141,22 @@ pub fn try_get_xattr(dirfd: RawFd, name: &CStr, attr: &str) -> Result<Option<Vec
 }
 
 /// A stored tag of an Atlas object: its xattr, else its record in the store.
-pub fn read_tag(
+pub fn read_tag<P: AsRef<OsStr> + ?Sized>(
     atlas: &Backend,
     dirfd: RawFd,
     name: &CStr,
-    path: &str,
+    path: &P,
     tag: &str,
 ) -> Option<Vec<u8>> {
     try_read_tag(atlas, dirfd, name, path, tag).ok().flatten()
 }
 
 /// As [`read_tag`], with the error that kept it from being read.
-pub fn try_read_tag(
+pub fn try_read_tag<P: AsRef<OsStr> + ?Sized>(
     atlas: &Backend,
     dirfd: RawFd,
     name: &CStr,
-    path: &str,
+    path: &P,
     tag: &str,
 ) -> Result<Option<Vec<u8>>> {
     if let Some(v) = try_get_xattr(dirfd, name, tag)? {
@@ -168,63 +169,86 @@ pub fn try_read_tag(
 /// Whether the Atlas object `name` in `dirfd` (namespace path `path`) was promoted.
 /// An error while reading its tags (EIO, ETIMEDOUT, EACCES...) is the caller's to
 /// see: it never reads as "not promoted", which would hide the object (ENOENT).
-pub fn is_promoted(atlas: &Backend, dirfd: RawFd, name: &CStr, path: &str) -> Result<bool> {
+pub fn is_promoted<P: AsRef<OsStr> + ?Sized>(
+    atlas: &Backend,
+    dirfd: RawFd,
+    name: &CStr,
+    path: &P,
+) -> Result<bool> {
     Ok(try_read_tag(atlas, dirfd, name, path, CLASS)?.is_some())
 }
 
 /// One record of the tag store.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
-    /// The namespace path the record describes.
-    pub path: String,
+    /// The namespace path the record describes: a JSON string when it is UTF-8, else
+    /// `{"hex": "<its bytes>"}` (the journal's form, docs/promote.md).
+    #[serde(with = "crate::promote::journal::bytes")]
+    pub path: OsString,
     /// Atlas inode number of the object it describes.
     pub ino: u64,
     pub tags: BTreeMap<String, String>,
 }
 
 /// `(directory, file name)` of the record for namespace path `path`, both relative to
-/// the Atlas root (as namespace-style paths for [`Backend::open_beneath`]).
-pub fn record_location(path: &str) -> Option<(String, String)> {
-    let trimmed = path.trim_start_matches('/');
+/// the Atlas root (as namespace-style paths for [`Backend::open_beneath`]); any bytes.
+pub fn record_location<P: AsRef<OsStr> + ?Sized>(path: &P) -> Option<(OsString, OsString)> {
+    let mut trimmed = path.as_ref().as_bytes();
+    while let [b'/', rest @ ..] = trimmed {
+        trimmed = rest;
+    }
     if trimmed.is_empty() {
         return None;
     }
-    let (dir, name) = match trimmed.rfind('/') {
+    let (dir, name) = match trimmed.iter().rposition(|c| *c == b'/') {
         Some(i) => (&trimmed[..i], &trimmed[i + 1..]),
-        None => ("", trimmed),
+        None => (&b""[..], trimmed),
     };
-    let dir = if dir.is_empty() {
-        format!("/{STORE_DIR}")
-    } else {
-        format!("/{STORE_DIR}/{dir}")
-    };
+    let mut d = format!("/{STORE_DIR}").into_bytes();
+    if !dir.is_empty() {
+        d.push(b'/');
+        d.extend_from_slice(dir);
+    }
     let file = if name.len() + RECORD_SUFFIX.len() <= 255 {
-        format!("{name}{RECORD_SUFFIX}")
+        let mut f = name.to_vec();
+        f.extend_from_slice(RECORD_SUFFIX.as_bytes());
+        f
     } else {
-        let h = blake3::hash(name.as_bytes()).to_hex();
-        format!("~{}{RECORD_SUFFIX}", &h[..64])
+        let h = blake3::hash(name).to_hex();
+        format!("~{}{RECORD_SUFFIX}", &h[..64]).into_bytes()
     };
-    Some((dir, file))
+    Some((OsString::from_vec(d), OsString::from_vec(file)))
+}
+
+fn record_path(dir: &OsStr, file: &OsStr) -> OsString {
+    crate::fs::object::join(dir, file)
 }
 
 /// The store record of `path`, if it describes the object `name` in `dirfd` now.
-pub fn read_record(atlas: &Backend, dirfd: RawFd, name: &CStr, path: &str) -> Option<Record> {
+pub fn read_record<P: AsRef<OsStr> + ?Sized>(
+    atlas: &Backend,
+    dirfd: RawFd,
+    name: &CStr,
+    path: &P,
+) -> Option<Record> {
     try_read_record(atlas, dirfd, name, path).ok().flatten()
 }
 
 /// As [`read_record`]: `Ok(None)` when there is no record (or it describes another
 /// object, or cannot be parsed); an error reading it is returned as it is.
-pub fn try_read_record(
+pub fn try_read_record<P: AsRef<OsStr> + ?Sized>(
     atlas: &Backend,
     dirfd: RawFd,
     name: &CStr,
-    path: &str,
+    path: &P,
 ) -> Result<Option<Record>> {
+    let path = path.as_ref();
     let Some((dir, file)) = record_location(path) else {
         return Ok(None);
     };
     let _root = Creds::root().assume()?;
-    let fd = match atlas.open_beneath(&format!("{dir}/{file}"), libc::O_RDONLY) {
+    let at = record_path(&dir, &file);
+    let fd = match crate::fs::object::open_beneath(atlas.root_fd(), &at, libc::O_RDONLY) {
         Ok(fd) => fd,
         Err(e) if matches!(e.errno(), libc::ENOENT | libc::ENOTDIR) => return Ok(None),
         Err(e) => return Err(e),
@@ -232,10 +256,14 @@ pub fn try_read_record(
     let mut text = Vec::new();
     std::fs::File::from(fd).read_to_end(&mut text)?;
     let Ok(rec) = serde_json::from_slice::<Record>(&text) else {
-        warn!("{path}: unreadable tag record {dir}/{file} on Atlas; ignored");
+        warn!(
+            "{}: unreadable tag record {} on Atlas; ignored",
+            path.to_string_lossy(),
+            at.to_string_lossy()
+        );
         return Ok(None);
     };
-    if rec.path != path {
+    if rec.path.as_os_str() != path {
         return Ok(None);
     }
     let st = match fstatat(dirfd, name) {
@@ -246,15 +274,19 @@ pub fn try_read_record(
     Ok((st.st_ino == rec.ino).then_some(rec))
 }
 
-fn mkdir_chain(atlas: &Backend, dir: &str) -> Result<OwnedFd> {
-    match atlas.open_dir(dir) {
+fn open_dir_of(atlas: &Backend, dir: &OsStr) -> Result<OwnedFd> {
+    crate::fs::object::open_beneath(atlas.root_fd(), dir, libc::O_PATH | libc::O_DIRECTORY)
+}
+
+fn mkdir_chain(atlas: &Backend, dir: &OsStr) -> Result<OwnedFd> {
+    match open_dir_of(atlas, dir) {
         Ok(fd) => return Ok(fd),
         Err(e) if e.errno() == libc::ENOENT => {}
         Err(e) => return Err(e),
     }
-    let (parent, name) = crate::fs::backend::split(dir);
+    let (parent, name) = crate::fs::object::split(dir);
     let pfd = mkdir_chain(atlas, parent)?;
-    let c = CString::new(name).map_err(|_| Error::Errno(libc::EINVAL))?;
+    let c = CString::new(name.as_bytes()).map_err(|_| Error::Errno(libc::EINVAL))?;
     // SAFETY: valid dirfd and C string.
     let r = unsafe { libc::mkdirat(pfd.as_raw_fd(), c.as_ptr(), 0o700) };
     if r < 0 {
@@ -263,22 +295,23 @@ fn mkdir_chain(atlas: &Backend, dir: &str) -> Result<OwnedFd> {
             return Err(Error::Io(e));
         }
     }
-    atlas.open_dir(dir)
+    open_dir_of(atlas, dir)
 }
 
 /// Write (or replace) the store record of `path`: temporary file, rename; with
 /// `durable`, fsync of the file before the rename and of the directory after (else
 /// the caller makes a batch of records durable with one syncfs). Runs as root.
-pub fn write_record(
+pub fn write_record<P: AsRef<OsStr> + ?Sized>(
     atlas: &Backend,
-    path: &str,
+    path: &P,
     ino: u64,
     tags: &BTreeMap<String, String>,
     durable: bool,
 ) -> Result<()> {
+    let path = path.as_ref();
     let (dir, file) = record_location(path).ok_or(Error::Errno(libc::EINVAL))?;
     let rec = Record {
-        path: path.to_string(),
+        path: path.to_os_string(),
         ino,
         tags: tags.clone(),
     };
@@ -286,10 +319,13 @@ pub fn write_record(
     let _root = Creds::root().assume()?;
     let dfd = mkdir_chain(atlas, &dir)?;
     // The O_PATH descriptor cannot be fsynced: open the directory for reading.
-    let dir_rd = atlas.open_beneath(&dir, libc::O_RDONLY | libc::O_DIRECTORY)?;
-    let tmp = format!(".{file}.tmp.{}", std::process::id());
-    let ctmp = CString::new(tmp.as_str()).map_err(|_| Error::Errno(libc::EINVAL))?;
-    let cfile = CString::new(file.as_str()).map_err(|_| Error::Errno(libc::EINVAL))?;
+    let dir_rd =
+        crate::fs::object::open_beneath(atlas.root_fd(), &dir, libc::O_RDONLY | libc::O_DIRECTORY)?;
+    let mut tmp = b".".to_vec();
+    tmp.extend_from_slice(file.as_bytes());
+    tmp.extend_from_slice(format!(".tmp.{}", std::process::id()).as_bytes());
+    let ctmp = CString::new(tmp).map_err(|_| Error::Errno(libc::EINVAL))?;
+    let cfile = CString::new(file.as_bytes()).map_err(|_| Error::Errno(libc::EINVAL))?;
     // SAFETY: valid dirfd and C string.
     let fd = check(unsafe {
         libc::openat(
@@ -331,14 +367,14 @@ pub fn write_record(
 
 /// Remove the store record of `path`, if there is one (a promotion that failed after
 /// tagging a directory it then removed). Runs as root.
-pub fn remove_record(atlas: &Backend, path: &str) {
+pub fn remove_record<P: AsRef<OsStr> + ?Sized>(atlas: &Backend, path: &P) {
     let Some((dir, file)) = record_location(path) else {
         return;
     };
     let Ok(_root) = Creds::root().assume() else {
         return;
     };
-    let (Ok(dfd), Ok(c)) = (atlas.open_dir(&dir), CString::new(file)) else {
+    let (Ok(dfd), Ok(c)) = (open_dir_of(atlas, &dir), CString::new(file.as_bytes())) else {
         return;
     };
     // SAFETY: valid dirfd and C string.
@@ -369,7 +405,7 @@ pub fn probe(atlas: &Backend) -> Mode {
 
 fn probe_inner(atlas: &Backend) -> Result<bool> {
     let _root = Creds::root().assume()?;
-    let dfd = mkdir_chain(atlas, "/.labfs")?;
+    let dfd = mkdir_chain(atlas, OsStr::new("/.labfs"))?;
     let name = format!(
         "xattr-probe.{}.{}",
         crate::sys::hostname().replace('/', "_"),
@@ -424,18 +460,22 @@ fn probe_inner(atlas: &Backend) -> Result<bool> {
 /// Whether a real filesystem path (outside any mount, e.g. for `labfs check`) is a
 /// promoted Atlas object: its `user.labfs.class` xattr, else a valid store record.
 /// `atlas_root` is the Atlas backend root, `ns_path` the object's namespace path.
-pub fn is_promoted_file(
+pub fn is_promoted_file<P: AsRef<OsStr> + ?Sized>(
     atlas_root: &std::path::Path,
-    ns_path: &str,
+    ns_path: &P,
     file: &std::path::Path,
 ) -> bool {
+    let ns_path = ns_path.as_ref();
     if matches!(xattr::get(file, CLASS), Ok(Some(_))) {
         return true;
     }
     let Some((dir, name)) = record_location(ns_path) else {
         return false;
     };
-    let rec_path = atlas_root.join(dir.trim_start_matches('/')).join(name);
+    let rel = std::path::Path::new(&dir);
+    let rec_path = atlas_root
+        .join(rel.strip_prefix("/").unwrap_or(rel))
+        .join(name);
     let Ok(text) = std::fs::read(&rec_path) else {
         return false;
     };
@@ -443,7 +483,7 @@ pub fn is_promoted_file(
         return false;
     };
     use std::os::unix::fs::MetadataExt;
-    rec.path == ns_path
+    rec.path.as_os_str() == ns_path
         && std::fs::symlink_metadata(file)
             .map(|m| m.ino() == rec.ino)
             .unwrap_or(false)

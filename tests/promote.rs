@@ -949,3 +949,311 @@ fn sigterm_stops_a_promotion_at_a_safe_point() {
     promote_ok(&lab, r#""$LAB/scans/s1/work/out""#);
     assert_eq!(tree_content(&lab, &top), content);
 }
+
+/// `dir` joined with a name of any bytes.
+fn bjoin(dir: &Path, name: &[u8]) -> std::path::PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    dir.join(std::ffi::OsStr::from_bytes(name))
+}
+
+/// A stored or computed `user.labfs.*` tag of `p` through the mount (asked by name).
+fn tag(p: &Path, name: &str) -> Option<String> {
+    xattr::get(p, name)
+        .unwrap_or_else(|e| panic!("getxattr {name} of {}: {e}", p.display()))
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+}
+
+/// A tree whose names are not UTF-8: `caf\xe9` (a Latin-1 name, as old archives have)
+/// and a directory `\xff\xfe` with a file in it, written through the mount.
+fn make_latin1_tree(lab: &MountedLab, top: &Path) {
+    fs::create_dir_all(top).expect("mkdir top");
+    fs::write(bjoin(top, b"caf\xe9"), b"latin-1 name\n").expect("write caf\\xe9");
+    let d = bjoin(top, b"\xff\xfe");
+    fs::create_dir(&d).expect("mkdir \\xff\\xfe");
+    fs::write(bjoin(&d, b"inner\xe9.bin"), vec![7u8; 300_000]).expect("write inner");
+    fs::write(top.join("plain.txt"), b"plain\n").expect("write plain");
+    let listed: Vec<Vec<u8>> = fs::read_dir(top)
+        .expect("list")
+        .map(|e| {
+            use std::os::unix::ffi::OsStrExt;
+            e.expect("entry").file_name().as_bytes().to_vec()
+        })
+        .collect();
+    assert!(
+        listed.contains(&b"caf\xe9".to_vec()) && listed.contains(&b"\xff\xfe".to_vec()),
+        "the mount lists the non-UTF-8 names: {listed:?}\n{}",
+        lab.daemon_log()
+    );
+}
+
+/// What promotion must keep of the Latin-1 tree, checked on Atlas itself and through
+/// the mount (content and tags).
+fn check_latin1_promoted(lab: &MountedLab, ns_top: &[u8]) {
+    let atlas = bjoin(&lab.atlas_path(""), ns_top);
+    let mnt = bjoin(lab.mnt(), ns_top);
+    assert_eq!(
+        fs::read(bjoin(&atlas, b"caf\xe9")).expect("caf\\xe9 on Atlas"),
+        b"latin-1 name\n"
+    );
+    let inner = bjoin(&bjoin(&atlas, b"\xff\xfe"), b"inner\xe9.bin");
+    assert_eq!(
+        fs::read(&inner).expect("inner on Atlas"),
+        vec![7u8; 300_000]
+    );
+    assert!(
+        !bjoin(&lab.local_path(""), ns_top).exists(),
+        "the local copy is gone"
+    );
+    for rel in [&b"caf\xe9"[..], b"\xff\xfe", b"plain.txt"] {
+        let p = bjoin(&mnt, rel);
+        assert_eq!(
+            tag(&p, "user.labfs.state").as_deref(),
+            Some("promoted"),
+            "{p:?}\n{}",
+            lab.daemon_log()
+        );
+        assert_eq!(
+            tag(&p, "user.labfs.class").as_deref(),
+            Some("authoritative")
+        );
+        assert!(tag(&p, "user.labfs.promoted_at").is_some(), "{p:?}");
+    }
+    let f = bjoin(&bjoin(&mnt, b"\xff\xfe"), b"inner\xe9.bin");
+    assert_eq!(
+        tag(&f, "user.labfs.digest"),
+        Some(format!("blake3:{}", blake3::hash(&[7u8; 300_000]).to_hex())),
+        "digest tag through the mount"
+    );
+    assert_eq!(
+        fs::read(&f).expect("read through the mount"),
+        vec![7u8; 300_000]
+    );
+}
+
+#[test]
+fn promote_a_tree_with_names_that_are_not_utf8() {
+    let lab = MountedLab::new();
+    let top = lab.path("scans/s1/work/out");
+    make_latin1_tree(&lab, &top);
+    // An at-risk subtree whose own name is not UTF-8: status JSON stays valid and
+    // says which bytes it is.
+    let other = bjoin(&lab.path("scans"), b"caf\xe9/work");
+    fs::create_dir_all(&other).expect("mkdir scans/caf\\xe9/work");
+    fs::write(other.join("x"), b"x").expect("write x");
+    let v: serde_json::Value = serde_json::from_str(&lab.sh(r#""$LABFS" status --json "$LAB""#))
+        .expect("status --json is JSON with a non-UTF-8 subtree");
+    let subs = v["at_risk"]["subtrees"]
+        .as_array()
+        .expect("subtrees")
+        .clone();
+    let s = subs
+        .iter()
+        .find(|s| s["path_hex"].is_string())
+        .unwrap_or_else(|| panic!("the non-UTF-8 subtree is listed: {v}"));
+    assert_eq!(s["path"], "/scans/caf\\xe9/work", "{v}");
+    assert_eq!(s["path_hex"], "2f7363616e732f636166e92f776f726b", "{v}");
+    let table = lab.sh(r#""$LABFS" status "$LAB""#);
+    assert!(table.contains("/scans/caf\\xe9/work"), "{table}");
+
+    promote_ok(&lab, r#""$LAB/scans/s1/work/out""#);
+    check_latin1_promoted(&lab, b"scans/s1/work/out");
+
+    // The top itself not UTF-8: the CLI argument, the request and the journal carry
+    // the bytes.
+    let (code, out, err) =
+        lab.sh_status(r#""$LABFS" promote --json "$LAB/scans/$(printf 'caf\351')/work""#);
+    assert_eq!(code, 0, "{out}{err}\n{}", lab.daemon_log());
+    let p: serde_json::Value = serde_json::from_str(out.trim()).expect("--json result");
+    assert_eq!(p["path"], "/scans/caf\\xe9/work", "{p}");
+    assert_eq!(p["path_hex"], "2f7363616e732f636166e92f776f726b", "{p}");
+    assert_eq!(
+        fs::read(bjoin(&lab.atlas_path("scans"), b"caf\xe9/work/x")).expect("on Atlas"),
+        b"x"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&lab.sh(r#""$LABFS" status --json "$LAB""#)).expect("status JSON");
+    assert_eq!(v["at_risk"]["subtrees"], serde_json::json!([]), "{v}");
+}
+
+#[test]
+fn crash_recovery_replays_a_journal_with_names_that_are_not_utf8() {
+    let mut lab = MountedLab::builder()
+        .env("LABFS_PROMOTE_CRASH_AT", "verified")
+        .mount();
+    let top = bjoin(&lab.path("scans"), b"\xff\xfe/work/out");
+    make_latin1_tree(&lab, &top);
+    let (code, _, err) =
+        lab.sh_status(r#""$LABFS" promote "$LAB/scans/$(printf '\377\376')/work/out""#);
+    assert_ne!(code, 0, "the daemon died during the promotion: {err}");
+    assert!(lab.wait_for_log("LABFS_PROMOTE_CRASH_AT=verified", Duration::from_secs(10)));
+    lab.kill9();
+    // The journal names the bytes exactly (hex where they are not UTF-8).
+    let jdir = lab.local_path(".labfs/promote");
+    let journals: Vec<_> = fs::read_dir(&jdir)
+        .expect("journal dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .collect();
+    assert_eq!(journals.len(), 1, "one journal");
+    let text = fs::read_to_string(journals[0].path()).expect("the journal is UTF-8 JSON");
+    let j: serde_json::Value = serde_json::from_str(&text).expect("journal JSON");
+    assert_eq!(
+        j["path"]["hex"], "2f7363616e732ffffe2f776f726b2f6f7574",
+        "{j}"
+    );
+    assert!(text.contains(r#"{"hex":"636166e9"}"#), "{text}");
+    lab.remount();
+    check_latin1_promoted(&lab, b"scans/\xff\xfe/work/out");
+    assert_eq!(
+        leftovers(&lab),
+        "",
+        "no staging junk or journal after recovery"
+    );
+}
+
+#[test]
+fn a_journal_of_the_previous_format_still_recovers() {
+    // Version 1 journals (every path a JSON string) are read as they are: crash after
+    // the commit, rewrite the journal as version 1 wrote it, recover.
+    let mut lab = MountedLab::builder()
+        .env("LABFS_PROMOTE_CRASH_AT", "committed")
+        .mount();
+    make_tree(&lab, "scans/s1/work/out");
+    let top = lab.path("scans/s1/work/out");
+    let content = tree_content(&lab, &top);
+    let (code, _, _) = promote(&lab, r#""$LAB/scans/s1/work/out""#);
+    assert_ne!(code, 0);
+    assert!(lab.wait_for_log("LABFS_PROMOTE_CRASH_AT=committed", Duration::from_secs(10)));
+    lab.kill9();
+    let jdir = lab.local_path(".labfs/promote");
+    let jp = fs::read_dir(&jdir)
+        .expect("journal dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "json"))
+        .expect("a journal");
+    let mut j: serde_json::Value =
+        serde_json::from_slice(&fs::read(&jp).expect("read journal")).expect("journal JSON");
+    j["version"] = 1.into();
+    // Version 1 also wrote each file's allocated size.
+    for e in j["entries"].as_array_mut().expect("entries") {
+        e["alloc"] = 4096.into();
+    }
+    fs::write(&jp, serde_json::to_vec(&j).expect("json")).expect("write journal");
+    lab.remount();
+    assert_eq!(tree_content(&lab, &top), content);
+    assert!(
+        !lab.local_path("scans/s1/work/out").exists(),
+        "rolled forward"
+    );
+    assert_eq!(leftovers(&lab), "");
+    assert!(
+        lab.daemon_log().contains("completed the promotion"),
+        "{}",
+        lab.daemon_log()
+    );
+}
+
+/// A `kB` field of /proc/PID/status, in bytes.
+fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+#[test]
+fn promoting_many_small_files_keeps_the_daemon_small() {
+    // 50,000 small files; the daemon's peak RSS during the promotion, above what it
+    // held before, per file, must stay below a bound that keeps 1,000,000 files under
+    // 200 MiB (docs/promote.md, Memory).
+    // LABFS_TEST_PROMOTE_FILES=1000000 measures the figure docs/promote.md gives.
+    let n: usize = std::env::var("LABFS_TEST_PROMOTE_FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000)
+        .max(500);
+    // Bytes per file at the peak, above a fixed allowance (the copy workers' buffers
+    // and stacks): 8 MiB + 180 B x 1,000,000 + the daemon's own ~7 MiB < 200 MiB.
+    const PER_FILE_BOUND: u64 = 180;
+    const FIXED: u64 = 8 << 20;
+    let lab = MountedLab::new();
+    if n > 50_000 {
+        // The fixture's 512 MiB backends are too small for the free-space estimate
+        // (4 KiB per object) of a million files.
+        lab.sh(r#"mount -o remount,size=16g "$ATLAS" && mount -o remount,size=16g "$LOCAL""#);
+    }
+    lab.sh(r#"mkdir -p "$LAB/scans/m/work/out""#);
+    // Written on the local backend directly: the kernel then holds no inode per file
+    // (that is the inode table's budget, measured elsewhere), so what grows is the
+    // promotion's own memory.
+    let top = lab.local_path("scans/m/work/out");
+    for d in 0..n / 500 {
+        let dir = top.join(format!("d{d:04}"));
+        fs::create_dir(&dir).expect("mkdir");
+        for f in 0..500 {
+            // Mostly empty (a tmpfs page per file would not fit a million), every 50th
+            // with a few bytes.
+            let body: &[u8] = if f % 50 == 49 { b"tiny" } else { b"" };
+            fs::write(dir.join(format!("frame{f:05}.tif")), body).expect("write");
+        }
+    }
+    let pid = lab.pid();
+    // Reset the peak (VmHWM) to the current RSS: "5" in clear_refs.
+    fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("clear_refs");
+    let before = proc_status_bytes(pid, "VmRSS");
+    let t0 = std::time::Instant::now();
+    promote_ok(&lab, r#""$LAB/scans/m/work/out""#);
+    let took = t0.elapsed();
+    let peak = proc_status_bytes(pid, "VmHWM");
+    let after = proc_status_bytes(pid, "VmRSS");
+    let grown = peak.saturating_sub(before);
+    let per_file = grown.saturating_sub(FIXED) / n as u64;
+    eprintln!(
+        "promote of {n} files: {:.1} s, RSS before {} KiB, peak {} KiB, after {} KiB: \
+         {per_file} bytes per file beyond {} KiB",
+        took.as_secs_f64(),
+        before / 1024,
+        peak / 1024,
+        after / 1024,
+        FIXED / 1024
+    );
+    assert!(
+        grown < FIXED + PER_FILE_BOUND * n as u64,
+        "the daemon grew by {} KiB promoting {n} files (bound {} KiB + {PER_FILE_BOUND} B per file)",
+        grown / 1024,
+        FIXED / 1024
+    );
+    // What the job held is returned when it ends (not kept until unmount).
+    assert!(
+        after.saturating_sub(before) < (2 << 20) + (n as u64) * 8,
+        "RSS after the promotion {} KiB, before {} KiB",
+        after / 1024,
+        before / 1024
+    );
+    let last = format!("scans/m/work/out/d{:04}/frame00499.tif", n / 500 - 1);
+    assert_eq!(fs::read(lab.atlas_path(&last)).expect("on Atlas"), b"tiny");
+}
+
+#[test]
+fn names_that_are_not_utf8_keep_their_tags_in_the_store() {
+    // An Atlas without user xattrs: the tags of `caf\xe9` are a store record whose
+    // file name and recorded path carry the same bytes.
+    let lab = MountedLab::builder().xattr_less_atlas().mount();
+    let top = lab.path("scans/s1/work/out");
+    make_latin1_tree(&lab, &top);
+    promote_ok(&lab, r#""$LAB/scans/s1/work/out""#);
+    check_latin1_promoted(&lab, b"scans/s1/work/out");
+    let rec = bjoin(
+        &lab.atlas_path(".labfs/tags/scans/s1/work/out"),
+        b"caf\xe9.labfs-tags",
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&fs::read(&rec).expect("store record")).expect("record JSON");
+    assert_eq!(
+        v["path"]["hex"], "2f7363616e732f73312f776f726b2f6f75742f636166e9",
+        "{v}"
+    );
+}

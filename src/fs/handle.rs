@@ -553,7 +553,7 @@ impl LabFs {
                             &self.atlas,
                             dfd.as_raw_fd(),
                             &cstring(&name)?,
-                            &child.to_string_lossy(),
+                            &child,
                         )?);
                 if !visible {
                     continue;

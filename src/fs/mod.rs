@@ -441,12 +441,7 @@ impl LabFs {
         // A transitional path may have been promoted to Atlas.
         let (parent_fd, stat) = self.stat_on(creds, BackendKind::Atlas, path, dir, &cname)?;
         // A tag that cannot be read is that error, never "absent" (tags::is_promoted).
-        if !crate::tags::is_promoted(
-            &self.atlas,
-            parent_fd.as_raw_fd(),
-            &cname,
-            &path.to_string_lossy(),
-        )? {
+        if !crate::tags::is_promoted(&self.atlas, parent_fd.as_raw_fd(), &cname, &path)? {
             return Err(Error::Errno(libc::ENOENT));
         }
         Ok(Located {
@@ -529,12 +524,7 @@ impl LabFs {
         }
         let f = self.find(creds, parent, name, BackendKind::Atlas, &path)?;
         // A tag that cannot be read is that error, never "absent" (tags::is_promoted).
-        if !crate::tags::is_promoted(
-            &self.atlas,
-            f.dir.as_raw_fd(),
-            &f.cname,
-            &path.to_string_lossy(),
-        )? {
+        if !crate::tags::is_promoted(&self.atlas, f.dir.as_raw_fd(), &f.cname, &path)? {
             return Err(Error::Errno(libc::ENOENT));
         }
         Ok((BackendKind::Atlas, f, placement, path))

@@ -23,11 +23,11 @@ impl LabFs {
     pub(crate) fn promote_rebind(
         &self,
         ino: u64,
-        ns: &str,
-        top: &str,
+        ns: &OsStr,
+        top: &OsStr,
         atlas: BackingKey,
     ) -> Result<()> {
-        let path = OsStr::new(ns);
+        let path = ns;
         let Some(node) = self.inodes.get(ino) else {
             return Ok(());
         };

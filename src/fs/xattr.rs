@@ -86,7 +86,7 @@ impl LabFs {
                 &self.atlas,
                 loc.parent_fd.as_raw_fd(),
                 &loc.name,
-                &loc.path.to_string_lossy(),
+                &loc.path,
                 tags::CLASS,
             )
             .and_then(|v| String::from_utf8(v).ok())
@@ -125,7 +125,7 @@ impl LabFs {
             &self.atlas,
             loc.parent_fd.as_raw_fd(),
             &loc.name,
-            &loc.path.to_string_lossy(),
+            &loc.path,
             tags::PROMOTED_AT,
         );
         at.and_then(|v| parse_rfc3339_utc(&v))
@@ -149,7 +149,7 @@ impl LabFs {
                     &self.atlas,
                     loc.parent_fd.as_raw_fd(),
                     &loc.name,
-                    &loc.path.to_string_lossy(),
+                    &loc.path,
                     n,
                 ) {
                     return sized(v, size);

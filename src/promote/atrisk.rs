@@ -9,12 +9,14 @@
 //! same report; a report cut short names the subtrees it did not finish and the
 //! directories it did not reach.
 
+use std::ffi::{OsStr, OsString};
 use std::os::fd::AsRawFd;
 
 use serde::{Deserialize, Serialize};
 
-use super::util;
-use crate::fs::backend::{fstatat, join};
+use super::util::{self, show};
+use crate::fs::backend::fstatat;
+use crate::fs::object::join;
 use crate::fs::{Creds, LabFs};
 use crate::rules::{Class, Rules};
 
@@ -45,7 +47,11 @@ pub struct AtRisk {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Subtree {
+    /// The namespace path; bytes that are not UTF-8 shown as `\xNN`.
     pub path: String,
+    /// The path's bytes in hex, only when it is not UTF-8 (`path` is then for reading).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_hex: Option<String>,
     /// The deciding rule with its line, e.g. `/scans/*/work (line 13)`.
     pub rule: String,
     /// The rule's pattern alone, e.g. `/scans/*/work`.
@@ -68,8 +74,8 @@ pub struct Subtree {
     /// False when the walk stopped inside this subtree (counts are a lower bound).
     #[serde(default = "yes")]
     pub complete: bool,
-    /// The at-risk files (namespace paths, in walk order): all of them with `full`,
-    /// else the first [`NAMED_FILES`].
+    /// The at-risk files (namespace paths, in walk order, shown as `path` is): all of
+    /// them with `full`, else the first [`NAMED_FILES`].
     #[serde(default)]
     pub named: Vec<String>,
 }
@@ -112,15 +118,11 @@ impl Walker<'_> {
     }
 
     /// Children of a local directory with their lstat, in name order.
-    fn children(&mut self, dir: &str) -> Vec<(String, libc::stat)> {
-        let Ok(rd) = self
-            .fs
-            .local
-            .open_beneath(dir, libc::O_RDONLY | libc::O_DIRECTORY)
-        else {
+    fn children(&mut self, dir: &OsStr) -> Vec<(OsString, libc::stat)> {
+        let Ok(rd) = util::open_ns(&self.fs.local, dir, libc::O_RDONLY | libc::O_DIRECTORY) else {
             return Vec::new();
         };
-        let Ok(pfd) = self.fs.local.open_dir(dir) else {
+        let Ok(pfd) = util::open_ns_dir(&self.fs.local, dir) else {
             return Vec::new();
         };
         let Ok(names) = crate::fs::handle::list_dir(rd) else {
@@ -128,13 +130,12 @@ impl Walker<'_> {
         };
         let mut out = Vec::new();
         for (name, _) in names {
-            let Some(n) = name.to_str() else { continue };
-            if n == "." || n == ".." || (dir == "/" && n == ".labfs") {
+            if name == "." || name == ".." || (dir == "/" && name == ".labfs") {
                 continue;
             }
-            let Ok(c) = util::cstr(n) else { continue };
+            let Ok(c) = util::cos(&name) else { continue };
             if let Ok(st) = fstatat(pfd.as_raw_fd(), &c) {
-                out.push((n.to_string(), st));
+                out.push((name, st));
             }
         }
         self.visited += out.len() as u64;
@@ -142,25 +143,25 @@ impl Walker<'_> {
         out
     }
 
-    fn add_file(&self, acc: &mut Subtree, path: &str, st: &libc::stat) {
+    fn add_file(&self, acc: &mut Subtree, path: &OsStr, st: &libc::stat) {
         acc.files += 1;
         if st.st_mode & libc::S_IFMT == libc::S_IFREG {
             acc.bytes += st.st_size as u64;
         }
         acc.oldest_mtime = acc.oldest_mtime.min(st.st_mtime);
         if self.budget.is_none() || acc.named.len() < NAMED_FILES {
-            acc.named.push(path.to_string());
+            acc.named.push(show(path));
         }
     }
 
     /// Sum a transitional subtree; false when the budget ran out inside it.
-    fn sum(&mut self, top: &str, st: &libc::stat, acc: &mut Subtree) -> bool {
+    fn sum(&mut self, top: &OsStr, st: &libc::stat, acc: &mut Subtree) -> bool {
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
             self.add_file(acc, top, st);
             return true;
         }
         // Depth first, in name order (a stack of name-sorted lists, reversed).
-        let mut stack = vec![top.to_string()];
+        let mut stack = vec![top.to_os_string()];
         while let Some(dir) = stack.pop() {
             if self.out_of_budget() {
                 return false;
@@ -210,14 +211,14 @@ pub fn report(fs: &LabFs, full: bool) -> AtRisk {
     let mut subtrees = Vec::new();
     let mut not_reached = Vec::new();
     let mut complete = true;
-    let mut stack = vec!["/".to_string()];
+    let mut stack = vec![OsString::from("/")];
     if transitional.is_empty() {
         stack.clear();
     }
     while let Some(dir) = stack.pop() {
         if w.out_of_budget() {
             complete = false;
-            not_reached.push(dir);
+            not_reached.push(show(&dir));
             continue;
         }
         let mut dirs = Vec::new();
@@ -227,7 +228,8 @@ pub fn report(fs: &LabFs, full: bool) -> AtRisk {
             if p.class == Class::Transitional {
                 let max = p.rule.as_ref().and_then(|r| r.max_unpromoted);
                 let mut acc = Subtree {
-                    path: child.clone(),
+                    path: show(&child),
+                    path_hex: super::job::hex_unless_utf8(&child),
                     rule: p.rule_label(),
                     rule_path: p.rule.as_ref().map(|r| r.path.clone()).unwrap_or_default(),
                     bytes: 0,
@@ -249,7 +251,7 @@ pub fn report(fs: &LabFs, full: bool) -> AtRisk {
                     subtrees.push(acc);
                 }
             } else if st.st_mode & libc::S_IFMT == libc::S_IFDIR
-                && worth_descending(&transitional, &child)
+                && worth_descending(&transitional, &child.to_string_lossy())
             {
                 dirs.push(child);
             }

@@ -89,7 +89,7 @@ fn mount_id(p: &Path) -> Option<u64> {
 }
 
 /// Where the request goes: `(directory or object, name inside it)`.
-fn control_target(path: &Path) -> io::Result<(PathBuf, Option<String>)> {
+fn control_target(path: &Path) -> io::Result<(PathBuf, Option<std::ffi::OsString>)> {
     let name = match path.file_name() {
         Some(n) if n != OsStr::new(".") && n != OsStr::new("..") => n,
         _ => return Ok((std::fs::canonicalize(path)?, None)),
@@ -109,10 +109,7 @@ fn control_target(path: &Path) -> io::Result<(PathBuf, Option<String>)> {
     if is_mount_root {
         return Ok((me, None));
     }
-    let name = name
-        .to_str()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the name is not UTF-8"))?;
-    Ok((parent, Some(name.to_string())))
+    Ok((parent, Some(name.to_os_string())))
 }
 
 fn human(b: u64) -> String {
@@ -199,7 +196,7 @@ fn fail(json: bool, path: &str, msg: String) -> i32 {
 }
 
 fn promote_one(path: &Path, json: bool, merge: bool, wait: bool) -> i32 {
-    let shown = path.display().to_string();
+    let shown = super::util::show(path.as_os_str());
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) => return fail(json, &shown, format!("{shown}: {e}")),

@@ -7,7 +7,7 @@
 //! zeros), so it equals `b3sum FILE`.
 
 use std::ffi::CString;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -15,7 +15,7 @@ use super::job::{JobError, JobResult};
 use super::util;
 use crate::error::{check, check_size, Error, Result};
 
-pub const CHUNK: usize = 2 << 20;
+pub const CHUNK: usize = 1 << 20;
 static ZEROS: [u8; 65536] = [0u8; 65536];
 
 fn seek(fd: RawFd, off: u64, whence: i32) -> Result<Option<u64>> {
@@ -120,9 +120,172 @@ fn cfr(src: RawFd, dst: RawFd, off: u64, len: usize) -> Result<bool> {
     Ok(true)
 }
 
+/// A buffer aligned for O_DIRECT reads (4 KiB, which every filesystem accepts).
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the buffer is plain memory owned by this value.
+unsafe impl Send for AlignedBuf {}
+
+const ALIGN: usize = 4096;
+
+impl AlignedBuf {
+    pub fn new(len: usize) -> AlignedBuf {
+        let len = len.next_multiple_of(ALIGN).max(ALIGN);
+        let layout = std::alloc::Layout::from_size_align(len, ALIGN)
+            .unwrap_or(std::alloc::Layout::new::<u8>());
+        // SAFETY: non-zero size; a null result is handled below.
+        let p = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr =
+            std::ptr::NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, len }
+    }
+    pub fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: `len` bytes allocated and exclusively borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        if let Ok(layout) = std::alloc::Layout::from_size_align(self.len, ALIGN) {
+            // SAFETY: allocated in `new` with this layout.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
+        }
+    }
+}
+
+/// A range of a staged file written but not yet read back: the bytes that were
+/// written (from the source), checked against what Atlas returns for them.
+pub struct Pending {
+    /// The staged file, opened for reading (with O_DIRECT where the filesystem has it).
+    pub fd: std::sync::Arc<std::os::fd::OwnedFd>,
+    pub direct: bool,
+    pub off: u64,
+    pub data: Vec<u8>,
+    /// What to name in a message.
+    pub what: std::sync::Arc<str>,
+}
+
+/// Read-back verification of what was staged, a little behind the copy: each range
+/// written is queued, its writeback started at once (`sync_file_range`), and read
+/// back from Atlas once a few more ranges were written, so reading one file overlaps
+/// writing the next. The read bypasses the client's page cache: O_DIRECT where the
+/// filesystem allows it (the kernel writes the range out first, then reads the
+/// device, or the NFS server), else fdatasync + POSIX_FADV_DONTNEED + a buffered read.
+pub struct ReadBack {
+    queue: std::collections::VecDeque<Pending>,
+    queued_bytes: usize,
+    buf: AlignedBuf,
+}
+
+/// Ranges (and bytes) one worker keeps queued before it reads the oldest back.
+const READBACK_RANGES: usize = 64;
+const READBACK_BYTES: usize = 4 << 20;
+
+impl ReadBack {
+    pub fn new() -> ReadBack {
+        ReadBack {
+            queue: std::collections::VecDeque::new(),
+            queued_bytes: 0,
+            buf: AlignedBuf::new(CHUNK),
+        }
+    }
+
+    /// Queue a written range (its writeback starts now); verify the oldest ones while
+    /// the queue is over its bounds.
+    pub fn push(&mut self, p: Pending, dst: RawFd) -> JobResult<()> {
+        // SAFETY: valid descriptor; a hint only (start writeback, do not wait).
+        unsafe {
+            libc::sync_file_range(
+                dst,
+                p.off as libc::off64_t,
+                p.data.len() as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        self.queued_bytes += p.data.len();
+        self.queue.push_back(p);
+        while self.queue.len() > READBACK_RANGES || self.queued_bytes > READBACK_BYTES {
+            self.check_oldest()?;
+        }
+        Ok(())
+    }
+
+    /// Verify everything still queued.
+    pub fn drain(&mut self) -> JobResult<()> {
+        while !self.queue.is_empty() {
+            self.check_oldest()?;
+        }
+        Ok(())
+    }
+
+    fn check_oldest(&mut self) -> JobResult<()> {
+        let Some(p) = self.queue.pop_front() else {
+            return Ok(());
+        };
+        self.queued_bytes -= p.data.len();
+        let fd = p.fd.as_raw_fd();
+        let want = p.data.len();
+        let got = if p.direct {
+            // O_DIRECT: length rounded up to the alignment; a short read at EOF.
+            let len = want.next_multiple_of(ALIGN);
+            let buf = &mut self.buf.as_mut()[..len];
+            match pread_full(fd, buf, p.off) {
+                Ok(n) => Ok(n.min(want)),
+                Err(e) => Err(e),
+            }
+        } else {
+            // SAFETY: valid descriptor; the pages are clean after fdatasync, so the
+            // advice drops them and the read goes to the server / device.
+            unsafe {
+                libc::fdatasync(fd);
+                libc::posix_fadvise(
+                    fd,
+                    p.off as libc::off_t,
+                    want as libc::off_t,
+                    libc::POSIX_FADV_DONTNEED,
+                );
+            }
+            pread_full(fd, &mut self.buf.as_mut()[..want], p.off)
+        }
+        .map_err(|e| {
+            JobError::Failed(format!("{}: reading the copy back from Atlas: {e}", p.what))
+        })?;
+        if got != want || self.buf.as_mut()[..want] != p.data[..] {
+            return Err(JobError::Failed(format!(
+                "{}: the copy on Atlas does not match the local file (bytes {}..{} differ); nothing was changed",
+                p.what,
+                p.off,
+                p.off + want as u64
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Default for ReadBack {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Where [`copy_data`] queues what it wrote to be read back.
+pub struct ReadBackOf<'a> {
+    pub fd: std::sync::Arc<std::os::fd::OwnedFd>,
+    pub direct: bool,
+    pub what: std::sync::Arc<str>,
+    pub queue: &'a mut ReadBack,
+}
+
 /// Copy `size` bytes of `src` to the empty file `dst`, keeping holes; returns the
-/// blake3 digest of the content. `use_cfr` is shared by a job's workers: cleared the
-/// first time copy_file_range is refused between the two filesystems.
+/// blake3 digest of the content. Every range written is queued on `rb` to be read
+/// back from Atlas through `check_fd` (see [`ReadBack`]). `use_cfr` is shared by a
+/// job's workers: cleared the first time copy_file_range is refused between the two
+/// filesystems.
+#[allow(clippy::too_many_arguments)]
 pub fn copy_data(
     src: RawFd,
     dst: RawFd,
@@ -131,8 +294,10 @@ pub fn copy_data(
     use_cfr: &AtomicBool,
     progress: &AtomicU64,
     stop: &dyn Fn() -> bool,
+    readback: Option<ReadBackOf<'_>>,
 ) -> JobResult<blake3::Hash> {
     let io = |what: &'static str| move |e: Error| JobError::Failed(format!("{what}: {e}"));
+    let mut readback = readback;
     let mut h = blake3::Hasher::new();
     let mut pos = 0u64;
     while pos < size {
@@ -176,6 +341,18 @@ pub fn copy_data(
             }
             if !written {
                 pwrite_full(dst, &buf[..n], pos).map_err(io("writing to Atlas"))?;
+            }
+            if let Some(r) = readback.as_mut() {
+                r.queue.push(
+                    Pending {
+                        fd: r.fd.clone(),
+                        direct: r.direct,
+                        off: pos,
+                        data: buf[..n].to_vec(),
+                        what: r.what.clone(),
+                    },
+                    dst,
+                )?;
             }
             pos += n as u64;
             progress.fetch_add(n as u64, Ordering::Relaxed);
@@ -262,7 +439,6 @@ pub fn set_owner_mode(fd: RawFd, uid: u32, gid: u32, mode: u32) -> Result<()> {
 mod tests {
     use super::*;
     use std::io::Write;
-    use std::os::fd::AsRawFd;
 
     #[test]
     fn copy_keeps_holes_and_digest_matches_content() {
@@ -294,6 +470,7 @@ mod tests {
             &cfr,
             &prog,
             &|| false,
+            None,
         )
         .map_err(|e| format!("{e:?}"))
         .expect("copy");

@@ -1,14 +1,17 @@
 //! One promotion job, on its own thread (plus a few copy workers), never on a FUSE
 //! thread and never holding a lock across I/O:
 //!
-//! plan -> journal `planned` -> stage (copy + digest + metadata + tags; one syncfs) ->
-//! journal `staged` -> verify (re-read every staged file against its digest) ->
+//! plan -> journal `planned` -> stage (copy + digest + metadata + tags, every range
+//! read back from Atlas with O_DIRECT and compared; one syncfs) -> journal `staged` ->
+//! verify (size, owner, mode on Atlas; sources unchanged; no writers) ->
 //! journal `verified` -> commit (rename into place, fsync the parent, store records) ->
 //! journal `committed` -> clean (remove the local copy, re-key inodes, invalidate
 //! kernel caches) -> journal removed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,13 +21,14 @@ use tracing::{error, info, warn};
 
 use super::copy;
 use super::job::{failed, Job, JobError, JobResult, Phase};
-use super::journal::{Entry, EntryKind, Journal, State};
+use super::journal::{ns_of, Entry, EntryKind, Journal, State};
 use super::place;
 use super::plan;
-use super::util::{self, cstr};
+use super::util::{self, cos, cstr, open_ns, open_ns_dir, show};
 use crate::error::Result;
-use crate::fs::backend::{fstat, fstatat, split};
+use crate::fs::backend::{fstat, fstatat};
 use crate::fs::inode::BackingKey;
+use crate::fs::object::split;
 use crate::fs::{Creds, LabFs};
 use crate::rules::{BackendKind, Class};
 use crate::tags;
@@ -131,9 +135,16 @@ pub fn run(fs: &Arc<LabFs>, job: &Arc<Job>) {
     job.set_phase(Phase::Planning);
     let outcome = execute(fs, job);
     drop(slot);
+    // The job's records (one per object) were freed; hand the pages back to the
+    // system now rather than keeping them in the allocator until a later job.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     match outcome {
         Ok(msg) => {
-            info!(id = %job.id, "promoted {}: {msg}", job.path);
+            info!(id = %job.id, "promoted {}: {msg}", show(&job.path));
             job.set_message(msg);
             job.set_phase(Phase::Done);
         }
@@ -156,7 +167,7 @@ pub fn run(fs: &Arc<LabFs>, job: &Arc<Job>) {
         }
         Err(JobError::Failed(m)) => {
             if !job.quiet.load(Ordering::Relaxed) {
-                warn!(id = %job.id, "promotion of {} failed: {m}", job.path);
+                warn!(id = %job.id, "promotion of {} failed: {m}", show(&job.path));
             }
             job.set_error(m);
             job.set_phase(Phase::Failed);
@@ -167,7 +178,7 @@ pub fn run(fs: &Arc<LabFs>, job: &Arc<Job>) {
             } else {
                 format!("{m}: the daemon is stopping; the next mount completes or rolls back this promotion")
             };
-            info!(id = %job.id, "promotion of {}: {m}", job.path);
+            info!(id = %job.id, "promotion of {}: {m}", show(&job.path));
             job.set_error(m);
             job.set_phase(Phase::Interrupted);
         }
@@ -179,14 +190,14 @@ fn stop_requested(job: &Job) -> bool {
 }
 
 /// lstat of a namespace path on the local backend, `None` when missing.
-fn local_lstat(fs: &LabFs, ns: &str) -> Result<Option<libc::stat>> {
+fn local_lstat(fs: &LabFs, ns: &OsStr) -> Result<Option<libc::stat>> {
     let (dir, name) = split(ns);
-    let pfd = match fs.local.open_dir(dir) {
+    let pfd = match open_ns_dir(&fs.local, dir) {
         Ok(fd) => fd,
         Err(e) if e.errno() == libc::ENOENT || e.errno() == libc::ENOTDIR => return Ok(None),
         Err(e) => return Err(e),
     };
-    match fstatat(pfd.as_raw_fd(), &cstr(name)?) {
+    match fstatat(pfd.as_raw_fd(), &cos(name)?) {
         Ok(st) => Ok(Some(st)),
         Err(e) if e.errno() == libc::ENOENT => Ok(None),
         Err(e) => Err(e),
@@ -198,15 +209,16 @@ fn check_caller(fs: &LabFs, job: &Job) -> JobResult<()> {
     let (parent, _) = split(&job.path);
     let refuse = |why: String| {
         JobError::Refused(format!(
-            "{}: permission denied: promoting needs write permission on {parent} ({why})",
-            job.path
+            "{}: permission denied: promoting needs write permission on {} ({why})",
+            show(&job.path),
+            show(parent)
         ))
     };
     let loc = fs
         .locate(&job.creds, parent)
         .map_err(|e| refuse(e.to_string()))?;
     let _as = job.creds.assume().map_err(|e| refuse(e.to_string()))?;
-    let (dirfd, name) = if parent == "/" {
+    let (dirfd, name) = if parent.as_bytes() == b"/" {
         (
             fs.backend(loc.backend).root_fd(),
             cstr(".").map_err(failed("."))?,
@@ -246,16 +258,17 @@ fn check_caller(fs: &LabFs, job: &Job) -> JobResult<()> {
         .map_err(|e| JobError::Refused(e.to_string()))
 }
 
-fn tag_text(fs: &LabFs, ns: &str, tag: &str) -> Option<String> {
+fn tag_text(fs: &LabFs, ns: &OsStr, tag: &str) -> Option<String> {
     let (dir, name) = split(ns);
-    let pfd = fs.atlas.open_dir(dir).ok()?;
-    let c = cstr(name).ok()?;
+    let pfd = open_ns_dir(&fs.atlas, dir).ok()?;
+    let c = cos(name).ok()?;
     tags::read_tag(&fs.atlas, pfd.as_raw_fd(), &c, ns, tag).and_then(|v| String::from_utf8(v).ok())
 }
 
 fn execute(fs: &LabFs, job: &Job) -> JobResult<String> {
-    let path = job.path.as_str();
-    if path == "/" {
+    let path = job.path.as_os_str();
+    let shown = show(path);
+    if path.as_bytes() == b"/" {
         return Err(JobError::Refused(
             "cannot promote the root of the namespace".into(),
         ));
@@ -263,44 +276,44 @@ fn execute(fs: &LabFs, job: &Job) -> JobResult<String> {
     check_caller(fs, job)?;
     if let crate::atlas_id::Squash::Yes(_) = crate::atlas_id::root_squash() {
         return Err(JobError::Refused(format!(
-            "{path}: not promoted, nothing was changed: {}",
+            "{shown}: not promoted, nothing was changed: {}",
             crate::atlas_id::SQUASH_HELP
         )));
     }
     let p = fs.placement(path);
     if fs.health.is_down() {
         return Err(JobError::Refused(format!(
-            "{path}: Atlas is not answering; promote again once `labfs status` shows it answering"
+            "{shown}: Atlas is not answering; promote again once `labfs status` shows it answering"
         )));
     }
-    let top = match local_lstat(fs, path).map_err(failed(path))? {
+    let top = match local_lstat(fs, path).map_err(failed(&shown))? {
         Some(st) => st,
         None => {
             let on_atlas =
-                plan::atlas_lstat(fs, path).map_err(failed(format!("{path} on Atlas")))?;
+                plan::atlas_lstat(fs, path).map_err(failed(format!("{shown} on Atlas")))?;
             return Err(match (on_atlas, tag_text(fs, path, tags::CLASS)) {
                 (Some(_), Some(class)) => JobError::Already(format!(
-                    "{path}: already promoted (class {class}{}); nothing to do",
+                    "{shown}: already promoted (class {class}{}); nothing to do",
                     tag_text(fs, path, tags::PROMOTED_AT)
                         .map(|t| format!(", promoted {t}"))
                         .unwrap_or_default()
                 )),
                 (Some(_), None) if p.class == Class::Transitional => JobError::Refused(format!(
-                    "{path}: is on Atlas but carries no promotion tag (written there behind labfs's back?); \
+                    "{shown}: is on Atlas but carries no promotion tag (written there behind labfs's back?); \
                      see `labfs check`"
                 )),
                 (Some(_), None) => JobError::Refused(format!(
-                    "{path}: is {} data (rule {}), already stored on Atlas; only transitional data is promoted",
+                    "{shown}: is {} data (rule {}), already stored on Atlas; only transitional data is promoted",
                     p.class,
                     p.rule_label()
                 )),
-                (None, _) => JobError::Failed(format!("{path}: no such file or directory")),
+                (None, _) => JobError::Failed(format!("{shown}: no such file or directory")),
             });
         }
     };
     if p.class != Class::Transitional {
         return Err(JobError::Refused(format!(
-            "{path}: is {} data (rule {}), stored on {}; only data under a transitional rule is promoted",
+            "{shown}: is {} data (rule {}), stored on {}; only data under a transitional rule is promoted",
             p.class,
             p.rule_label(),
             p.backend()
@@ -309,7 +322,7 @@ fn execute(fs: &LabFs, job: &Job) -> JobResult<String> {
     if let (Some(want), Some(have)) = (job.expect_ino, fs.inodes.peek(&local_key(&top))) {
         if want != have {
             return Err(JobError::Refused(format!(
-                "{path}: changed while the promotion was starting; try again"
+                "{shown}: changed while the promotion was starting; try again"
             )));
         }
     }
@@ -317,9 +330,12 @@ fn execute(fs: &LabFs, job: &Job) -> JobResult<String> {
     wait_for_writers(fs, job, &plan.entries)?;
     let mut entries = plan.entries;
     plan::assign_units(fs, path, &mut entries, job.merge)?;
-    check_space(fs, path, &entries)?;
+    check_space(fs, path, plan.need_bytes)?;
     for s in &plan.skipped {
-        job.warn(format!("{s}: placed by another rule; left where it is"));
+        job.warn(format!(
+            "{}: placed by another rule; left where it is",
+            show(s)
+        ));
     }
 
     let class = p
@@ -329,9 +345,9 @@ fn execute(fs: &LabFs, job: &Job) -> JobResult<String> {
         .unwrap_or(Class::Authoritative);
     let host = util::hostname();
     let mut j = Journal {
-        version: 1,
+        version: super::journal::VERSION,
         id: job.id.clone(),
-        path: path.to_string(),
+        path: path.to_os_string(),
         host: host.clone(),
         merge: job.merge,
         state: State::Planned,
@@ -389,7 +405,7 @@ fn execute(fs: &LabFs, job: &Job) -> JobResult<String> {
     let t_done = std::time::Instant::now();
     info!(
         id = %job.id,
-        "{path}: planned in {:.3} s, staged in {:.3} s, verified in {:.3} s, committed in {:.3} s, cleaned in {:.3} s",
+        "{shown}: planned in {:.3} s, staged in {:.3} s, verified in {:.3} s, committed in {:.3} s, cleaned in {:.3} s",
         t0.saturating_duration_since(job.created).as_secs_f64(),
         t_staged.saturating_duration_since(t0).as_secs_f64(),
         t_verified.saturating_duration_since(t_staged).as_secs_f64(),
@@ -405,14 +421,14 @@ fn execute(fs: &LabFs, job: &Job) -> JobResult<String> {
         .sum();
     if kept > 0 {
         return Err(JobError::Partial(format!(
-            "{path}: promoted to Atlas as {}, except {kept} file(s) that were open or changed during \
+            "{shown}: promoted to Atlas as {}, except {kept} file(s) that were open or changed during \
              the promotion: they stay on local (listed above); close them and run \
-             `labfs promote --merge` on {path} again",
+             `labfs promote --merge` on {shown} again",
             j.class
         )));
     }
     Ok(format!(
-        "{path}: promoted to Atlas as {} ({files} file(s), {bytes} bytes)",
+        "{shown}: promoted to Atlas as {} ({files} file(s), {bytes} bytes)",
         j.class
     ))
 }
@@ -430,7 +446,7 @@ fn entry_key(e: &Entry) -> BackingKey {
 }
 
 /// Files of the plan open for writing through the mount.
-fn open_writers(fs: &LabFs, j_path: &str, entries: &[Entry]) -> Vec<String> {
+fn open_writers(fs: &LabFs, j_path: &OsStr, entries: &[Entry]) -> Vec<OsString> {
     entries
         .iter()
         .filter(|e| matches!(e.kind, EntryKind::File | EntryKind::Link))
@@ -439,16 +455,8 @@ fn open_writers(fs: &LabFs, j_path: &str, entries: &[Entry]) -> Vec<String> {
                 .peek(&entry_key(e))
                 .is_some_and(|ino| fs.handles.writers_of(ino) > 0)
         })
-        .map(|e| ns_of(j_path, &e.rel))
+        .map(|e| ns_of(j_path, e.rel()))
         .collect()
-}
-
-fn ns_of(top: &str, rel: &str) -> String {
-    if rel.is_empty() {
-        top.to_string()
-    } else {
-        crate::fs::backend::join(top, rel)
-    }
 }
 
 fn wait_for_writers(fs: &LabFs, job: &Job, entries: &[Entry]) -> JobResult<()> {
@@ -457,7 +465,7 @@ fn wait_for_writers(fs: &LabFs, job: &Job, entries: &[Entry]) -> JobResult<()> {
         if busy.is_empty() {
             return Ok(());
         }
-        let shown = busy.iter().take(3).cloned().collect::<Vec<_>>().join(", ");
+        let shown = busy.iter().take(3).map(show).collect::<Vec<_>>().join(", ");
         let more = if busy.len() > 3 {
             format!(" and {} more", busy.len() - 3)
         } else {
@@ -466,7 +474,7 @@ fn wait_for_writers(fs: &LabFs, job: &Job, entries: &[Entry]) -> JobResult<()> {
         if !job.wait {
             return Err(JobError::Refused(format!(
                 "{}: {shown}{more} {} open for writing; finish writing first (or use --wait)",
-                job.path,
+                show(&job.path),
                 if busy.len() == 1 { "is" } else { "are" }
             )));
         }
@@ -483,23 +491,12 @@ fn wait_for_writers(fs: &LabFs, job: &Job, entries: &[Entry]) -> JobResult<()> {
     }
 }
 
-fn check_space(fs: &LabFs, path: &str, entries: &[Entry]) -> JobResult<()> {
-    let need: u64 = entries
-        .iter()
-        .map(|e| match e.kind {
-            EntryKind::File => {
-                e.alloc
-                    .min(e.size.next_multiple_of(4096))
-                    .next_multiple_of(4096)
-                    + 4096
-            }
-            _ => 4096,
-        })
-        .sum();
+fn check_space(fs: &LabFs, path: &OsStr, need: u64) -> JobResult<()> {
     if let Some(free) = util::free_bytes(fs.atlas.root_fd()) {
         if need > free {
             return Err(JobError::Refused(format!(
-                "{path}: needs about {} on Atlas but only {} is free; free space on Atlas first",
+                "{}: needs about {} on Atlas but only {} is free; free space on Atlas first",
+                show(path),
                 human(need),
                 human(free)
             )));
@@ -525,7 +522,7 @@ pub fn human(b: u64) -> String {
 
 /// The tags of one entry.
 pub fn tags_for(j: &Journal, e: &Entry) -> BTreeMap<String, String> {
-    tag_map(j, e.digest.as_deref())
+    tag_map(j, e.digest_tag().as_deref())
 }
 
 /// The tags of an object of job `j` with content digest `digest` (files only).
@@ -557,10 +554,11 @@ pub fn set_tag_xattrs(fd: i32, t: &BTreeMap<String, String>) -> Result<bool> {
 }
 
 /// Split "data/a/b" into ("data/a", "b"); "data" into ("", "data").
-fn split_rel(rel: &str) -> (&str, &str) {
-    match rel.rfind('/') {
-        Some(i) => (&rel[..i], &rel[i + 1..]),
-        None => ("", rel),
+pub fn split_rel(rel: &OsStr) -> (&OsStr, &OsStr) {
+    let b = rel.as_bytes();
+    match b.iter().rposition(|c| *c == b'/') {
+        Some(i) => (OsStr::from_bytes(&b[..i]), OsStr::from_bytes(&b[i + 1..])),
+        None => (OsStr::new(""), rel),
     }
 }
 
@@ -572,7 +570,7 @@ fn staging_fd(fs: &LabFs, j: &Journal) -> Result<OwnedFd> {
 pub fn changed(e: &Entry, st: &libc::stat) -> bool {
     st.st_ino != e.ino
         || st.st_dev != e.dev
-        || (st.st_ctime, st.st_ctime_nsec) != e.ctime
+        || (st.st_ctime, st.st_ctime_nsec) != e.ctime.pair()
         || (e.kind != EntryKind::Dir && st.st_size as u64 != e.size)
 }
 
@@ -581,34 +579,48 @@ fn parallel<T: Sync>(
     items: &[T],
     f: impl Fn(&T, &mut Vec<u8>) -> JobResult<()> + Sync,
 ) -> JobResult<()> {
+    parallel_with(
+        items,
+        || vec![0u8; copy::CHUNK],
+        |item, buf| f(item, buf),
+        |_| Ok(()),
+    )
+}
+
+/// [`parallel`] with per-worker state: `init` makes it, `end` runs once a worker has
+/// no more items (its result counts like an item's).
+fn parallel_with<T: Sync, S>(
+    items: &[T],
+    init: impl Fn() -> S + Sync,
+    f: impl Fn(&T, &mut S) -> JobResult<()> + Sync,
+    end: impl Fn(&mut S) -> JobResult<()> + Sync,
+) -> JobResult<()> {
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let first_err: Mutex<Option<JobError>> = Mutex::new(None);
     let workers = WORKERS.min(items.len()).max(1);
+    let fail = |e: JobError| {
+        stop.store(true, Ordering::Relaxed);
+        first_err.lock().get_or_insert(e);
+    };
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| {
                 let _root = match Creds::root().assume() {
                     Ok(g) => g,
-                    Err(e) => {
-                        stop.store(true, Ordering::Relaxed);
-                        first_err
-                            .lock()
-                            .get_or_insert(JobError::Failed(e.to_string()));
-                        return;
-                    }
+                    Err(e) => return fail(JobError::Failed(e.to_string())),
                 };
-                let mut buf = vec![0u8; copy::CHUNK];
+                let mut state = init();
                 while !stop.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(item) = items.get(i) else { break };
-                    if let Err(e) = f(item, &mut buf) {
-                        stop.store(true, Ordering::Relaxed);
-                        let mut g = first_err.lock();
-                        if g.is_none() {
-                            *g = Some(e);
-                        }
-                        break;
+                    if let Err(e) = f(item, &mut state) {
+                        return fail(e);
+                    }
+                }
+                if !stop.load(Ordering::Relaxed) {
+                    if let Err(e) = end(&mut state) {
+                        fail(e);
                     }
                 }
             });
@@ -621,9 +633,22 @@ fn parallel<T: Sync>(
 }
 
 struct StagedInfo {
-    digest: Option<String>,
+    digest: Option<[u8; 32]>,
     ino: u64,
 }
+
+/// Digest and staged inode of a hard link's first name.
+type StagedFirst = (Option<[u8; 32]>, Option<u64>);
+
+/// A copy worker's buffers: the copy chunk and the queue of ranges to read back.
+struct Worker {
+    buf: Vec<u8>,
+    readback: copy::ReadBack,
+}
+
+/// Objects staged per batch: their results are written into the journal's entries
+/// between batches, so nothing per object outlives a batch.
+const BATCH: usize = 4096;
 
 fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
     job.set_phase(Phase::Staging);
@@ -644,58 +669,79 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
         util::syncfs_handle(sfd.as_raw_fd()).map_err(failed("opening the staging directory"))?;
     // Directories first, parents before children (mode 0700 until they are complete).
     for e in j.entries.iter().filter(|e| e.is_dir()) {
-        let sr = Journal::staged_rel(&e.rel);
+        let sr = Journal::staged_rel(e.rel());
         let (sdir, sname) = split_rel(&sr);
         let dfd = util::open_under(sfd.as_raw_fd(), sdir, libc::O_PATH | libc::O_DIRECTORY, 0)
             .map_err(failed("staging"))?;
-        util::mkdir_at(dfd.as_raw_fd(), &cstr(sname).map_err(failed(sname))?, 0o700)
-            .map_err(failed(format!("staging {}", j.ns_path(&e.rel))))?;
+        util::mkdir_at(
+            dfd.as_raw_fd(),
+            &cos(sname).map_err(failed(show(sname)))?,
+            0o700,
+        )
+        .map_err(failed(format!("staging {}", show(&j.ns_path(e.rel())))))?;
     }
     let use_cfr = AtomicBool::new(true);
-    let results: Mutex<HashMap<usize, StagedInfo>> = Mutex::new(HashMap::new());
-    let mut order: Vec<usize> = (0..j.entries.len())
-        .filter(|&i| matches!(j.entries[i].kind, EntryKind::File | EntryKind::Symlink))
+    let mut order: Vec<u32> = (0..j.entries.len() as u32)
+        .filter(|&i| {
+            matches!(
+                j.entries[i as usize].kind,
+                EntryKind::File | EntryKind::Symlink
+            )
+        })
         .collect();
     // Largest first: the workers finish together.
-    order.sort_by_key(|&i| std::cmp::Reverse(j.entries[i].size));
-    {
-        let jr: &Journal = j;
-        parallel(&order, |&i, buf| {
-            let e = &jr.entries[i];
-            let info = match e.kind {
-                EntryKind::File => stage_file(fs, job, jr, e, &sfd, buf, &use_cfr)?,
-                _ => stage_symlink(fs, jr, e, &sfd)?,
-            };
-            results.lock().insert(i, info);
-            job.files_done.fetch_add(1, Ordering::Relaxed);
-            test_delay();
-            Ok(())
-        })?;
+    order.sort_by_key(|&i| std::cmp::Reverse(j.entries[i as usize].size));
+    for batch in order.chunks(BATCH) {
+        let results: Mutex<Vec<(u32, StagedInfo)>> = Mutex::new(Vec::with_capacity(batch.len()));
+        {
+            let jr: &Journal = j;
+            parallel_with(
+                batch,
+                || Worker {
+                    buf: vec![0u8; copy::CHUNK],
+                    readback: copy::ReadBack::new(),
+                },
+                |&i, w| {
+                    let e = &jr.entries[i as usize];
+                    let info = match e.kind {
+                        EntryKind::File => stage_file(fs, job, jr, e, &sfd, w, &use_cfr)?,
+                        _ => stage_symlink(fs, jr, e, &sfd)?,
+                    };
+                    results.lock().push((i, info));
+                    job.files_done.fetch_add(1, Ordering::Relaxed);
+                    test_delay();
+                    Ok(())
+                },
+                |w| w.readback.drain(),
+            )?;
+        }
+        for (i, info) in results.into_inner() {
+            let e = &mut j.entries[i as usize];
+            e.digest = info.digest;
+            e.set_staged_ino(Some(info.ino));
+        }
     }
-    let mut results = results.into_inner();
-    for (i, info) in results.drain() {
-        j.entries[i].digest = info.digest;
-        j.entries[i].staged_ino = Some(info.ino);
-    }
-    // Other names of hard-linked files.
-    let firsts: HashMap<String, (Option<String>, Option<u64>)> = j
+    drop(order);
+    // Other names of hard-linked files: the first names they point to (few).
+    let wanted: std::collections::HashSet<&OsStr> =
+        j.entries.iter().filter_map(|e| e.link_to()).collect();
+    let firsts: HashMap<Box<OsStr>, StagedFirst> = j
         .entries
         .iter()
-        .filter(|e| e.kind == EntryKind::File)
-        .map(|e| (e.rel.clone(), (e.digest.clone(), e.staged_ino)))
+        .filter(|e| e.kind == EntryKind::File && wanted.contains(e.rel()))
+        .map(|e| (Box::<OsStr>::from(e.rel()), (e.digest, e.staged_ino())))
         .collect();
+    drop(wanted);
+    let top = j.path.clone();
     for e in j.entries.iter_mut().filter(|e| e.kind == EntryKind::Link) {
-        let first = e.link_to.clone().unwrap_or_default();
-        let (from_dir, from_name) = {
-            let s = Journal::staged_rel(&first);
-            let (a, b) = split_rel(&s);
-            (a.to_string(), b.to_string())
-        };
-        let sr = Journal::staged_rel(&e.rel);
+        let first = Box::<OsStr>::from(e.link_to().unwrap_or(OsStr::new("")));
+        let from = Journal::staged_rel(&first);
+        let (from_dir, from_name) = split_rel(&from);
+        let sr = Journal::staged_rel(e.rel());
         let (sdir, sname) = split_rel(&sr);
         let ffd = util::open_under(
             sfd.as_raw_fd(),
-            &from_dir,
+            from_dir,
             libc::O_PATH | libc::O_DIRECTORY,
             0,
         )
@@ -703,8 +749,8 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
         let tfd = util::open_under(sfd.as_raw_fd(), sdir, libc::O_PATH | libc::O_DIRECTORY, 0)
             .map_err(failed("staging a hard link"))?;
         let (cf, ct) = (
-            cstr(&from_name).map_err(failed("name"))?,
-            cstr(sname).map_err(failed("name"))?,
+            cos(from_name).map_err(failed("name"))?,
+            cos(sname).map_err(failed("name"))?,
         );
         // SAFETY: valid dirfds and C strings.
         crate::error::check(unsafe {
@@ -718,16 +764,16 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
         })
         .map_err(failed(format!(
             "staging the hard link {}",
-            ns_of(&j.path, &e.rel)
+            show(&ns_of(&top, e.rel()))
         )))?;
         if let Some((d, ino)) = firsts.get(&first) {
-            e.digest = d.clone();
-            e.staged_ino = *ino;
+            e.digest = *d;
+            e.set_staged_ino(*ino);
         }
         job.files_done.fetch_add(1, Ordering::Relaxed);
     }
+    drop(firsts);
     // Directories last, children before parents: metadata, tags, times.
-    let snapshot = j.clone();
     for i in (0..j.entries.len()).rev() {
         if !j.entries[i].is_dir() {
             continue;
@@ -735,8 +781,8 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
         if stop_requested(job) {
             return Err(JobError::Stopped("stopped while staging".into()));
         }
-        let ino = stage_dir_meta(fs, job, &snapshot, &snapshot.entries[i], &sfd)?;
-        j.entries[i].staged_ino = Some(ino);
+        let ino = stage_dir_meta(fs, job, j, &j.entries[i], &sfd)?;
+        j.entries[i].set_staged_ino(Some(ino));
     }
     // Everything staged is durable once syncfs succeeds (one call for the whole tree
     // instead of an fsync per file and directory).
@@ -749,13 +795,30 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
     Ok(())
 }
 
-fn open_src(fs: &LabFs, ns: &str, flags: i32) -> Result<OwnedFd> {
+fn open_src(fs: &LabFs, ns: &OsStr, flags: i32) -> Result<OwnedFd> {
     let (dir, name) = split(ns);
-    let pfd = fs.local.open_dir(dir)?;
-    let c = cstr(name)?;
+    let pfd = open_ns_dir(&fs.local, dir)?;
+    let c = cos(name)?;
     match util::open_at(pfd.as_raw_fd(), &c, flags | libc::O_NOATIME, 0) {
         Err(e) if e.errno() == libc::EPERM => util::open_at(pfd.as_raw_fd(), &c, flags, 0),
         r => r,
+    }
+}
+
+/// The staged file opened for reading it back: O_DIRECT where the filesystem allows
+/// it (`true`), else buffered.
+fn open_readback(dfd: &OwnedFd, name: &std::ffi::CStr) -> Result<(OwnedFd, bool)> {
+    let flags = libc::O_RDONLY | libc::O_NOATIME;
+    match util::open_at(dfd.as_raw_fd(), name, flags | libc::O_DIRECT, 0) {
+        Ok(fd) => Ok((fd, true)),
+        Err(e) if e.errno() == libc::EINVAL => {
+            Ok((util::open_at(dfd.as_raw_fd(), name, flags, 0)?, false))
+        }
+        Err(e) if e.errno() == libc::EPERM => Ok((
+            util::open_at(dfd.as_raw_fd(), name, libc::O_RDONLY, 0)?,
+            false,
+        )),
+        Err(e) => Err(e),
     }
 }
 
@@ -765,55 +828,62 @@ fn stage_file(
     j: &Journal,
     e: &Entry,
     sfd: &OwnedFd,
-    buf: &mut [u8],
+    w: &mut Worker,
     use_cfr: &AtomicBool,
 ) -> JobResult<StagedInfo> {
-    let ns = j.ns_path(&e.rel);
-    let src = open_src(fs, &ns, libc::O_RDONLY).map_err(failed(&ns))?;
-    let st = fstat(src.as_raw_fd()).map_err(failed(&ns))?;
+    let ns = j.ns_path(e.rel());
+    let shown = show(&ns);
+    let src = open_src(fs, &ns, libc::O_RDONLY).map_err(failed(&shown))?;
+    let st = fstat(src.as_raw_fd()).map_err(failed(&shown))?;
     if changed(e, &st) {
         return Err(JobError::Failed(format!(
-            "{ns}: changed while it was being promoted; try again"
+            "{shown}: changed while it was being promoted; try again"
         )));
     }
-    let sr = Journal::staged_rel(&e.rel);
+    let sr = Journal::staged_rel(e.rel());
     let (sdir, sname) = split_rel(&sr);
     let dfd = util::open_under(sfd.as_raw_fd(), sdir, libc::O_PATH | libc::O_DIRECTORY, 0)
         .map_err(failed("staging"))?;
+    let cname = cos(sname).map_err(failed(show(sname)))?;
     let dst = util::open_at(
         dfd.as_raw_fd(),
-        &cstr(sname).map_err(failed(sname))?,
+        &cname,
         libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
         0o600,
     )
-    .map_err(failed(format!("staging {ns}")))?;
+    .map_err(failed(format!("staging {shown}")))?;
+    let (rfd, direct) = open_readback(&dfd, &cname).map_err(failed(format!("staging {shown}")))?;
     let stop = || stop_requested(job);
     let digest = copy::copy_data(
         src.as_raw_fd(),
         dst.as_raw_fd(),
         e.size,
-        buf,
+        &mut w.buf,
         use_cfr,
         &job.bytes_done,
         &stop,
+        Some(copy::ReadBackOf {
+            fd: Arc::new(rfd),
+            direct,
+            what: shown.as_str().into(),
+            queue: &mut w.readback,
+        }),
     )
     .map_err(|err| match err {
-        JobError::Failed(m) => JobError::Failed(format!("{ns}: {m}")),
+        JobError::Failed(m) => JobError::Failed(format!("{shown}: {m}")),
         other => other,
     })?;
-    let digest = format!("blake3:{}", digest.to_hex());
-    let mut with_digest = e.clone();
-    with_digest.digest = Some(digest.clone());
+    let digest = *digest.as_bytes();
     apply_meta(
         job,
-        &ns,
+        &shown,
         src.as_raw_fd(),
         dst.as_raw_fd(),
         e,
-        &tags_for(j, &with_digest),
+        &tag_map(j, Some(&super::journal::digest_tag(&digest))),
     )?;
-    util::set_times_fd(dst.as_raw_fd(), &st).map_err(failed(format!("{ns}: timestamps")))?;
-    let ino = fstat(dst.as_raw_fd()).map_err(failed(&ns))?.st_ino;
+    util::set_times_fd(dst.as_raw_fd(), &st).map_err(failed(format!("{shown}: timestamps")))?;
+    let ino = fstat(dst.as_raw_fd()).map_err(failed(&shown))?.st_ino;
     Ok(StagedInfo {
         digest: Some(digest),
         ino,
@@ -823,47 +893,49 @@ fn stage_file(
 /// Owner, mode, user xattrs and ACLs, then tags (as xattrs where possible).
 fn apply_meta(
     job: &Job,
-    ns: &str,
+    shown: &str,
     src: i32,
     dst: i32,
     e: &Entry,
     t: &BTreeMap<String, String>,
 ) -> JobResult<()> {
     copy::set_owner_mode(dst, e.uid, e.gid, e.mode)
-        .map_err(failed(format!("{ns}: owner and mode on Atlas")))?;
-    let lost = copy::copy_xattrs(src, dst).map_err(failed(format!("{ns}: extended attributes")))?;
+        .map_err(failed(format!("{shown}: owner and mode on Atlas")))?;
+    let lost =
+        copy::copy_xattrs(src, dst).map_err(failed(format!("{shown}: extended attributes")))?;
     if !lost.is_empty() {
         job.warn(format!(
-            "{ns}: Atlas does not support extended attributes; not kept: {}",
+            "{shown}: Atlas does not support extended attributes; not kept: {}",
             lost.join(", ")
         ));
     }
-    set_tag_xattrs(dst, t).map_err(failed(format!("{ns}: tags")))?;
+    set_tag_xattrs(dst, t).map_err(failed(format!("{shown}: tags")))?;
     Ok(())
 }
 
 fn stage_symlink(fs: &LabFs, j: &Journal, e: &Entry, sfd: &OwnedFd) -> JobResult<StagedInfo> {
-    let ns = j.ns_path(&e.rel);
+    let ns = j.ns_path(e.rel());
+    let shown = show(&ns);
     let (dir, name) = split(&ns);
-    let pfd = fs.local.open_dir(dir).map_err(failed(&ns))?;
-    let c = cstr(name).map_err(failed(&ns))?;
-    let target = util::readlink_at(pfd.as_raw_fd(), &c).map_err(failed(&ns))?;
-    let st = fstatat(pfd.as_raw_fd(), &c).map_err(failed(&ns))?;
+    let pfd = open_ns_dir(&fs.local, dir).map_err(failed(&shown))?;
+    let c = cos(name).map_err(failed(&shown))?;
+    let target = util::readlink_at(pfd.as_raw_fd(), &c).map_err(failed(&shown))?;
+    let st = fstatat(pfd.as_raw_fd(), &c).map_err(failed(&shown))?;
     if changed(e, &st) {
         return Err(JobError::Failed(format!(
-            "{ns}: changed while it was being promoted; try again"
+            "{shown}: changed while it was being promoted; try again"
         )));
     }
-    let sr = Journal::staged_rel(&e.rel);
+    let sr = Journal::staged_rel(e.rel());
     let (sdir, sname) = split_rel(&sr);
     let dfd = util::open_under(sfd.as_raw_fd(), sdir, libc::O_PATH | libc::O_DIRECTORY, 0)
         .map_err(failed("staging"))?;
-    let cs = cstr(sname).map_err(failed(sname))?;
+    let cs = cos(sname).map_err(failed(show(sname)))?;
     let ct = std::ffi::CString::new(target)
-        .map_err(|_| JobError::Failed(format!("{ns}: bad link target")))?;
+        .map_err(|_| JobError::Failed(format!("{shown}: bad link target")))?;
     // SAFETY: valid dirfd and C strings.
     crate::error::check(unsafe { libc::symlinkat(ct.as_ptr(), dfd.as_raw_fd(), cs.as_ptr()) })
-        .map_err(failed(format!("staging {ns}")))?;
+        .map_err(failed(format!("staging {shown}")))?;
     // SAFETY: valid dirfd and C string.
     crate::error::check(unsafe {
         libc::fchownat(
@@ -874,25 +946,27 @@ fn stage_symlink(fs: &LabFs, j: &Journal, e: &Entry, sfd: &OwnedFd) -> JobResult
             libc::AT_SYMLINK_NOFOLLOW,
         )
     })
-    .map_err(failed(format!("{ns}: owner on Atlas")))?;
-    util::set_times_at(dfd.as_raw_fd(), &cs, &st).map_err(failed(format!("{ns}: timestamps")))?;
-    let ino = fstatat(dfd.as_raw_fd(), &cs).map_err(failed(&ns))?.st_ino;
+    .map_err(failed(format!("{shown}: owner on Atlas")))?;
+    util::set_times_at(dfd.as_raw_fd(), &cs, &st)
+        .map_err(failed(format!("{shown}: timestamps")))?;
+    let ino = fstatat(dfd.as_raw_fd(), &cs)
+        .map_err(failed(&shown))?
+        .st_ino;
     Ok(StagedInfo { digest: None, ino })
 }
 
 fn stage_dir_meta(fs: &LabFs, job: &Job, j: &Journal, e: &Entry, sfd: &OwnedFd) -> JobResult<u64> {
-    let ns = j.ns_path(&e.rel);
-    let src = fs
-        .local
-        .open_beneath(&ns, libc::O_RDONLY | libc::O_DIRECTORY)
-        .map_err(failed(&ns))?;
-    let st = fstat(src.as_raw_fd()).map_err(failed(&ns))?;
-    let sr = Journal::staged_rel(&e.rel);
+    let ns = j.ns_path(e.rel());
+    let shown = show(&ns);
+    let src =
+        open_ns(&fs.local, &ns, libc::O_RDONLY | libc::O_DIRECTORY).map_err(failed(&shown))?;
+    let st = fstat(src.as_raw_fd()).map_err(failed(&shown))?;
+    let sr = Journal::staged_rel(e.rel());
     let dst = util::open_under(sfd.as_raw_fd(), &sr, libc::O_RDONLY | libc::O_DIRECTORY, 0)
-        .map_err(failed(format!("staging {ns}")))?;
+        .map_err(failed(format!("staging {shown}")))?;
     apply_meta(
         job,
-        &ns,
+        &shown,
         src.as_raw_fd(),
         dst.as_raw_fd(),
         e,
@@ -901,45 +975,33 @@ fn stage_dir_meta(fs: &LabFs, job: &Job, j: &Journal, e: &Entry, sfd: &OwnedFd) 
     // The planned times, not the current ones: creating the staged children does
     // not touch the source, but files created there meanwhile would.
     let mut times = st;
-    (times.st_atime, times.st_atime_nsec) = e.atime;
-    (times.st_mtime, times.st_mtime_nsec) = e.mtime;
-    util::set_times_fd(dst.as_raw_fd(), &times).map_err(failed(format!("{ns}: timestamps")))?;
-    Ok(fstat(dst.as_raw_fd()).map_err(failed(&ns))?.st_ino)
+    (times.st_atime, times.st_atime_nsec) = e.atime.pair();
+    (times.st_mtime, times.st_mtime_nsec) = e.mtime.pair();
+    util::set_times_fd(dst.as_raw_fd(), &times).map_err(failed(format!("{shown}: timestamps")))?;
+    Ok(fstat(dst.as_raw_fd()).map_err(failed(&shown))?.st_ino)
 }
 
+/// The content was read back from Atlas while staging (every range written, see
+/// [`copy::ReadBack`]); here: size, owner, group and mode of every staged object as
+/// Atlas keeps them, the sources unchanged, and no writer opened meanwhile.
 fn verify(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
     job.set_phase(Phase::Verifying);
     let sfd = staging_fd(fs, j).map_err(failed("opening the staging directory"))?;
-    let files: Vec<&Entry> = j
-        .entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::File)
-        .collect();
-    parallel(&files, |e, buf| {
-        let ns = j.ns_path(&e.rel);
-        let sr = Journal::staged_rel(&e.rel);
-        let fd = util::open_under(sfd.as_raw_fd(), &sr, libc::O_RDONLY, 0)
-            .map_err(failed(format!("{ns}: re-opening the staged copy")))?;
-        let stop = || stop_requested(job);
-        let (d, n) = copy::digest_fd(fd.as_raw_fd(), buf, &stop)?;
-        let got = format!("blake3:{}", d.to_hex());
-        if Some(&got) != e.digest.as_ref() || n != e.size {
-            return Err(JobError::Failed(format!(
-                "{ns}: the copy on Atlas does not match the local file ({got}, {n} bytes; expected {}, {} bytes); \
-                 nothing was changed",
-                e.digest.as_deref().unwrap_or("?"),
-                e.size
-            )));
-        }
-        Ok(())
-    })?;
     // Owner, group and mode as the server keeps them: an Atlas that squashes root (or
     // maps ids) must not silently hand the tree to someone else.
     for e in &j.entries {
-        let ns = j.ns_path(&e.rel);
-        let sr = cstr(&Journal::staged_rel(&e.rel)).map_err(failed(&ns))?;
+        let ns = j.ns_path(e.rel());
+        let sr = cos(&Journal::staged_rel(e.rel())).map_err(failed(show(&ns)))?;
         let st = fstatat(sfd.as_raw_fd(), &sr)
-            .map_err(failed(format!("{ns}: the staged copy on Atlas")))?;
+            .map_err(failed(format!("{}: the staged copy on Atlas", show(&ns))))?;
+        if matches!(e.kind, EntryKind::File | EntryKind::Link) && st.st_size as u64 != e.size {
+            return Err(JobError::Failed(format!(
+                "{}: the copy on Atlas has {} bytes, the local file {}; nothing was changed",
+                show(&ns),
+                st.st_size,
+                e.size
+            )));
+        }
         let want_mode = e.mode & 0o7777;
         let got_mode = st.st_mode & 0o7777;
         let mode_differs = e.kind != EntryKind::Symlink && got_mode != want_mode;
@@ -950,20 +1012,21 @@ fn verify(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
                     .to_string(),
             };
             return Err(JobError::Failed(format!(
-                "{ns}: on Atlas it is owned by {}:{} with mode {got_mode:o}, but the local one by {}:{}                  with mode {want_mode:o}; nothing was changed.{squash}",
-                st.st_uid, st.st_gid, e.uid, e.gid
+                "{}: on Atlas it is owned by {}:{} with mode {got_mode:o}, but the local one by {}:{} with mode {want_mode:o}; nothing was changed.{squash}",
+                show(&ns), st.st_uid, st.st_gid, e.uid, e.gid
             )));
         }
     }
     // The sources must still be what was copied, and nobody may have opened them for
     // writing meanwhile.
     for e in j.entries.iter().filter(|e| !e.is_dir()) {
-        let ns = j.ns_path(&e.rel);
-        match local_lstat(fs, &ns).map_err(failed(&ns))? {
+        let ns = j.ns_path(e.rel());
+        match local_lstat(fs, &ns).map_err(failed(show(&ns)))? {
             Some(st) if !changed(e, &st) => {}
             _ => {
                 return Err(JobError::Failed(format!(
-                    "{ns}: changed while it was being promoted; nothing was changed, try again"
+                    "{}: changed while it was being promoted; nothing was changed, try again",
+                    show(&ns)
                 )))
             }
         }
@@ -971,7 +1034,8 @@ fn verify(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
     let busy = open_writers(fs, &j.path, &j.entries);
     if let Some(b) = busy.first() {
         return Err(JobError::Failed(format!(
-            "{b}: was opened for writing during the promotion; nothing was changed, try again"
+            "{}: was opened for writing during the promotion; nothing was changed, try again",
+            show(b)
         )));
     }
     j.state = State::Verified;
@@ -981,20 +1045,36 @@ fn verify(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
     Ok(())
 }
 
+/// Create every missing directory of the namespace directory `dir` on Atlas,
+/// copying mode and ownership from the namespace's own directory of that name (as
+/// root); any bytes in the names.
+fn ensure_atlas_dirs(fs: &LabFs, dir: &OsStr) -> Result<OwnedFd> {
+    match open_ns_dir(&fs.atlas, dir) {
+        Ok(fd) => return Ok(fd),
+        Err(e) if e.errno() == libc::ENOENT => {}
+        Err(e) => return Err(e),
+    }
+    let (parent, name) = split(dir);
+    let pfd = ensure_atlas_dirs(fs, parent)?;
+    let tmpl = fs.locate(&Creds::root(), dir).ok().map(|l| l.stat);
+    let mode = tmpl.map(|s| s.st_mode & 0o7777).unwrap_or(0o755);
+    let _root = Creds::root().assume()?;
+    crate::fs::backend::mkdir_like(pfd.as_raw_fd(), &cos(name)?, mode, tmpl)?;
+    open_ns_dir(&fs.atlas, dir)
+}
+
 /// Make the Atlas parent chain of `path` exist (mirroring the namespace's directories)
 /// and tag the directories of it that lie under a transitional rule, so the promoted
 /// object is reachable through them once the local directories are gone.
 pub fn ensure_parent_chain(fs: &LabFs, j: &Journal) -> Result<OwnedFd> {
     let (parent, _) = split(&j.path);
-    let template =
-        |d: &str| -> Option<libc::stat> { fs.locate(&Creds::root(), d).ok().map(|l| l.stat) };
-    let fd = fs.atlas.ensure_dirs(parent, &template)?;
+    let fd = ensure_atlas_dirs(fs, parent)?;
     let rules = fs.live().rules.clone();
-    let mut cur = parent.to_string();
+    let mut cur = parent.to_os_string();
     let mut chain = Vec::new();
-    while cur != "/" && rules.resolve(&cur).class == Class::Transitional {
+    while cur.as_bytes() != b"/" && rules.resolve(&cur).class == Class::Transitional {
         chain.push(cur.clone());
-        cur = split(&cur).0.to_string();
+        cur = split(&cur).0.to_os_string();
     }
     for d in chain {
         if tag_text(fs, &d, tags::CLASS).is_none() {
@@ -1005,10 +1085,10 @@ pub fn ensure_parent_chain(fs: &LabFs, j: &Journal) -> Result<OwnedFd> {
 }
 
 /// Tag an object already on Atlas (xattrs, else a store record).
-fn tag_existing(fs: &LabFs, ns: &str, t: &BTreeMap<String, String>) -> Result<()> {
+fn tag_existing(fs: &LabFs, ns: &OsStr, t: &BTreeMap<String, String>) -> Result<()> {
     let (dir, name) = split(ns);
-    let pfd = fs.atlas.open_dir(dir)?;
-    let c = cstr(name)?;
+    let pfd = open_ns_dir(&fs.atlas, dir)?;
+    let c = cos(name)?;
     let st = fstatat(pfd.as_raw_fd(), &c)?;
     let in_xattr = if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
         false
@@ -1051,15 +1131,15 @@ fn commit(fs: &LabFs, j: &Journal) -> std::result::Result<(), (usize, JobError)>
 }
 
 /// The directories of `j.path`'s parent chain that are missing on Atlas, deepest first.
-fn missing_parents(fs: &LabFs, j: &Journal) -> Vec<String> {
+fn missing_parents(fs: &LabFs, j: &Journal) -> Vec<OsString> {
     let mut out = Vec::new();
-    let mut cur = split(&j.path).0.to_string();
-    while cur != "/" {
+    let mut cur = split(&j.path).0.to_os_string();
+    while cur.as_bytes() != b"/" {
         match plan::atlas_lstat(fs, &cur) {
             Ok(None) => out.push(cur.clone()),
             _ => break,
         }
-        cur = split(&cur).0.to_string();
+        cur = split(&cur).0.to_os_string();
     }
     out
 }
@@ -1067,10 +1147,10 @@ fn missing_parents(fs: &LabFs, j: &Journal) -> Vec<String> {
 /// Remove the parent directories this job made (deepest first) while they are still
 /// empty, with their store records: a failed promotion leaves nothing on Atlas. A
 /// directory another node put something into meanwhile stays, tags and all.
-fn undo_parent_chain(fs: &LabFs, made: &[String]) {
+fn undo_parent_chain(fs: &LabFs, made: &[OsString]) {
     for d in made {
         let (parent, name) = split(d);
-        let (Ok(pfd), Ok(c)) = (fs.atlas.open_dir(parent), cstr(name)) else {
+        let (Ok(pfd), Ok(c)) = (open_ns_dir(&fs.atlas, parent), cos(name)) else {
             return;
         };
         if util::unlink_at(pfd.as_raw_fd(), &c, true).is_err() {
@@ -1085,31 +1165,31 @@ fn commit_units(fs: &LabFs, j: &Journal) -> std::result::Result<(), (usize, JobE
         .map_err(|e| (0, failed("creating the parent directories on Atlas")(e)))?;
     let sfd = staging_fd(fs, j).map_err(|e| (0, failed("opening the staging directory")(e)))?;
     let mut renamed = 0usize;
-    let mut touched: BTreeSet<String> = BTreeSet::new();
+    let mut touched: BTreeSet<OsString> = BTreeSet::new();
     for e in j.entries.iter() {
-        let ns = j.ns_path(&e.rel);
+        let ns = j.ns_path(e.rel());
         let (dir, name) = split(&ns);
         if !e.unit {
             if e.is_dir() && e.target_exists {
                 // Merge into an existing directory: it becomes a promoted directory.
                 tag_existing(fs, &ns, &tags_for(j, e))
-                    .map_err(|err| (renamed, failed(format!("{ns}: tags"))(err)))?;
+                    .map_err(|err| (renamed, failed(format!("{}: tags", show(&ns)))(err)))?;
             }
             continue;
         }
         let res = (|| -> Result<()> {
-            let sr = Journal::staged_rel(&e.rel);
+            let sr = Journal::staged_rel(e.rel());
             let (sdir, sname) = split_rel(&sr);
             let from =
                 util::open_under(sfd.as_raw_fd(), sdir, libc::O_PATH | libc::O_DIRECTORY, 0)?;
-            let to = fs.atlas.open_dir(dir)?;
-            let cname = cstr(name)?;
+            let to = open_ns_dir(&fs.atlas, dir)?;
+            let cname = cos(name)?;
             fail_hook()?;
             if e.target_exists {
                 // --merge: replace the existing file (plain rename, atomic on NFS too).
                 util::rename_at(
                     from.as_raw_fd(),
-                    &cstr(sname)?,
+                    &cos(sname)?,
                     to.as_raw_fd(),
                     &cname,
                     false,
@@ -1117,7 +1197,7 @@ fn commit_units(fs: &LabFs, j: &Journal) -> std::result::Result<(), (usize, JobE
             } else {
                 place::place_new(
                     from.as_raw_fd(),
-                    &cstr(sname)?,
+                    &cos(sname)?,
                     to.as_raw_fd(),
                     &cname,
                     e.is_dir(),
@@ -1127,27 +1207,30 @@ fn commit_units(fs: &LabFs, j: &Journal) -> std::result::Result<(), (usize, JobE
             if e.is_dir() {
                 // Renaming a directory may touch its times on some servers.
                 let mut st = fstatat(to.as_raw_fd(), &cname)?;
-                (st.st_atime, st.st_atime_nsec) = e.atime;
-                (st.st_mtime, st.st_mtime_nsec) = e.mtime;
+                (st.st_atime, st.st_atime_nsec) = e.atime.pair();
+                (st.st_mtime, st.st_mtime_nsec) = e.mtime.pair();
                 util::set_times_at(to.as_raw_fd(), &cname, &st)?;
             }
             Ok(())
         })();
         if let Err(err) = res {
             let msg = if err.errno() == libc::EEXIST || err.errno() == libc::ENOTEMPTY {
-                format!("{ns}: appeared on Atlas during the promotion; nothing was replaced")
+                format!(
+                    "{}: appeared on Atlas during the promotion; nothing was replaced",
+                    show(&ns)
+                )
             } else {
-                format!("{ns}: renaming into place on Atlas: {err}")
+                format!("{}: renaming into place on Atlas: {err}", show(&ns))
             };
             return Err((renamed, JobError::Failed(msg)));
         }
         renamed += 1;
-        touched.insert(dir.to_string());
+        touched.insert(dir.to_os_string());
     }
     for d in &touched {
-        if let Ok(fd) = fs.atlas.open_dir(d) {
+        if let Ok(fd) = open_ns_dir(&fs.atlas, d) {
             util::fsync_dir(fd.as_raw_fd())
-                .map_err(|e| (renamed, failed(format!("fsync of {d} on Atlas"))(e)))?;
+                .map_err(|e| (renamed, failed(format!("fsync of {} on Atlas", show(d)))(e)))?;
         }
     }
     write_store_records(fs, j).map_err(|e| (renamed, e))
@@ -1159,19 +1242,17 @@ fn write_store_records(fs: &LabFs, j: &Journal) -> JobResult<()> {
     let root = fs.atlas.open_dir("/").map_err(failed("Atlas root"))?;
     let sync_fd = util::syncfs_handle(root.as_raw_fd()).map_err(failed("Atlas root"))?;
     parallel(&entries, |e, _| {
-        let ns = j.ns_path(&e.rel);
+        let ns = j.ns_path(e.rel());
         let (dir, name) = split(&ns);
-        let pfd = fs
-            .atlas
-            .open_dir(dir)
-            .map_err(failed(format!("{ns} on Atlas")))?;
-        let c = cstr(name).map_err(failed(&ns))?;
-        let st = fstatat(pfd.as_raw_fd(), &c).map_err(failed(format!("{ns} on Atlas")))?;
+        let pfd = open_ns_dir(&fs.atlas, dir).map_err(failed(format!("{} on Atlas", show(&ns))))?;
+        let c = cos(name).map_err(failed(show(&ns)))?;
+        let st = fstatat(pfd.as_raw_fd(), &c).map_err(failed(format!("{} on Atlas", show(&ns))))?;
         if tags::get_xattr(pfd.as_raw_fd(), &c, tags::CLASS).is_some() {
             return Ok(());
         }
-        tags::write_record(&fs.atlas, &ns, st.st_ino, &tags_for(j, e), false)
-            .map_err(failed(format!("{ns}: writing its tag record on Atlas")))
+        tags::write_record(&fs.atlas, &ns, st.st_ino, &tags_for(j, e), false).map_err(failed(
+            format!("{}: writing its tag record on Atlas", show(&ns)),
+        ))
     })?;
     util::syncfs(sync_fd.as_raw_fd()).map_err(failed("syncfs of Atlas after writing tag records"))
 }
@@ -1187,25 +1268,30 @@ pub fn clean_entries(
     warn_fn: &(dyn Fn(String) + Sync),
 ) -> JobResult<usize> {
     // Pass 1: decide what is kept, before any unlink changes link counts and ctimes.
-    let keep: Mutex<BTreeSet<usize>> = Mutex::new(BTreeSet::new());
+    let keep: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
     let open = if recovering {
         Default::default()
     } else {
         util::open_files()
     };
-    let digests: HashMap<&str, &str> = j
+    // Digests of the first names of hard links (a link's own entry has its digest too,
+    // but recovery checks the first name's, as the journal recorded it).
+    let wanted: std::collections::HashSet<&OsStr> =
+        j.entries.iter().filter_map(|e| e.link_to()).collect();
+    let digests: HashMap<&OsStr, [u8; 32]> = j
         .entries
         .iter()
-        .filter(|e| e.kind == EntryKind::File)
-        .filter_map(|e| e.digest.as_deref().map(|d| (e.rel.as_str(), d)))
+        .filter(|e| e.kind == EntryKind::File && wanted.contains(e.rel()))
+        .filter_map(|e| e.digest.map(|d| (e.rel(), d)))
         .collect();
-    let files: Vec<usize> = (0..j.entries.len())
-        .filter(|&i| !j.entries[i].is_dir())
+    drop(wanted);
+    let files: Vec<u32> = (0..j.entries.len() as u32)
+        .filter(|&i| !j.entries[i as usize].is_dir())
         .collect();
     parallel(&files, |&i, buf| {
-        let e = &j.entries[i];
-        let ns = j.ns_path(&e.rel);
-        let Some(st) = local_lstat(fs, &ns).map_err(failed(&ns))? else {
+        let e = &j.entries[i as usize];
+        let ns = j.ns_path(e.rel());
+        let Some(st) = local_lstat(fs, &ns).map_err(failed(show(&ns)))? else {
             return Ok(());
         };
         let why = if recovering {
@@ -1226,8 +1312,9 @@ pub fn clean_entries(
         };
         if let Some(why) = why {
             warn_fn(format!(
-                "{ns}: {why}; its local copy is kept (and still shadows the promoted copy): \
-                 promote again with --merge once it is closed"
+                "{}: {why}; its local copy is kept (and still shadows the promoted copy): \
+                 promote again with --merge once it is closed",
+                show(&ns)
             ));
             keep.lock().insert(i);
         }
@@ -1235,9 +1322,9 @@ pub fn clean_entries(
     })?;
     let keep = keep.into_inner();
     // Pass 2: files (in parallel), then directories, children before parents.
-    let files: Vec<usize> = files.into_iter().filter(|i| !keep.contains(i)).collect();
+    let files: Vec<u32> = files.into_iter().filter(|i| !keep.contains(i)).collect();
     parallel(&files, |&i, _| {
-        if remove_local(fs, j, &j.entries[i], recovering, warn_fn)? && !recovering {
+        if remove_local(fs, j, &j.entries[i as usize], recovering, warn_fn)? && !recovering {
             crash_point("cleaning");
         }
         Ok(())
@@ -1245,7 +1332,7 @@ pub fn clean_entries(
     for e in j.entries.iter().rev().filter(|e| e.is_dir()) {
         remove_local(fs, j, e, recovering, warn_fn)?;
     }
-    if let Ok(fd) = fs.local.open_dir(split(&j.path).0) {
+    if let Ok(fd) = open_ns_dir(&fs.local, split(&j.path).0) {
         let _ = util::fsync_dir(fd.as_raw_fd());
     }
     Ok(keep.len())
@@ -1260,18 +1347,21 @@ fn remove_local(
     recovering: bool,
     warn_fn: &(dyn Fn(String) + Sync),
 ) -> JobResult<bool> {
-    let ns = j.ns_path(&e.rel);
+    let ns = j.ns_path(e.rel());
+    let shown = show(&ns);
     let (dir, name) = split(&ns);
-    let pfd = match fs.local.open_dir(dir) {
+    let pfd = match open_ns_dir(&fs.local, dir) {
         Ok(fd) => fd,
         Err(err) if err.errno() == libc::ENOENT => return Ok(false),
-        Err(err) => return Err(failed(&ns)(err)),
+        Err(err) => return Err(failed(&shown)(err)),
     };
-    let c = cstr(name).map_err(failed(&ns))?;
-    let Some(atlas_st) = plan::atlas_lstat(fs, &ns).map_err(failed(format!("{ns} on Atlas")))?
+    let c = cos(name).map_err(failed(&shown))?;
+    let Some(atlas_st) = plan::atlas_lstat(fs, &ns).map_err(failed(format!("{shown} on Atlas")))?
     else {
         // Never remove a local object whose Atlas copy is not there.
-        warn_fn(format!("{ns}: not found on Atlas; the local copy is kept"));
+        warn_fn(format!(
+            "{shown}: not found on Atlas; the local copy is kept"
+        ));
         return Ok(false);
     };
     // The inode the kernel holds for the local object, if any: it follows the object
@@ -1287,7 +1377,7 @@ fn remove_local(
         Ok(()) => {
             if let Some(ino) = held {
                 if let Err(err) = fs.promote_rebind(ino, &ns, &j.path, atlas_key) {
-                    warn_fn(format!("{ns}: {err}; the kernel will look it up again"));
+                    warn_fn(format!("{shown}: {err}; the kernel will look it up again"));
                 }
             }
             Ok(true)
@@ -1300,7 +1390,7 @@ fn remove_local(
             // stays as a structural local directory next to the promoted one.
             Ok(false)
         }
-        Err(err) => Err(failed(format!("removing the local copy of {ns}"))(err)),
+        Err(err) => Err(failed(format!("removing the local copy of {shown}"))(err)),
     }
 }
 
@@ -1309,42 +1399,41 @@ fn remove_local(
 fn same_on_both(
     fs: &LabFs,
     e: &Entry,
-    ns: &str,
-    digests: &HashMap<&str, &str>,
+    ns: &OsStr,
+    digests: &HashMap<&OsStr, [u8; 32]>,
     buf: &mut [u8],
 ) -> bool {
     let never = || false;
     match e.kind {
         EntryKind::Symlink => {
             let (dir, name) = split(ns);
-            let (Ok(l), Ok(a), Ok(c)) =
-                (fs.local.open_dir(dir), fs.atlas.open_dir(dir), cstr(name))
-            else {
+            let (Ok(l), Ok(a), Ok(c)) = (
+                open_ns_dir(&fs.local, dir),
+                open_ns_dir(&fs.atlas, dir),
+                cos(name),
+            ) else {
                 return false;
             };
             matches!((util::readlink_at(l.as_raw_fd(), &c), util::readlink_at(a.as_raw_fd(), &c)), (Ok(x), Ok(y)) if x == y)
         }
         _ => {
-            let rel = if e.kind == EntryKind::Link {
-                e.link_to.as_deref().unwrap_or("")
+            let want = if e.kind == EntryKind::Link {
+                e.link_to().and_then(|r| digests.get(r).copied())
             } else {
-                e.rel.as_str()
+                e.digest
             };
-            let Some(want) = digests.get(rel) else {
+            let Some(want) = want else {
                 return false;
             };
             let local = open_src(fs, ns, libc::O_RDONLY).ok();
-            let atlas = fs.atlas.open_beneath(ns, libc::O_RDONLY).ok();
+            let atlas = open_ns(&fs.atlas, ns, libc::O_RDONLY).ok();
             let (Some(l), Some(a)) = (local, atlas) else {
                 return false;
             };
             let dl = copy::digest_fd(l.as_raw_fd(), buf, &never).ok();
             let da = copy::digest_fd(a.as_raw_fd(), buf, &never).ok();
             match (dl, da) {
-                (Some((x, _)), Some((y, _))) => {
-                    let want = want.strip_prefix("blake3:").unwrap_or(want);
-                    x == y && x.to_hex().as_str() == want
-                }
+                (Some((x, _)), Some((y, _))) => x == y && *x.as_bytes() == want,
                 _ => false,
             }
         }
@@ -1360,11 +1449,11 @@ pub fn finish(fs: &LabFs, j: &Journal) {
 }
 
 pub fn remove_staging(fs: &LabFs, staging: &str) {
-    let (dir, name) = split(staging);
-    let Ok(pfd) = fs.atlas.open_dir(dir) else {
+    let (dir, name) = split(OsStr::new(staging));
+    let Ok(pfd) = open_ns_dir(&fs.atlas, dir) else {
         return;
     };
-    let Ok(c) = cstr(name) else { return };
+    let Ok(c) = cos(name) else { return };
     if let Err(e) = util::remove_tree(pfd.as_raw_fd(), &c) {
         warn!("cannot remove the staging directory {staging} on Atlas: {e}");
     }

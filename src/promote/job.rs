@@ -7,7 +7,19 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+
 use crate::fs::{Creds, Ctx};
+
+/// The hex of a path's bytes when they are not UTF-8 (for JSON readers that need
+/// the exact name), else `None`.
+pub fn hex_unless_utf8<P: AsRef<OsStr> + ?Sized>(p: &P) -> Option<String> {
+    let b = p.as_ref().as_bytes();
+    std::str::from_utf8(b)
+        .is_err()
+        .then(|| b.iter().map(|x| format!("{x:02x}")).collect())
+}
 
 /// What `labfs promote` sends with `setxattr(PATH, "user.labfs.ctl.promote", JSON)`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -16,8 +28,8 @@ pub struct Request {
     pub id: String,
     /// A single name inside the directory the xattr call is made on; absent when the
     /// call is made on the object itself.
-    #[serde(default)]
-    pub name: Option<String>,
+    #[serde(default, with = "super::journal::bytes_opt")]
+    pub name: Option<std::ffi::OsString>,
     #[serde(default)]
     pub merge: bool,
     #[serde(default)]
@@ -147,7 +159,8 @@ pub fn failed(what: impl std::fmt::Display) -> impl FnOnce(crate::error::Error) 
 
 pub struct Job {
     pub id: String,
-    pub path: String,
+    /// Namespace path of the promoted top (any bytes).
+    pub path: std::ffi::OsString,
     pub ctx: Ctx,
     pub creds: Creds,
     pub merge: bool,
@@ -175,7 +188,11 @@ pub struct Job {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Progress {
     pub id: String,
+    /// The namespace path, bytes that are not UTF-8 shown as `\\xNN`.
     pub path: String,
+    /// The path's bytes in hex, only when it is not UTF-8 (`path` is then for reading).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_hex: Option<String>,
     pub state: String,
     pub done: bool,
     pub files_total: u64,
@@ -193,7 +210,7 @@ pub struct Progress {
 }
 
 impl Job {
-    pub fn new(id: String, path: String, ctx: Ctx, creds: Creds, req: &Request) -> Job {
+    pub fn new(id: String, path: std::ffi::OsString, ctx: Ctx, creds: Creds, req: &Request) -> Job {
         Job {
             id,
             path,
@@ -276,7 +293,8 @@ impl Job {
         };
         Progress {
             id: self.id.clone(),
-            path: self.path.clone(),
+            path: super::util::show(&self.path),
+            path_hex: hex_unless_utf8(&self.path),
             state: phase.as_str().to_string(),
             done: phase.is_terminal(),
             files_total: self.files_total.load(Ordering::Relaxed),
@@ -292,15 +310,15 @@ impl Job {
     }
 
     /// Whether `path` is this job's path or below it.
-    pub fn covers(&self, path: &str) -> bool {
+    pub fn covers<P: AsRef<OsStr> + ?Sized>(&self, path: &P) -> bool {
         covers(&self.path, path)
     }
 }
 
 /// Whether `path` is `top` or below it.
-pub fn covers(top: &str, path: &str) -> bool {
-    path == top
-        || (path.starts_with(top) && (top == "/" || path.as_bytes().get(top.len()) == Some(&b'/')))
+pub fn covers<T: AsRef<OsStr> + ?Sized, P: AsRef<OsStr> + ?Sized>(top: &T, path: &P) -> bool {
+    let (top, path) = (top.as_ref().as_bytes(), path.as_ref().as_bytes());
+    path == top || (path.starts_with(top) && (top == b"/" || path.get(top.len()) == Some(&b'/')))
 }
 
 /// Promotions one user may have in flight (queued or running) at once; the next is

@@ -69,7 +69,7 @@ pub(crate) fn stopping() -> bool {
 }
 
 /// Whether a promotion of `path` (or a tree containing it) is under way.
-pub fn in_flight(path: &str) -> bool {
+pub fn in_flight<P: AsRef<std::ffi::OsStr> + ?Sized>(path: &P) -> bool {
     registry()
         .jobs
         .lock()
@@ -80,7 +80,7 @@ pub fn in_flight(path: &str) -> bool {
 /// Complete or roll back promotions interrupted by a crash (journal replay); probe
 /// whether Atlas takes user xattrs. Runs before the mount serves requests.
 pub fn recover_on_mount(fs: &Arc<LabFs>) {
-    crate::fs::xattr::set_promotion_probe(in_flight);
+    crate::fs::xattr::set_promotion_probe(|p: &str| in_flight(p));
     *registry().fs.lock() = Some(Arc::downgrade(fs));
     registry().stopping.store(false, Ordering::Relaxed);
     if fs.health.is_down() {
@@ -113,7 +113,11 @@ pub fn shutdown(_fs: &Arc<LabFs>) {
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct InFlight {
     pub id: String,
+    /// The namespace path, bytes that are not UTF-8 shown as `\xNN`.
     pub path: String,
+    /// The path's bytes in hex, only when it is not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_hex: Option<String>,
     pub state: String,
     pub files_done: u64,
     pub files_total: u64,
@@ -135,6 +139,7 @@ pub fn in_flight_list() -> Vec<InFlight> {
             InFlight {
                 id: p.id,
                 path: p.path,
+                path_hex: p.path_hex,
                 state: p.state,
                 files_done: p.files_done,
                 files_total: p.files_total,
@@ -210,14 +215,15 @@ fn start(fs: &LabFs, ctx: &Ctx, ino: u64, value: &[u8]) -> Result<()> {
     if !Request::valid_id(&req.id) {
         return Err(Error::Errno(libc::EINVAL));
     }
-    let base = fs.path_of(ino)?;
+    let base = fs.npath_of(ino)?;
     let path = match &req.name {
         Some(n) => {
-            let n = crate::fs::name_str(std::ffi::OsStr::new(n))?;
-            crate::fs::backend::join(&base, n)
+            crate::fs::check_name(n)?;
+            crate::fs::object::join(&base, n)
         }
         None => base,
     };
+    let shown = util::show(&path);
     let r = registry();
     let arc =
         r.fs.lock()
@@ -253,13 +259,13 @@ fn start(fs: &LabFs, ctx: &Ctx, ino: u64, value: &[u8]) -> Result<()> {
                 match why {
                     job::Admission::UserBusy { active } => warn!(
                         uid = ctx.uid,
-                        "promotion of {path} refused: uid {} has {active} promotions in flight (limit {}){more}",
+                        "promotion of {shown} refused: uid {} has {active} promotions in flight (limit {}){more}",
                         ctx.uid,
                         job::MAX_ACTIVE_PER_UID
                     ),
                     job::Admission::TableFull => warn!(
                         uid = ctx.uid,
-                        "promotion of {path} refused: {} promotions are in flight, none finished to forget{more}",
+                        "promotion of {shown} refused: {} promotions are in flight, none finished to forget{more}",
                         job::MAX_JOBS
                     ),
                 }
@@ -273,7 +279,8 @@ fn start(fs: &LabFs, ctx: &Ctx, ino: u64, value: &[u8]) -> Result<()> {
         jobs.insert(req.id.clone(), job.clone());
         if let Some(other) = overlapping {
             job.set_error(format!(
-                "{path}: a promotion of {other} is already running; wait for it to finish"
+                "{shown}: a promotion of {} is already running; wait for it to finish",
+                util::show(&other)
             ));
             job.set_phase(Phase::Refused);
             return Ok(());
@@ -287,7 +294,7 @@ fn start(fs: &LabFs, ctx: &Ctx, ino: u64, value: &[u8]) -> Result<()> {
                     "{suppressed} promotion requests of uid {} not logged", ctx.uid
                 );
             }
-            info!(id = %req.id, uid = ctx.uid, "promotion of {path} requested");
+            info!(id = %req.id, uid = ctx.uid, "promotion of {shown} requested");
         }
         None => job.quiet.store(true, Ordering::Relaxed),
     }

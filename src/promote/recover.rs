@@ -14,7 +14,9 @@
 //! hold copies: the local originals are removed after their staging is renamed away).
 
 use std::collections::HashSet;
+use std::ffi::OsStr;
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 
 use tracing::{error, info, warn};
 
@@ -22,8 +24,9 @@ use super::engine;
 use super::journal::{EntryKind, Journal, State};
 use super::place;
 use super::plan;
-use super::util::{self, cstr};
-use crate::fs::backend::{fstatat, split};
+use super::util::{self, cos, cstr, open_ns_dir, show};
+use crate::fs::backend::fstatat;
+use crate::fs::object::split;
 use crate::fs::{Creds, LabFs};
 
 pub fn run(fs: &LabFs) {
@@ -49,7 +52,7 @@ pub fn run(fs: &LabFs) {
                 "promotion journal {id}: {msg}; left in place and nothing touched (inspect {}/{id}.json)",
                 super::journal::DIR
             ),
-            Ok(j) if j.version != 1 => error!(
+            Ok(j) if j.version == 0 || j.version > super::journal::VERSION => error!(
                 "promotion journal {id}: version {} is not understood by this labfs; left in place \
                  and nothing touched",
                 j.version
@@ -61,12 +64,14 @@ pub fn run(fs: &LabFs) {
 }
 
 fn recover_one(fs: &LabFs, j: &mut Journal) {
-    info!(id = %j.id, "recovering the promotion of {} (journal state {})", j.path, j.state.as_str());
+    info!(id = %j.id, "recovering the promotion of {} (journal state {})", show(&j.path), j.state.as_str());
     match j.state {
         State::Planned | State::Staged => {
             engine::remove_staging(fs, &j.staging);
             match Journal::remove(&fs.local, &j.id) {
-                Ok(()) => info!(id = %j.id, "rolled back: {} stays on local, unchanged", j.path),
+                Ok(()) => {
+                    info!(id = %j.id, "rolled back: {} stays on local, unchanged", show(&j.path))
+                }
                 Err(e) => {
                     warn!(id = %j.id, "rolled back, but the journal could not be removed: {e}")
                 }
@@ -74,14 +79,14 @@ fn recover_one(fs: &LabFs, j: &mut Journal) {
         }
         State::Verified => {
             if let Err(e) = roll_forward_commit(fs, j) {
-                error!(id = %j.id, "cannot complete the promotion of {}: {e}; the local copy is kept and the journal stays for the next mount", j.path);
+                error!(id = %j.id, "cannot complete the promotion of {}: {e}; the local copy is kept and the journal stays for the next mount", show(&j.path));
                 return;
             }
             clean(fs, j);
         }
         State::Committed => {
             if let Err(e) = store_records(fs, j) {
-                error!(id = %j.id, "{}: {e}; the local copy is kept and the journal stays for the next mount", j.path);
+                error!(id = %j.id, "{}: {e}; the local copy is kept and the journal stays for the next mount", show(&j.path));
                 return;
             }
             clean(fs, j);
@@ -94,45 +99,44 @@ fn roll_forward_commit(fs: &LabFs, j: &mut Journal) -> Result<(), String> {
     engine::ensure_parent_chain(fs, j).map_err(|e| format!("parent directories on Atlas: {e}"))?;
     let sfd = fs.atlas.open_dir(&j.staging).ok();
     for e in j.entries.iter().filter(|e| e.unit) {
-        let ns = j.ns_path(&e.rel);
+        let ns = j.ns_path(e.rel());
+        let shown = show(&ns);
         let Some(sfd) = sfd.as_ref() else { break };
-        let sr = Journal::staged_rel(&e.rel);
-        let (sdir, sname) = match sr.rfind('/') {
-            Some(i) => (&sr[..i], &sr[i + 1..]),
-            None => ("", sr.as_str()),
-        };
+        let sr = Journal::staged_rel(e.rel());
+        let (sdir, sname) = engine::split_rel(&sr);
         let Ok(spfd) = util::open_under(sfd.as_raw_fd(), sdir, libc::O_PATH | libc::O_DIRECTORY, 0)
         else {
             continue;
         };
-        let cs = cstr(sname).map_err(|e| e.to_string())?;
+        let cs = cos(sname).map_err(|e| e.to_string())?;
         if fstatat(spfd.as_raw_fd(), &cs).is_err() {
             continue; // renamed into place before the crash
         }
         // Only if every local source of the unit is still what was verified.
-        let prefix = format!("{}/", e.rel);
+        let under = |x: &OsStr| {
+            let (x, r) = (x.as_bytes(), e.rel().as_bytes());
+            x == r || r.is_empty() || (x.starts_with(r) && x.get(r.len()) == Some(&b'/'))
+        };
         let unchanged = j
             .entries
             .iter()
-            .filter(|x| x.rel == e.rel || e.rel.is_empty() || x.rel.starts_with(&prefix))
+            .filter(|x| under(x.rel()))
             .filter(|x| !x.is_dir())
             .all(|x| {
-                let xns = j.ns_path(&x.rel);
+                let xns = j.ns_path(x.rel());
                 let (d, n) = split(&xns);
-                let Ok(pfd) = fs.local.open_dir(d) else {
+                let Ok(pfd) = open_ns_dir(&fs.local, d) else {
                     return false;
                 };
-                let Ok(c) = cstr(n) else { return false };
+                let Ok(c) = cos(n) else { return false };
                 fstatat(pfd.as_raw_fd(), &c).is_ok_and(|st| !engine::changed(x, &st))
             });
         let (dir, name) = split(&ns);
-        let to = fs
-            .atlas
-            .open_dir(dir)
-            .map_err(|err| format!("{dir} on Atlas: {err}"))?;
-        let cn = cstr(name).map_err(|e| e.to_string())?;
+        let to =
+            open_ns_dir(&fs.atlas, dir).map_err(|err| format!("{} on Atlas: {err}", show(dir)))?;
+        let cn = cos(name).map_err(|e| e.to_string())?;
         if !unchanged {
-            warn!(id = %j.id, "{ns}: the local copy changed since it was verified; not promoting it");
+            warn!(id = %j.id, "{shown}: the local copy changed since it was verified; not promoting it");
             if !e.target_exists && e.is_dir() {
                 // A claim this job made on NFS before the crash goes again.
                 place::remove_placeholder(to.as_raw_fd(), &cn);
@@ -149,9 +153,9 @@ fn roll_forward_commit(fs: &LabFs, j: &mut Journal) -> Result<(), String> {
                 let _ = util::fsync_dir(to.as_raw_fd());
             }
             Err(err) if err.errno() == libc::EEXIST || err.errno() == libc::ENOTEMPTY => {
-                warn!(id = %j.id, "{ns}: something else is there on Atlas now; not replacing it, the local copy is kept");
+                warn!(id = %j.id, "{shown}: something else is there on Atlas now; not replacing it, the local copy is kept");
             }
-            Err(err) => return Err(format!("{ns}: renaming into place: {err}")),
+            Err(err) => return Err(format!("{shown}: renaming into place: {err}")),
         }
     }
     store_records(fs, j)?;
@@ -164,21 +168,18 @@ fn roll_forward_commit(fs: &LabFs, j: &mut Journal) -> Result<(), String> {
 /// Store records (or tags on merged-into directories) for what is in place.
 fn store_records(fs: &LabFs, j: &Journal) -> Result<(), String> {
     for e in &j.entries {
-        let ns = j.ns_path(&e.rel);
+        let ns = j.ns_path(e.rel());
         let Ok(Some(st)) = plan::atlas_lstat(fs, &ns) else {
             continue;
         };
-        let ours = Some(st.st_ino) == e.staged_ino;
+        let ours = Some(st.st_ino) == e.staged_ino();
         let merged_dir = e.is_dir() && e.target_exists && !e.unit;
         if !(ours || merged_dir) {
             continue;
         }
         let (dir, name) = split(&ns);
-        let pfd = fs
-            .atlas
-            .open_dir(dir)
-            .map_err(|err| format!("{ns}: {err}"))?;
-        let c = cstr(name).map_err(|err| err.to_string())?;
+        let pfd = open_ns_dir(&fs.atlas, dir).map_err(|err| format!("{}: {err}", show(&ns)))?;
+        let c = cos(name).map_err(|err| err.to_string())?;
         if crate::tags::get_xattr(pfd.as_raw_fd(), &c, crate::tags::CLASS).is_some() {
             continue;
         }
@@ -198,7 +199,7 @@ fn store_records(fs: &LabFs, j: &Journal) -> Result<(), String> {
         };
         if !in_xattr {
             crate::tags::write_record(&fs.atlas, &ns, st.st_ino, &t, true)
-                .map_err(|err| format!("{ns}: writing its tag record: {err}"))?;
+                .map_err(|err| format!("{}: writing its tag record: {err}", show(&ns)))?;
         }
     }
     Ok(())
@@ -209,10 +210,10 @@ fn clean(fs: &LabFs, j: &Journal) {
     match engine::clean_entries(fs, j, true, &|m| warn!(id = %id, "{m}")) {
         Ok(kept) => {
             engine::finish(fs, j);
-            info!(id = %j.id, "completed the promotion of {} ({kept} local object(s) kept)", j.path);
+            info!(id = %j.id, "completed the promotion of {} ({kept} local object(s) kept)", show(&j.path));
         }
         Err(e) => {
-            error!(id = %j.id, "removing the local copy of {}: {e:?}; the journal stays for the next mount", j.path)
+            error!(id = %j.id, "removing the local copy of {}: {e:?}; the journal stays for the next mount", show(&j.path))
         }
     }
 }

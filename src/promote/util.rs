@@ -58,13 +58,46 @@ pub fn cstr(s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::Errno(libc::EINVAL))
 }
 
-pub fn cos(s: &OsStr) -> Result<CString> {
-    CString::new(s.as_bytes()).map_err(|_| Error::Errno(libc::EINVAL))
+pub fn cos<P: AsRef<OsStr> + ?Sized>(s: &P) -> Result<CString> {
+    CString::new(s.as_ref().as_bytes()).map_err(|_| Error::Errno(libc::EINVAL))
+}
+
+/// A path or name for messages: UTF-8 as it is, other bytes as `\xNN` (never
+/// mangled into U+FFFD, so two different names never read the same).
+pub fn show<P: AsRef<OsStr> + ?Sized>(p: &P) -> String {
+    let mut out = String::new();
+    for chunk in p.as_ref().as_bytes().utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+/// Open the namespace path `p` beneath a backend's root (no symlinks), any bytes.
+pub fn open_ns<P: AsRef<OsStr> + ?Sized>(
+    b: &crate::fs::Backend,
+    p: &P,
+    flags: i32,
+) -> Result<OwnedFd> {
+    crate::fs::object::open_beneath(b.root_fd(), p.as_ref(), flags)
+}
+
+/// The directory at namespace path `p` of a backend, as O_PATH.
+pub fn open_ns_dir<P: AsRef<OsStr> + ?Sized>(b: &crate::fs::Backend, p: &P) -> Result<OwnedFd> {
+    open_ns(b, p, libc::O_PATH | libc::O_DIRECTORY)
 }
 
 /// openat2 beneath `dirfd` (no symlinks, no escaping); `rel` is relative ("." allowed).
-pub fn open_under(dirfd: RawFd, rel: &str, flags: i32, mode: u32) -> Result<OwnedFd> {
-    let c = cstr(if rel.is_empty() { "." } else { rel })?;
+pub fn open_under<P: AsRef<OsStr> + ?Sized>(
+    dirfd: RawFd,
+    rel: &P,
+    flags: i32,
+    mode: u32,
+) -> Result<OwnedFd> {
+    let rel = rel.as_ref();
+    let c = cos(if rel.is_empty() { OsStr::new(".") } else { rel })?;
     // SAFETY: open_how is plain data; zero is valid for every field.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
