@@ -122,3 +122,177 @@ fn unchanged_atlas_directory_is_listed_from_the_kernel_cache_and_a_change_shows(
     assert_eq!(after.len(), 2000);
     assert!(!after.iter().any(|n| n == "f00000"));
 }
+
+/// Names read from an open directory stream, from its current position to the end.
+fn read_stream(dir: *mut libc::DIR) -> Vec<String> {
+    let mut out = Vec::new();
+    loop {
+        // SAFETY: `dir` is a live DIR*; errno is reset to tell the end from an error.
+        unsafe { *libc::__errno_location() = 0 };
+        let ent = unsafe { libc::readdir64(dir) };
+        if ent.is_null() {
+            let err = std::io::Error::last_os_error();
+            assert_eq!(err.raw_os_error(), Some(0), "readdir failed: {err}");
+            break;
+        }
+        // SAFETY: a valid dirent64 until the next readdir.
+        let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) };
+        let name = name.to_string_lossy().into_owned();
+        if name != "." && name != ".." {
+            out.push(name);
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn rewinddir_after_reading_to_the_end_lists_the_directory_as_it_is_now() {
+    let lab = MountedLab::with_dirs();
+    for b in BOTH {
+        let rel = format!("{}/rd", b.dir());
+        let d = lab.path(&rel);
+        fs::create_dir(&d).expect("mkdir");
+        fs::write(d.join("a"), b"1").expect("create a");
+        fs::write(d.join("b"), b"1").expect("create b");
+        let c = std::ffi::CString::new(d.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: a valid path; the stream is closed below.
+        let dir = unsafe { libc::opendir(c.as_ptr()) };
+        assert!(!dir.is_null(), "opendir {}", d.display());
+        assert_eq!(read_stream(dir), ["a", "b"], "{}: first pass", b.name());
+        // Changed while the stream is open, at its end.
+        fs::write(d.join("c"), b"1").expect("create c");
+        fs::remove_file(d.join("a")).expect("unlink a");
+        // SAFETY: live stream.
+        unsafe { libc::rewinddir(dir) };
+        let again = read_stream(dir);
+        // And once more without a change: the same.
+        unsafe { libc::rewinddir(dir) };
+        let third = read_stream(dir);
+        // SAFETY: closing the stream opened above.
+        unsafe { libc::closedir(dir) };
+        assert_eq!(
+            again,
+            ["b", "c"],
+            "{}: after rewinddir the listing still showed the directory as it was at opendir",
+            b.name()
+        );
+        assert_eq!(third, ["b", "c"], "{}: second rewind", b.name());
+        // A fresh listing agrees (and the kernel's cached listing is not stale either).
+        assert_eq!(names(&d), ["b", "c"], "{}: fresh opendir", b.name());
+    }
+}
+
+#[test]
+fn capability_queries_for_files_created_here_skip_atlas_and_setcap_still_shows() {
+    // A long Atlas TTL, so neither entries nor the records expire while counting.
+    let lab = MountedLab::builder()
+        .rules(&format!("[cache]\natlas_ttl = \"60s\"\n{DEFAULT_RULES}"))
+        .mount();
+    lab.sh(r#"mkdir -p "$LAB/docs/here" "$LAB/docs/behind" "$LAB/cache/c""#);
+    let n = 100;
+    lab.sh(&format!(
+        r#"for i in $(seq {n}); do : > "$LAB/docs/here/f$i"; : > "{behind}/f$i"; done
+           ls -l "$LAB/docs/behind" >/dev/null; stat "$LAB/docs/behind/"* >/dev/null"#,
+        behind = lab.atlas_path("docs/behind").display()
+    ));
+    // Before the first write and at every chown the kernel asks for
+    // security.capability: for files created through this mount it is answered
+    // without the Atlas lane, for the others it is an Atlas request.
+    let touch = |dir: &str| {
+        let before = atlas_requests(lab.mnt());
+        lab.sh(&format!(
+            r#"for f in "$LAB/{dir}/"*; do echo y >> "$f"; chown 1000 "$f"; done"#
+        ));
+        atlas_requests(lab.mnt()) - before
+    };
+    let here = touch("docs/here");
+    let behind = touch("docs/behind");
+    assert!(
+        here + n <= behind,
+        "writing and chowning {n} files created here took {here} Atlas requests, {behind} for files created behind labfs: the capability queries still reach Atlas"
+    );
+    // A capability set through the mount shows at once, and a write drops it, on both
+    // backends.
+    for f in ["docs/here/f1", "cache/c/f"] {
+        let p = lab.path(f);
+        lab.sh(&format!(
+            r#"echo x > "{p}"; setcap cap_net_raw+ep "{p}""#,
+            p = p.display()
+        ));
+        let got = lab.sh(&format!(r#"getcap "{}""#, p.display()));
+        assert!(
+            got.contains("cap_net_raw"),
+            "{f}: getcap after setcap: {got:?}"
+        );
+        lab.sh(&format!(r#"echo more >> "{}""#, p.display()));
+        let got = lab.sh(&format!(r#"getcap "{}""#, p.display()));
+        assert!(
+            !got.contains("cap_net_raw"),
+            "{f}: a write kept the file capability: {got:?}"
+        );
+    }
+}
+
+#[test]
+fn capability_set_on_atlas_by_another_node_shows_once_atlas_ttl_ends() {
+    let lab = MountedLab::builder()
+        .rules(&format!("[cache]\natlas_ttl = \"200ms\"\n{DEFAULT_RULES}"))
+        .mount();
+    lab.sh(r#"mkdir -p "$LAB/docs"; echo x > "$LAB/docs/f""#);
+    // Another node sets a capability on the file this node just created.
+    lab.sh(&format!(
+        r#"setcap cap_net_raw+ep "{}""#,
+        lab.atlas_path("docs/f").display()
+    ));
+    let p = lab.path("docs/f");
+    let start = std::time::Instant::now();
+    wait_until(
+        "getcap through the mount shows the capability set on Atlas",
+        std::time::Duration::from_secs(10),
+        || {
+            lab.sh(&format!(r#"getcap "{}""#, p.display()))
+                .contains("cap_net_raw")
+        },
+    );
+    // The documented window: atlas_ttl (plus this host's scheduling).
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(5),
+        "the capability took {:?} to show (atlas_ttl 200 ms)",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn plain_readdir_numbers_match_stat() {
+    use std::os::unix::fs::{DirEntryExt, MetadataExt};
+    let lab = MountedLab::with_dirs();
+    for b in BOTH {
+        let d = lab.path(&format!("{}/many", b.dir()));
+        fs::create_dir(&d).expect("mkdir");
+        // Far more than one READDIRPLUS batch, so most entries come by plain READDIR.
+        for i in 0..3000 {
+            fs::write(d.join(format!("f{i:05}")), b"x").expect("create");
+        }
+        fs::create_dir(d.join("sub")).expect("mkdir sub");
+        fs::hard_link(d.join("f00000"), d.join("zlink")).expect("link");
+        // Listed whole first (no stat in between), then compared.
+        let listed: Vec<(String, u64)> = fs::read_dir(&d)
+            .expect("read_dir")
+            .map(|e| {
+                let e = e.expect("entry");
+                (e.file_name().to_string_lossy().into_owned(), e.ino())
+            })
+            .collect();
+        assert_eq!(listed.len(), 3002, "{}: entries listed", b.name());
+        for (name, ino) in &listed {
+            let st = fs::symlink_metadata(d.join(name)).expect("lstat");
+            assert_eq!(
+                *ino,
+                st.ino(),
+                "{}: readdir's d_ino of {name} differs from its st_ino",
+                b.name()
+            );
+        }
+    }
+}

@@ -1,9 +1,9 @@
 //! Open file and directory handles.
 //!
 //! Handle lifetime: `open`/`create` make a [`FileHandle`] holding the backend file
-//! descriptor, `release` drops it; `opendir` snapshots the union listing of the
-//! directory into a [`DirHandle`] (so offsets stay valid while entries come and go),
-//! `releasedir` drops it. Handles record the backend they were opened on: an open
+//! descriptor, `release` drops it; `opendir` (or the first READDIR) snapshots the
+//! union listing of the directory into a [`DirHandle`] (so offsets stay valid while
+//! entries come and go), a rewind to offset 0 takes it again, `releasedir` drops it. Handles record the backend they were opened on: an open
 //! file keeps reading and writing the object it opened even if it is promoted
 //! meanwhile. Writers are counted per inode so `promote` can refuse files that are
 //! still being written.
@@ -35,6 +35,9 @@ pub struct FileHandle {
 pub struct DirItem {
     pub name: OsString,
     pub kind: Option<Kind>,
+    /// The backend's `d_ino` (0 for `.` and `..`): with the part's device, the inode
+    /// number a plain READDIR reports without a stat.
+    pub dino: u64,
     /// Which backend listing it came from (None for `.` and `..`).
     pub from: Option<BackendKind>,
 }
@@ -42,10 +45,14 @@ pub struct DirItem {
 pub struct DirHandle {
     pub ino: u64,
     pub items: Vec<DirItem>,
-    /// O_PATH descriptors of the directory on each backend it was listed from.
-    pub dirs: Vec<(BackendKind, ObjFd)>,
+    /// O_PATH descriptors of the directory on each backend it was listed from, with
+    /// the device the part is on.
+    pub dirs: Vec<(BackendKind, ObjFd, u64)>,
     /// False until the first READDIR(PLUS) of a lazily listed handle.
     pub listed: bool,
+    /// A READDIR(PLUS) of this handle has handed out entries: one at offset 0 after
+    /// that is a rewind (`rewinddir`, `lseek(fd, 0)`), which lists the directory anew.
+    pub read: bool,
     /// A directory with an Atlas part whose every part shows the same version as at
     /// the previous opendir (and the rules are the same): the kernel may list it from
     /// its cache (close-to-open, as for files).
@@ -178,6 +185,8 @@ pub struct Opened {
     /// The kernel may keep the file's cached pages: labfs is the only writer (local),
     /// or Atlas shows the same version as at the previous open (close-to-open).
     pub keep_cache: bool,
+    /// `create` made a new file (it did not open one that existed already).
+    pub created: bool,
 }
 
 /// A directory entry for readdir(plus).
@@ -248,6 +257,7 @@ impl LabFs {
             passthrough_fd: passthrough.then_some(raw),
             backend,
             keep_cache,
+            created: false,
         }
     }
 
@@ -438,8 +448,10 @@ impl LabFs {
             DirHandle {
                 ino,
                 items: Vec::new(),
-                dirs: vec![(BackendKind::Local, held)],
+                // The device is taken with the listing, at the first READDIR.
+                dirs: vec![(BackendKind::Local, held, 0)],
                 listed: false,
+                read: false,
                 keep_cache: false,
             }
         } else {
@@ -488,14 +500,11 @@ impl LabFs {
                 }
                 Err(e) => return Err(e),
             };
-            versions.push(
-                super::backend::fstat(dfd.as_raw_fd())
-                    .ok()
-                    .map(|st| Version::of(&st)),
-            );
-            parts.push((b, dfd));
+            let st = super::backend::fstat(dfd.as_raw_fd()).ok();
+            versions.push(st.as_ref().map(Version::of));
+            parts.push((b, dfd, st.map_or(0, |st| st.st_dev)));
         }
-        let keep_cache = parts.iter().any(|(b, _)| *b == BackendKind::Atlas)
+        let keep_cache = parts.iter().any(|(b, _, _)| *b == BackendKind::Atlas)
             && self.handles.same_dir_version(ino, &live, versions);
         if keep_cache && lazy {
             // The kernel lists it from its cache; a READDIR, if one comes, lists it then.
@@ -506,6 +515,7 @@ impl LabFs {
                 items: Vec::new(),
                 dirs: parts,
                 listed: false,
+                read: false,
                 keep_cache,
             });
         }
@@ -513,27 +523,35 @@ impl LabFs {
             DirItem {
                 name: ".".into(),
                 kind: Some(Kind::Dir),
+                dino: 0,
                 from: None,
             },
             DirItem {
                 name: "..".into(),
                 kind: Some(Kind::Dir),
+                dino: 0,
                 from: None,
             },
         ];
         let mut dirs = Vec::new();
+        // Names already listed from another part (only a union of two parts needs it).
         let mut seen = std::collections::HashSet::new();
-        for (b, dfd) in parts {
+        let union = parts.len() > 1;
+        for (b, dfd, dev) in parts {
             let names = {
                 let _as = creds.assume()?;
-                list_dir(super::object::reopen(
+                list_dir_inos(super::object::reopen(
                     &dfd,
                     libc::O_RDONLY | libc::O_DIRECTORY,
                 )?)?
             };
-            for (name, dtype) in names {
+            // When the rules put this directory and everything below it on this part's
+            // backend, every name is visible: no rule lookup per entry.
+            let all_visible = live.rules.uniform_backend(&path) == Some(b);
+            items.reserve(names.len());
+            for (name, dtype, dino) in names {
                 let nb = name.as_bytes();
-                if nb == b"." || nb == b".." || seen.contains(&name) {
+                if nb == b"." || nb == b".." || (union && seen.contains(&name)) {
                     continue;
                 }
                 if ino == ROOT_INO && nb == b".labfs" {
@@ -542,36 +560,42 @@ impl LabFs {
                 if b == BackendKind::Atlas && crate::atlas_id::is_nfs_silly_rename(nb) {
                     continue; // the NFS client's name for an unlinked file still open
                 }
-                let child = join(&path, &name);
-                let cp = live.rules.resolve(&child);
-                // A tag that cannot be read fails the listing with its errno: a
-                // promoted entry is never silently left out (tags::is_promoted).
-                let visible = cp.backend() == b
-                    || (b == BackendKind::Atlas
-                        && cp.class == Class::Transitional
-                        && crate::tags::is_promoted(
-                            &self.atlas,
-                            dfd.as_raw_fd(),
-                            &cstring(&name)?,
-                            &child,
-                        )?);
+                let visible = all_visible || {
+                    let child = join(&path, &name);
+                    let cp = live.rules.resolve(&child);
+                    // A tag that cannot be read fails the listing with its errno: a
+                    // promoted entry is never silently left out (tags::is_promoted).
+                    cp.backend() == b
+                        || (b == BackendKind::Atlas
+                            && cp.class == Class::Transitional
+                            && crate::tags::is_promoted(
+                                &self.atlas,
+                                dfd.as_raw_fd(),
+                                &cstring(&name)?,
+                                &child,
+                            )?)
+                };
                 if !visible {
                     continue;
                 }
-                seen.insert(name.clone());
+                if union {
+                    seen.insert(name.clone());
+                }
                 items.push(DirItem {
                     name,
                     kind: Kind::from_dtype(dtype),
+                    dino,
                     from: Some(b),
                 });
             }
-            dirs.push((b, dfd));
+            dirs.push((b, dfd, dev));
         }
         Ok(DirHandle {
             ino,
             items,
             dirs,
             listed: true,
+            read: false,
             keep_cache,
         })
     }
@@ -606,9 +630,13 @@ impl LabFs {
             .map(|d| d.clone())
             .ok_or(Error::Errno(libc::EBADF))?;
         let mut dh = dh.lock();
-        if !dh.listed {
+        // POSIX: after a rewind the stream shows the directory as it is now, not the
+        // snapshot taken at opendir. The kernel sends no READDIR at all while its own
+        // cached listing is valid, so this costs nothing on the cached path.
+        if !dh.listed || (offset == 0 && dh.read) {
             *dh = self.list_union(ctx, dh.ino, false)?;
         }
+        dh.read = true;
         let creds = self.creds(ctx);
         let parent_ino = self
             .inodes
@@ -637,9 +665,36 @@ impl LabFs {
                 });
                 continue;
             };
-            let Some(dir) = dh.dirs.iter().find(|(b, _)| *b == from).map(|(_, f)| f) else {
+            let Some((dir, dev)) = dh
+                .dirs
+                .iter()
+                .find(|(b, _, _)| *b == from)
+                .map(|(_, f, d)| (f, *d))
+            else {
                 continue;
             };
+            if !plus {
+                if let (Some(kind), true) = (item.kind, item.dino != 0 && dev != 0) {
+                    // A plain READDIR hands out names, types and numbers only: the
+                    // backend's d_ino on the part's device gives the number the entry
+                    // has (or will get at its lookup), with no stat. As natively, a
+                    // mount point below a backend shows the d_ino of the directory
+                    // it covers.
+                    let key = super::BackingKey {
+                        backend: from,
+                        dev,
+                        ino: item.dino,
+                    };
+                    out.push(DirEntryOut {
+                        name: item.name.clone(),
+                        offset: off,
+                        kind,
+                        ino: self.inodes.number(&key).unwrap_or(0),
+                        entry: None,
+                    });
+                    continue;
+                }
+            }
             let Ok(cname) = cstring(&item.name) else {
                 continue;
             };
@@ -695,6 +750,14 @@ impl LabFs {
 
 /// Names and d_types of a directory (consumes the descriptor).
 pub fn list_dir(fd: OwnedFd) -> Result<Vec<(OsString, u8)>> {
+    Ok(list_dir_inos(fd)?
+        .into_iter()
+        .map(|(n, t, _)| (n, t))
+        .collect())
+}
+
+/// Names, d_types and d_inos of a directory (consumes the descriptor).
+pub fn list_dir_inos(fd: OwnedFd) -> Result<Vec<(OsString, u8, u64)>> {
     let raw = fd.as_raw_fd();
     // SAFETY: fdopendir takes ownership of the descriptor on success.
     let dir = unsafe { libc::fdopendir(raw) };
@@ -717,10 +780,14 @@ pub fn list_dir(fd: OwnedFd) -> Result<Vec<(OsString, u8)>> {
             return Ok(out);
         }
         // SAFETY: ent points to a valid dirent64 until the next readdir call.
-        let (name, dtype) = unsafe {
+        let (name, dtype, dino) = unsafe {
             let e = &*ent;
-            (CStr::from_ptr(e.d_name.as_ptr()), e.d_type)
+            (CStr::from_ptr(e.d_name.as_ptr()), e.d_type, e.d_ino)
         };
-        out.push((OsStr::from_bytes(name.to_bytes()).to_os_string(), dtype));
+        out.push((
+            OsStr::from_bytes(name.to_bytes()).to_os_string(),
+            dtype,
+            dino,
+        ));
     }
 }

@@ -161,19 +161,33 @@ impl LabFs {
         let pfd = self.parent_for_create(&creds, parent, kind, &path)?;
         let cname = cstring(name)?;
         let permit = self.handles.budget.take(ctx.uid)?;
+        let created;
         let fd = {
             let _as = creds.assume()?;
             let f = (flags & !libc::O_NOCTTY) | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+            // Exclusive first, so labfs knows whether the file is new (the kernel may
+            // send CREATE for a name another node created meanwhile); the caller's own
+            // O_EXCL keeps its EEXIST.
             // SAFETY: valid dirfd and C string.
-            let fd =
-                unsafe { libc::openat(pfd.as_raw_fd(), cname.as_ptr(), f, mode as libc::c_uint) };
+            let open = |f: i32| unsafe {
+                libc::openat(pfd.as_raw_fd(), cname.as_ptr(), f, mode as libc::c_uint)
+            };
+            let mut fd = open(f | libc::O_EXCL);
+            created = fd >= 0;
+            if fd < 0
+                && flags & libc::O_EXCL == 0
+                && std::io::Error::last_os_error().raw_os_error() == Some(libc::EEXIST)
+            {
+                fd = open(f);
+            }
             check(fd)?;
             // SAFETY: new descriptor we own.
             unsafe { OwnedFd::from_raw_fd(fd) }
         };
         let st = fstat(fd.as_raw_fd())?;
         let entry = self.entry_fd(parent, name, kind, fd.as_raw_fd(), &st)?;
-        let opened = self.new_file_handle(entry.attr.ino, fd, kind, flags);
+        let mut opened = self.new_file_handle(entry.attr.ino, fd, kind, flags);
+        opened.created = created;
         permit.bind(opened.fh);
         Ok((entry, opened))
     }

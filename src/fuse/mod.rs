@@ -92,6 +92,51 @@ pub struct LabFuse {
     atlas: AtlasLane,
     control: ControlLane,
     pass: Arc<Passthrough>,
+    no_caps: Arc<NoCaps>,
+}
+
+/// Files this mount created, known to carry no `security.capability`, until when.
+///
+/// The kernel asks for `security.capability` before the first write to a new file and
+/// before every chown (to drop file capabilities, as writes and chowns must): two
+/// GETXATTRs per file `tar x` extracts. A file created here has none (capabilities are
+/// never inherited) until someone sets an xattr on it: through this mount (which ends
+/// the record), or on Atlas from another node, which is why an Atlas record lasts only
+/// the Atlas entry TTL and a local one (labfs is the only writer of the SSD) as long as
+/// the kernel holds the inode. Answering from the record is safe for the capability
+/// itself: labfs writes and chowns through the backend's own kernel, which drops a
+/// capability the file has at that write or chown whatever this answer said. A record
+/// holds only while the inode stays on the backend it was created on (a promotion
+/// rebinds it to an Atlas copy).
+#[derive(Default)]
+struct NoCaps(DashMap<u64, (Instant, BackendKind)>);
+
+/// Records kept at most; beyond that the set starts again (each record only saves work).
+const NO_CAPS_MAX: usize = 1 << 16;
+
+impl NoCaps {
+    fn created(&self, ino: u64, ttl: Duration, backend: BackendKind) {
+        if self.0.len() >= NO_CAPS_MAX {
+            self.0.clear();
+        }
+        self.0.insert(ino, (Instant::now() + ttl, backend));
+    }
+
+    fn known_none(&self, ino: u64, backend: Option<BackendKind>) -> bool {
+        let now = Instant::now();
+        match self.0.get(&ino).map(|t| *t) {
+            Some((until, b)) if now < until && Some(b) == backend => true,
+            Some(_) => {
+                self.0.remove(&ino);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn changed(&self, ino: u64) {
+        self.0.remove(&ino);
+    }
 }
 
 impl LabFuse {
@@ -105,6 +150,7 @@ impl LabFuse {
                 backing: DashMap::new(),
                 fh_backing: DashMap::new(),
             }),
+            no_caps: Arc::default(),
             fs,
         }
     }
@@ -134,6 +180,10 @@ impl Filesystem for LabFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let caps = config.capabilities();
         let want = InitFlags::FUSE_DO_READDIRPLUS
+            // READDIRPLUS only for the first batch of a listing and after a lookup in
+            // the directory (`ls -l`, `find -type`...); plain READDIR, which needs no
+            // stat nor inode per entry, for the rest of a plain listing.
+            | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_DONT_MASK
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_ATOMIC_O_TRUNC
@@ -192,6 +242,7 @@ impl Filesystem for LabFuse {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.no_caps.changed(ino.0);
         self.fs.forget(ino.0, nlookup);
     }
 
@@ -761,6 +812,7 @@ impl Filesystem for LabFuse {
     ) {
         let c = ctx(req);
         let (n, v) = (name.to_os_string(), value.to_vec());
+        self.no_caps.changed(ino.0);
         let work = move |fs: &LabFs| crate::control::setxattr(fs, &c, ino.0, &n, &v, flags);
         if is_control(name) {
             self.run_control("setxattr", reply, work, |r, ()| r.ok());
@@ -770,6 +822,13 @@ impl Filesystem for LabFuse {
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if name.as_encoded_bytes() == b"security.capability"
+            && self.no_caps.known_none(ino.0, self.fs.backend_of(ino.0))
+        {
+            // Answered here, on the event loop: no backend call, no Atlas lane.
+            reply.error(Errno::from_i32(libc::ENODATA));
+            return;
+        }
         let c = ctx(req);
         let n = name.to_os_string();
         let work = move |fs: &LabFs| crate::control::getxattr(fs, &c, ino.0, &n, size);
@@ -805,6 +864,7 @@ impl Filesystem for LabFuse {
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let c = ctx(req);
         let n = name.to_os_string();
+        self.no_caps.changed(ino.0);
         self.run(
             self.lane_ino(ino),
             "removexattr",
@@ -838,11 +898,18 @@ impl Filesystem for LabFuse {
         let c = ctx(req);
         let n = name.to_os_string();
         let pass = self.pass.clone();
+        let no_caps = self.no_caps.clone();
         self.run_hedged(
             self.lane_child(parent, name),
             "create",
             reply,
-            move |fs| fs.create(&c, parent.0, &n, mode, umask, flags),
+            move |fs| {
+                let (e, o) = fs.create(&c, parent.0, &n, mode, umask, flags)?;
+                if o.created {
+                    no_caps.created(e.attr.ino, e.ttl, o.backend);
+                }
+                Ok((e, o))
+            },
             move |reply, (e, o)| pass.reply_create(e, o, reply),
             None,
             |fs, (e, o)| {
