@@ -28,7 +28,7 @@ use std::cmp::Ordering;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::cli::load_config;
+use crate::exit::load_config;
 use crate::exit::{EXIT_FAIL, EXIT_OK};
 use crate::rules::{canonical_pattern, compare_specificity, Class, Rule};
 

@@ -8,8 +8,8 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use crate::cli::load_config;
 use crate::config::Config;
+use crate::exit::load_config;
 use crate::exit::{EXIT_FAIL, EXIT_OK};
 use crate::rules::{BackendKind, Class};
 
@@ -123,7 +123,7 @@ pub fn run(config: &Path, rules_only: bool) -> i32 {
                      entr{} on Atlas below may be promoted (promoted symlinks, and every promoted file \
                      on an Atlas without user xattrs, are recorded there); run `labfs check` as root to tell",
                     cfg.storage.atlas.join(crate::tags::STORE_DIR).display(),
-                    unsafe { libc::geteuid() },
+                    crate::sys::effective_ids().0,
                     if uncertain == 1 { "y" } else { "ies" }
                 );
             }
@@ -151,12 +151,14 @@ pub fn run(config: &Path, rules_only: bool) -> i32 {
     }
 }
 
-/// A path for the terminal: UTF-8 as is, any other byte as `\xNN` (so a name that is
-/// not UTF-8 is reported exactly, not replaced by `?`).
+/// A path for people and JSON: UTF-8 as is, any other byte as `\xNN` and a backslash
+/// as `\\` (so a name that is not UTF-8 is reported exactly, not replaced by `?` or
+/// U+FFFD, the escaped form cannot be mistaken for a name that spells it, and JSON
+/// output stays valid UTF-8). docs/operations.md describes the form.
 pub fn shown(p: &OsStr) -> String {
     let mut out = String::new();
     for chunk in p.as_bytes().utf8_chunks() {
-        out.push_str(chunk.valid());
+        out.push_str(&chunk.valid().replace('\\', "\\\\"));
         for b in chunk.invalid() {
             out.push_str(&format!("\\x{b:02x}"));
         }

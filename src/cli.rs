@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::Config;
-
-pub use crate::exit::{EXIT_FAIL, EXIT_OK, EXIT_USAGE};
+pub use crate::exit::{load_config, load_config_for, EXIT_FAIL, EXIT_OK, EXIT_USAGE};
 
 /// labfs: one /lab namespace over Atlas (NFS) and local SSD, placed by data class.
 #[derive(Parser, Debug)]
@@ -209,30 +207,6 @@ pub fn init_logging_to(level: Option<&str>, file: Option<&Path>) -> Result<(), S
         let _ = b.try_init();
     }
     Ok(())
-}
-
-/// Load the rules file for a command that does not mount (check, explain, ...).
-pub fn load_config(path: &Path) -> Result<Config, i32> {
-    load_config_for(path, None)
-}
-
-/// Load the rules file; `outcome` (e.g. "nothing mounted") is what a failure means.
-pub fn load_config_for(path: &Path, outcome: Option<&str>) -> Result<Config, i32> {
-    Config::load(path).map_err(|e| {
-        let tail = outcome.map(|o| format!(", {o}")).unwrap_or_default();
-        if let [only] = &e.errors[..] {
-            if only.line == 0 && only.message.starts_with("cannot read") {
-                eprintln!("labfs: {}: {}{tail}", path.display(), only.message);
-                return EXIT_USAGE;
-            }
-        }
-        if e.operational {
-            eprintln!("labfs: {}: cannot be used{tail}:\n{e}", path.display());
-            return EXIT_FAIL;
-        }
-        eprintln!("labfs: {}: invalid rules file{tail}:\n{e}", path.display());
-        EXIT_USAGE
-    })
 }
 
 pub fn main() -> i32 {

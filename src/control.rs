@@ -139,12 +139,12 @@ fn status_whole(fs: &LabFs) -> Vec<u8> {
 }
 
 /// The placement of `path` (a namespace path) as `labfs explain` shows it.
-fn explain_path(fs: &LabFs, ctx: &Ctx, path: &str) -> Result<Vec<u8>> {
+fn explain_path(fs: &LabFs, ctx: &Ctx, path: &std::ffi::OsStr) -> Result<Vec<u8>> {
     let live = fs.live();
     let (mut e, exists) = match fs.locate(&fs.creds(ctx), path) {
         Ok(loc) => {
             let mut e = crate::explain::Explained::from_placement(
-                &loc.path.to_string_lossy(),
+                &loc.path,
                 &loc.placement,
                 live.rules.unplaced(),
             );
@@ -211,13 +211,12 @@ pub fn get(fs: &LabFs, ctx: &Ctx, ino: u64, name: &str) -> Result<Option<Vec<u8>
         return status_piece(fs, ctx, rest).map(Some);
     }
     if let Some(rest) = name.strip_prefix(EXPLAIN_BELOW) {
-        let base = fs.path_of(ino)?;
-        let mut path = base;
+        let mut path = fs.npath_of(ino)?;
         for c in rest.split('/').filter(|c| !c.is_empty() && *c != ".") {
             if c == ".." {
                 return Err(crate::error::Error::Errno(libc::EINVAL));
             }
-            path = crate::fs::backend::join(&path, c);
+            path = crate::fs::object::join(&path, std::ffi::OsStr::new(c));
         }
         return explain_path(fs, ctx, &path).map(Some);
     }
@@ -226,7 +225,7 @@ pub fn get(fs: &LabFs, ctx: &Ctx, ino: u64, name: &str) -> Result<Option<Vec<u8>
         // What the last reload applied and what needs a remount (for `labfs reload`).
         RELOAD => Ok(Some(crate::daemon::last_reload().into_bytes())),
         EXPLAIN => {
-            let path = fs.path_of(ino)?;
+            let path = fs.npath_of(ino)?;
             explain_path(fs, ctx, &path).map(Some)
         }
         _ => Err(crate::error::Error::Errno(libc::ENODATA)),

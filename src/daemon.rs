@@ -14,7 +14,6 @@
 use std::ffi::CString;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread;
@@ -109,11 +108,7 @@ pub fn mountpoint_state(mountpoint: &Path) -> MountpointState {
 pub fn lazy_unmount(mountpoint: &Path) -> io::Result<()> {
     let c = CString::new(mountpoint.as_os_str().as_encoded_bytes())
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: valid C string.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    crate::sys::unmount(&c, true, false)
 }
 
 /// Where the lock of one local backend lives, relative to its root.
@@ -151,9 +146,7 @@ impl LocalLock {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| MountError::Refused(format!("{}: {e}", path.display())))?;
-        // SAFETY: valid descriptor owned by `file`.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
+        if let Err(e) = crate::sys::try_lock_exclusive(&file) {
             if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
                 return Err(MountError::Refused(format!(
                     "{}: lock: {e}",
@@ -187,8 +180,7 @@ impl LocalLock {
             mountpoint.display()
         );
         let mut f = &self.file;
-        // SAFETY: valid descriptor owned by `self.file`.
-        let _ = unsafe { libc::ftruncate(self.file.as_raw_fd(), 0) };
+        let _ = crate::sys::truncate_fd(&self.file, 0);
         let _ = io::Seek::seek(&mut f, io::SeekFrom::Start(0));
         let _ = f.write_all(text.as_bytes());
     }
@@ -257,18 +249,15 @@ impl OwnMount {
                 let Ok(c) = CString::new(self.path.as_os_str().as_encoded_bytes()) else {
                     return;
                 };
-                // SAFETY: valid C string.
-                if unsafe { libc::umount2(c.as_ptr(), libc::UMOUNT_NOFOLLOW) } == 0 {
+                let Err(e) = crate::sys::unmount(&c, false, true) else {
                     info!("{mp}: unmounted this daemon's mount ({ours})");
                     return;
-                }
-                let e = io::Error::last_os_error();
+                };
                 if !lazy && e.raw_os_error() != Some(libc::EBUSY) {
                     warn!("{mp}: unmount of this daemon's mount ({ours}): {e}");
                     return;
                 }
-                // SAFETY: valid C string.
-                if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) } == 0 {
+                if crate::sys::unmount(&c, true, true).is_ok() {
                     info!("{mp}: busy ({e}); lazily detached this daemon's mount ({ours})");
                 } else {
                     warn!(
@@ -335,13 +324,8 @@ fn precheck(req: &MountRequest) -> Result<LocalLock, MountError> {
 }
 
 fn pipe() -> io::Result<(fs::File, fs::File)> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: fds is a valid array of two descriptors.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors are new and owned here.
-    Ok(unsafe { (fs::File::from_raw_fd(fds[0]), fs::File::from_raw_fd(fds[1])) })
+    let (r, w) = crate::sys::pipe_cloexec()?;
+    Ok((fs::File::from(r), fs::File::from(w)))
 }
 
 /// Mount and serve. Without `foreground`, returns in the parent once the mount is ready
@@ -358,8 +342,9 @@ pub fn mount(req: MountRequest) -> Result<(), MountError> {
         -1 => Err(io::Error::last_os_error().into()),
         0 => {
             drop(rd);
-            // SAFETY: setsid in the child detaches it from the terminal's session.
-            unsafe { libc::setsid() };
+            // Detach from the terminal's session (fails only for a group leader,
+            // which a freshly forked child is not).
+            let _ = crate::sys::new_session();
             // The lock's open file is shared with the parent, which exits: it stays held.
             lock.record(&req.mountpoint);
             let code = match serve(req, lock, Some(wr)) {
@@ -410,15 +395,18 @@ fn serve(
 ) -> Result<(), MountError> {
     let sigset = block_signals();
     // Files are created with the caller's umask (applied per request), never the daemon's.
-    // SAFETY: umask is always safe.
-    unsafe { libc::umask(0) };
+    crate::sys::set_umask(0);
     // The inode table's hash tables double as the kernel remembers more inodes. With
     // glibc's default (a threshold that rises after the first large free), the old
     // tables would stay in the heap; a fixed threshold keeps every large table in its
     // own mapping, returned to the system as soon as it is freed.
     // SAFETY: mallopt only tunes the allocator.
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024) };
-    let fs = match LabFs::new(&req.config, req.mount_options.clone()) {
+    let fs = match LabFs::new(
+        &req.config,
+        req.mount_options.clone(),
+        Box::new(crate::tags::StoredTags),
+    ) {
         Ok(fs) => Arc::new(fs),
         Err(e) => {
             let msg = format!("cannot open the backends: {e}");

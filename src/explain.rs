@@ -1,10 +1,12 @@
 //! `labfs explain PATH`: what the rules decide for one path, and why.
 
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cli::load_config;
+use crate::exit::load_config;
 use crate::exit::{EXIT_FAIL, EXIT_OK, EXIT_USAGE};
 
 use crate::rules::{Placement, Unplaced, Writer};
@@ -23,10 +25,12 @@ pub struct Explained {
 }
 
 impl Explained {
-    pub fn from_placement(path: &str, p: &Placement, unplaced: Unplaced) -> Explained {
+    /// `path` is shown as [`crate::check::shown`] writes it: a name that is not UTF-8
+    /// keeps every byte visible (`\xNN`), and the JSON reply stays valid.
+    pub fn from_placement(path: &OsStr, p: &Placement, unplaced: Unplaced) -> Explained {
         let denied = p.rule.is_none() && unplaced == Unplaced::Deny;
         Explained {
-            path: path.to_string(),
+            path: crate::check::shown(path),
             class: if denied {
                 "none: refused (unplaced = \"deny\")".to_string()
             } else {
@@ -109,12 +113,21 @@ fn anchor(path: &Path) -> Option<(PathBuf, PathBuf)> {
 fn ask_mount(path: &Path) -> Option<Result<Explained, String>> {
     let abs = std::path::absolute(path).ok()?;
     // Lexically: `a/../b` must not be resolved through a symlink `a`.
-    let abs = PathBuf::from(normalize_dots(&abs.to_string_lossy())?);
+    let abs = PathBuf::from(normalize_dots(abs.as_os_str())?);
     let (base, rest) = anchor(&abs)?;
     let name = if rest.as_os_str().is_empty() {
         crate::control::EXPLAIN.to_string()
     } else {
-        format!("{}{}", crate::control::EXPLAIN_BELOW, rest.to_str()?)
+        let Some(rest) = rest.to_str() else {
+            // The control request names the missing part as UTF-8: refuse inside a
+            // mount (the base answers), fall back to the rules file outside one.
+            xattr::get(&base, crate::control::EXPLAIN).ok()??;
+            return Some(Err(format!(
+                "{}: the part that does not exist yet is not UTF-8; create it, or explain its namespace path",
+                crate::check::shown(path.as_os_str())
+            )));
+        };
+        format!("{}{}", crate::control::EXPLAIN_BELOW, rest)
     };
     match xattr::get(&base, &name) {
         Ok(Some(v)) => Some(
@@ -137,19 +150,27 @@ fn ask_mount(path: &Path) -> Option<Result<Explained, String>> {
     }
 }
 
-/// "/a/./b/../c" -> "/a/c"; `None` when `..` climbs above the root.
-fn normalize_dots(p: &str) -> Option<String> {
-    let mut out: Vec<&str> = Vec::new();
-    for c in p.split('/') {
+/// "/a/./b/../c" -> "/a/c" (bytes); `None` when `..` climbs above the root.
+fn normalize_dots(p: &OsStr) -> Option<OsString> {
+    let mut out: Vec<&[u8]> = Vec::new();
+    for c in p.as_bytes().split(|b| *b == b'/') {
         match c {
-            "" | "." => {}
-            ".." => {
+            b"" | b"." => {}
+            b".." => {
                 out.pop()?;
             }
             c => out.push(c),
         }
     }
-    Some(format!("/{}", out.join("/")))
+    let mut v = Vec::new();
+    for c in &out {
+        v.push(b'/');
+        v.extend_from_slice(c);
+    }
+    if v.is_empty() {
+        v.push(b'/');
+    }
+    Some(OsString::from_vec(v))
 }
 
 pub fn run(config: &Path, path: &Path) -> i32 {
@@ -167,18 +188,19 @@ pub fn run(config: &Path, path: &Path) -> i32 {
         }
         None => {}
     }
-    let Some(ns) = path.to_str().filter(|s| s.starts_with('/')) else {
+    let ns = path.as_os_str();
+    if !ns.as_bytes().starts_with(b"/") {
         eprintln!(
             "labfs: {}: not inside a labfs mount; give a path inside one, or an absolute namespace path such as /media/x",
-            path.display()
+            crate::check::shown(ns)
         );
         return EXIT_USAGE;
-    };
+    }
     let cfg = match load_config(config) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let ns = normalize(ns);
+    let ns = normalize_os(ns);
     Explained::from_placement(&ns, &cfg.rules.resolve(&ns), cfg.rules.unplaced()).print();
     EXIT_OK
 }
@@ -190,4 +212,21 @@ pub fn normalize(p: &str) -> String {
         .filter(|c| !c.is_empty() && *c != ".")
         .collect();
     format!("/{}", parts.join("/"))
+}
+
+/// [`normalize`] on bytes: any name a backend holds.
+pub fn normalize_os(p: &OsStr) -> OsString {
+    let mut v = Vec::new();
+    for c in p
+        .as_bytes()
+        .split(|b| *b == b'/')
+        .filter(|c| !c.is_empty() && *c != b".")
+    {
+        v.push(b'/');
+        v.extend_from_slice(c);
+    }
+    if v.is_empty() {
+        v.push(b'/');
+    }
+    OsString::from_vec(v)
 }

@@ -2,9 +2,9 @@
 //! by errno, and how often each rule decided a placement, all since the daemon started.
 //!
 //! Lock-free on the request path: fixed arrays of `AtomicU64` (errno-indexed, and a
-//! log2 latency histogram per backend). Rule hits are keyed by pattern in a sharded
-//! map whose entries are atomics, so counting a hit takes a shard read lock and one
-//! relaxed add. One daemon serves one mount, so the counters are process-global.
+//! log2 latency histogram per backend). One daemon serves one mount, so the counters
+//! are process-global. Rule hits are counted by the core, which decides placements
+//! ([`crate::fs::placements`]); this module only reads them.
 //!
 //! What is counted: every request the kernel sends to labfs (`src/fuse/` wraps each
 //! one in [`timed`]). Reads and writes that the kernel serves by FUSE passthrough
@@ -15,12 +15,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Instant, SystemTime};
 
-use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::fs::LabFs;
-use crate::rules::{BackendKind, Placement};
+use crate::rules::BackendKind;
 
 /// Errnos at or above this are counted together in the last slot.
 const ERRNO_SLOTS: usize = 256;
@@ -84,16 +83,12 @@ impl Lane {
 struct Stats {
     lanes: [Lane; 2],
     errno: [AtomicU64; ERRNO_SLOTS],
-    rule_hits: OnceLock<DashMap<String, AtomicU64>>,
-    unplaced_hits: AtomicU64,
     started: OnceLock<(SystemTime, Instant)>,
 }
 
 static STATS: Stats = Stats {
     lanes: [Lane::new(), Lane::new()],
     errno: [const { AtomicU64::new(0) }; ERRNO_SLOTS],
-    rule_hits: OnceLock::new(),
-    unplaced_hits: AtomicU64::new(0),
     started: OnceLock::new(),
 };
 
@@ -156,22 +151,6 @@ where
         record(backend, us, res.as_ref().err().map(|e| e.errno()));
         res
     }
-}
-
-/// Count a placement decision by its rule (the core calls this on every resolve).
-pub fn rule_hit(p: &Placement) {
-    let Some(rule) = &p.rule else {
-        STATS.unplaced_hits.fetch_add(1, Ordering::Relaxed);
-        return;
-    };
-    let map = STATS.rule_hits.get_or_init(DashMap::new);
-    if let Some(c) = map.get(rule.path.as_str()) {
-        c.fetch_add(1, Ordering::Relaxed);
-        return;
-    }
-    map.entry(rule.path.clone())
-        .or_insert_with(|| AtomicU64::new(0))
-        .fetch_add(1, Ordering::Relaxed);
 }
 
 /// Latency and counts of one backend lane.
@@ -237,7 +216,6 @@ pub fn snapshot(fs: &LabFs) -> StatsSnapshot {
             errors_by_errno.insert(errno_name(e as i32), c);
         }
     }
-    let map = STATS.rule_hits.get_or_init(DashMap::new);
     let live = fs.live();
     let mut rule_hits: Vec<RuleHits> = live
         .rules
@@ -247,10 +225,7 @@ pub fn snapshot(fs: &LabFs) -> StatsSnapshot {
             rule: r.path.clone(),
             class: r.class.to_string(),
             line: r.line,
-            hits: map
-                .get(r.path.as_str())
-                .map(|c| c.load(Ordering::Relaxed))
-                .unwrap_or(0),
+            hits: fs.placements.hits(&r.path),
         })
         .collect();
     rule_hits.push(RuleHits {
@@ -260,7 +235,7 @@ pub fn snapshot(fs: &LabFs) -> StatsSnapshot {
             crate::rules::Unplaced::Deny => "denied".into(),
         },
         line: 0,
-        hits: STATS.unplaced_hits.load(Ordering::Relaxed),
+        hits: fs.placements.unplaced(),
     });
     rule_hits.sort_by(|a, b| b.hits.cmp(&a.hits).then_with(|| a.line.cmp(&b.line)));
     StatsSnapshot {

@@ -80,13 +80,13 @@ pub fn collect(fs: &LabFs, full: bool) -> Status {
         rules_file: fs.live().source.clone(),
         atlas: BackendStatus {
             name: "atlas",
-            path: fs.atlas.root_path.display().to_string(),
+            path: crate::check::shown(fs.atlas.root_path.as_os_str()),
             free_bytes: af,
             total_bytes: at,
         },
         local: BackendStatus {
             name: "local",
-            path: fs.local.root_path.display().to_string(),
+            path: crate::check::shown(fs.local.root_path.as_os_str()),
             free_bytes: lf,
             total_bytes: lt,
         },

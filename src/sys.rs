@@ -231,24 +231,123 @@ pub fn get_fsxattr(fd: impl AsFd) -> io::Result<[u8; 28]> {
 }
 
 // ---------------------------------------------------------------------------
+// Opening by path, locks, pipes, unmounting, sessions
+// ---------------------------------------------------------------------------
+
+/// `open(path, flags | O_CLOEXEC)` (e.g. `/proc/self/fd/N` to reopen an object).
+pub fn open_path(path: &CStr, flags: i32) -> io::Result<OwnedFd> {
+    let flags = OFlags::from_bits_retain(flags as u32) | OFlags::CLOEXEC;
+    rustix::fs::open(path, flags, Mode::empty()).map_err(from_rustix)
+}
+
+/// `openat(dirfd, name, flags | O_CLOEXEC)`.
+pub fn open_at(dirfd: BorrowedFd<'_>, name: &CStr, flags: i32) -> io::Result<OwnedFd> {
+    let flags = OFlags::from_bits_retain(flags as u32) | OFlags::CLOEXEC;
+    rustix::fs::openat(dirfd, name, flags, Mode::empty()).map_err(from_rustix)
+}
+
+/// `flock(fd, LOCK_EX | LOCK_NB)`.
+pub fn try_lock_exclusive(fd: impl AsFd) -> io::Result<()> {
+    rustix::fs::flock(fd, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(from_rustix)
+}
+
+/// `ftruncate(fd, len)`.
+pub fn truncate_fd(fd: impl AsFd, len: u64) -> io::Result<()> {
+    rustix::fs::ftruncate(fd, len).map_err(from_rustix)
+}
+
+/// `pipe2(O_CLOEXEC)`: (read end, write end).
+pub fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+    rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(from_rustix)
+}
+
+/// `umount2(path, flags)` with `MNT_DETACH` (lazy) and/or `UMOUNT_NOFOLLOW`.
+pub fn unmount(path: &CStr, lazy: bool, nofollow: bool) -> io::Result<()> {
+    use rustix::mount::UnmountFlags;
+    let mut f = UnmountFlags::empty();
+    if lazy {
+        f |= UnmountFlags::DETACH;
+    }
+    if nofollow {
+        f |= UnmountFlags::NOFOLLOW;
+    }
+    rustix::mount::unmount(path, f).map_err(from_rustix)
+}
+
+/// `setsid()`: a new session, detached from the terminal.
+pub fn new_session() -> io::Result<()> {
+    rustix::process::setsid().map(|_| ()).map_err(from_rustix)
+}
+
+// ---------------------------------------------------------------------------
+// Memory
+// ---------------------------------------------------------------------------
+
+/// Return the allocator's free memory to the system (glibc keeps freed chunks).
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim only consolidates and releases free memory.
+    unsafe { libc::malloc_trim(0) };
+}
+
+// ---------------------------------------------------------------------------
 // Resource limits
 // ---------------------------------------------------------------------------
 
-/// Raise the soft RLIMIT_NOFILE to the hard limit; returns the limit now in force.
-pub fn raise_nofile_limit() -> io::Result<u64> {
+/// The daemon's RLIMIT_NOFILE after [`raise_nofile_limit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NofileLimit {
+    /// The soft limit now in force (`u64::MAX` when unlimited).
+    pub soft: u64,
+    /// The hard limit now in force.
+    pub hard: u64,
+    /// The hard limit could be raised to `fs.nr_open` (root with CAP_SYS_RESOURCE).
+    pub raised_hard: bool,
+}
+
+/// `/proc/sys/fs/nr_open`: the most descriptors one process may be allowed.
+pub fn nr_open() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Raise RLIMIT_NOFILE as far as the process may: soft and hard to `fs.nr_open` when
+/// it can raise the hard limit (CAP_SYS_RESOURCE), else the soft limit to the hard
+/// one. Every open file of every caller is one of the daemon's descriptors, so a
+/// daemon whose limit is no larger than a caller's would run out before the caller.
+pub fn raise_nofile_limit() -> io::Result<NofileLimit> {
     let lim = rustix::process::getrlimit(Resource::Nofile);
-    if lim.current == lim.maximum {
-        return Ok(lim.current.unwrap_or(u64::MAX));
+    let hard = lim.maximum.unwrap_or(u64::MAX);
+    if let Some(n) = nr_open().filter(|n| *n > hard) {
+        let want = Rlimit {
+            current: Some(n),
+            maximum: Some(n),
+        };
+        if rustix::process::setrlimit(Resource::Nofile, want).is_ok() {
+            return Ok(NofileLimit {
+                soft: n,
+                hard: n,
+                raised_hard: true,
+            });
+        }
     }
-    rustix::process::setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: lim.maximum,
-            maximum: lim.maximum,
-        },
-    )
-    .map_err(from_rustix)?;
-    Ok(lim.maximum.unwrap_or(u64::MAX))
+    if lim.current != lim.maximum {
+        rustix::process::setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            },
+        )
+        .map_err(from_rustix)?;
+    }
+    Ok(NofileLimit {
+        soft: hard,
+        hard,
+        raised_hard: false,
+    })
 }
 
 /// The soft RLIMIT_NOFILE in force (`u64::MAX` when unlimited).

@@ -41,11 +41,7 @@ use crate::error::{check, Error, Result};
 use crate::fs::backend::fstatat;
 use crate::fs::{Backend, Creds};
 
-pub const PREFIX: &str = "user.labfs.";
-pub const CLASS: &str = "user.labfs.class";
-pub const PROMOTED_AT: &str = "user.labfs.promoted_at";
-pub const ORIGIN: &str = "user.labfs.origin";
-pub const DIGEST: &str = "user.labfs.digest";
+pub use crate::fs::tag_reader::{CLASS, DIGEST, ORIGIN, PREFIX, PROMOTED_AT};
 /// Tags promote stores on Atlas.
 pub const STORED: [&str; 4] = [CLASS, PROMOTED_AT, ORIGIN, DIGEST];
 
@@ -487,4 +483,20 @@ pub fn is_promoted_file<P: AsRef<OsStr> + ?Sized>(
         && std::fs::symlink_metadata(file)
             .map(|m| m.ino() == rec.ino)
             .unwrap_or(false)
+}
+
+/// The core's view of the tags ([`crate::fs::tag_reader`]): xattr first, then the store.
+pub struct StoredTags;
+
+impl crate::fs::tag_reader::TagReader for StoredTags {
+    fn try_read_tag(
+        &self,
+        atlas: &Backend,
+        dirfd: RawFd,
+        name: &CStr,
+        path: &OsStr,
+        tag: &str,
+    ) -> Result<Option<Vec<u8>>> {
+        try_read_tag(atlas, dirfd, name, path, tag)
+    }
 }

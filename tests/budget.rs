@@ -80,32 +80,177 @@ open(scratch + "/release").read()
     });
 }
 
-/// The daemon raises its soft open-file limit to the hard one at start (systemd's
-/// default soft limit of 1024 would otherwise cap the whole mount).
-#[test]
-fn the_daemon_runs_with_its_soft_open_file_limit_raised_to_the_hard_limit() {
-    let hard = fs::read_to_string("/proc/self/limits")
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(4).map(str::to_string))
-        .unwrap();
-    let hard_n: u64 = hard.parse().unwrap();
-    assert!(
-        hard_n > 1024,
-        "the test needs a hard limit above 1024 ({hard})"
-    );
-    let lab = MountedLab::builder()
-        .daemon_wrapper(&["prlimit", &format!("--nofile=1024:{hard}"), "--"])
-        .mount();
-    let limits = fs::read_to_string(format!("/proc/{}/limits", lab.pid())).unwrap();
+fn limits_of(pid: u32) -> (u64, u64) {
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let line = limits
         .lines()
         .find(|l| l.starts_with("Max open files"))
-        .unwrap_or_default()
-        .to_string();
-    let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
-    assert_eq!(nums, [hard.as_str(), hard.as_str()], "{line}");
-    let cap = format!("{} open files per uid", (hard_n / 4).max(16));
+        .unwrap_or_default();
+    let n: Vec<u64> = line
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    assert_eq!(n.len(), 2, "{line}");
+    (n[0], n[1])
+}
+
+fn nr_open() -> u64 {
+    fs::read_to_string("/proc/sys/fs/nr_open")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Whether this process may raise its hard open-file limit (CAP_SYS_RESOURCE: some
+/// containers drop it from the bounding set even for root).
+fn can_raise_hard_limit() -> bool {
+    let (_, hard) = limits_of(std::process::id());
+    run_status(
+        "prlimit",
+        &[&format!("--nofile={0}:{0}", hard + 1), "--", "true"],
+    )
+    .0 == 0
+}
+
+/// As root the daemon raises its hard (and soft) open-file limit to fs.nr_open, so a
+/// caller's own limit is reached before the daemon's (systemd's default soft limit of
+/// 1024, or a hard limit no larger than the caller's, would otherwise cap the mount).
+/// Where root lacks CAP_SYS_RESOURCE, the soft limit is raised to the hard one.
+#[test]
+fn the_daemon_raises_its_open_file_limit_to_nr_open() {
+    let (_, hard) = limits_of(std::process::id());
+    let lab = MountedLab::builder()
+        .daemon_wrapper(&["prlimit", &format!("--nofile=1024:{hard}"), "--"])
+        .mount();
+    let want = if can_raise_hard_limit() {
+        nr_open()
+    } else {
+        hard
+    };
+    assert_eq!(limits_of(lab.pid()), (want, want));
+    let cap = format!("{} open files per uid", (want / 4).max(16));
     assert!(lab.daemon_log().contains(&cap), "{}", lab.daemon_log());
+}
+
+/// Without CAP_SYS_RESOURCE the hard limit stays; the soft one is raised to it.
+#[test]
+fn without_cap_sys_resource_the_daemon_raises_its_soft_limit_to_the_hard_one() {
+    let (_, hard) = limits_of(std::process::id());
+    assert!(
+        hard > 1024,
+        "the test needs a hard limit above 1024 ({hard})"
+    );
+    let lab = MountedLab::builder()
+        .daemon_wrapper(&[
+            "prlimit",
+            &format!("--nofile=1024:{hard}"),
+            "--",
+            "setpriv",
+            "--bounding-set=-sys_resource",
+            "--inh-caps=-sys_resource",
+            "--",
+        ])
+        .mount();
+    assert_eq!(limits_of(lab.pid()), (hard, hard));
+    let cap = format!("{} open files per uid", (hard / 4).max(16));
+    let log = lab.daemon_log();
+    assert!(log.contains(&cap), "{log}");
+    assert!(log.contains("not obtainable"), "{log}");
+}
+
+/// LTP creat05 / fcntl12: a caller that opens files until refused gets EMFILE from
+/// its own limit, not from the daemon, and meanwhile another uid opens files and
+/// `labfs promote` works. Where the daemon can raise its limit to fs.nr_open, the
+/// caller raises its own above the hard limit the daemon started with (the case the
+/// LTP tests hit: the same 20000/20000 as the caller) and the default per-uid budget
+/// applies; where it cannot, the caller stays below the daemon's limit and the budget
+/// is set above the caller's limit.
+#[test]
+fn a_caller_opening_files_until_refused_gets_its_own_emfile_and_others_keep_working() {
+    let (_, hard) = limits_of(std::process::id());
+    let raised = can_raise_hard_limit();
+    let (own, lab) = if raised {
+        (hard + 3000, MountedLab::new())
+    } else {
+        let own = hard / 2;
+        let rules = format!(
+            "[limits]\nopen_files_per_uid = {}\n{DEFAULT_RULES}",
+            own + 64
+        );
+        (own, MountedLab::builder().rules(&rules).mount())
+    };
+    let (_, daemon_hard) = limits_of(lab.pid());
+    assert!(
+        daemon_hard > own,
+        "daemon hard limit {daemon_hard}, caller's {own}"
+    );
+    lab.sh(
+        r#"mkdir -p "$LAB/cache/many" "$LAB/scans/s/work/out"; chmod 1777 "$LAB/cache"
+           echo p > "$LAB/scans/s/work/out/f"; mkfifo "$SCRATCH/release""#,
+    );
+    let holder = lab
+        .cmd(&format!(
+            r#"exec prlimit --nofile={own}:{own} -- python3 -c '
+import errno, os
+lab, scratch = os.environ["LAB"], os.environ["SCRATCH"]
+held = []
+err = "none"
+while True:
+    try:
+        held.append(os.open("%s/cache/many/f%d" % (lab, len(held)), os.O_CREAT | os.O_RDWR, 0o644))
+    except OSError as e:
+        err = errno.errorcode.get(e.errno, str(e.errno))
+        break
+n, top = len(held), max(held or [-1])
+if held:
+    os.close(held.pop())  # room for the report itself
+with open(scratch + "/report.tmp", "w") as r:
+    r.write("%d %d %s" % (n, top, err))
+os.rename(scratch + "/report.tmp", scratch + "/report")
+open(scratch + "/release").read()
+' 2>"$SCRATCH/holder.err""#
+        ))
+        .spawn();
+    let report = lab.scratch_path("report");
+    let errs = lab.scratch_path("holder.err");
+    wait_until("the holder reports", Duration::from_secs(120), || {
+        report.exists() || fs::metadata(&errs).is_ok_and(|m| m.len() > 0)
+    });
+    assert!(
+        report.exists(),
+        "{}",
+        fs::read_to_string(&errs).unwrap_or_default()
+    );
+    let rep = fs::read_to_string(&report).unwrap();
+    let f: Vec<&str> = rep.split_whitespace().collect();
+    let (held, top): (u64, u64) = (f[0].parse().unwrap(), f[1].parse().unwrap());
+    assert_eq!(f[2], "EMFILE", "{rep}");
+    assert_eq!(top, own - 1, "refused at the caller's own limit: {rep}");
+    if raised {
+        assert!(held > hard, "more files than the daemon's old limit: {rep}");
+    }
+
+    // While they are held: another uid opens and creates, and promote works.
+    let out = lab.sh_as(
+        USER,
+        USER,
+        r#"echo n > "$LAB/cache/new-1000"; cat "$LAB/cache/new-1000""#,
+    );
+    assert_eq!(out, "n\n");
+    let (code, out, err) = lab.sh_status(r#""$LABFS" promote "$LAB/scans/s/work/out""#);
+    assert_eq!(
+        code, 0,
+        "promote while a caller holds {held} files: {out}{err}"
+    );
+    assert_eq!(read(&lab.atlas_path("scans/s/work/out/f")), "p\n");
+
+    lab.sh(r#"echo go > "$SCRATCH/release""#);
+    let mut holder = holder;
+    assert!(
+        holder.wait_timeout(Duration::from_secs(60)).is_some(),
+        "holder did not exit"
+    );
 }

@@ -104,11 +104,29 @@ pub fn effective_cap(configured: usize, limit: u64) -> usize {
     }
 }
 
-/// At mount: raise the daemon's soft RLIMIT_NOFILE to its hard limit and set the
-/// per-uid cap from the rules file's `[limits]`.
+/// At mount: raise the daemon's RLIMIT_NOFILE (to `fs.nr_open` as root, else the
+/// soft limit to the hard one) and set the per-uid cap from the rules file's `[limits]`.
 pub fn apply_at_mount(fs: &super::LabFs, limits: &crate::config::Limits) {
     let limit = match crate::sys::raise_nofile_limit() {
-        Ok(n) => n,
+        Ok(l) => {
+            if l.raised_hard {
+                tracing::info!(
+                    soft = l.soft,
+                    hard = l.hard,
+                    "open-file limit raised to fs.nr_open ({})",
+                    l.hard
+                );
+            } else {
+                tracing::info!(
+                    soft = l.soft,
+                    hard = l.hard,
+                    "open-file limit: soft raised to the hard limit {} (fs.nr_open not \
+                     obtainable without CAP_SYS_RESOURCE)",
+                    l.hard
+                );
+            }
+            l.soft
+        }
         Err(e) => {
             tracing::warn!("cannot raise the open-file limit: {e}");
             crate::sys::nofile_limit()

@@ -484,7 +484,7 @@ impl LabFs {
                 // Listing the local part must not wait for a stalled or hung Atlas,
                 // but a listing known to miss promoted entries is an error, not a
                 // shorter list (a sync tool would delete what it does not see).
-                if self.has_known_atlas_children(&path.to_string_lossy()) {
+                if self.has_known_atlas_children(&path) {
                     return Err(Error::Errno(libc::ETIMEDOUT));
                 }
                 continue;
@@ -564,11 +564,11 @@ impl LabFs {
                     let child = join(&path, &name);
                     let cp = live.rules.resolve(&child);
                     // A tag that cannot be read fails the listing with its errno: a
-                    // promoted entry is never silently left out (tags::is_promoted).
+                    // promoted entry is never silently left out (TagReader::is_promoted).
                     cp.backend() == b
                         || (b == BackendKind::Atlas
                             && cp.class == Class::Transitional
-                            && crate::tags::is_promoted(
+                            && self.tags.is_promoted(
                                 &self.atlas,
                                 dfd.as_raw_fd(),
                                 &cstring(&name)?,

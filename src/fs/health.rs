@@ -25,8 +25,9 @@
 //! ([`Health::note_dir`]), transitional names from their local part only. The next
 //! probe that answers clears it.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::RawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -38,7 +39,7 @@ use parking_lot::Mutex;
 use tracing::{debug, info, warn};
 
 use super::attr::{Attr, Kind};
-use super::backend::{cstring, fstatat, split};
+use super::backend::{cstring, fstatat};
 use super::inode::BackingKey;
 use super::LabFs;
 use crate::rules::BackendKind;
@@ -63,7 +64,7 @@ pub struct Health {
     space: Mutex<Option<(u64, u64)>>,
     /// Last-known backing and attributes of the Atlas directories on the way to local
     /// paths, by namespace path (their inode numbers may be forgotten and renewed).
-    dirs: DashMap<String, (BackingKey, Attr)>,
+    dirs: DashMap<OsString, (BackingKey, Attr)>,
     /// `[atlas] timeout` and `probe_interval`, milliseconds (changed live by reload).
     timeout_ms: AtomicU64,
     probe_ms: AtomicU64,
@@ -79,7 +80,7 @@ pub struct Health {
     slow_until: Mutex<Option<Instant>>,
     /// Namespace paths of transitional names this daemon has seen on Atlas (promoted):
     /// while Atlas is down they answer ETIMEDOUT, never "absent".
-    atlas_names: DashSet<String>,
+    atlas_names: DashSet<OsString>,
 }
 
 /// How long one slow call keeps Atlas reported slow.
@@ -421,7 +422,7 @@ impl Health {
     }
 
     /// Remember directory `path` (its backing and attributes) for outages.
-    fn note_dir(&self, path: String, key: BackingKey, attr: &Attr) {
+    fn note_dir(&self, path: OsString, key: BackingKey, attr: &Attr) {
         if self.dirs.len() >= MAX_REMEMBERED_DIRS {
             self.dirs.clear();
         }
@@ -501,7 +502,7 @@ impl Health {
 impl LabFs {
     /// Whether `path`, placed on Atlas, is a directory on the way to local paths (the
     /// root, `/scans` and `/scans/x` for a rule `/scans/*/work`, ...).
-    pub fn leads_to_local(&self, path: &str) -> bool {
+    pub fn leads_to_local<P: AsRef<OsStr> + ?Sized>(&self, path: &P) -> bool {
         let live = self.live();
         live.rules.resolve(path).backend() == BackendKind::Atlas
             && live.rules.may_place_below(path, BackendKind::Local)
@@ -510,7 +511,7 @@ impl LabFs {
     /// Note a directory entry handed to the kernel: a directory on the way to local
     /// paths (for its last-known attributes), a transitional name found on Atlas.
     pub fn note_entry(&self, parent: u64, name: &OsStr, attr: &Attr) {
-        let Ok(path) = self.child_path(parent, name) else {
+        let Ok(path) = self.child_npath(parent, name) else {
             return;
         };
         if self.inodes.get(attr.ino).and_then(|n| n.backend()) == Some(BackendKind::Atlas)
@@ -537,7 +538,7 @@ impl LabFs {
             return;
         }
         let (Some(path), Some(key)) = (
-            self.inodes.path(ino),
+            self.inodes.npath(ino),
             self.inodes.get(ino).and_then(|n| n.key),
         ) else {
             return;
@@ -568,26 +569,27 @@ impl LabFs {
 
     /// Whether transitional name `parent/name` was seen on Atlas by this daemon.
     pub fn known_on_atlas(&self, parent: u64, name: &OsStr) -> bool {
-        self.child_path(parent, name)
+        self.child_npath(parent, name)
             .is_ok_and(|p| self.health.atlas_names.contains(&p))
     }
 
     /// Whether directory `path` has transitional children this daemon saw on Atlas.
-    pub fn has_known_atlas_children(&self, path: &str) -> bool {
-        let prefix = if path == "/" {
-            "/".to_string()
-        } else {
-            format!("{path}/")
-        };
+    pub fn has_known_atlas_children<P: AsRef<OsStr> + ?Sized>(&self, path: &P) -> bool {
+        let path = path.as_ref().as_bytes();
+        let mut prefix = path.to_vec();
+        if path != b"/" {
+            prefix.push(b'/');
+        }
         self.health.atlas_names.iter().any(|p| {
-            p.strip_prefix(&prefix)
-                .is_some_and(|rest| !rest.contains('/'))
+            p.as_bytes()
+                .strip_prefix(prefix.as_slice())
+                .is_some_and(|rest| !rest.contains(&b'/'))
         })
     }
 
     /// The last-known attributes of directory `ino`, for an outage.
     pub fn last_known_dir(&self, ino: u64) -> Option<Attr> {
-        let path = self.inodes.path(ino)?;
+        let path = self.inodes.npath(ino)?;
         let (key, attr) = *self.health.dirs.get(&path)?;
         if self.inodes.get(ino)?.key != Some(key) {
             return None;
@@ -599,7 +601,7 @@ impl LabFs {
     /// an outage: counted as a lookup, under the number it had (or a new one if the
     /// kernel has forgotten it meanwhile, as it does with expired unused entries).
     pub fn last_known_entry(&self, parent: u64, name: &OsStr) -> Option<Attr> {
-        let path = self.child_path(parent, name).ok()?;
+        let path = self.child_npath(parent, name).ok()?;
         let (key, attr) = *self.health.dirs.get(&path)?;
         if let Some(known) = self.inodes.peek(&key) {
             // Known under another name (renamed): not what this name leads to.
@@ -620,18 +622,23 @@ impl LabFs {
         self.backend_of(ino) == Some(BackendKind::Local)
             && self
                 .inodes
-                .path(ino)
+                .npath(ino)
                 .is_some_and(|p| self.placement(&p).backend() == BackendKind::Local)
     }
 
     /// Whether `path` is missing on the local SSD (checked as root, local backend only):
     /// a transitional name missing there may have been promoted to Atlas.
-    pub fn local_lacks(&self, path: &str) -> bool {
-        let (dir, name) = split(path);
-        let Ok(cname) = cstring(OsStr::new(name)) else {
+    pub fn local_lacks<P: AsRef<OsStr> + ?Sized>(&self, path: &P) -> bool {
+        let (dir, name) = super::object::split(path.as_ref());
+        let Ok(cname) = cstring(name) else {
             return false;
         };
-        match self.local.open_dir(dir) {
+        let dir_fd = super::object::open_beneath(
+            self.local.root_fd(),
+            dir,
+            libc::O_PATH | libc::O_DIRECTORY,
+        );
+        match dir_fd {
             Ok(fd) => {
                 use std::os::fd::AsRawFd;
                 fstatat(fd.as_raw_fd(), &cname).is_err()

@@ -44,7 +44,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
@@ -70,14 +70,58 @@ pub struct BackingKey {
 }
 
 /// Further names of an inode: (parent inode, name).
-pub type Names = Vec<(u64, Box<OsStr>)>;
+pub type Names = Vec<(u64, Name)>;
+
+/// One name (a directory entry's bytes), kept inline when short: most names are, and
+/// a heap allocation per remembered inode would cost more than the name itself.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Name {
+    Inline { len: u8, bytes: [u8; Name::INLINE] },
+    Heap(Box<OsStr>),
+}
+
+impl Name {
+    const INLINE: usize = 22;
+}
+
+impl From<&OsStr> for Name {
+    fn from(n: &OsStr) -> Name {
+        let b = n.as_bytes();
+        if b.len() <= Name::INLINE {
+            let mut bytes = [0u8; Name::INLINE];
+            bytes[..b.len()].copy_from_slice(b);
+            Name::Inline {
+                len: b.len() as u8,
+                bytes,
+            }
+        } else {
+            Name::Heap(n.into())
+        }
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = OsStr;
+    fn deref(&self) -> &OsStr {
+        match self {
+            Name::Inline { len, bytes } => OsStr::from_bytes(&bytes[..*len as usize]),
+            Name::Heap(b) => b,
+        }
+    }
+}
+
+impl std::fmt::Debug for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
+    }
+}
 
 /// What labfs remembers about one inode the kernel holds.
 #[derive(Clone, Debug)]
 pub struct Node {
     /// The primary name: where the rules place it (for a directory, its only name).
     pub parent: u64,
-    pub name: Box<OsStr>,
+    pub name: Name,
     /// Further names (hard links) the kernel reached it by.
     pub links: Option<Box<Names>>,
     /// `None` once the object is gone from its backend (last link removed).
@@ -154,7 +198,9 @@ impl Node {
 }
 
 pub struct InodeTable {
-    nodes: DashMap<u64, Node>,
+    /// Boxed: a map entry is then 16 bytes whatever the table's load factor (a
+    /// freshly doubled table is half empty), and each node costs what it holds.
+    nodes: DashMap<u64, Box<Node>>,
     /// (backend, st_dev) -> index used in derived numbers.
     devs: DashMap<(BackendKind, u64), u64>,
     /// Objects whose number is not derived (see the module doc).
@@ -162,10 +208,13 @@ pub struct InodeTable {
     next_fresh: AtomicU64,
     /// Forgets since the table last considered giving memory back.
     forgets: AtomicU64,
+    /// The table's size when free memory was last handed back (or larger, seen since).
+    trim_mark: AtomicUsize,
 }
 
-/// How often (in dropped inodes) the table checks whether to shrink.
-const SHRINK_EVERY: u64 = 1 << 16;
+/// How often (in dropped inodes) the table checks whether to shrink: often enough
+/// that what is left unreturned after a mass forget is a few hundred KiB at most.
+const SHRINK_EVERY: u64 = 1 << 12;
 
 impl InodeTable {
     /// A table holding only the root, whose object is `root`.
@@ -173,9 +222,9 @@ impl InodeTable {
         let nodes = DashMap::new();
         nodes.insert(
             ROOT_INO,
-            Node {
+            Box::new(Node {
                 parent: ROOT_INO,
-                name: OsString::new().into_boxed_os_str(),
+                name: Name::from(OsStr::new("")),
                 links: None,
                 key: Some(key),
                 backend: key.backend,
@@ -183,7 +232,7 @@ impl InodeTable {
                 nlookup: 1,
                 is_dir: true,
                 rebound: false,
-            },
+            }),
         );
         let fresh = DashMap::new();
         fresh.insert(key, ROOT_INO);
@@ -193,11 +242,12 @@ impl InodeTable {
             fresh,
             next_fresh: AtomicU64::new(FRESH_BASE),
             forgets: AtomicU64::new(0),
+            trim_mark: AtomicUsize::new(0),
         }
     }
 
     pub fn get(&self, ino: u64) -> Option<Node> {
-        self.nodes.get(&ino).map(|n| n.clone())
+        self.nodes.get(&ino).map(|n| Node::clone(&n))
     }
 
     /// The inode's backend and backing, cloned out of the table.
@@ -220,7 +270,7 @@ impl InodeTable {
         if ino == ROOT_INO {
             return Some("/".into());
         }
-        let mut parts: Vec<Box<OsStr>> = Vec::new();
+        let mut parts: Vec<Name> = Vec::new();
         let mut cur = ino;
         while cur != ROOT_INO {
             let n = self.nodes.get(&cur)?;
@@ -333,7 +383,7 @@ impl InodeTable {
                         want = Some(self.assign_fresh(key));
                         continue;
                     };
-                    v.insert(Node {
+                    v.insert(Box::new(Node {
                         parent,
                         name: name.into(),
                         links: None,
@@ -343,7 +393,7 @@ impl InodeTable {
                         nlookup: 1,
                         is_dir,
                         rebound: false,
-                    });
+                    }));
                     return ino;
                 }
             }
@@ -388,11 +438,19 @@ impl InodeTable {
     /// Give memory back once the kernel has forgotten most of what it once held
     /// (hash tables never shrink by themselves, nor does malloc return freed chunks).
     fn maybe_shrink(&self) {
-        if self.nodes.len() * 4 < self.nodes.capacity() {
+        let len = self.nodes.len();
+        if len * 4 < self.nodes.capacity() {
             self.nodes.shrink_to_fit();
             self.fresh.shrink_to_fit();
-            // SAFETY: malloc_trim only releases free memory back to the system.
-            unsafe { libc::malloc_trim(0) };
+        }
+        // The nodes themselves were freed one by one: hand whole free pages back each
+        // time the table has halved since the last time.
+        let mark = self.trim_mark.load(Ordering::Relaxed);
+        if len > mark {
+            self.trim_mark.store(len, Ordering::Relaxed);
+        } else if len * 2 < mark {
+            crate::sys::release_free_memory();
+            self.trim_mark.store(len, Ordering::Relaxed);
         }
     }
 
@@ -484,7 +542,7 @@ mod tests {
     }
 
     fn b() -> Backing {
-        Backing::Handle(Arc::from(vec![0u8; 8]))
+        Backing::Handle(super::super::object::HandleBytes::new(&[0u8; 20]))
     }
 
     fn table() -> InodeTable {
@@ -500,6 +558,26 @@ mod tests {
 
     fn rem(t: &InodeTable, k: BackingKey, name: &str) -> u64 {
         t.remember(k, b(), ROOT_INO, OsStr::new(name), false)
+    }
+
+    /// What one remembered inode costs (1,000,000 of them must fit in 200 MiB with
+    /// the table's own overhead): no allocation beyond the boxed node for short names
+    /// and local handles.
+    #[test]
+    fn a_node_is_small_and_short_names_and_handles_are_inline() {
+        assert!(
+            std::mem::size_of::<Node>() <= 104,
+            "{}",
+            std::mem::size_of::<Node>()
+        );
+        assert!(matches!(
+            Name::from(OsStr::new("IMG_20240101_123456.jpg")),
+            Name::Heap(_)
+        ));
+        let n = Name::from(OsStr::from_bytes(b"bad\xffname"));
+        assert!(matches!(n, Name::Inline { .. }));
+        assert_eq!(n.as_bytes(), b"bad\xffname");
+        assert_eq!(b().heap_size(), 0);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //!
 //! Visibility: an entry stored on backend B at namespace path P is shown iff the rules
 //! place P on B, or P is under a transitional rule, B is Atlas and the entry carries
-//! the promoted tag ([`crate::tags`]). Anything else is misplaced: hidden, reported by
+//! the promoted tag ([`tag_reader`]). Anything else is misplaced: hidden, reported by
 //! `labfs check`, never deleted.
 
 pub mod attr;
@@ -21,7 +21,9 @@ pub mod inode;
 pub mod inode_flags;
 pub mod object;
 mod ops;
+pub mod placements;
 mod promote_support;
+pub mod tag_reader;
 pub mod xattr;
 
 use std::ffi::{CString, OsStr, OsString};
@@ -90,6 +92,10 @@ pub struct LabFs {
     refusals_logged: DashMap<String, ()>,
     invalidator: OnceLock<Box<dyn Fn(Invalidate) + Send + Sync>>,
     pub options: MountOptions,
+    /// Reads promotion's stored tags (given at construction: see [`tag_reader`]).
+    pub tags: Box<dyn tag_reader::TagReader>,
+    /// Placement decisions per rule, for `labfs status`.
+    pub placements: placements::PlacementCounts,
 }
 
 /// Where a namespace path is stored right now, with the handles to reach it.
@@ -118,7 +124,11 @@ fn dup_fd(fd: i32) -> Result<OwnedFd> {
 }
 
 impl LabFs {
-    pub fn new(config: &Config, options: MountOptions) -> std::io::Result<LabFs> {
+    pub fn new(
+        config: &Config,
+        options: MountOptions,
+        tags: Box<dyn tag_reader::TagReader>,
+    ) -> std::io::Result<LabFs> {
         let atlas = Backend::open(BackendKind::Atlas, &config.storage.atlas)?;
         let local = Backend::open(BackendKind::Local, &config.storage.local)?;
         let live = Live::from_config(config);
@@ -162,6 +172,8 @@ impl LabFs {
             refusals_logged: DashMap::new(),
             invalidator: OnceLock::new(),
             options,
+            tags,
+            placements: Default::default(),
         })
     }
 
@@ -216,7 +228,7 @@ impl LabFs {
 
     pub fn placement<P: AsRef<OsStr> + ?Sized>(&self, path: &P) -> Placement {
         let p = self.live().rules.resolve(path);
-        crate::stats::rule_hit(&p);
+        self.placements.count(&p);
         p
     }
 
@@ -440,8 +452,11 @@ impl LabFs {
         }
         // A transitional path may have been promoted to Atlas.
         let (parent_fd, stat) = self.stat_on(creds, BackendKind::Atlas, path, dir, &cname)?;
-        // A tag that cannot be read is that error, never "absent" (tags::is_promoted).
-        if !crate::tags::is_promoted(&self.atlas, parent_fd.as_raw_fd(), &cname, &path)? {
+        // A tag that cannot be read is that error, never "absent" (TagReader::is_promoted).
+        if !self
+            .tags
+            .is_promoted(&self.atlas, parent_fd.as_raw_fd(), &cname, path)?
+        {
             return Err(Error::Errno(libc::ENOENT));
         }
         Ok(Located {
@@ -523,8 +538,11 @@ impl LabFs {
             Err(e) => return Err(e),
         }
         let f = self.find(creds, parent, name, BackendKind::Atlas, &path)?;
-        // A tag that cannot be read is that error, never "absent" (tags::is_promoted).
-        if !crate::tags::is_promoted(&self.atlas, f.dir.as_raw_fd(), &f.cname, &path)? {
+        // A tag that cannot be read is that error, never "absent" (TagReader::is_promoted).
+        if !self
+            .tags
+            .is_promoted(&self.atlas, f.dir.as_raw_fd(), &f.cname, &path)?
+        {
             return Err(Error::Errno(libc::ENOENT));
         }
         Ok((BackendKind::Atlas, f, placement, path))

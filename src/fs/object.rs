@@ -32,13 +32,55 @@ const MAX_HANDLE: usize = 128;
 /// How an inode reaches its backing object again.
 #[derive(Clone, Debug)]
 pub enum Backing {
-    /// `struct file_handle` as the kernel encoded it (type, then bytes).
-    Handle(Arc<[u8]>),
+    /// `struct file_handle` as the kernel encoded it (header, then bytes).
+    Handle(HandleBytes),
     /// An O_PATH descriptor held for the inode's life.
     Fd(Arc<OwnedFd>),
     /// Not reached yet: a directory handed out from memory while Atlas did not
     /// answer; reached by its one namespace path until a lookup gives it a backing.
     ByPath,
+}
+
+/// An encoded `struct file_handle`, inline when it is short (tmpfs, ext4, xfs and
+/// btrfs handles are 16-28 bytes with the header): one remembered inode then needs no
+/// allocation of its own for its handle. NFS handles are longer and go to the heap.
+#[derive(Clone)]
+pub enum HandleBytes {
+    Inline {
+        len: u8,
+        bytes: [u8; HandleBytes::INLINE],
+    },
+    Heap(Arc<[u8]>),
+}
+
+impl HandleBytes {
+    const INLINE: usize = 30;
+
+    pub fn new(b: &[u8]) -> HandleBytes {
+        if b.len() <= HandleBytes::INLINE {
+            let mut bytes = [0u8; HandleBytes::INLINE];
+            bytes[..b.len()].copy_from_slice(b);
+            HandleBytes::Inline {
+                len: b.len() as u8,
+                bytes,
+            }
+        } else {
+            HandleBytes::Heap(Arc::from(b))
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            HandleBytes::Inline { len, bytes } => &bytes[..*len as usize],
+            HandleBytes::Heap(b) => b,
+        }
+    }
+}
+
+impl std::fmt::Debug for HandleBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HandleBytes({} bytes)", self.as_bytes().len())
+    }
 }
 
 /// An O_PATH descriptor of an object, owned or borrowed from its inode.
@@ -67,6 +109,14 @@ pub fn proc_fd_path(fd: RawFd) -> CString {
     CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default()
 }
 
+/// `/proc/self/fd/DIR/NAME`: NAME in an already opened directory, without resolving
+/// any path from `/` (the l*xattr calls do not follow a final symlink).
+pub fn proc_child_path(dirfd: RawFd, name: &std::ffi::CStr) -> CString {
+    let mut v = format!("/proc/self/fd/{dirfd}/").into_bytes();
+    v.extend_from_slice(name.to_bytes());
+    CString::new(v).unwrap_or_default()
+}
+
 /// The mount id of the filesystem behind `fd`, if it can encode handles.
 pub fn handle_mount_id(fd: RawFd) -> Option<i32> {
     encode(fd).map(|(_, m)| m)
@@ -78,6 +128,7 @@ fn encode(fd: RawFd) -> Option<(Vec<u8>, i32)> {
     // SAFETY: buf is large enough for the header and MAX_HANDLE bytes, and aligned
     // enough for the two u32/i32 header fields (Vec<u8> from the allocator is 8-aligned).
     let fh = buf.as_mut_ptr() as *mut libc::file_handle;
+    // SAFETY: as above: `fh` points at the header inside `buf`.
     unsafe { (*fh).handle_bytes = MAX_HANDLE as u32 };
     let mut mnt: libc::c_int = 0;
     let empty = c"";
@@ -100,22 +151,19 @@ impl Backing {
     pub fn of_fd(fd: RawFd, mnt_id: Option<i32>) -> Result<Backing> {
         if let (Some(want), Some((h, m))) = (mnt_id, encode(fd)) {
             if m == want {
-                return Ok(Backing::Handle(Arc::from(h)));
+                return Ok(Backing::Handle(HandleBytes::new(&h)));
             }
         }
-        let p = proc_fd_path(fd);
-        // SAFETY: valid C string; O_PATH of the object the magic link names.
-        let r = unsafe { libc::open(p.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
-        check(r)?;
-        // SAFETY: new descriptor we own.
-        Ok(Backing::Fd(Arc::new(unsafe { OwnedFd::from_raw_fd(r) })))
+        // O_PATH of the object the magic link names.
+        let f = crate::sys::open_path(&proc_fd_path(fd), libc::O_PATH).map_err(Error::Io)?;
+        Ok(Backing::Fd(Arc::new(f)))
     }
 
     /// Take an O_PATH descriptor we already own as the backing (handle if possible).
     pub fn of_path_fd(fd: OwnedFd, mnt_id: Option<i32>) -> Backing {
         if let (Some(want), Some((h, m))) = (mnt_id, encode(fd.as_raw_fd())) {
             if m == want {
-                return Backing::Handle(Arc::from(h));
+                return Backing::Handle(HandleBytes::new(&h));
             }
         }
         Backing::Fd(Arc::new(fd))
@@ -127,7 +175,7 @@ impl Backing {
             Backing::Fd(f) => Ok(ObjFd::Held(f.clone())),
             Backing::ByPath => Err(Error::Errno(libc::ESTALE)),
             Backing::Handle(h) => {
-                let mut buf = h.to_vec();
+                let mut buf = h.as_bytes().to_vec();
                 let fh = buf.as_mut_ptr() as *mut libc::file_handle;
                 let _root = Creds::root().assume()?;
                 // SAFETY: buf holds a file_handle as name_to_handle_at encoded it.
@@ -143,7 +191,8 @@ impl Backing {
     /// Heap bytes this backing keeps (for memory accounting in tests).
     pub fn heap_size(&self) -> usize {
         match self {
-            Backing::Handle(h) => h.len() + 16,
+            Backing::Handle(HandleBytes::Heap(h)) => h.len() + 16,
+            Backing::Handle(HandleBytes::Inline { .. }) => 0,
             Backing::Fd(_) => 24,
             Backing::ByPath => 0,
         }
@@ -154,28 +203,15 @@ impl Backing {
 /// thread acts as (the kernel checks the mode as for open(2)).
 pub fn reopen(fd: &impl AsRawFd, flags: i32) -> Result<OwnedFd> {
     let p = proc_fd_path(fd.as_raw_fd());
-    let f = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW))
-        | libc::O_CLOEXEC;
-    // SAFETY: valid C string.
-    let r = unsafe { libc::open(p.as_ptr(), f) };
-    check(r)?;
-    // SAFETY: new descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(r) })
+    let f = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW);
+    crate::sys::open_path(&p, f).map_err(Error::Io)
 }
 
 /// openat(dirfd, name, O_PATH | O_NOFOLLOW) and its lstat.
 pub fn open_child(dirfd: RawFd, name: &std::ffi::CStr) -> Result<(OwnedFd, libc::stat)> {
-    // SAFETY: valid dirfd and C string.
-    let r = unsafe {
-        libc::openat(
-            dirfd,
-            name.as_ptr(),
-            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    };
-    check(r)?;
-    // SAFETY: new descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(r) };
+    // SAFETY: `dirfd` is a descriptor the caller holds open for this call.
+    let dir = unsafe { std::os::fd::BorrowedFd::borrow_raw(dirfd) };
+    let fd = crate::sys::open_at(dir, name, libc::O_PATH | libc::O_NOFOLLOW).map_err(Error::Io)?;
     let st = fstat(fd.as_raw_fd())?;
     Ok((fd, st))
 }

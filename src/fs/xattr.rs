@@ -1,5 +1,5 @@
 //! Extended attributes: passed through to the backend object, plus labfs's own
-//! read-only `user.labfs.*` names (see [`crate::tags`] for the namespace).
+//! read-only `user.labfs.*` names (see `crate::tags` for the namespace).
 //!
 //! The `user.labfs.*` names are answered when asked for by name, and never listed
 //! (docs/semantics.md): a listed name is one that `cp -a`, `mv`, `rsync -X` and
@@ -13,11 +13,11 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::OnceLock;
 
+use super::tag_reader as tags;
 use super::{Ctx, LabFs, Located};
 use crate::error::{Error, Result};
 use crate::rules::{BackendKind, Class};
 use crate::sys;
-use crate::tags;
 
 /// Whether an object of this mode can carry `user.*` names (the kernel refuses them
 /// on symlinks, fifos, sockets and devices).
@@ -82,14 +82,15 @@ impl LabFs {
         let promoted =
             loc.backend == BackendKind::Atlas && loc.placement.class == Class::Transitional;
         let stored_class = if loc.backend == BackendKind::Atlas && loc.path != "/" {
-            tags::read_tag(
-                &self.atlas,
-                loc.parent_fd.as_raw_fd(),
-                &loc.name,
-                &loc.path,
-                tags::CLASS,
-            )
-            .and_then(|v| String::from_utf8(v).ok())
+            self.tags
+                .read_tag(
+                    &self.atlas,
+                    loc.parent_fd.as_raw_fd(),
+                    &loc.name,
+                    &loc.path,
+                    tags::CLASS,
+                )
+                .and_then(|v| String::from_utf8(v).ok())
         } else {
             None
         };
@@ -121,7 +122,7 @@ impl LabFs {
         if loc.stat.st_mode & libc::S_IFMT != libc::S_IFREG || loc.path.as_bytes() == b"/" {
             return false;
         }
-        let at = tags::read_tag(
+        let at = self.tags.read_tag(
             &self.atlas,
             loc.parent_fd.as_raw_fd(),
             &loc.name,
@@ -145,7 +146,7 @@ impl LabFs {
                 return sized(v.into_bytes(), size);
             }
             if loc.backend == BackendKind::Atlas && loc.path != "/" {
-                if let Some(v) = tags::read_tag(
+                if let Some(v) = self.tags.read_tag(
                     &self.atlas,
                     loc.parent_fd.as_raw_fd(),
                     &loc.name,
@@ -194,7 +195,7 @@ impl LabFs {
         if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
             let loc = self.locate_ino(creds, ino)?;
             return Ok(XattrTarget {
-                path: tags::proc_path(loc.parent_fd.as_raw_fd(), &loc.name),
+                path: super::object::proc_child_path(loc.parent_fd.as_raw_fd(), &loc.name),
                 follow: false,
                 _keep: Some(loc.parent_fd),
                 _obj: obj,

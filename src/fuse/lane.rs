@@ -367,7 +367,7 @@ impl LabFuse {
         parent: INodeNo,
         name: &OsStr,
     ) -> (BackendKind, Option<Answer<ReplyEntry>>) {
-        let Ok(path) = self.fs.child_path(parent.0, name) else {
+        let Ok(path) = self.fs.child_npath(parent.0, name) else {
             return (BackendKind::Atlas, None);
         };
         let p = self.fs.placement(&path);
