@@ -179,11 +179,13 @@ fn xattr_reply(reply: ReplyXattr, out: XattrOut) {
 impl Filesystem for LabFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let caps = config.capabilities();
+        // Every listing batch is READDIRPLUS: it hands the kernel entries and attributes
+        // in bulk. FUSE_READDIRPLUS_AUTO (plain READDIR after the first batch unless a
+        // lookup happened in the directory) made first listings 3.5x faster but the
+        // stat, rm -rf and git rows that follow a listing 2-40x slower, each name then
+        // costing a LOOKUP or GETATTR round trip (docs/benchmarks.md, quiet run of
+        // 4428c0d), so it stays off.
         let want = InitFlags::FUSE_DO_READDIRPLUS
-            // READDIRPLUS only for the first batch of a listing and after a lookup in
-            // the directory (`ls -l`, `find -type`...); plain READDIR, which needs no
-            // stat nor inode per entry, for the rest of a plain listing.
-            | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_DONT_MASK
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_ATOMIC_O_TRUNC
