@@ -27,15 +27,15 @@ pub fn takes_user_xattrs(mode: u32) -> bool {
 
 /// Asks the promotion registry (src/promote, which uses the core: the core cannot call
 /// it) whether a job is moving `path` now; set once by promote when a mount starts.
-static IN_FLIGHT: OnceLock<fn(&str) -> bool> = OnceLock::new();
+static IN_FLIGHT: OnceLock<fn(&std::ffi::OsStr) -> bool> = OnceLock::new();
 
 /// Register how to tell whether a path is being promoted (`user.labfs.state` =
 /// `promoting`).
-pub fn set_promotion_probe(probe: fn(&str) -> bool) {
+pub fn set_promotion_probe(probe: fn(&std::ffi::OsStr) -> bool) {
     let _ = IN_FLIGHT.set(probe);
 }
 
-fn promotion_in_flight(path: &str) -> bool {
+fn promotion_in_flight(path: &std::ffi::OsStr) -> bool {
     IN_FLIGHT.get().is_some_and(|f| f(path))
 }
 
@@ -103,7 +103,7 @@ impl LabFs {
                 (BackendKind::Atlas, _) if promoted || stored_class.is_some() => "promoted".into(),
                 (BackendKind::Atlas, _) => "atlas".into(),
                 (BackendKind::Local, Class::Transitional) => {
-                    if promotion_in_flight(&loc.path.to_string_lossy()) {
+                    if promotion_in_flight(&loc.path) {
                         "promoting".into()
                     } else {
                         "at-risk".into()

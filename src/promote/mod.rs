@@ -80,7 +80,7 @@ pub fn in_flight<P: AsRef<std::ffi::OsStr> + ?Sized>(path: &P) -> bool {
 /// Complete or roll back promotions interrupted by a crash (journal replay); probe
 /// whether Atlas takes user xattrs. Runs before the mount serves requests.
 pub fn recover_on_mount(fs: &Arc<LabFs>) {
-    crate::fs::xattr::set_promotion_probe(|p: &str| in_flight(p));
+    crate::fs::xattr::set_promotion_probe(|p: &std::ffi::OsStr| in_flight(p));
     *registry().fs.lock() = Some(Arc::downgrade(fs));
     registry().stopping.store(false, Ordering::Relaxed);
     if fs.health.is_down() {
