@@ -358,12 +358,6 @@ fn promotion_leaves_no_inodes_behind_after_forget() {
     let (code, out, err) = lab.sh_status(r#""$LABFS" promote "$LAB/scans/m/work/out""#);
     assert_eq!(code, 0, "promote: {out}{err}");
     lab.sh(r#"ls -l "$LAB/scans/m/work/out" >/dev/null"#);
-    let inodes = |lab: &MountedLab| -> u64 {
-        let mnt = lab.mnt().to_string_lossy().into_owned();
-        let out = Sh::program(LABFS, &["status", "--json", &mnt]).ok();
-        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("status --json");
-        v["inodes"].as_u64().expect("inodes in status")
-    };
     // Hold every promoted file open, so the kernel keeps all 2000 inodes while they
     // are counted whatever else the machine does (reclaim or another test's cache
     // drop may forget unused dentries at any time); an open descriptor pins its inode.
@@ -374,7 +368,7 @@ fn promotion_leaves_no_inodes_behind_after_forget() {
             .map(|i| fs::File::open(dir.join(format!("f{i}"))))
             .collect::<std::io::Result<_>>()
             .expect("open every promoted file");
-        let held = inodes(&lab);
+        let held = inodes_in_table(&lab);
         drop(open);
         held
     };
@@ -385,12 +379,18 @@ fn promotion_leaves_no_inodes_behind_after_forget() {
     if !drop_kernel_caches() {
         return;
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while inodes(&lab) > 100 {
+    wait_until_table_empties(&lab, Duration::from_secs(20));
+}
+
+/// After a cache drop: drops caches again until the daemon's table holds at most 100
+/// inodes (the kernel forgets asynchronously), failing after `within`.
+fn wait_until_table_empties(lab: &MountedLab, within: Duration) {
+    let deadline = Instant::now() + within;
+    while inodes_in_table(lab) > 100 {
         assert!(
             Instant::now() < deadline,
             "inodes still held after forget: {}",
-            inodes(&lab)
+            inodes_in_table(lab)
         );
         drop_kernel_caches();
     }
@@ -465,15 +465,7 @@ PY"#,
     if !drop_kernel_caches() {
         return;
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while inodes_in_table(&lab) > 100 {
-        assert!(
-            Instant::now() < deadline,
-            "inodes still held after forget: {}",
-            inodes_in_table(&lab)
-        );
-        drop_kernel_caches();
-    }
+    wait_until_table_empties(&lab, Duration::from_secs(30));
     // Most of what the walk added is handed back.
     let after = daemon_rss_kib(&lab);
     eprintln!("RSS KiB: {before} before, {grown} at {held} inodes ({per_inode} B each), {after} after forget");
