@@ -136,6 +136,9 @@ fn ask_mount(path: &Path) -> Option<Result<Explained, String>> {
             serde_json::from_slice::<Explained>(&v)
                 .map_err(|e| format!("{shown}: unreadable answer from the mount: {e}")),
         ),
+        // ENODATA (`Ok(None)`): no labfs mount answers, or one of protocol 1 did not
+        // take a name that is not UTF-8 (ENOTSUP, EPERM: its backend refused it).
+        Ok(None) if std::str::from_utf8(rest).is_err() => older_daemon(&base, &shown),
         Ok(None) => None,
         Err(e) => match e.raw_os_error() {
             Some(libc::ENODATA) | Some(libc::ENOTSUP) | Some(libc::EPERM)
