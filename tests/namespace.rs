@@ -665,6 +665,43 @@ fn explain_through_the_mount_takes_any_bytes_existing_or_not() {
     assert!(v["inodes"].as_u64().is_some(), "{v}");
 }
 
+/// `labfs promote` of a directory whose own name is not UTF-8 (the request names it
+/// `{"hex": ...}`) below a parent whose name is not UTF-8 either; `explain` then says
+/// promoted.
+#[test]
+fn promote_and_explain_a_directory_whose_own_name_is_not_utf8() {
+    let lab = MountedLab::new();
+    lab.sh(r#"d="$LAB/scans/$(printf 's\351')/work/$(printf 'out\377')"
+           mkdir -p "$d/$(printf 'sub\376')"
+           echo x > "$d/$(printf 'f\351')"; echo y > "$d/$(printf 'sub\376')/g""#);
+    let (code, out, err) = lab.sh_status(
+        r#""$LABFS" promote --json "$LAB/scans/$(printf 's\351')/work/$(printf 'out\377')""#,
+    );
+    assert_eq!(code, 0, "{out}{err}\n{}", lab.daemon_log());
+    let p: serde_json::Value = serde_json::from_str(out.trim()).expect("--json result");
+    assert_eq!(p["state"], "done", "{p}");
+    assert_eq!(p["path"], "/scans/s\\xe9/work/out\\xff", "{p}");
+    assert_eq!(p["path_hex"], hex(b"/scans/s\xe9/work/out\xff"), "{p}");
+    let on_atlas = |rel: &[u8]| {
+        use std::os::unix::ffi::OsStrExt;
+        let mut b = b"scans/s\xe9/work/out\xff/".to_vec();
+        b.extend_from_slice(rel);
+        fs::read(lab.atlas_path("").join(std::ffi::OsStr::from_bytes(&b)))
+            .unwrap_or_else(|e| panic!("{}: {e}", String::from_utf8_lossy(rel)))
+    };
+    assert_eq!(on_atlas(b"f\xe9"), b"x\n");
+    assert_eq!(on_atlas(b"sub\xfe/g"), b"y\n");
+    let (code, out, err) = lab.sh_status(
+        r#""$LABFS" explain "$LAB/scans/$(printf 's\351')/work/$(printf 'out\377')/$(printf 'f\351')""#,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("path:      /scans/s\\xe9/work/out\\xff/f\\xe9\n"),
+        "{out}"
+    );
+    assert!(out.contains("state:     promoted"), "{out}");
+}
+
 #[test]
 fn killed_daemon_can_be_remounted_and_serves_the_same_data() {
     let mut lab = MountedLab::new();
