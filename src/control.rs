@@ -283,6 +283,7 @@ pub fn set(fs: &LabFs, ctx: &Ctx, ino: u64, name: &OsStr, value: &[u8]) -> Resul
 /// `labfs reload MOUNTPOINT`: ask the daemon behind MOUNTPOINT to re-read its rules.
 pub fn reload_cli(mountpoint: &std::path::Path) -> i32 {
     use crate::exit::{EXIT_FAIL, EXIT_OK, EXIT_USAGE};
+    let shown = crate::check::shown(mountpoint.as_os_str());
     let rules_file = match xattr::get(mountpoint, STATUS) {
         Ok(Some(raw)) => serde_json::from_slice::<serde_json::Value>(&raw)
             .ok()
@@ -292,10 +293,7 @@ pub fn reload_cli(mountpoint: &std::path::Path) -> i32 {
     let Some(rules_file) = rules_file else {
         let why = match crate::status::fetch(mountpoint, false) {
             Err(e) => e.message(mountpoint),
-            Ok(_) => format!(
-                "{}: the mount did not name its rules file",
-                mountpoint.display()
-            ),
+            Ok(_) => format!("{}: the mount did not name its rules file", shown),
         };
         eprintln!("labfs: {why}");
         return EXIT_FAIL;
@@ -308,7 +306,7 @@ pub fn reload_cli(mountpoint: &std::path::Path) -> i32 {
                 .map(|r| String::from_utf8_lossy(&r).into_owned())
                 .filter(|r| !r.is_empty())
                 .unwrap_or_else(|| format!("rules reloaded from {rules_file}"));
-            println!("labfs: {}: {report}", mountpoint.display());
+            println!("labfs: {}: {report}", shown);
             EXIT_OK
         }
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
@@ -321,19 +319,16 @@ pub fn reload_cli(mountpoint: &std::path::Path) -> i32 {
             };
             eprintln!(
                 "labfs: {}: rules NOT reloaded, the old rules stay in force:\n{why}",
-                mountpoint.display()
+                shown
             );
             EXIT_USAGE
         }
         Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => {
-            eprintln!(
-                "labfs: {}: only root may reload the rules",
-                mountpoint.display()
-            );
+            eprintln!("labfs: {}: only root may reload the rules", shown);
             EXIT_FAIL
         }
         Err(e) => {
-            eprintln!("labfs: {}: reload failed: {e}", mountpoint.display());
+            eprintln!("labfs: {}: reload failed: {e}", shown);
             EXIT_FAIL
         }
     }

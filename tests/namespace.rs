@@ -584,6 +584,7 @@ fn hex(b: &[u8]) -> String {
 /// control name that is not UTF-8 never reaches a backend.
 #[test]
 fn explain_through_the_mount_takes_any_bytes_existing_or_not() {
+    use std::os::unix::ffi::OsStrExt;
     let lab = MountedLab::new();
     lab.sh(r#"mkdir -p "$LAB/docs" "$LAB/cache/$(printf 'd\377')"
            echo a > "$LAB/docs/$(printf 'caf\351')"
@@ -617,7 +618,6 @@ fn explain_through_the_mount_takes_any_bytes_existing_or_not() {
     // The protocol itself: version 2, the missing part as raw bytes in the control
     // name, the exact bytes in the reply.
     let raw = |path: &std::path::Path, name: &[u8]| {
-        use std::os::unix::ffi::OsStrExt;
         Sh::program(
             "python3",
             &[
@@ -655,6 +655,27 @@ fn explain_through_the_mount_takes_any_bytes_existing_or_not() {
     assert_eq!(
         raw(&lab.path("docs"), stored),
         format!("errno {}", libc::ENODATA)
+    );
+    // Nor does setting one reach the backend: EINVAL, nothing stored.
+    let set = Sh::program(
+        "python3",
+        &[
+            "-c",
+            "import os,sys\ntry:\n os.setxattr(bytes.fromhex(sys.argv[1]), bytes.fromhex(sys.argv[2]), b'v'); print('set')\nexcept OSError as e: print(e.errno)",
+            &hex(lab.path("docs").as_os_str().as_encoded_bytes()),
+            &hex(b"user.labfs.ctl.y\xff"),
+        ],
+    )
+    .ok();
+    assert_eq!(set.trim(), libc::EINVAL.to_string());
+    assert!(
+        xattr::get(
+            lab.atlas_path("docs"),
+            std::ffi::OsStr::from_bytes(b"user.labfs.ctl.y\xff")
+        )
+        .expect("getxattr on Atlas")
+        .is_none(),
+        "a control name was stored on Atlas"
     );
 
     // status of a path whose name is not UTF-8 answers too.

@@ -86,7 +86,7 @@ fn explain_errno(e: &io::Error, shown: &str, target: &Path) -> String {
         Some(libc::ENODATA) | Some(libc::EOPNOTSUPP) => format!("{shown}: not on a labfs mount"),
         Some(libc::EACCES) | Some(libc::EPERM) => format!(
             "{shown}: permission denied: promoting needs write permission on {}",
-            target.display()
+            super::util::show(target.as_os_str())
         ),
         Some(libc::ENOTCONN) => format!("{shown}: the labfs daemon of this mount is not running"),
         // The daemon died while answering: the kernel aborts the connection.
