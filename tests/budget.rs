@@ -105,7 +105,8 @@ fn open_fds(pid: u32) -> usize {
 /// request the kernel still sends for them works on a descriptor opened again: write,
 /// read back, fallocate, ftruncate, lseek SEEK_DATA/SEEK_HOLE, FS_IOC_GETFLAGS,
 /// fsync and fdatasync (success, and the data is on the backend while still open),
-/// and ftruncate of a file chmod'ed read-only after it was opened for writing.
+/// ftruncate of a file chmod'ed read-only after it was opened for writing, and all of
+/// it on a file unlinked while open.
 #[test]
 fn a_caller_holds_far_more_passthrough_files_than_the_daemon_has_descriptors() {
     const LIMIT: usize = 300;
@@ -153,6 +154,18 @@ for d in ("cache", "docs"):
     os.fchmod(fd, 0o444)
     os.ftruncate(fd, 3)
     os.fsync(fd)
+    ro.append(fd)
+# Unlinked while open: the requests still reach the object.
+for d in ("cache", "docs"):
+    p = "%s/%s/many/gone" % (lab, d)
+    fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o644)
+    os.unlink(p)
+    os.write(fd, b"still here")
+    os.posix_fallocate(fd, 0, 4096)
+    os.ftruncate(fd, 5)
+    os.fsync(fd)
+    if os.pread(fd, 100, 0) != b"still" or os.fstat(fd).st_size != 5:
+        bad.append("unlinked " + d)
     ro.append(fd)
 with open(scratch + "/report.tmp", "w") as r:
     r.write("%d %s" % (len(fds), ";".join(bad) or "ok"))

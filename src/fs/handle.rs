@@ -279,6 +279,9 @@ pub struct Opened {
     /// handle's descriptor as the backing file ([`FileHandle::held`]).
     pub passthrough: bool,
     pub backend: BackendKind,
+    /// close(2) of the file can report nothing a FLUSH would add (a local
+    /// filesystem): the kernel may skip FLUSH (FOPEN_NOFLUSH).
+    pub noflush: bool,
     /// The kernel may keep the file's cached pages: labfs is the only writer (local),
     /// or Atlas shows the same version as at the previous open (close-to-open).
     pub keep_cache: bool,
@@ -371,6 +374,7 @@ impl LabFs {
             fh,
             passthrough,
             backend,
+            noflush: backend == BackendKind::Local || !self.atlas_io.close_reports_errors(),
             keep_cache,
             created: false,
         })
@@ -485,16 +489,17 @@ impl LabFs {
     /// close(2) of one of the caller's descriptors: report deferred write errors
     /// (NFS reports them at close) by closing a duplicate.
     ///
-    /// A handle whose descriptor the daemon dropped (passthrough) and that is open for
-    /// writing closes a descriptor opened for writing now: on NFS its close writes the
-    /// inode's dirty pages back and reports what fails (the pages belong to the inode,
-    /// not to a descriptor). Local files ask for no FLUSH (FOPEN_NOFLUSH), and a file
+    /// Files on a local filesystem (the SSD, Atlas on ext4 and the like) ask for no
+    /// FLUSH ([`Opened::noflush`]). A handle whose descriptor the daemon dropped
+    /// (passthrough forced onto NFS) and that is open for writing closes a descriptor
+    /// opened for writing now: its close writes the inode's dirty pages back and
+    /// reports what fails (the pages belong to the inode, not to a descriptor); a file
     /// open only for reading has nothing to report.
     pub fn flush(&self, fh: u64) -> Result<()> {
         let h = self.file(fh)?;
         let fd = match h.held() {
             Some(fd) => rustix::io::dup(&*fd).map_err(io)?,
-            None if !h.writable || h.backend == BackendKind::Local => return Ok(()),
+            None if !h.writable => return Ok(()),
             None => match self.handle_fd(&h, Need::Write)? {
                 HandleFd::Fresh(fd) => fd,
                 other => rustix::io::dup(&other).map_err(io)?,

@@ -109,11 +109,13 @@ impl Passthrough {
 
 /// Flags of an open served by kernel passthrough.
 pub(super) fn pass_flags(o: &Opened) -> FopenFlags {
-    match o.backend {
-        // close(2) on the SSD reports nothing a FLUSH could add: skip the round trip.
-        BackendKind::Local => FopenFlags::FOPEN_NOFLUSH,
+    if o.noflush {
+        // close(2) on a local filesystem (the SSD, Atlas on ext4 and the like) reports
+        // nothing a FLUSH could add: skip the round trip.
+        FopenFlags::FOPEN_NOFLUSH
+    } else {
         // NFS reports deferred write errors at close: keep FLUSH.
-        BackendKind::Atlas => FopenFlags::empty(),
+        FopenFlags::empty()
     }
 }
 
