@@ -221,11 +221,6 @@ impl Handles {
         self.files.iter().map(|h| h.object).collect()
     }
 
-    /// Open files whose descriptor the daemon holds.
-    pub fn held_descriptors(&self) -> usize {
-        self.files.iter().filter(|h| h.fd.lock().is_some()).count()
-    }
-
     /// Number of handles open for writing on `ino`.
     pub fn writers_of(&self, ino: u64) -> u32 {
         self.writers.get(&ino).map(|n| *n).unwrap_or(0)
