@@ -20,6 +20,7 @@
 //! ([`LabFs::handle_fd`]). A handle the kernel does not pass through (Atlas on NFS,
 //! `[atlas] file_io = "daemon"`, no kernel passthrough) keeps its descriptor, and
 //! only those count against the per-uid budget ([`super::budget`]).
+
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -328,7 +329,7 @@ impl LabFs {
             let _as = creds.assume()?;
             super::object::reopen(&obj, flags)?
         };
-        let opened = self.new_file_handle(ino, fd, kind, flags, &creds)?;
+        let opened = self.new_file_handle(ino, fd, kind, flags, &creds);
         permit.bind(opened.fh);
         Ok(opened)
     }
@@ -341,38 +342,42 @@ impl LabFs {
         backend: BackendKind,
         flags: i32,
         opener: &Creds,
-    ) -> Result<Opened> {
+    ) -> Opened {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        // A descriptor that cannot be stat'ed (an NFS error) keeps the daemon path:
+        // without the object's identity it could not be opened again.
+        let st = fstat(fd.as_raw_fd()).ok();
         // Atlas: only where the backend bounds its own failures, or when forced
         // (src/fs/atlas_io.rs); otherwise every read and write passes the watchdog.
-        let passthrough = backend == BackendKind::Local || self.atlas_passthrough();
-        let st = fstat(fd.as_raw_fd())?;
+        let passthrough =
+            st.is_some() && (backend == BackendKind::Local || self.atlas_passthrough());
         // Close-to-open: the NFS client revalidated the attributes at this open, so an
         // unchanged version means no one changed the file since the previous open.
-        let keep_cache = match backend {
-            BackendKind::Local => true,
-            BackendKind::Atlas => self.handles.same_version(ino, Version::of(&st)),
+        let keep_cache = match (backend, &st) {
+            (BackendKind::Local, _) => true,
+            (BackendKind::Atlas, Some(st)) => self.handles.same_version(ino, Version::of(st)),
+            (BackendKind::Atlas, None) => false,
         };
         let fh = self.handles.insert_file(FileHandle {
             ino,
             backend,
             writable,
             fd: Mutex::new(Some(Arc::new(fd))),
-            object: (st.st_dev, st.st_ino),
+            object: st.map_or((0, 0), |st| (st.st_dev, st.st_ino)),
             status: flags & STATUS_FLAGS,
             opener: Creds {
                 umask: 0,
                 ..opener.clone()
             },
         });
-        Ok(Opened {
+        Opened {
             fh,
             passthrough,
             backend,
             noflush: backend == BackendKind::Local || !self.atlas_io.close_reports_errors(),
             keep_cache,
             created: false,
-        })
+        }
     }
 
     /// A descriptor of open file `h`'s object for one request: the handle's own while

@@ -186,7 +186,7 @@ impl LabFs {
         };
         let st = fstat(fd.as_raw_fd())?;
         let entry = self.entry_fd(parent, name, kind, fd.as_raw_fd(), &st)?;
-        let mut opened = self.new_file_handle(entry.attr.ino, fd, kind, flags, &creds)?;
+        let mut opened = self.new_file_handle(entry.attr.ino, fd, kind, flags, &creds);
         opened.created = created;
         permit.bind(opened.fh);
         Ok((entry, opened))
