@@ -1,21 +1,49 @@
-//! The raw system calls labfs makes that the standard library does not offer:
-//! per-thread credentials, `openat2`, extended attributes, inode flags, resource
-//! limits. Most go through `rustix` (safe wrappers, errno as a type); the few rustix
-//! lacks (`setfsuid`, `setfsgid`) are written here, once, with their `unsafe`.
+//! The one module that makes raw system calls: per-thread credentials, opening
+//! beneath a root (`openat2`), the `*at` calls on names (stat, mkdir, unlink, rename,
+//! link, readlink, times, owner and mode), extended attributes, inode flags, file
+//! system space, descriptors, signals, the allocator, resource limits and user
+//! lookups. Everything else in labfs calls these, not `libc` or `rustix` itself.
+//!
+//! Most go through `rustix` (safe wrappers, errno as a type). The few rustix lacks
+//! are written here once, each with its `unsafe` and a `// SAFETY:` reason beside it:
+//! `setfsuid`/`setfsgid`, `FS_IOC_FSGETXATTR`, `fork`, `pthread_sigmask`/`sigwait`,
+//! `malloc_trim`/`mallopt`, `getpwnam_r`/`getgrnam_r` (NSS lives in the C library),
+//! plus [`with_fd`] (lending a descriptor number to rustix) and [`empty_stat`].
 //!
 //! Every function returns `io::Result` with the kernel's errno unchanged; mapping it
-//! to what the caller sees is [`crate::error`]'s job. Nothing here knows about
-//! namespaces, rules or backends.
+//! to what the caller sees is [`crate::error`]'s job. Each wraps exactly the one
+//! syscall its name says (no retries, no extra calls), so swapping a hand-written
+//! `libc` call for one of these changes neither the syscalls made nor their errno.
+//! Nothing here knows about namespaces, rules or backends.
 
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 
-use rustix::fs::{IFlags, Mode, OFlags, ResolveFlags};
-use rustix::process::{Gid, Resource, Rlimit};
+use rustix::fs::{AtFlags, IFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
+use rustix::process::{Gid, Resource, Rlimit, Uid};
 
 fn from_rustix(e: rustix::io::Errno) -> io::Error {
     io::Error::from_raw_os_error(e.raw_os_error())
+}
+
+// ---------------------------------------------------------------------------
+// Descriptor numbers
+// ---------------------------------------------------------------------------
+
+/// Lend the descriptor number `fd` to `f` for one call, for the helpers whose
+/// signatures take a `RawFd` (`fs::backend`, `promote::util`: their callers pass a
+/// descriptor they hold, an `OwnedFd`'s or a backend root's, for the whole call).
+/// `-1`, which is never a descriptor, is refused with EBADF as the kernel would.
+pub fn with_fd<R>(fd: RawFd, f: impl FnOnce(BorrowedFd<'_>) -> io::Result<R>) -> io::Result<R> {
+    if fd == -1 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: `fd` is not -1 (the one value a BorrowedFd cannot hold) and the borrow
+    // ends with `f`. That the number is open is the caller's promise, as it was for
+    // the libc calls these helpers made before: a closed number makes the syscall
+    // fail with EBADF, it cannot make anything read or write memory it should not.
+    f(unsafe { BorrowedFd::borrow_raw(fd) })
 }
 
 // ---------------------------------------------------------------------------
@@ -43,23 +71,34 @@ pub fn thread_groups() -> io::Result<Vec<u32>> {
         .map_err(from_rustix)
 }
 
+/// `setfsuid(id)`: the fsuid the thread had before the call (the syscall reports
+/// nothing else, not even failure).
+fn setfsuid_raw(id: u32) -> u32 {
+    // SAFETY: setfsuid takes a plain integer and changes only the calling thread's
+    // fsuid (rustix has no wrapper); an id it refuses changes nothing.
+    unsafe { libc::syscall(libc::SYS_setfsuid, id) as u32 }
+}
+
+/// `setfsgid(id)`, as [`setfsuid_raw`].
+fn setfsgid_raw(id: u32) -> u32 {
+    // SAFETY: as in [`setfsuid_raw`], for the fsgid.
+    unsafe { libc::syscall(libc::SYS_setfsgid, id) as u32 }
+}
+
 /// The calling thread's fsuid (`setfsuid(-1)` changes nothing and answers it).
 pub fn fsuid() -> u32 {
-    // SAFETY: an invalid id changes nothing; the call only reports the current one.
-    unsafe { libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32 }
+    setfsuid_raw(u32::MAX)
 }
 
 /// The calling thread's fsgid.
 pub fn fsgid() -> u32 {
-    // SAFETY: as in [`fsuid`].
-    unsafe { libc::syscall(libc::SYS_setfsgid, u32::MAX) as u32 }
+    setfsgid_raw(u32::MAX)
 }
 
 /// Set the calling thread's fsuid. The syscall never reports failure itself, so the
 /// result is read back: EPERM when the thread still has another fsuid.
 pub fn set_fsuid(uid: u32) -> io::Result<()> {
-    // SAFETY: changes only the calling thread's fsuid.
-    unsafe { libc::syscall(libc::SYS_setfsuid, uid) };
+    setfsuid_raw(uid);
     if fsuid() == uid {
         Ok(())
     } else {
@@ -69,8 +108,7 @@ pub fn set_fsuid(uid: u32) -> io::Result<()> {
 
 /// Set the calling thread's fsgid, checked as [`set_fsuid`] is.
 pub fn set_fsgid(gid: u32) -> io::Result<()> {
-    // SAFETY: changes only the calling thread's fsgid.
-    unsafe { libc::syscall(libc::SYS_setfsgid, gid) };
+    setfsgid_raw(gid);
     if fsgid() == gid {
         Ok(())
     } else {
@@ -99,15 +137,229 @@ pub fn effective_ids() -> (u32, u32) {
 /// `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS`: `path` cannot leave
 /// `dirfd`, whatever it contains.
 pub fn open_beneath(dirfd: BorrowedFd<'_>, path: &CStr, flags: i32) -> io::Result<OwnedFd> {
+    open_beneath_mode(dirfd, path, flags, 0)
+}
+
+/// [`open_beneath`] with the mode of a file `O_CREAT` makes (ignored without
+/// `O_CREAT`: openat2, unlike openat, refuses a mode it would not use).
+pub fn open_beneath_mode(
+    dirfd: BorrowedFd<'_>,
+    path: &CStr,
+    flags: i32,
+    mode: u32,
+) -> io::Result<OwnedFd> {
+    let mode = if flags & libc::O_CREAT != 0 { mode } else { 0 };
     let flags = OFlags::from_bits_retain(flags as u32) | OFlags::CLOEXEC | OFlags::NOFOLLOW;
     rustix::fs::openat2(
         dirfd,
         path,
         flags,
-        Mode::empty(),
+        Mode::from_raw_mode(mode),
         ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
     )
     .map_err(from_rustix)
+}
+
+// ---------------------------------------------------------------------------
+// Status of an object
+// ---------------------------------------------------------------------------
+
+/// An all-zero `struct stat` (a valid value of every field), to fill in.
+pub fn empty_stat() -> libc::stat {
+    // SAFETY: `struct stat` is plain integers; all-zero is a valid value of each.
+    unsafe { std::mem::zeroed() }
+}
+
+/// rustix's `Stat` as the `libc::stat` the rest of labfs reads (the same kernel
+/// `struct stat`, field for field; libc's has private padding, hence the copy).
+fn to_libc_stat(s: &rustix::fs::Stat) -> libc::stat {
+    let mut st = empty_stat();
+    st.st_dev = s.st_dev as _;
+    st.st_ino = s.st_ino as _;
+    st.st_nlink = s.st_nlink as _;
+    st.st_mode = s.st_mode as _;
+    st.st_uid = s.st_uid as _;
+    st.st_gid = s.st_gid as _;
+    st.st_rdev = s.st_rdev as _;
+    st.st_size = s.st_size as _;
+    st.st_blksize = s.st_blksize as _;
+    st.st_blocks = s.st_blocks as _;
+    st.st_atime = s.st_atime as _;
+    st.st_atime_nsec = s.st_atime_nsec as _;
+    st.st_mtime = s.st_mtime as _;
+    st.st_mtime_nsec = s.st_mtime_nsec as _;
+    st.st_ctime = s.st_ctime as _;
+    st.st_ctime_nsec = s.st_ctime_nsec as _;
+    st
+}
+
+/// `fstat(fd)` (an O_PATH descriptor too).
+pub fn fstat(fd: impl AsFd) -> io::Result<libc::stat> {
+    rustix::fs::fstat(fd)
+        .map(|s| to_libc_stat(&s))
+        .map_err(from_rustix)
+}
+
+/// `fstatat(dirfd, name, AT_SYMLINK_NOFOLLOW)`: lstat of one name in a directory.
+pub fn lstat_at(dirfd: impl AsFd, name: &CStr) -> io::Result<libc::stat> {
+    rustix::fs::statat(dirfd, name, AtFlags::SYMLINK_NOFOLLOW)
+        .map(|s| to_libc_stat(&s))
+        .map_err(from_rustix)
+}
+
+/// Space on a filesystem, from `fstatvfs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FsSpace {
+    /// Bytes an unprivileged caller may still write (`f_bavail * f_frsize`).
+    pub avail: u64,
+    /// Size in bytes (`f_blocks * f_frsize`).
+    pub total: u64,
+    /// Size in blocks (`f_blocks`); 0 when the filesystem does not say (ramfs).
+    pub blocks: u64,
+}
+
+/// `fstatvfs(fd)`: the space of the filesystem `fd` is on.
+pub fn fs_space(fd: impl AsFd) -> io::Result<FsSpace> {
+    let sv = rustix::fs::fstatvfs(fd).map_err(from_rustix)?;
+    Ok(FsSpace {
+        avail: sv.f_bavail.saturating_mul(sv.f_frsize),
+        total: sv.f_blocks.saturating_mul(sv.f_frsize),
+        blocks: sv.f_blocks,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Names in a directory (never following a final symlink unless said)
+// ---------------------------------------------------------------------------
+
+/// `openat(dirfd, name, flags | O_CLOEXEC, mode)`: `flags` says whether a final
+/// symlink is followed (`O_NOFOLLOW`); `mode` is for `O_CREAT`.
+pub fn open_at_mode(dirfd: impl AsFd, name: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    let flags = OFlags::from_bits_retain(flags as u32) | OFlags::CLOEXEC;
+    rustix::fs::openat(dirfd, name, flags, Mode::from_raw_mode(mode)).map_err(from_rustix)
+}
+
+/// `mkdirat(dirfd, name, mode)`.
+pub fn mkdir_at(dirfd: impl AsFd, name: &CStr, mode: u32) -> io::Result<()> {
+    rustix::fs::mkdirat(dirfd, name, Mode::from_raw_mode(mode)).map_err(from_rustix)
+}
+
+/// `unlinkat(dirfd, name, dir ? AT_REMOVEDIR : 0)`.
+pub fn unlink_at(dirfd: impl AsFd, name: &CStr, dir: bool) -> io::Result<()> {
+    let flags = if dir {
+        AtFlags::REMOVEDIR
+    } else {
+        AtFlags::empty()
+    };
+    rustix::fs::unlinkat(dirfd, name, flags).map_err(from_rustix)
+}
+
+/// `renameat2(from_dir, from, to_dir, to, flags)`; with no flags, `renameat`
+/// (what the C library's `renameat2` makes of flags 0).
+pub fn rename_at(
+    from_dir: impl AsFd,
+    from: &CStr,
+    to_dir: impl AsFd,
+    to: &CStr,
+    flags: u32,
+) -> io::Result<()> {
+    if flags == 0 {
+        return rustix::fs::renameat(from_dir, from, to_dir, to).map_err(from_rustix);
+    }
+    let flags = rustix::fs::RenameFlags::from_bits_retain(flags);
+    rustix::fs::renameat_with(from_dir, from, to_dir, to, flags).map_err(from_rustix)
+}
+
+/// `linkat(from_dir, from, to_dir, to, 0)`: a symlink is linked itself.
+pub fn link_at(from_dir: impl AsFd, from: &CStr, to_dir: impl AsFd, to: &CStr) -> io::Result<()> {
+    rustix::fs::linkat(from_dir, from, to_dir, to, AtFlags::empty()).map_err(from_rustix)
+}
+
+/// `readlinkat(dirfd, name)` into a `PATH_MAX + 1` buffer: the target's bytes.
+pub fn readlink_at(dirfd: impl AsFd, name: &CStr) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    let n = rustix::fs::readlinkat_raw(dirfd, name, buf.as_mut_slice()).map_err(from_rustix)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// A time as `utimensat` takes it.
+fn timespec(sec: i64, nsec: i64) -> Timespec {
+    Timespec {
+        tv_sec: sec,
+        tv_nsec: nsec as _,
+    }
+}
+
+/// `utimensat(dirfd, name, [atime, mtime], AT_SYMLINK_NOFOLLOW)`; times are
+/// (seconds, nanoseconds).
+pub fn set_times_at(
+    dirfd: impl AsFd,
+    name: &CStr,
+    atime: (i64, i64),
+    mtime: (i64, i64),
+) -> io::Result<()> {
+    let t = Timestamps {
+        last_access: timespec(atime.0, atime.1),
+        last_modification: timespec(mtime.0, mtime.1),
+    };
+    rustix::fs::utimensat(dirfd, name, &t, AtFlags::SYMLINK_NOFOLLOW).map_err(from_rustix)
+}
+
+/// `futimens(fd, [atime, mtime])`, times as in [`set_times_at`].
+pub fn set_times_fd(fd: impl AsFd, atime: (i64, i64), mtime: (i64, i64)) -> io::Result<()> {
+    let t = Timestamps {
+        last_access: timespec(atime.0, atime.1),
+        last_modification: timespec(mtime.0, mtime.1),
+    };
+    rustix::fs::futimens(fd, &t).map_err(from_rustix)
+}
+
+/// `fchownat(dirfd, name, uid, gid, AT_SYMLINK_NOFOLLOW)`.
+pub fn chown_at(dirfd: impl AsFd, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
+    rustix::fs::chownat(
+        dirfd,
+        name,
+        Some(Uid::from_raw(uid)),
+        Some(Gid::from_raw(gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(from_rustix)
+}
+
+/// `fchmodat(dirfd, name, mode, 0)` (follows a final symlink, as fchmodat must).
+pub fn chmod_at(dirfd: impl AsFd, name: &CStr, mode: u32) -> io::Result<()> {
+    rustix::fs::chmodat(dirfd, name, Mode::from_raw_mode(mode), AtFlags::empty())
+        .map_err(from_rustix)
+}
+
+/// `fchown(fd, uid, gid)`.
+pub fn fchown(fd: impl AsFd, uid: u32, gid: u32) -> io::Result<()> {
+    rustix::fs::fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(from_rustix)
+}
+
+/// `fchmod(fd, mode)`.
+pub fn fchmod(fd: impl AsFd, mode: u32) -> io::Result<()> {
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(mode)).map_err(from_rustix)
+}
+
+// ---------------------------------------------------------------------------
+// Data on a descriptor
+// ---------------------------------------------------------------------------
+
+/// `write(fd, buf)`: how much was written (EINTR is the caller's to retry).
+pub fn write(fd: impl AsFd, buf: &[u8]) -> io::Result<usize> {
+    rustix::io::write(fd, buf).map_err(from_rustix)
+}
+
+/// `fsync(fd)`.
+pub fn fsync(fd: impl AsFd) -> io::Result<()> {
+    rustix::fs::fsync(fd).map_err(from_rustix)
+}
+
+/// `syncfs(fd)`: everything written to the filesystem of `fd`, made durable.
+pub fn syncfs(fd: impl AsFd) -> io::Result<()> {
+    rustix::fs::syncfs(fd).map_err(from_rustix)
 }
 
 // ---------------------------------------------------------------------------
@@ -191,6 +443,43 @@ pub fn setxattr(path: &CStr, name: &CStr, value: &[u8], flags: i32) -> io::Resul
 /// `removexattr` (following).
 pub fn removexattr(path: &CStr, name: &CStr) -> io::Result<()> {
     rustix::fs::removexattr(path, name).map_err(from_rustix)
+}
+
+/// `fgetxattr` into `buf` (not empty): the value's length; ERANGE when it is longer.
+pub fn fgetxattr(fd: impl AsFd, name: &CStr, buf: &mut [u8]) -> io::Result<usize> {
+    rustix::fs::fgetxattr(fd, name, buf).map_err(from_rustix)
+}
+
+/// `flistxattr` (size query, then the names, each NUL-terminated; asked again if
+/// the list grew in between).
+pub fn flistxattr(fd: impl AsFd) -> io::Result<Vec<u8>> {
+    let fd = fd.as_fd();
+    loop {
+        let need = rustix::fs::flistxattr_query(fd).map_err(from_rustix)?;
+        if need == 0 {
+            return Ok(Vec::new());
+        }
+        let mut buf = vec![0u8; need + 1024];
+        match rustix::fs::flistxattr(fd, buf.as_mut_slice()) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(rustix::io::Errno::RANGE) => continue,
+            Err(e) => return Err(from_rustix(e)),
+        }
+    }
+}
+
+/// `fsetxattr` with the caller's `XATTR_CREATE`/`XATTR_REPLACE` flags.
+pub fn fsetxattr(fd: impl AsFd, name: &CStr, value: &[u8], flags: i32) -> io::Result<()> {
+    let flags = rustix::fs::XattrFlags::from_bits_retain(flags as _);
+    rustix::fs::fsetxattr(fd, name, value, flags).map_err(from_rustix)
+}
+
+/// `fremovexattr`.
+pub fn fremovexattr(fd: impl AsFd, name: &CStr) -> io::Result<()> {
+    rustix::fs::fremovexattr(fd, name).map_err(from_rustix)
 }
 
 // ---------------------------------------------------------------------------
@@ -279,6 +568,102 @@ pub fn new_session() -> io::Result<()> {
     rustix::process::setsid().map(|_| ()).map_err(from_rustix)
 }
 
+/// What [`fork`] returned in this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forked {
+    /// The new process.
+    Child,
+    /// The process that forked, with the child's pid.
+    Parent(i32),
+}
+
+/// `fork()`.
+///
+/// # Safety
+/// The process must be single-threaded: the child gets only the calling thread, and
+/// a lock another thread held (the allocator's, a logger's) would stay locked in it
+/// for ever.
+pub unsafe fn fork() -> io::Result<Forked> {
+    // SAFETY: the caller promises a single thread (see above); fork takes no pointers.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent(pid)),
+    }
+}
+
+/// The calling thread's id (`gettid`).
+pub fn thread_id() -> i32 {
+    rustix::thread::gettid().as_raw_nonzero().get()
+}
+
+/// Name the calling thread (`prctl(PR_SET_NAME)`: what ps and top show; the kernel
+/// keeps 15 bytes).
+pub fn set_thread_name(name: &CStr) -> io::Result<()> {
+    rustix::thread::set_name(name).map_err(from_rustix)
+}
+
+/// Point stdin and stdout, and stderr with `stderr_too`, at /dev/null.
+pub fn stdio_to_dev_null(stderr_too: bool) -> io::Result<()> {
+    let null = rustix::fs::open(c"/dev/null", OFlags::RDWR, Mode::empty()).map_err(from_rustix)?;
+    let r = (|| {
+        rustix::stdio::dup2_stdin(&null)?;
+        rustix::stdio::dup2_stdout(&null)?;
+        if stderr_too {
+            rustix::stdio::dup2_stderr(&null)?;
+        }
+        Ok(())
+    })()
+    .map_err(from_rustix);
+    if null.as_raw_fd() <= 2 {
+        // stdio was closed and /dev/null took its number: it is stdio now, keep it.
+        let _ = null.into_raw_fd();
+    }
+    r
+}
+
+// ---------------------------------------------------------------------------
+// Signals
+// ---------------------------------------------------------------------------
+
+/// A set of signals blocked in every thread, to be taken with [`SignalSet::wait`].
+pub struct SignalSet(libc::sigset_t);
+
+/// Block `signals` in the calling thread and every thread it creates afterwards
+/// (`pthread_sigmask(SIG_BLOCK)`), so they are delivered only to a [`SignalSet::wait`].
+pub fn block_signals(signals: &[i32]) -> io::Result<SignalSet> {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the set it is given a pointer to.
+    unsafe { libc::sigemptyset(set.as_mut_ptr()) };
+    // SAFETY: initialised just above.
+    let mut set = unsafe { set.assume_init() };
+    for &sig in signals {
+        // SAFETY: `set` is an initialised sigset_t; an invalid signal is EINVAL.
+        if unsafe { libc::sigaddset(&mut set, sig) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // SAFETY: `set` is valid; the old mask is not asked for (null).
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(SignalSet(set))
+}
+
+impl SignalSet {
+    /// `sigwait`: the next of these signals sent to the process.
+    pub fn wait(&self) -> io::Result<i32> {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: both pointers are valid for the call.
+        let rc = unsafe { libc::sigwait(&self.0, &mut sig) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(sig)
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Memory
 // ---------------------------------------------------------------------------
@@ -287,6 +672,13 @@ pub fn new_session() -> io::Result<()> {
 pub fn release_free_memory() {
     // SAFETY: malloc_trim only consolidates and releases free memory.
     unsafe { libc::malloc_trim(0) };
+}
+
+/// `mallopt(M_MMAP_THRESHOLD, bytes)`: allocations of `bytes` or more get their own
+/// mapping, returned to the system when freed.
+pub fn set_mmap_threshold(bytes: i32) {
+    // SAFETY: mallopt only tunes the allocator; an unusable value is refused (0).
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, bytes) };
 }
 
 // ---------------------------------------------------------------------------
@@ -355,4 +747,83 @@ pub fn nofile_limit() -> u64 {
     rustix::process::getrlimit(Resource::Nofile)
         .current
         .unwrap_or(u64::MAX)
+}
+
+// ---------------------------------------------------------------------------
+// Users and groups (NSS: the C library's, as `id` and `ls -l` see them)
+// ---------------------------------------------------------------------------
+
+/// The uid of user `name` (`getpwnam_r`), `None` when there is none.
+pub fn user_id(name: &str) -> io::Result<Option<u32>> {
+    let Ok(cname) = CString::new(name) else {
+        return Ok(None);
+    };
+    let mut buf: Vec<libc::c_char> = vec![0; 1024];
+    loop {
+        // SAFETY: `struct passwd` is integers and pointers; all-zero is valid.
+        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call, `buf.len()` is its size; the
+        // entry's strings point into `buf`, and only the uid is read.
+        let rc = unsafe {
+            libc::getpwnam_r(
+                cname.as_ptr(),
+                &raw mut entry,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &raw mut result,
+            )
+        };
+        match nss_answer(rc, result.is_null(), &mut buf) {
+            Some(Ok(true)) => return Ok(Some(entry.pw_uid)),
+            Some(Ok(false)) => return Ok(None),
+            Some(Err(e)) => return Err(e),
+            None => continue,
+        }
+    }
+}
+
+/// The gid of group `name` (`getgrnam_r`), `None` when there is none.
+pub fn group_id(name: &str) -> io::Result<Option<u32>> {
+    let Ok(cname) = CString::new(name) else {
+        return Ok(None);
+    };
+    let mut buf: Vec<libc::c_char> = vec![0; 1024];
+    loop {
+        // SAFETY: `struct group` is integers and pointers; all-zero is valid.
+        let mut entry: libc::group = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: as in [`user_id`]; only the gid is read.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                cname.as_ptr(),
+                &raw mut entry,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &raw mut result,
+            )
+        };
+        match nss_answer(rc, result.is_null(), &mut buf) {
+            Some(Ok(true)) => return Ok(Some(entry.gr_gid)),
+            Some(Ok(false)) => return Ok(None),
+            Some(Err(e)) => return Err(e),
+            None => continue,
+        }
+    }
+}
+
+/// What a `get*nam_r` result means: found (true), no such entry (false), an error,
+/// or `None` after growing `buf` for another try (ERANGE, up to 1 MiB).
+fn nss_answer(rc: i32, null: bool, buf: &mut Vec<libc::c_char>) -> Option<io::Result<bool>> {
+    match rc {
+        0 => Some(Ok(!null)),
+        libc::ERANGE if buf.len() < 1 << 20 => {
+            let len = buf.len() * 2;
+            buf.resize(len, 0);
+            None
+        }
+        // Some libcs report "no such entry" as an errno.
+        libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => Some(Ok(false)),
+        rc => Some(Err(io::Error::from_raw_os_error(rc))),
+    }
 }
