@@ -531,8 +531,7 @@ pub fn open_path(path: &CStr, flags: i32) -> io::Result<OwnedFd> {
 
 /// `openat(dirfd, name, flags | O_CLOEXEC)`.
 pub fn open_at(dirfd: BorrowedFd<'_>, name: &CStr, flags: i32) -> io::Result<OwnedFd> {
-    let flags = OFlags::from_bits_retain(flags as u32) | OFlags::CLOEXEC;
-    rustix::fs::openat(dirfd, name, flags, Mode::empty()).map_err(from_rustix)
+    open_at_mode(dirfd, name, flags, 0)
 }
 
 /// `flock(fd, LOCK_EX | LOCK_NB)`.
@@ -825,5 +824,117 @@ fn nss_answer(rc: i32, null: bool, buf: &mut Vec<libc::c_char>) -> Option<io::Re
         // Some libcs report "no such entry" as an errno.
         libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => Some(Ok(false)),
         rc => Some(Err(io::Error::from_raw_os_error(rc))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn errno<T: std::fmt::Debug>(r: io::Result<T>) -> i32 {
+        match r {
+            Ok(v) => panic!("expected an error, got {v:?}"),
+            Err(e) => e.raw_os_error().unwrap_or(0),
+        }
+    }
+
+    fn dir_fd(path: &std::path::Path) -> OwnedFd {
+        let c = CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+        open_path(&c, libc::O_PATH | libc::O_DIRECTORY).expect("open dir")
+    }
+
+    #[test]
+    fn the_kernels_errno_reaches_the_caller_unchanged() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let d = dir_fd(t.path());
+        std::fs::create_dir(t.path().join("sub")).expect("mkdir");
+        std::fs::write(t.path().join("f"), b"x").expect("write");
+        std::os::unix::fs::symlink("sub", t.path().join("link")).expect("symlink");
+
+        assert_eq!(errno(lstat_at(&d, c"missing")), libc::ENOENT);
+        assert_eq!(errno(mkdir_at(&d, c"sub", 0o755)), libc::EEXIST);
+        assert_eq!(errno(unlink_at(&d, c"sub", false)), libc::EISDIR);
+        assert_eq!(errno(unlink_at(&d, c"f", true)), libc::ENOTDIR);
+        assert_eq!(
+            errno(rename_at(&d, c"f", &d, c"sub", libc::RENAME_NOREPLACE)),
+            libc::EEXIST
+        );
+        assert_eq!(errno(link_at(&d, c"missing", &d, c"new")), libc::ENOENT);
+        assert_eq!(
+            errno(open_beneath(d.as_fd(), c"../x", libc::O_PATH)),
+            libc::EXDEV
+        );
+        assert_eq!(
+            errno(open_beneath(d.as_fd(), c"link/x", libc::O_PATH)),
+            libc::ELOOP
+        );
+        // A final symlink is never followed.
+        assert_eq!(
+            errno(open_at_mode(
+                &d,
+                c"link",
+                libc::O_RDONLY | libc::O_NOFOLLOW,
+                0
+            )),
+            libc::ELOOP
+        );
+        assert_eq!(errno(with_fd(-1, |fd| fstat(fd))), libc::EBADF);
+        // -1 is refused before rustix sees it; another closed number reaches the kernel.
+        assert_eq!(errno(with_fd(i32::MAX, |fd| fstat(fd))), libc::EBADF);
+    }
+
+    #[test]
+    fn stat_answers_what_std_reads() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let d = dir_fd(t.path());
+        std::fs::write(t.path().join("f"), b"hello").expect("write");
+        set_times_at(&d, c"f", (1_600_000_000, 5), (1_700_000_000, 123_456_789))
+            .expect("utimensat");
+        let m = std::fs::symlink_metadata(t.path().join("f")).expect("metadata");
+        for st in [lstat_at(&d, c"f").expect("lstat"), {
+            let f = open_at_mode(&d, c"f", libc::O_RDONLY, 0).expect("open");
+            fstat(&f).expect("fstat")
+        }] {
+            assert_eq!(st.st_dev, m.dev());
+            assert_eq!(st.st_ino, m.ino());
+            assert_eq!(st.st_mode, m.mode());
+            assert_eq!(st.st_nlink, m.nlink());
+            assert_eq!(st.st_uid, m.uid());
+            assert_eq!(st.st_gid, m.gid());
+            assert_eq!(st.st_size, 5);
+            assert_eq!(st.st_blocks, m.blocks() as i64);
+            assert_eq!((st.st_atime, st.st_atime_nsec), (1_600_000_000, 5));
+            assert_eq!(
+                (st.st_mtime, st.st_mtime_nsec),
+                (1_700_000_000, 123_456_789)
+            );
+            assert_eq!((st.st_ctime, st.st_ctime_nsec), (m.ctime(), m.ctime_nsec()));
+        }
+        let sp = fs_space(&d).expect("fstatvfs");
+        assert!(sp.blocks > 0 && sp.total >= sp.avail);
+    }
+
+    #[test]
+    fn names_are_bytes() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let d = dir_fd(t.path());
+        let target = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"caf\xe9/x");
+        std::os::unix::fs::symlink(target, t.path().join("l")).expect("symlink");
+        assert_eq!(readlink_at(&d, c"l").expect("readlink"), b"caf\xe9/x");
+        mkdir_at(&d, c"d\xff", 0o700).expect("mkdir");
+        rename_at(&d, c"d\xff", &d, c"e\xfe", 0).expect("rename");
+        assert!(lstat_at(&d, c"e\xfe").is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR));
+        unlink_at(&d, c"e\xfe", true).expect("rmdir");
+        assert_eq!(errno(lstat_at(&d, c"e\xfe")), libc::ENOENT);
+    }
+
+    #[test]
+    fn users_and_groups_come_from_nss() {
+        assert_eq!(user_id("root").expect("getpwnam_r"), Some(0));
+        assert_eq!(group_id("root").expect("getgrnam_r"), Some(0));
+        assert_eq!(user_id("labfs-no-such-user").expect("getpwnam_r"), None);
+        assert_eq!(group_id("labfs-no-such-group").expect("getgrnam_r"), None);
+        assert_eq!(user_id("nul\0inside").expect("name"), None);
     }
 }
