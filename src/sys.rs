@@ -229,6 +229,72 @@ pub fn fs_space(fd: impl AsFd) -> io::Result<FsSpace> {
 }
 
 // ---------------------------------------------------------------------------
+// File handles (rustix has neither call)
+// ---------------------------------------------------------------------------
+
+/// Size of `struct file_handle`'s header: `handle_bytes` (u32), `handle_type` (i32).
+pub const FILE_HANDLE_HEADER: usize = 8;
+
+/// `name_to_handle_at(fd, "", AT_EMPTY_PATH)`: the handle of the object behind `fd`
+/// as the kernel encodes it (`struct file_handle`: the header, then at most `max`
+/// bytes), and the id of the mount it belongs to. EOVERFLOW when it needs more than
+/// `max`; EOPNOTSUPP where the filesystem has no handles.
+pub fn file_handle(fd: impl AsFd, max: usize) -> io::Result<(Vec<u8>, i32)> {
+    let mut buf = vec![0u8; FILE_HANDLE_HEADER + max];
+    buf[..4].copy_from_slice(&(max as u32).to_ne_bytes());
+    let mut mnt: libc::c_int = 0;
+    // SAFETY: `buf` is a header saying `max` bytes follow and has room for them; the
+    // kernel reads and writes only inside it. No Rust reference to the struct is
+    // made (the header is read back as bytes), so its alignment does not matter.
+    let r = unsafe {
+        libc::name_to_handle_at(
+            fd.as_fd().as_raw_fd(),
+            c"".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            &mut mnt,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    buf.truncate(FILE_HANDLE_HEADER + len.min(max));
+    Ok((buf, mnt))
+}
+
+/// `open_by_handle_at(mount_fd, handle, flags | O_CLOEXEC)` for a handle from
+/// [`file_handle`]; needs CAP_DAC_READ_SEARCH. `mount_fd` (any object on the
+/// handle's mount) must not be O_PATH: the kernel answers EBADF for one. A handle
+/// shorter than its header says is refused with EINVAL before the kernel would
+/// read past it.
+pub fn open_by_handle(mount_fd: impl AsFd, handle: &[u8], flags: i32) -> io::Result<OwnedFd> {
+    let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+    let head: [u8; 4] = handle
+        .get(..4)
+        .and_then(|h| h.try_into().ok())
+        .ok_or_else(einval)?;
+    if handle.len() < FILE_HANDLE_HEADER + u32::from_ne_bytes(head) as usize {
+        return Err(einval());
+    }
+    let mut buf = handle.to_vec();
+    // SAFETY: `buf` holds a whole `struct file_handle` (checked above); the kernel
+    // only reads it.
+    let r = unsafe {
+        libc::open_by_handle_at(
+            mount_fd.as_fd().as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            flags | libc::O_CLOEXEC,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor, owned by nothing else.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r) })
+}
+
+// ---------------------------------------------------------------------------
 // Names in a directory (never following a final symlink unless said)
 // ---------------------------------------------------------------------------
 
@@ -927,6 +993,42 @@ mod tests {
         assert!(lstat_at(&d, c"e\xfe").is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR));
         unlink_at(&d, c"e\xfe", true).expect("rmdir");
         assert_eq!(errno(lstat_at(&d, c"e\xfe")), libc::ENOENT);
+    }
+
+    #[test]
+    fn a_file_handle_reopens_the_object_after_its_name_is_gone() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let d = dir_fd(t.path());
+        std::fs::write(t.path().join("f"), b"x").expect("write");
+        let f = open_at_mode(&d, c"f", libc::O_PATH | libc::O_NOFOLLOW, 0).expect("open");
+        let (h, mnt) = match file_handle(&f, 128) {
+            Ok(v) => v,
+            // The filesystem under the temporary directory has no handles: only the
+            // refusals can be checked.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                assert_eq!(errno(open_by_handle(&d, &[1, 0, 0, 0], 0)), libc::EINVAL);
+                return;
+            }
+            Err(e) => panic!("name_to_handle_at: {e}"),
+        };
+        assert!(h.len() > FILE_HANDLE_HEADER);
+        assert_eq!(file_handle(&d, 128).expect("dir handle").1, mnt);
+        assert_eq!(errno(file_handle(&f, 0)), libc::EOVERFLOW);
+        std::fs::hard_link(t.path().join("f"), t.path().join("g")).expect("link");
+        std::fs::remove_file(t.path().join("f")).expect("unlink");
+        assert_eq!(errno(open_by_handle(&d, &h, libc::O_PATH)), libc::EBADF);
+        let rd = open_at_mode(&d, c".", libc::O_RDONLY | libc::O_DIRECTORY, 0).expect("open");
+        let again = open_by_handle(&rd, &h, libc::O_PATH).expect("open_by_handle_at");
+        assert_eq!(
+            fstat(&again).expect("fstat").st_ino,
+            fstat(&f).expect("fstat").st_ino
+        );
+        // A header that claims more bytes than there are never reaches the kernel.
+        assert_eq!(
+            errno(open_by_handle(&d, &h[..h.len() - 1], 0)),
+            libc::EINVAL
+        );
+        assert_eq!(errno(open_by_handle(&d, &h[..3], 0)), libc::EINVAL);
     }
 
     #[test]
