@@ -409,6 +409,74 @@ pub fn fchmod(fd: impl AsFd, mode: u32) -> io::Result<()> {
     rustix::fs::fchmod(fd, Mode::from_raw_mode(mode)).map_err(from_rustix)
 }
 
+/// `symlinkat(target, dirfd, name)`.
+pub fn symlink_at(target: &CStr, dirfd: impl AsFd, name: &CStr) -> io::Result<()> {
+    rustix::fs::symlinkat(target, dirfd, name).map_err(from_rustix)
+}
+
+/// `mknodat(dirfd, name, mode, rdev)`; `mode` holds the file type (`S_IFIFO`...).
+pub fn mknod_at(dirfd: impl AsFd, name: &CStr, mode: u32, rdev: u64) -> io::Result<()> {
+    rustix::fs::mknodat(
+        dirfd,
+        name,
+        rustix::fs::FileType::from_raw_mode(mode),
+        Mode::from_raw_mode(mode & 0o7777),
+        rdev,
+    )
+    .map_err(from_rustix)
+}
+
+/// `faccessat(dirfd, name, mode, flags)`: `mode` of `R_OK`/`W_OK`/`X_OK`/`F_OK`,
+/// `flags` of `AT_EACCESS`/`AT_SYMLINK_NOFOLLOW`/`AT_EMPTY_PATH`.
+pub fn access_at(dirfd: impl AsFd, name: &CStr, mode: i32, flags: i32) -> io::Result<()> {
+    rustix::fs::accessat(
+        dirfd,
+        name,
+        rustix::fs::Access::from_bits_retain(mode as _),
+        AtFlags::from_bits_retain(flags as _),
+    )
+    .map_err(from_rustix)
+}
+
+/// `linkat(AT_FDCWD, path, dirfd, name, AT_SYMLINK_FOLLOW)`: a new name for the
+/// object `path` leads to (a `/proc/self/fd/N` magic link: the object itself, even
+/// one that has no name left).
+pub fn link_following(path: &CStr, dirfd: impl AsFd, name: &CStr) -> io::Result<()> {
+    rustix::fs::linkat(rustix::fs::CWD, path, dirfd, name, AtFlags::SYMLINK_FOLLOW)
+        .map_err(from_rustix)
+}
+
+/// `chmod(path, mode)`, following (for `/proc/self/fd/N` of an O_PATH descriptor,
+/// which `fchmod` refuses).
+pub fn chmod_path(path: &CStr, mode: u32) -> io::Result<()> {
+    rustix::fs::chmod(path, Mode::from_raw_mode(mode)).map_err(from_rustix)
+}
+
+/// `fchownat(fd, "", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)`: the owner of
+/// the object behind any descriptor of it, O_PATH included; `None` keeps that id.
+pub fn chown_object(fd: impl AsFd, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+    rustix::fs::chownat(
+        fd,
+        c"",
+        uid.map(Uid::from_raw),
+        gid.map(Gid::from_raw),
+        AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(from_rustix)
+}
+
+/// `utimensat(fd, "", [atime, mtime], AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)`: the
+/// times of the object behind any descriptor of it. A time's nanoseconds may be
+/// `UTIME_NOW` or `UTIME_OMIT`.
+pub fn set_times_object(fd: impl AsFd, atime: (i64, i64), mtime: (i64, i64)) -> io::Result<()> {
+    let t = Timestamps {
+        last_access: timespec(atime.0, atime.1),
+        last_modification: timespec(mtime.0, mtime.1),
+    };
+    rustix::fs::utimensat(fd, c"", &t, AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(from_rustix)
+}
+
 // ---------------------------------------------------------------------------
 // Data on a descriptor
 // ---------------------------------------------------------------------------
@@ -426,6 +494,95 @@ pub fn fsync(fd: impl AsFd) -> io::Result<()> {
 /// `syncfs(fd)`: everything written to the filesystem of `fd`, made durable.
 pub fn syncfs(fd: impl AsFd) -> io::Result<()> {
     rustix::fs::syncfs(fd).map_err(from_rustix)
+}
+
+/// `fdatasync(fd)`.
+pub fn fdatasync(fd: impl AsFd) -> io::Result<()> {
+    rustix::fs::fdatasync(fd).map_err(from_rustix)
+}
+
+/// `sync_file_range(fd, offset, len, flags)` with `SYNC_FILE_RANGE_*` flags.
+pub fn sync_file_range(fd: impl AsFd, offset: u64, len: u64, flags: u32) -> io::Result<()> {
+    // SAFETY: integers only (rustix has no wrapper); the descriptor is borrowed.
+    let r = unsafe {
+        libc::sync_file_range(
+            fd.as_fd().as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            flags,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `pread(fd, buf, offset)`: how much was read (0 at the end of the file).
+pub fn pread(fd: impl AsFd, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    rustix::io::pread(fd, buf, offset).map_err(from_rustix)
+}
+
+/// `pwrite(fd, buf, offset)`: how much was written.
+pub fn pwrite(fd: impl AsFd, buf: &[u8], offset: u64) -> io::Result<usize> {
+    rustix::io::pwrite(fd, buf, offset).map_err(from_rustix)
+}
+
+/// `lseek(fd, offset, whence)` for `SEEK_SET`/`SEEK_CUR`/`SEEK_END`/`SEEK_DATA`/
+/// `SEEK_HOLE`: the new offset. Another `whence` is EINVAL, as the kernel says.
+pub fn seek(fd: impl AsFd, offset: i64, whence: i32) -> io::Result<u64> {
+    use rustix::fs::SeekFrom;
+    // The kernel takes the offset as a signed loff_t: the casts keep its bits, so a
+    // negative SEEK_SET offset is refused by the kernel (EINVAL), not here.
+    let pos = match whence {
+        libc::SEEK_SET => SeekFrom::Start(offset as u64),
+        libc::SEEK_CUR => SeekFrom::Current(offset),
+        libc::SEEK_END => SeekFrom::End(offset),
+        libc::SEEK_DATA => SeekFrom::Data(offset as u64),
+        libc::SEEK_HOLE => SeekFrom::Hole(offset as u64),
+        _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
+    };
+    rustix::fs::seek(fd, pos).map_err(from_rustix)
+}
+
+/// `fallocate(fd, mode, offset, len)` with the caller's `FALLOC_FL_*` mode.
+pub fn fallocate(fd: impl AsFd, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    let mode = rustix::fs::FallocateFlags::from_bits_retain(mode as _);
+    rustix::fs::fallocate(fd, mode, offset, len).map_err(from_rustix)
+}
+
+/// `copy_file_range(fd_in, &off_in, fd_out, &off_out, len, 0)`: how much was
+/// copied; both offsets advance by it.
+pub fn copy_file_range(
+    fd_in: impl AsFd,
+    off_in: &mut u64,
+    fd_out: impl AsFd,
+    off_out: &mut u64,
+    len: usize,
+) -> io::Result<usize> {
+    rustix::fs::copy_file_range(fd_in, Some(off_in), fd_out, Some(off_out), len)
+        .map_err(from_rustix)
+}
+
+/// `posix_fadvise(fd, offset, len, advice)` (`len` 0: to the end of the file) with
+/// a `POSIX_FADV_*` advice; another advice is EINVAL, as the kernel says.
+pub fn fadvise(fd: impl AsFd, offset: u64, len: u64, advice: i32) -> io::Result<()> {
+    use rustix::fs::Advice;
+    let advice = match advice {
+        libc::POSIX_FADV_NORMAL => Advice::Normal,
+        libc::POSIX_FADV_SEQUENTIAL => Advice::Sequential,
+        libc::POSIX_FADV_RANDOM => Advice::Random,
+        libc::POSIX_FADV_NOREUSE => Advice::NoReuse,
+        libc::POSIX_FADV_WILLNEED => Advice::WillNeed,
+        libc::POSIX_FADV_DONTNEED => Advice::DontNeed,
+        _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
+    };
+    rustix::fs::fadvise(fd, offset, std::num::NonZeroU64::new(len), advice).map_err(from_rustix)
+}
+
+/// `fcntl(fd, F_DUPFD_CLOEXEC, 0)`: another descriptor of the same open file.
+pub fn dup_cloexec(fd: impl AsFd) -> io::Result<OwnedFd> {
+    rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(from_rustix)
 }
 
 // ---------------------------------------------------------------------------
@@ -807,6 +964,16 @@ pub fn raise_nofile_limit() -> io::Result<NofileLimit> {
     })
 }
 
+/// `setrlimit(RLIMIT_CORE, 0)`: this process leaves no core dump (one would hold
+/// whatever file data it had in memory).
+pub fn disable_core_dumps() -> io::Result<()> {
+    let none = Rlimit {
+        current: Some(0),
+        maximum: Some(0),
+    };
+    rustix::process::setrlimit(Resource::Core, none).map_err(from_rustix)
+}
+
 /// The soft RLIMIT_NOFILE in force (`u64::MAX` when unlimited).
 pub fn nofile_limit() -> u64 {
     rustix::process::getrlimit(Resource::Nofile)
@@ -1029,6 +1196,90 @@ mod tests {
             libc::EINVAL
         );
         assert_eq!(errno(open_by_handle(&d, &h[..3], 0)), libc::EINVAL);
+    }
+
+    #[test]
+    fn data_calls_move_the_bytes_they_say() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let d = dir_fd(t.path());
+        let f = open_at_mode(&d, c"f", libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)
+            .expect("create");
+        assert_eq!(pwrite(&f, b"hello world", 3).expect("pwrite"), 11);
+        let mut buf = [0u8; 16];
+        assert_eq!(pread(&f, &mut buf, 0).expect("pread"), 14);
+        assert_eq!(&buf[..14], b"\0\0\0hello world");
+        assert_eq!(seek(&f, -5, libc::SEEK_END).expect("lseek"), 9);
+        assert_eq!(seek(&f, 2, libc::SEEK_CUR).expect("lseek"), 11);
+        assert_eq!(seek(&f, 0, libc::SEEK_DATA).expect("SEEK_DATA"), 0);
+        assert_eq!(seek(&f, 0, libc::SEEK_HOLE).expect("SEEK_HOLE"), 14);
+        assert_eq!(errno(seek(&f, -1, libc::SEEK_SET)), libc::EINVAL);
+        assert_eq!(errno(seek(&f, 0, 99)), libc::EINVAL);
+        assert_eq!(errno(seek(&f, 100, libc::SEEK_DATA)), libc::ENXIO);
+        fallocate(&f, 0, 0, 8192).expect("fallocate");
+        assert_eq!(fstat(&f).expect("fstat").st_size, 8192);
+        fdatasync(&f).expect("fdatasync");
+        sync_file_range(&f, 0, 0, libc::SYNC_FILE_RANGE_WRITE).expect("sync_file_range");
+        fadvise(&f, 0, 0, libc::POSIX_FADV_DONTNEED).expect("fadvise");
+        assert_eq!(errno(fadvise(&f, 0, 0, 99)), libc::EINVAL);
+        let g = open_at_mode(&d, c"g", libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)
+            .expect("create");
+        let (mut oi, mut oo) = (3u64, 1u64);
+        assert_eq!(
+            copy_file_range(&f, &mut oi, &g, &mut oo, 5).expect("copy"),
+            5
+        );
+        assert_eq!((oi, oo), (8, 6));
+        let mut out = [0u8; 6];
+        assert_eq!(pread(&g, &mut out, 0).expect("pread"), 6);
+        assert_eq!(&out, b"\0hello");
+        let again = dup_cloexec(&g).expect("dup");
+        assert_ne!(again.as_raw_fd(), g.as_raw_fd());
+        assert_eq!(
+            fstat(&again).expect("fstat").st_ino,
+            fstat(&g).expect("fstat").st_ino
+        );
+    }
+
+    #[test]
+    fn object_calls_act_on_what_the_descriptor_names() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let d = dir_fd(t.path());
+        symlink_at(c"target", &d, c"l").expect("symlink");
+        assert_eq!(readlink_at(&d, c"l").expect("readlink"), b"target");
+        mknod_at(&d, c"p", libc::S_IFIFO | 0o640, 0).expect("mkfifo");
+        let st = lstat_at(&d, c"p").expect("lstat");
+        assert_eq!(st.st_mode & libc::S_IFMT, libc::S_IFIFO);
+        assert_eq!(
+            errno(mknod_at(&d, c"p", libc::S_IFIFO | 0o640, 0)),
+            libc::EEXIST
+        );
+        access_at(&d, c"p", libc::F_OK, 0).expect("faccessat");
+        assert_eq!(
+            errno(access_at(&d, c"missing", libc::F_OK, 0)),
+            libc::ENOENT
+        );
+        // Through an O_PATH descriptor, after the name it was opened by is gone.
+        std::fs::write(t.path().join("f"), b"x").expect("write");
+        let o = open_at_mode(&d, c"f", libc::O_PATH | libc::O_NOFOLLOW, 0).expect("O_PATH");
+        let proc = CString::new(format!("/proc/self/fd/{}", o.as_raw_fd())).expect("path");
+        link_following(&proc, &d, c"back").expect("linkat");
+        std::fs::remove_file(t.path().join("f")).expect("unlink");
+        chmod_path(&proc, 0o604).expect("chmod");
+        chown_object(&o, None, Some(1)).expect("fchownat");
+        set_times_object(&o, (0, libc::UTIME_OMIT), (1_234, 5)).expect("utimensat");
+        let st = lstat_at(&d, c"back").expect("lstat");
+        assert_eq!(st.st_ino, fstat(&o).expect("fstat").st_ino);
+        assert_eq!(st.st_mode & 0o7777, 0o604);
+        assert_eq!((st.st_uid, st.st_gid), (0, 1));
+        assert_eq!((st.st_mtime, st.st_mtime_nsec), (1_234, 5));
+        // The symlink itself is chowned, not its (missing) target.
+        chown_object(
+            &open_at_mode(&d, c"l", libc::O_PATH | libc::O_NOFOLLOW, 0).expect("O_PATH"),
+            Some(2),
+            None,
+        )
+        .expect("lchown");
+        assert_eq!(lstat_at(&d, c"l").expect("lstat").st_uid, 2);
     }
 
     #[test]
