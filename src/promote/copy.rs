@@ -534,3 +534,112 @@ mod tests {
         assert_eq!(prog.load(Ordering::Relaxed), 8 << 20);
     }
 }
+
+#[cfg(test)]
+mod direct_tests {
+    use super::*;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::sync::Arc;
+
+    /// A source with data, a hole and an unaligned end; the staged file opened as
+    /// the engine opens it (a buffered descriptor and an O_DIRECT one for writing and
+    /// reading back). The temporary directory is on the disk, not tmpfs.
+    fn setup(
+        dir: &std::path::Path,
+    ) -> (
+        std::fs::File,
+        std::fs::File,
+        Arc<std::os::fd::OwnedFd>,
+        u64,
+        Vec<u8>,
+    ) {
+        let sp = dir.join("src");
+        let size = 3 * CHUNK as u64 + 1234;
+        let f = std::fs::File::create(&sp).expect("create");
+        let a: Vec<u8> = (0..CHUNK + 777).map(|i| (i * 31 % 251) as u8).collect();
+        f.write_all_at(&a, 0).expect("write");
+        let b: Vec<u8> = (0..5000).map(|i| (i * 7 % 253) as u8).collect();
+        f.write_all_at(&b, size - b.len() as u64)
+            .expect("write tail");
+        f.set_len(size).expect("set_len");
+        let content = std::fs::read(&sp).expect("read");
+        let dp = dir.join("dst");
+        let dst = std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .open(&dp)
+            .expect("dst");
+        let rfd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&dp)
+            .expect("O_DIRECT open of the staged file");
+        (
+            std::fs::File::open(&sp).expect("open"),
+            dst,
+            Arc::new(std::os::fd::OwnedFd::from(rfd)),
+            size,
+            content,
+        )
+    }
+
+    #[test]
+    fn direct_writes_keep_content_holes_and_exact_size() {
+        let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+        let (src, dst, rfd, size, content) = setup(dir.path());
+        let mut buf = AlignedBuf::new(CHUNK);
+        let mut rb = ReadBack::new();
+        let d = copy_data(
+            src.as_fd(),
+            dst.as_fd(),
+            size,
+            buf.as_mut(),
+            &AtomicBool::new(false),
+            &AtomicU64::new(0),
+            &|| false,
+            Some(ReadBackOf {
+                fd: rfd,
+                direct: true,
+                direct_write: true,
+                what: "dst".into(),
+                queue: &mut rb,
+            }),
+        )
+        .map_err(|e| format!("{e:?}"))
+        .expect("copy");
+        rb.drain().map_err(|e| format!("{e:?}")).expect("drain");
+        assert_eq!(d, blake3::hash(&content));
+        let got = std::fs::read(dir.path().join("dst")).expect("read dst");
+        assert_eq!(
+            got.len() as u64,
+            size,
+            "the zero padding of the last write was cut off"
+        );
+        assert!(got == content, "staged content differs");
+    }
+
+    #[test]
+    fn a_range_that_reads_back_other_bytes_fails_the_copy() {
+        let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+        let (_src, dst, rfd, _size, _content) = setup(dir.path());
+        dst.write_all_at(&[7u8; 8192], 0).expect("write");
+        let mut rb = ReadBack::new();
+        let mut other = vec![7u8; 8192];
+        rb.check(rfd.as_fd(), true, 0, &other, "dst")
+            .map_err(|e| format!("{e:?}"))
+            .expect("the same bytes verify");
+        other[5000] = 8;
+        for direct in [true, false] {
+            match rb.check(rfd.as_fd(), direct, 0, &other, "dst") {
+                Err(JobError::Failed(m)) => assert!(m.contains("does not match"), "{m}"),
+                other => panic!("a differing byte was not seen: {:?}", other.err()),
+            }
+        }
+        // Queued (written through the page cache) ranges too.
+        rb.push(rfd.clone(), true, "dst".into(), 0, &other, dst.as_fd())
+            .map_err(|e| format!("{e:?}"))
+            .expect("queued");
+        assert!(rb.drain().is_err(), "a differing queued range was not seen");
+    }
+}
