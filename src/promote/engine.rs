@@ -33,8 +33,11 @@ use crate::fs::{Creds, LabFs};
 use crate::rules::{BackendKind, Class};
 use crate::tags;
 
-/// Copy workers per job.
-const WORKERS: usize = 4;
+/// Copy workers per job. With O_DIRECT writes and read-backs a worker mostly waits
+/// for the device, so the workers are the device's queue depth more than CPUs: 8
+/// beat 4 on the 2-core bench machine (docs/benchmarks.md, "Promote with O_DIRECT
+/// writes").
+const WORKERS: usize = 8;
 
 /// Test-only crash hook: `LABFS_PROMOTE_CRASH_AT=planned|staged|verified|committed|cleaning`
 /// makes the daemon abort() right after that step (see docs/promote.md).
