@@ -10,7 +10,7 @@ use std::ffi::{CString, OsStr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use super::backend::{cstring, fstat, fstatat, Creds};
-use super::handle::Opened;
+use super::handle::{HandleFd, Need, Opened};
 use super::object::{self, ObjFd};
 use super::{Attr, Ctx, EntryOut, LabFs, SetAttr, ROOT_INO};
 use crate::error::{check, Error, Result};
@@ -186,7 +186,7 @@ impl LabFs {
         };
         let st = fstat(fd.as_raw_fd())?;
         let entry = self.entry_fd(parent, name, kind, fd.as_raw_fd(), &st)?;
-        let mut opened = self.new_file_handle(entry.attr.ino, fd, kind, flags);
+        let mut opened = self.new_file_handle(entry.attr.ino, fd, kind, flags, &creds);
         opened.created = created;
         permit.bind(opened.fh);
         Ok((entry, opened))
@@ -380,7 +380,14 @@ impl LabFs {
         if set.is_write() {
             self.check_writable_ino(ctx, ino)?;
         }
-        let handle = set.fh.and_then(|fh| self.handles.file(fh));
+        // The kernel names a handle for ftruncate(2): truncate through it (an open for
+        // writing keeps that right after a chmod), opened again if the daemon dropped
+        // its descriptor (passthrough). Anything else is done on the object itself.
+        let handle = match set.fh.and_then(|fh| self.handles.file(fh)) {
+            Some(h) if set.size.is_some() => Some(self.handle_fd(&h, Need::Write)?),
+            Some(h) => h.held().map(HandleFd::Held),
+            None => None,
+        };
         let (kind, obj) = self.obj(ino)?;
         let st0 = fstat(obj.as_raw_fd())?;
         let proc = obj.proc_path();
@@ -418,7 +425,7 @@ impl LabFs {
                 let _root = kill_priv.then(|| Creds::root().assume()).transpose()?;
                 // SAFETY: valid descriptor or C string.
                 match &handle {
-                    Some(h) => check(unsafe { libc::fchmod(h.fd.as_raw_fd(), new) })?,
+                    Some(h) => check(unsafe { libc::fchmod(h.as_raw_fd(), new) })?,
                     None => check(unsafe { libc::chmod(proc.as_ptr(), new) })?,
                 };
             }
@@ -440,9 +447,7 @@ impl LabFs {
         if let Some(size) = set.size {
             match &handle {
                 // SAFETY: valid descriptor.
-                Some(h) => {
-                    check(unsafe { libc::ftruncate(h.fd.as_raw_fd(), size as libc::off_t) })?
-                }
+                Some(h) => check(unsafe { libc::ftruncate(h.as_raw_fd(), size as libc::off_t) })?,
                 None => {
                     let fd = object::reopen(&obj, libc::O_WRONLY)?;
                     // SAFETY: valid descriptor.
@@ -466,7 +471,7 @@ impl LabFs {
             })?;
         }
         let st = match &handle {
-            Some(h) => fstat(h.fd.as_raw_fd())?,
+            Some(h) => fstat(h.as_raw_fd())?,
             None => fstat(obj.as_raw_fd())?,
         };
         Ok((Attr::from_stat(&st, ino), self.ttl(kind)))
