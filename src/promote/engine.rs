@@ -44,12 +44,12 @@ const WORKERS: usize = 8;
 pub fn crash_point(at: &str) {
     if std::env::var("LABFS_PROMOTE_CRASH_AT").is_ok_and(|v| v == at) {
         error!("LABFS_PROMOTE_CRASH_AT={at}: aborting (test hook)");
-        let none = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
+        // No core file for a deliberate crash.
+        let none = rustix::process::Rlimit {
+            current: Some(0),
+            maximum: Some(0),
         };
-        // SAFETY: plain syscall; no core file for a deliberate crash.
-        unsafe { libc::setrlimit(libc::RLIMIT_CORE, &none) };
+        let _ = rustix::process::setrlimit(rustix::process::Resource::Core, none);
         std::process::abort();
     }
 }
@@ -140,11 +140,7 @@ pub fn run(fs: &Arc<LabFs>, job: &Arc<Job>) {
     drop(slot);
     // The job's records (one per object) were freed; hand the pages back to the
     // system now rather than keeping them in the allocator until a later job.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory of the allocator.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    crate::sys::release_free_memory();
     match outcome {
         Ok(msg) => {
             info!(id = %job.id, "promoted {}: {msg}", show(&job.path));
@@ -759,20 +755,12 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
             cos(from_name).map_err(failed("name"))?,
             cos(sname).map_err(failed("name"))?,
         );
-        // SAFETY: valid dirfds and C strings.
-        crate::error::check(unsafe {
-            libc::linkat(
-                ffd.as_raw_fd(),
-                cf.as_ptr(),
-                tfd.as_raw_fd(),
-                ct.as_ptr(),
-                0,
-            )
-        })
-        .map_err(failed(format!(
-            "staging the hard link {}",
-            show(&ns_of(&top, e.rel()))
-        )))?;
+        rustix::fs::linkat(&ffd, &*cf, &tfd, &*ct, rustix::fs::AtFlags::empty())
+            .map_err(|e| crate::error::Error::Errno(e.raw_os_error()))
+            .map_err(failed(format!(
+                "staging the hard link {}",
+                show(&ns_of(&top, e.rel()))
+            )))?;
         if let Some((d, ino)) = firsts.get(&first) {
             e.digest = *d;
             e.set_staged_ino(*ino);
@@ -963,19 +951,18 @@ fn stage_symlink(fs: &LabFs, j: &Journal, e: &Entry, sfd: &OwnedFd) -> JobResult
     let cs = cos(sname).map_err(failed(show(sname)))?;
     let ct = std::ffi::CString::new(target)
         .map_err(|_| JobError::Failed(format!("{shown}: bad link target")))?;
-    // SAFETY: valid dirfd and C strings.
-    crate::error::check(unsafe { libc::symlinkat(ct.as_ptr(), dfd.as_raw_fd(), cs.as_ptr()) })
+    let errno = |e: rustix::io::Errno| crate::error::Error::Errno(e.raw_os_error());
+    rustix::fs::symlinkat(&*ct, &dfd, &*cs)
+        .map_err(errno)
         .map_err(failed(format!("staging {shown}")))?;
-    // SAFETY: valid dirfd and C string.
-    crate::error::check(unsafe {
-        libc::fchownat(
-            dfd.as_raw_fd(),
-            cs.as_ptr(),
-            e.uid,
-            e.gid,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })
+    rustix::fs::chownat(
+        &dfd,
+        &*cs,
+        Some(rustix::fs::Uid::from_raw(e.uid)),
+        Some(rustix::fs::Gid::from_raw(e.gid)),
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(errno)
     .map_err(failed(format!("{shown}: owner on Atlas")))?;
     util::set_times_at(dfd.as_raw_fd(), &cs, &st)
         .map_err(failed(format!("{shown}: timestamps")))?;
