@@ -198,16 +198,9 @@ impl ReadBack {
         data: &[u8],
         dst: BorrowedFd<'_>,
     ) -> JobResult<()> {
-        // SAFETY: valid descriptor; a hint only (start writeback, do not wait). rustix
-        // has no sync_file_range.
-        unsafe {
-            libc::sync_file_range(
-                dst.as_raw_fd(),
-                off as libc::off64_t,
-                data.len() as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
+        // A hint only: start writeback, do not wait.
+        let flags = libc::SYNC_FILE_RANGE_WRITE;
+        let _ = crate::sys::sync_file_range(dst, off, data.len() as u64, flags);
         let p = Pending {
             fd,
             direct,
