@@ -569,8 +569,10 @@ par_battery() { # TARGET ROOT REP
 }
 
 # Promote against cp -a + sync of the same tree to the same Atlas filesystem. Rows:
-# native-atlas = cp -a + sync, labfs-atlas = labfs promote (copy, hash, fsync,
-# verification read, rename, local removal), both MiB/s of the tree's bytes.
+# native-atlas = cp -a + sync, labfs-atlas = labfs promote (copy with the blake3
+# digest, every range read back from Atlas with O_DIRECT, one syncfs, rename, local
+# removal), both MiB/s of the tree's bytes. The daemon log (labfs.log) has each
+# job's phase times ("planned in ..., staged in ...").
 make_promote_tree() { # DIR MIB: half the bytes in 4 big files, the rest in 4 MiB, 128 KiB, 16 KiB files
     python3 - "$1" "$2" <<'PY'
 import os, sys

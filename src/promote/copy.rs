@@ -7,28 +7,31 @@
 //! zeros), so it equals `b3sum FILE`.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use rustix::fs::{Advice, SeekFrom};
+use rustix::io::Errno;
+
 use super::job::{JobError, JobResult};
 use super::util;
-use crate::error::{check, check_size, Error, Result};
+use crate::error::{Error, Result};
 
+/// Bytes copied per read/write (and read back per O_DIRECT read).
 pub const CHUNK: usize = 1 << 20;
 static ZEROS: [u8; 65536] = [0u8; 65536];
 
-fn seek(fd: RawFd, off: u64, whence: i32) -> Result<Option<u64>> {
-    // SAFETY: valid descriptor.
-    let r = unsafe { libc::lseek(fd, off as libc::off_t, whence) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            return Ok(None);
-        }
-        return Err(Error::Io(e));
+fn rx(e: Errno) -> Error {
+    Error::Errno(e.raw_os_error())
+}
+
+fn seek(fd: BorrowedFd<'_>, pos: SeekFrom) -> Result<Option<u64>> {
+    match rustix::fs::seek(fd, pos) {
+        Ok(r) => Ok(Some(r)),
+        Err(Errno::NXIO) => Ok(None),
+        Err(e) => Err(rx(e)),
     }
-    Ok(Some(r as u64))
 }
 
 fn hash_zeros(h: &mut blake3::Hasher, mut n: u64) {
@@ -39,45 +42,27 @@ fn hash_zeros(h: &mut blake3::Hasher, mut n: u64) {
     }
 }
 
-fn pread_full(fd: RawFd, buf: &mut [u8], off: u64) -> Result<usize> {
+fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> Result<usize> {
     let mut done = 0;
     while done < buf.len() {
-        // SAFETY: valid descriptor and buffer.
-        let n = unsafe {
-            libc::pread(
-                fd,
-                buf[done..].as_mut_ptr() as *mut libc::c_void,
-                buf.len() - done,
-                (off + done as u64) as libc::off_t,
-            )
-        };
-        match check_size(n) {
+        match rustix::io::pread(fd, &mut buf[done..], off + done as u64) {
             Ok(0) => break,
             Ok(n) => done += n,
-            Err(e) if e.errno() == libc::EINTR => continue,
-            Err(e) => return Err(e),
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(rx(e)),
         }
     }
     Ok(done)
 }
 
-fn pwrite_full(fd: RawFd, buf: &[u8], off: u64) -> Result<()> {
+fn pwrite_full(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> Result<()> {
     let mut done = 0;
     while done < buf.len() {
-        // SAFETY: valid descriptor and buffer.
-        let n = unsafe {
-            libc::pwrite(
-                fd,
-                buf[done..].as_ptr() as *const libc::c_void,
-                buf.len() - done,
-                (off + done as u64) as libc::off_t,
-            )
-        };
-        match check_size(n) {
+        match rustix::io::pwrite(fd, &buf[done..], off + done as u64) {
             Ok(0) => return Err(Error::Errno(libc::EIO)),
             Ok(n) => done += n,
-            Err(e) if e.errno() == libc::EINTR => continue,
-            Err(e) => return Err(e),
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(rx(e)),
         }
     }
     Ok(())
@@ -85,80 +70,54 @@ fn pwrite_full(fd: RawFd, buf: &[u8], off: u64) -> Result<()> {
 
 /// copy_file_range of exactly `len` bytes at `off`; `Ok(false)` when the kernel cannot
 /// do it between these two files (the caller then writes the bytes itself).
-fn cfr(src: RawFd, dst: RawFd, off: u64, len: usize) -> Result<bool> {
+fn cfr(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, off: u64, len: usize) -> Result<bool> {
     let mut done = 0usize;
     while done < len {
-        let mut oi = (off + done as u64) as libc::off64_t;
+        let mut oi = off + done as u64;
         let mut oo = oi;
-        // SAFETY: valid descriptors and offset pointers.
-        let r = unsafe { libc::copy_file_range(src, &mut oi, dst, &mut oo, len - done, 0) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EXDEV)
-                | Some(libc::EOPNOTSUPP)
-                | Some(libc::EINVAL)
-                | Some(libc::ENOSYS)
-                | Some(libc::EBADF)
-                    if done == 0 =>
-                {
-                    Ok(false)
-                }
-                _ => Err(Error::Io(e)),
-            };
+        match rustix::fs::copy_file_range(src, Some(&mut oi), dst, Some(&mut oo), len - done) {
+            Ok(0) if done == 0 => return Ok(false),
+            Ok(0) => return Err(Error::Errno(libc::EIO)),
+            Ok(r) => done += r,
+            Err(Errno::INTR) => continue,
+            Err(Errno::XDEV | Errno::OPNOTSUPP | Errno::INVAL | Errno::NOSYS | Errno::BADF)
+                if done == 0 =>
+            {
+                return Ok(false)
+            }
+            Err(e) => return Err(rx(e)),
         }
-        if r == 0 {
-            return if done == 0 {
-                Ok(false)
-            } else {
-                Err(Error::Errno(libc::EIO))
-            };
-        }
-        done += r as usize;
     }
     Ok(true)
 }
 
-/// A buffer aligned for O_DIRECT reads (4 KiB, which every filesystem accepts).
+/// A buffer aligned for O_DIRECT reads and writes (4 KiB, which every filesystem
+/// accepts): the aligned part of a slightly larger zeroed vector, whose pages the
+/// kernel hands out only when they are first touched (a tiny file's copy costs one).
 pub struct AlignedBuf {
-    ptr: std::ptr::NonNull<u8>,
+    mem: Vec<u8>,
+    start: usize,
     len: usize,
 }
 
-// SAFETY: the buffer is plain memory owned by this value.
-unsafe impl Send for AlignedBuf {}
-
-const ALIGN: usize = 4096;
+/// Alignment of O_DIRECT buffers, offsets and lengths.
+pub const ALIGN: usize = 4096;
 
 impl AlignedBuf {
     pub fn new(len: usize) -> AlignedBuf {
         let len = len.next_multiple_of(ALIGN).max(ALIGN);
-        let layout = std::alloc::Layout::from_size_align(len, ALIGN)
-            .unwrap_or(std::alloc::Layout::new::<u8>());
-        // SAFETY: non-zero size; a null result is handled below.
-        let p = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr =
-            std::ptr::NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, len }
+        let mem = vec![0u8; len + ALIGN];
+        let start = mem.as_ptr().align_offset(ALIGN).min(ALIGN);
+        AlignedBuf { mem, start, len }
     }
     pub fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: `len` bytes allocated and exclusively borrowed.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+        &mut self.mem[self.start..self.start + self.len]
     }
 }
 
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        if let Ok(layout) = std::alloc::Layout::from_size_align(self.len, ALIGN) {
-            // SAFETY: allocated in `new` with this layout.
-            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
-        }
-    }
-}
-
-/// A range of a staged file written but not yet read back: the bytes that were
-/// written (from the source), checked against what Atlas returns for them.
+/// A range of a staged file written through the page cache but not yet read back:
+/// the bytes that were written (from the source), checked against what Atlas
+/// returns for them.
 pub struct Pending {
     /// The staged file, opened for reading (with O_DIRECT where the filesystem has it).
     pub fd: std::sync::Arc<std::os::fd::OwnedFd>,
@@ -169,9 +128,15 @@ pub struct Pending {
     pub what: std::sync::Arc<str>,
 }
 
-/// Read-back verification of what was staged, a little behind the copy: each range
-/// written is queued, its writeback started at once (`sync_file_range`), and read
-/// back from Atlas once a few more ranges were written, so reading one file overlaps
+/// Read-back verification of what was staged.
+///
+/// A range written with O_DIRECT (the default on a local Atlas) is on the device when
+/// the write returns; it is read back at once, with O_DIRECT (from the device, not
+/// the page cache, which O_DIRECT writes do not fill).
+///
+/// A range written through the page cache (Atlas on NFS, or a filesystem refusing
+/// O_DIRECT writes) is queued: its writeback starts at once (`sync_file_range`), and
+/// it is read back once a few more ranges were written, so reading one file overlaps
 /// writing the next. The read bypasses the client's page cache: O_DIRECT where the
 /// filesystem allows it (the kernel writes the range out first, then reads the
 /// device, or the NFS server), else fdatasync + POSIX_FADV_DONTNEED + a buffered read.
@@ -179,6 +144,10 @@ pub struct ReadBack {
     queue: std::collections::VecDeque<Pending>,
     queued_bytes: usize,
     buf: AlignedBuf,
+    /// Buffers of verified ranges, reused for the next ones (no allocation, no page
+    /// faults per range); at most [`READBACK_BYTES`] + [`CHUNK`] of them are kept.
+    spare: Vec<Vec<u8>>,
+    spare_bytes: usize,
 }
 
 /// Ranges (and bytes) one worker keeps queued before it reads the oldest back.
@@ -191,20 +160,53 @@ impl ReadBack {
             queue: std::collections::VecDeque::new(),
             queued_bytes: 0,
             buf: AlignedBuf::new(CHUNK),
+            spare: Vec::new(),
+            spare_bytes: 0,
         }
     }
 
-    /// Queue a written range (its writeback starts now); verify the oldest ones while
-    /// the queue is over its bounds.
-    pub fn push(&mut self, p: Pending, dst: RawFd) -> JobResult<()> {
-        // SAFETY: valid descriptor; a hint only (start writeback, do not wait).
-        unsafe {
-            libc::sync_file_range(
-                dst,
-                p.off as libc::off64_t,
-                p.data.len() as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            )
+    /// A buffer holding a copy of `data`, from the spare ones when one is large enough.
+    fn copy_of(&mut self, data: &[u8]) -> Vec<u8> {
+        let mut v = match self.spare.iter().position(|v| v.capacity() >= data.len()) {
+            Some(i) => {
+                let v = self.spare.swap_remove(i);
+                self.spare_bytes -= v.capacity();
+                v
+            }
+            None => Vec::with_capacity(data.len()),
+        };
+        v.clear();
+        v.extend_from_slice(data);
+        v
+    }
+
+    fn recycle(&mut self, v: Vec<u8>) {
+        if self.spare_bytes + v.capacity() <= READBACK_BYTES + CHUNK {
+            self.spare_bytes += v.capacity();
+            self.spare.push(v);
+        }
+    }
+
+    /// Queue a range written through the page cache (its writeback starts now);
+    /// verify the oldest ones while the queue is over its bounds.
+    fn push(
+        &mut self,
+        fd: std::sync::Arc<std::os::fd::OwnedFd>,
+        direct: bool,
+        what: std::sync::Arc<str>,
+        off: u64,
+        data: &[u8],
+        dst: BorrowedFd<'_>,
+    ) -> JobResult<()> {
+        // A hint only: start writeback, do not wait.
+        let flags = libc::SYNC_FILE_RANGE_WRITE;
+        let _ = crate::sys::sync_file_range(dst, off, data.len() as u64, flags);
+        let p = Pending {
+            fd,
+            direct,
+            off,
+            data: self.copy_of(data),
+            what,
         };
         self.queued_bytes += p.data.len();
         self.queue.push_back(p);
@@ -227,39 +229,43 @@ impl ReadBack {
             return Ok(());
         };
         self.queued_bytes -= p.data.len();
-        let fd = p.fd.as_raw_fd();
-        let want = p.data.len();
-        let got = if p.direct {
+        let r = self.check(p.fd.as_fd(), p.direct, p.off, &p.data, &p.what);
+        self.recycle(p.data);
+        r
+    }
+
+    /// Read `data.len()` bytes at `off` back from Atlas and compare them with `data`.
+    fn check(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        direct: bool,
+        off: u64,
+        data: &[u8],
+        what: &str,
+    ) -> JobResult<()> {
+        let want = data.len();
+        let got = if direct {
             // O_DIRECT: length rounded up to the alignment; a short read at EOF.
             let len = want.next_multiple_of(ALIGN);
             let buf = &mut self.buf.as_mut()[..len];
-            match pread_full(fd, buf, p.off) {
+            match pread_full(fd, buf, off) {
                 Ok(n) => Ok(n.min(want)),
                 Err(e) => Err(e),
             }
         } else {
-            // SAFETY: valid descriptor; the pages are clean after fdatasync, so the
-            // advice drops them and the read goes to the server / device.
-            unsafe {
-                libc::fdatasync(fd);
-                libc::posix_fadvise(
-                    fd,
-                    p.off as libc::off_t,
-                    want as libc::off_t,
-                    libc::POSIX_FADV_DONTNEED,
-                );
-            }
-            pread_full(fd, &mut self.buf.as_mut()[..want], p.off)
+            // The pages are clean after fdatasync, so the advice drops them and the
+            // read goes to the server / device.
+            let _ = rustix::fs::fdatasync(fd);
+            let len = std::num::NonZeroU64::new(want as u64);
+            let _ = rustix::fs::fadvise(fd, off, len, Advice::DontNeed);
+            pread_full(fd, &mut self.buf.as_mut()[..want], off)
         }
-        .map_err(|e| {
-            JobError::Failed(format!("{}: reading the copy back from Atlas: {e}", p.what))
-        })?;
-        if got != want || self.buf.as_mut()[..want] != p.data[..] {
+        .map_err(|e| JobError::Failed(format!("{what}: reading the copy back from Atlas: {e}")))?;
+        if got != want || self.buf.as_mut()[..want] != data[..] {
             return Err(JobError::Failed(format!(
-                "{}: the copy on Atlas does not match the local file (bytes {}..{} differ); nothing was changed",
-                p.what,
-                p.off,
-                p.off + want as u64
+                "{what}: the copy on Atlas does not match the local file (bytes {}..{} differ); nothing was changed",
+                off,
+                off + want as u64
             )));
         }
         Ok(())
@@ -272,23 +278,29 @@ impl Default for ReadBack {
     }
 }
 
-/// Where [`copy_data`] queues what it wrote to be read back.
+/// Where [`copy_data`] reads what it wrote back from.
 pub struct ReadBackOf<'a> {
+    /// The staged file opened for reading back: O_DIRECT when `direct`, and then
+    /// also for writing when `direct_write`.
     pub fd: std::sync::Arc<std::os::fd::OwnedFd>,
     pub direct: bool,
+    /// Write through `fd` with O_DIRECT (bypassing the page cache; each range is on
+    /// the device when the write returns), where the offset allows it.
+    pub direct_write: bool,
     pub what: std::sync::Arc<str>,
     pub queue: &'a mut ReadBack,
 }
 
 /// Copy `size` bytes of `src` to the empty file `dst`, keeping holes; returns the
-/// blake3 digest of the content. Every range written is queued on `rb` to be read
-/// back from Atlas through `check_fd` (see [`ReadBack`]). `use_cfr` is shared by a
-/// job's workers: cleared the first time copy_file_range is refused between the two
-/// filesystems.
+/// blake3 digest of the content. Every range written is read back from Atlas through
+/// the read-back descriptor and compared with the source bytes (see [`ReadBack`]).
+/// `buf` should be [`ALIGN`]-aligned for O_DIRECT writes (else they are buffered).
+/// `use_cfr` is shared by a job's workers: cleared the first time copy_file_range is
+/// refused between the two filesystems.
 #[allow(clippy::too_many_arguments)]
 pub fn copy_data(
-    src: RawFd,
-    dst: RawFd,
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
     size: u64,
     buf: &mut [u8],
     use_cfr: &AtomicBool,
@@ -298,10 +310,20 @@ pub fn copy_data(
 ) -> JobResult<blake3::Hash> {
     let io = |what: &'static str| move |e: Error| JobError::Failed(format!("{what}: {e}"));
     let mut readback = readback;
+    // O_DIRECT writes need an aligned buffer whose length is a multiple of ALIGN (a
+    // short last piece is padded with zeros, cut off again by the ftruncate below).
+    let mut direct_write = readback
+        .as_ref()
+        .is_some_and(|r| r.direct && r.direct_write)
+        && (buf.as_ptr() as usize) % ALIGN == 0
+        && buf.len() % ALIGN == 0;
     let mut h = blake3::Hasher::new();
     let mut pos = 0u64;
+    // Where the last write ended, and whether a padded O_DIRECT write went past it:
+    // the file is sized at the end unless its last byte was written exactly.
+    let (mut end, mut padded) = (0u64, false);
     while pos < size {
-        let data = match seek(src, pos, libc::SEEK_DATA) {
+        let data = match seek(src, SeekFrom::Data(pos)) {
             Ok(Some(d)) => d.min(size),
             Ok(None) => size,
             Err(_) => pos, // no SEEK_DATA: all data
@@ -314,7 +336,7 @@ pub fn copy_data(
         if pos >= size {
             break;
         }
-        let hole = match seek(src, pos, libc::SEEK_HOLE) {
+        let hole = match seek(src, SeekFrom::Hole(pos)) {
             Ok(Some(x)) => x.min(size),
             _ => size,
         };
@@ -333,46 +355,61 @@ pub fn copy_data(
             }
             h.update(&buf[..n]);
             let mut written = false;
+            let mut direct = false;
             if use_cfr.load(Ordering::Relaxed) {
                 written = cfr(src, dst, pos, n).map_err(io("copy_file_range to Atlas"))?;
                 if !written {
                     use_cfr.store(false, Ordering::Relaxed);
                 }
             }
+            if !written && direct_write && pos % ALIGN as u64 == 0 {
+                let r = readback.as_ref().map_or(dst, |r| r.fd.as_fd());
+                // Padding stays inside the hole or past the end: a data segment ends
+                // unaligned only where a hole (or the end of the file) begins, and the
+                // next segment starts on a block boundary.
+                let len = n.next_multiple_of(ALIGN);
+                buf[n..len].fill(0);
+                match pwrite_full(r, &buf[..len], pos) {
+                    Ok(()) => {
+                        (written, direct) = (true, true);
+                        padded |= len > n;
+                    }
+                    // Refused (alignment this filesystem does not accept): write the
+                    // rest of the file through the page cache.
+                    Err(e) if e.errno() == libc::EINVAL => direct_write = false,
+                    Err(e) => return Err(io("writing to Atlas")(e)),
+                }
+            }
             if !written {
                 pwrite_full(dst, &buf[..n], pos).map_err(io("writing to Atlas"))?;
             }
             if let Some(r) = readback.as_mut() {
-                r.queue.push(
-                    Pending {
-                        fd: r.fd.clone(),
-                        direct: r.direct,
-                        off: pos,
-                        data: buf[..n].to_vec(),
-                        what: r.what.clone(),
-                    },
-                    dst,
-                )?;
+                if direct {
+                    r.queue.check(r.fd.as_fd(), true, pos, &buf[..n], &r.what)?;
+                } else {
+                    let (fd, what) = (r.fd.clone(), r.what.clone());
+                    r.queue.push(fd, r.direct, what, pos, &buf[..n], dst)?;
+                }
             }
+            end = pos + n as u64;
             pos += n as u64;
             progress.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
-    // SAFETY: valid descriptor.
-    check(unsafe { libc::ftruncate(dst, size as libc::off_t) })
-        .map_err(io("sizing the copy on Atlas"))?;
+    if padded || end != size {
+        rustix::fs::ftruncate(dst, size).map_err(|e| io("sizing the copy on Atlas")(rx(e)))?;
+    }
     Ok(h.finalize())
 }
 
 /// Digest of a whole file, read from the start (holes read as zeros). Drops the
 /// file's cached pages first, so on NFS the bytes come from the server.
 pub fn digest_fd(
-    fd: RawFd,
+    fd: BorrowedFd<'_>,
     buf: &mut [u8],
     stop: &dyn Fn() -> bool,
 ) -> JobResult<(blake3::Hash, u64)> {
-    // SAFETY: valid descriptor; advice only.
-    unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED) };
+    let _ = rustix::fs::fadvise(fd, 0, None, Advice::DontNeed);
     let mut h = blake3::Hasher::new();
     let mut off = 0u64;
     loop {
@@ -403,7 +440,8 @@ fn copied_xattr(name: &[u8]) -> bool {
 
 /// Copy user xattrs and POSIX ACLs from `src` to `dst` (open files or directories).
 /// Returns the names the target refused because it has no xattrs.
-pub fn copy_xattrs(src: RawFd, dst: RawFd) -> Result<Vec<String>> {
+pub fn copy_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> Result<Vec<String>> {
+    let (src, dst) = (src.as_raw_fd(), dst.as_raw_fd());
     let mut lost = Vec::new();
     for name in util::list_xattrs(src)? {
         let b = name.as_bytes();
@@ -427,11 +465,13 @@ pub fn copy_xattrs(src: RawFd, dst: RawFd) -> Result<Vec<String>> {
 
 /// Ownership and permission bits of an open file or directory (chown first: it
 /// clears setuid/setgid, which chmod then restores).
-pub fn set_owner_mode(fd: RawFd, uid: u32, gid: u32, mode: u32) -> Result<()> {
-    // SAFETY: valid descriptor.
-    check(unsafe { libc::fchown(fd, uid, gid) })?;
-    // SAFETY: valid descriptor.
-    check(unsafe { libc::fchmod(fd, (mode & 0o7777) as libc::mode_t) })?;
+pub fn set_owner_mode(fd: BorrowedFd<'_>, uid: u32, gid: u32, mode: u32) -> Result<()> {
+    let (uid, gid) = (
+        rustix::fs::Uid::from_raw(uid),
+        rustix::fs::Gid::from_raw(gid),
+    );
+    rustix::fs::fchown(fd, Some(uid), Some(gid)).map_err(rx)?;
+    rustix::fs::fchmod(fd, rustix::fs::Mode::from_raw_mode(mode & 0o7777)).map_err(rx)?;
     Ok(())
 }
 
@@ -463,8 +503,8 @@ mod tests {
         let cfr = AtomicBool::new(true);
         let prog = AtomicU64::new(0);
         let d = copy_data(
-            src.as_raw_fd(),
-            dst.as_raw_fd(),
+            src.as_fd(),
+            dst.as_fd(),
             8 << 20,
             &mut buf,
             &cfr,
@@ -480,10 +520,119 @@ mod tests {
             std::fs::read(dir.path().join("dst")).expect("read dst"),
             content
         );
-        let (d2, n) = digest_fd(dst.as_raw_fd(), &mut buf, &|| false)
+        let (d2, n) = digest_fd(dst.as_fd(), &mut buf, &|| false)
             .map_err(|e| format!("{e:?}"))
             .expect("digest");
         assert_eq!((d2, n), (d, 8 << 20));
         assert_eq!(prog.load(Ordering::Relaxed), 8 << 20);
+    }
+}
+
+#[cfg(test)]
+mod direct_tests {
+    use super::*;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::sync::Arc;
+
+    /// A source with data, a hole and an unaligned end; the staged file opened as
+    /// the engine opens it (a buffered descriptor and an O_DIRECT one for writing and
+    /// reading back). The temporary directory is on the disk, not tmpfs.
+    fn setup(
+        dir: &std::path::Path,
+    ) -> (
+        std::fs::File,
+        std::fs::File,
+        Arc<std::os::fd::OwnedFd>,
+        u64,
+        Vec<u8>,
+    ) {
+        let sp = dir.join("src");
+        let size = 3 * CHUNK as u64 + 1234;
+        let f = std::fs::File::create(&sp).expect("create");
+        let a: Vec<u8> = (0..CHUNK + 777).map(|i| (i * 31 % 251) as u8).collect();
+        f.write_all_at(&a, 0).expect("write");
+        let b: Vec<u8> = (0..5000).map(|i| (i * 7 % 253) as u8).collect();
+        f.write_all_at(&b, size - b.len() as u64)
+            .expect("write tail");
+        f.set_len(size).expect("set_len");
+        let content = std::fs::read(&sp).expect("read");
+        let dp = dir.join("dst");
+        let dst = std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .open(&dp)
+            .expect("dst");
+        let rfd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&dp)
+            .expect("O_DIRECT open of the staged file");
+        (
+            std::fs::File::open(&sp).expect("open"),
+            dst,
+            Arc::new(std::os::fd::OwnedFd::from(rfd)),
+            size,
+            content,
+        )
+    }
+
+    #[test]
+    fn direct_writes_keep_content_holes_and_exact_size() {
+        let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+        let (src, dst, rfd, size, content) = setup(dir.path());
+        let mut buf = AlignedBuf::new(CHUNK);
+        let mut rb = ReadBack::new();
+        let d = copy_data(
+            src.as_fd(),
+            dst.as_fd(),
+            size,
+            buf.as_mut(),
+            &AtomicBool::new(false),
+            &AtomicU64::new(0),
+            &|| false,
+            Some(ReadBackOf {
+                fd: rfd,
+                direct: true,
+                direct_write: true,
+                what: "dst".into(),
+                queue: &mut rb,
+            }),
+        )
+        .map_err(|e| format!("{e:?}"))
+        .expect("copy");
+        rb.drain().map_err(|e| format!("{e:?}")).expect("drain");
+        assert_eq!(d, blake3::hash(&content));
+        let got = std::fs::read(dir.path().join("dst")).expect("read dst");
+        assert_eq!(
+            got.len() as u64,
+            size,
+            "the zero padding of the last write was cut off"
+        );
+        assert!(got == content, "staged content differs");
+    }
+
+    #[test]
+    fn a_range_that_reads_back_other_bytes_fails_the_copy() {
+        let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+        let (_src, dst, rfd, _size, _content) = setup(dir.path());
+        dst.write_all_at(&[7u8; 8192], 0).expect("write");
+        let mut rb = ReadBack::new();
+        let mut other = vec![7u8; 8192];
+        rb.check(rfd.as_fd(), true, 0, &other, "dst")
+            .map_err(|e| format!("{e:?}"))
+            .expect("the same bytes verify");
+        other[5000] = 8;
+        for direct in [true, false] {
+            match rb.check(rfd.as_fd(), direct, 0, &other, "dst") {
+                Err(JobError::Failed(m)) => assert!(m.contains("does not match"), "{m}"),
+                other => panic!("a differing byte was not seen: {:?}", other.err()),
+            }
+        }
+        // Queued (written through the page cache) ranges too.
+        rb.push(rfd.clone(), true, "dst".into(), 0, &other, dst.as_fd())
+            .map_err(|e| format!("{e:?}"))
+            .expect("queued");
+        assert!(rb.drain().is_err(), "a differing queued range was not seen");
     }
 }

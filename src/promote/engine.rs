@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -33,20 +33,23 @@ use crate::fs::{Creds, LabFs};
 use crate::rules::{BackendKind, Class};
 use crate::tags;
 
-/// Copy workers per job.
-const WORKERS: usize = 4;
+/// Copy workers per job. With O_DIRECT writes and read-backs a worker mostly waits
+/// for the device, so the workers are the device's queue depth more than CPUs: 8
+/// beat 4 on the 2-core bench machine (docs/benchmarks.md, "Promote with O_DIRECT
+/// writes").
+const WORKERS: usize = 8;
 
 /// Test-only crash hook: `LABFS_PROMOTE_CRASH_AT=planned|staged|verified|committed|cleaning`
 /// makes the daemon abort() right after that step (see docs/promote.md).
 pub fn crash_point(at: &str) {
     if std::env::var("LABFS_PROMOTE_CRASH_AT").is_ok_and(|v| v == at) {
         error!("LABFS_PROMOTE_CRASH_AT={at}: aborting (test hook)");
-        let none = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
+        // No core file for a deliberate crash.
+        let none = rustix::process::Rlimit {
+            current: Some(0),
+            maximum: Some(0),
         };
-        // SAFETY: plain syscall; no core file for a deliberate crash.
-        unsafe { libc::setrlimit(libc::RLIMIT_CORE, &none) };
+        let _ = rustix::process::setrlimit(rustix::process::Resource::Core, none);
         std::process::abort();
     }
 }
@@ -137,11 +140,7 @@ pub fn run(fs: &Arc<LabFs>, job: &Arc<Job>) {
     drop(slot);
     // The job's records (one per object) were freed; hand the pages back to the
     // system now rather than keeping them in the allocator until a later job.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory of the allocator.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    crate::sys::release_free_memory();
     match outcome {
         Ok(msg) => {
             info!(id = %job.id, "promoted {}: {msg}", show(&job.path));
@@ -640,9 +639,10 @@ struct StagedInfo {
 /// Digest and staged inode of a hard link's first name.
 type StagedFirst = (Option<[u8; 32]>, Option<u64>);
 
-/// A copy worker's buffers: the copy chunk and the queue of ranges to read back.
+/// A copy worker's buffers: the copy chunk (aligned for O_DIRECT writes) and the
+/// queue of ranges to read back.
 struct Worker {
-    buf: Vec<u8>,
+    buf: copy::AlignedBuf,
     readback: copy::ReadBack,
 }
 
@@ -681,6 +681,7 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
         .map_err(failed(format!("staging {}", show(&j.ns_path(e.rel())))))?;
     }
     let use_cfr = AtomicBool::new(true);
+    let direct_write = direct_writes(&sfd);
     let mut order: Vec<u32> = (0..j.entries.len() as u32)
         .filter(|&i| {
             matches!(
@@ -698,13 +699,15 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
             parallel_with(
                 batch,
                 || Worker {
-                    buf: vec![0u8; copy::CHUNK],
+                    buf: copy::AlignedBuf::new(copy::CHUNK),
                     readback: copy::ReadBack::new(),
                 },
                 |&i, w| {
                     let e = &jr.entries[i as usize];
                     let info = match e.kind {
-                        EntryKind::File => stage_file(fs, job, jr, e, &sfd, w, &use_cfr)?,
+                        EntryKind::File => {
+                            stage_file(fs, job, jr, e, &sfd, w, &use_cfr, direct_write)?
+                        }
                         _ => stage_symlink(fs, jr, e, &sfd)?,
                     };
                     results.lock().push((i, info));
@@ -752,20 +755,12 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
             cos(from_name).map_err(failed("name"))?,
             cos(sname).map_err(failed("name"))?,
         );
-        // SAFETY: valid dirfds and C strings.
-        crate::error::check(unsafe {
-            libc::linkat(
-                ffd.as_raw_fd(),
-                cf.as_ptr(),
-                tfd.as_raw_fd(),
-                ct.as_ptr(),
-                0,
-            )
-        })
-        .map_err(failed(format!(
-            "staging the hard link {}",
-            show(&ns_of(&top, e.rel()))
-        )))?;
+        rustix::fs::linkat(&ffd, &*cf, &tfd, &*ct, rustix::fs::AtFlags::empty())
+            .map_err(|e| crate::error::Error::Errno(e.raw_os_error()))
+            .map_err(failed(format!(
+                "staging the hard link {}",
+                show(&ns_of(&top, e.rel()))
+            )))?;
         if let Some((d, ino)) = firsts.get(&first) {
             e.digest = *d;
             e.set_staged_ino(*ino);
@@ -805,11 +800,30 @@ fn open_src(fs: &LabFs, ns: &OsStr, flags: i32) -> Result<OwnedFd> {
     }
 }
 
+/// Whether staged files are written with O_DIRECT: on a local Atlas, yes (the bytes
+/// go from the copy buffer to the device, with no page-cache copy and no writeback
+/// to wait for before the read-back; measured in docs/benchmarks.md, "Promote with
+/// O_DIRECT writes"). On NFS, no: an O_DIRECT write there is committed to the
+/// server's disk before it returns (a COMMIT per call), where buffered writes are
+/// made durable once, by the `syncfs` after staging.
+fn direct_writes(staging: &OwnedFd) -> bool {
+    match rustix::fs::fstatfs(staging) {
+        Ok(st) => st.f_type != rustix::fs::NFS_SUPER_MAGIC,
+        Err(_) => false,
+    }
+}
+
 /// The staged file opened for reading it back: O_DIRECT where the filesystem allows
-/// it (`true`), else buffered.
-fn open_readback(dfd: &OwnedFd, name: &std::ffi::CStr) -> Result<(OwnedFd, bool)> {
+/// it (`true`), else buffered. With `write`, opened for writing too (the O_DIRECT
+/// writes of [`copy::copy_data`]).
+fn open_readback(dfd: &OwnedFd, name: &std::ffi::CStr, write: bool) -> Result<(OwnedFd, bool)> {
     let flags = libc::O_RDONLY | libc::O_NOATIME;
-    match util::open_at(dfd.as_raw_fd(), name, flags | libc::O_DIRECT, 0) {
+    let dflags = if write {
+        libc::O_RDWR | libc::O_NOATIME
+    } else {
+        flags
+    };
+    match util::open_at(dfd.as_raw_fd(), name, dflags | libc::O_DIRECT, 0) {
         Ok(fd) => Ok((fd, true)),
         Err(e) if e.errno() == libc::EINVAL => {
             Ok((util::open_at(dfd.as_raw_fd(), name, flags, 0)?, false))
@@ -822,6 +836,7 @@ fn open_readback(dfd: &OwnedFd, name: &std::ffi::CStr) -> Result<(OwnedFd, bool)
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn stage_file(
     fs: &LabFs,
     job: &Job,
@@ -830,6 +845,7 @@ fn stage_file(
     sfd: &OwnedFd,
     w: &mut Worker,
     use_cfr: &AtomicBool,
+    direct_write: bool,
 ) -> JobResult<StagedInfo> {
     let ns = j.ns_path(e.rel());
     let shown = show(&ns);
@@ -852,19 +868,21 @@ fn stage_file(
         0o600,
     )
     .map_err(failed(format!("staging {shown}")))?;
-    let (rfd, direct) = open_readback(&dfd, &cname).map_err(failed(format!("staging {shown}")))?;
+    let (rfd, direct) =
+        open_readback(&dfd, &cname, direct_write).map_err(failed(format!("staging {shown}")))?;
     let stop = || stop_requested(job);
     let digest = copy::copy_data(
-        src.as_raw_fd(),
-        dst.as_raw_fd(),
+        src.as_fd(),
+        dst.as_fd(),
         e.size,
-        &mut w.buf,
+        w.buf.as_mut(),
         use_cfr,
         &job.bytes_done,
         &stop,
         Some(copy::ReadBackOf {
             fd: Arc::new(rfd),
             direct,
+            direct_write,
             what: shown.as_str().into(),
             queue: &mut w.readback,
         }),
@@ -877,8 +895,8 @@ fn stage_file(
     apply_meta(
         job,
         &shown,
-        src.as_raw_fd(),
-        dst.as_raw_fd(),
+        src.as_fd(),
+        dst.as_fd(),
         e,
         &tag_map(j, Some(&super::journal::digest_tag(&digest))),
     )?;
@@ -894,8 +912,8 @@ fn stage_file(
 fn apply_meta(
     job: &Job,
     shown: &str,
-    src: i32,
-    dst: i32,
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
     e: &Entry,
     t: &BTreeMap<String, String>,
 ) -> JobResult<()> {
@@ -909,7 +927,7 @@ fn apply_meta(
             lost.join(", ")
         ));
     }
-    set_tag_xattrs(dst, t).map_err(failed(format!("{shown}: tags")))?;
+    set_tag_xattrs(dst.as_raw_fd(), t).map_err(failed(format!("{shown}: tags")))?;
     Ok(())
 }
 
@@ -933,19 +951,18 @@ fn stage_symlink(fs: &LabFs, j: &Journal, e: &Entry, sfd: &OwnedFd) -> JobResult
     let cs = cos(sname).map_err(failed(show(sname)))?;
     let ct = std::ffi::CString::new(target)
         .map_err(|_| JobError::Failed(format!("{shown}: bad link target")))?;
-    // SAFETY: valid dirfd and C strings.
-    crate::error::check(unsafe { libc::symlinkat(ct.as_ptr(), dfd.as_raw_fd(), cs.as_ptr()) })
+    let errno = |e: rustix::io::Errno| crate::error::Error::Errno(e.raw_os_error());
+    rustix::fs::symlinkat(&*ct, &dfd, &*cs)
+        .map_err(errno)
         .map_err(failed(format!("staging {shown}")))?;
-    // SAFETY: valid dirfd and C string.
-    crate::error::check(unsafe {
-        libc::fchownat(
-            dfd.as_raw_fd(),
-            cs.as_ptr(),
-            e.uid,
-            e.gid,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })
+    rustix::fs::chownat(
+        &dfd,
+        &*cs,
+        Some(rustix::fs::Uid::from_raw(e.uid)),
+        Some(rustix::fs::Gid::from_raw(e.gid)),
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(errno)
     .map_err(failed(format!("{shown}: owner on Atlas")))?;
     util::set_times_at(dfd.as_raw_fd(), &cs, &st)
         .map_err(failed(format!("{shown}: timestamps")))?;
@@ -964,14 +981,7 @@ fn stage_dir_meta(fs: &LabFs, job: &Job, j: &Journal, e: &Entry, sfd: &OwnedFd) 
     let sr = Journal::staged_rel(e.rel());
     let dst = util::open_under(sfd.as_raw_fd(), &sr, libc::O_RDONLY | libc::O_DIRECTORY, 0)
         .map_err(failed(format!("staging {shown}")))?;
-    apply_meta(
-        job,
-        &shown,
-        src.as_raw_fd(),
-        dst.as_raw_fd(),
-        e,
-        &tags_for(j, e),
-    )?;
+    apply_meta(job, &shown, src.as_fd(), dst.as_fd(), e, &tags_for(j, e))?;
     // The planned times, not the current ones: creating the staged children does
     // not touch the source, but files created there meanwhile would.
     let mut times = st;
@@ -1432,8 +1442,8 @@ fn same_on_both(
             let (Some(l), Some(a)) = (local, atlas) else {
                 return false;
             };
-            let dl = copy::digest_fd(l.as_raw_fd(), buf, &never).ok();
-            let da = copy::digest_fd(a.as_raw_fd(), buf, &never).ok();
+            let dl = copy::digest_fd(l.as_fd(), buf, &never).ok();
+            let da = copy::digest_fd(a.as_fd(), buf, &never).ok();
             match (dl, da) {
                 (Some((x, _)), Some((y, _))) => x == y && *x.as_bytes() == want,
                 _ => false,
