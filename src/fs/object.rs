@@ -159,6 +159,17 @@ impl Backing {
         Ok(Backing::Fd(Arc::new(f)))
     }
 
+    /// The backing of the object behind the O_PATH descriptor `fd`, which the caller
+    /// keeps (handle if possible, else `fd` itself, shared).
+    pub fn of_shared_fd(fd: &Arc<OwnedFd>, mnt_id: Option<i32>) -> Backing {
+        if let (Some(want), Some((h, m))) = (mnt_id, encode(fd.as_raw_fd())) {
+            if m == want {
+                return Backing::Handle(HandleBytes::new(&h));
+            }
+        }
+        Backing::Fd(fd.clone())
+    }
+
     /// Take an O_PATH descriptor we already own as the backing (handle if possible).
     pub fn of_path_fd(fd: OwnedFd, mnt_id: Option<i32>) -> Backing {
         if let (Some(want), Some((h, m))) = (mnt_id, encode(fd.as_raw_fd())) {

@@ -8,6 +8,7 @@
 
 use std::ffi::{CString, OsStr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
 
 use super::backend::{cstring, fstat, fstatat, Creds};
 use super::handle::Opened;
@@ -100,7 +101,8 @@ impl LabFs {
             };
             object::open_child(pfd.as_raw_fd(), &cname)?
         };
-        self.entry_fd(parent, name, kind, fd.as_raw_fd(), &st)
+        let raw = fd.as_raw_fd();
+        self.entry_fd(parent, name, kind, raw, &st, Some(fd))
     }
 
     pub fn mkdir(
@@ -185,7 +187,18 @@ impl LabFs {
             unsafe { OwnedFd::from_raw_fd(fd) }
         };
         let st = fstat(fd.as_raw_fd())?;
-        let entry = self.entry_fd(parent, name, kind, fd.as_raw_fd(), &st)?;
+        // On the local SSD, an O_PATH descriptor of the new file for the requests that
+        // follow (tar's setattrs, the first getattr) instead of a reopen by handle each.
+        let path_fd = if Self::caches_recent(kind) {
+            let _as = creds.assume()?;
+            object::open_child(pfd.as_raw_fd(), &cname)
+                .ok()
+                .filter(|(_, s)| (s.st_dev, s.st_ino) == (st.st_dev, st.st_ino))
+                .map(|(f, _)| f)
+        } else {
+            None
+        };
+        let entry = self.entry_fd(parent, name, kind, fd.as_raw_fd(), &st, path_fd)?;
         let mut opened = self.new_file_handle(entry.attr.ino, fd, kind, flags);
         opened.created = created;
         permit.bind(opened.fh);
@@ -272,6 +285,11 @@ impl LabFs {
                 }
             }
         }
+        let last = dir || f.stat.st_nlink <= 1;
+        let keep = match known {
+            Some(ino) if last => self.before_removal(&creds, kind, ino, &f.dir, &f.cname, &f.stat),
+            _ => None,
+        };
         {
             let _as = creds.assume()?;
             let flags = if dir { libc::AT_REMOVEDIR } else { 0 };
@@ -279,13 +297,51 @@ impl LabFs {
             check(unsafe { libc::unlinkat(f.dir.as_raw_fd(), f.cname.as_ptr(), flags) })?;
         }
         if let Some(ino) = known {
-            if dir || f.stat.st_nlink <= 1 {
-                self.inodes.unbind(ino);
+            if last {
+                self.removed(ino, keep);
             } else {
                 self.inodes.unlinked(ino, parent, name);
             }
         }
         Ok(())
+    }
+
+    /// Before removing what may be the last name (`dir/name`, stat `st`) of the object
+    /// the kernel holds as `ino`: a descriptor of it to keep it alive as the inode's
+    /// backing until the kernel forgets it (a file handle of a removed object is
+    /// stale). The recent descriptor if there is one, else an O_PATH open of the name,
+    /// taken only if it is the same object.
+    fn before_removal(
+        &self,
+        creds: &Creds,
+        kind: BackendKind,
+        ino: u64,
+        dir: &impl AsRawFd,
+        name: &CString,
+        st: &libc::stat,
+    ) -> Option<Arc<OwnedFd>> {
+        if !self.holds_removed(kind) || !self.inodes.may_hold() {
+            return None;
+        }
+        if Self::caches_recent(kind) {
+            if let Some(fd) = self.inodes.recent_get(ino) {
+                return Some(fd);
+            }
+        }
+        let _as = creds.assume().ok()?;
+        let (fd, now) = object::open_child(dir.as_raw_fd(), name).ok()?;
+        ((now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)).then(|| Arc::new(fd))
+    }
+
+    /// The object the kernel holds as `ino` lost its last name: it is kept alive by
+    /// `keep` if there is one (else it answers ESTALE once the backend frees it).
+    fn removed(&self, ino: u64, keep: Option<Arc<OwnedFd>>) {
+        match keep {
+            Some(fd) => {
+                self.inodes.hold(ino, fd);
+            }
+            None => self.inodes.unbind(ino),
+        }
     }
 
     /// Whether a rename of `path` stays on `backend` for the whole subtree.
@@ -328,10 +384,28 @@ impl LabFs {
         }
         let dst_parent = self.parent_for_create(&creds, newparent, kind, &to)?;
         let dname = cstring(newname)?;
-        // What the target was, so its number can be retired if this removes it.
+        let src_key = super::key_of(kind, &src.stat);
+        // What the target was, so its number can be retired if this removes it, and
+        // a descriptor to keep it alive if the kernel holds it (see `remove`).
         let replaced = {
+            let replaced = {
+                let _as = creds.assume()?;
+                fstatat(dst_parent.as_raw_fd(), &dname).ok()
+            };
+            let keep = match replaced {
+                Some(st) if flags & libc::RENAME_EXCHANGE == 0 => {
+                    let k = super::key_of(kind, &st);
+                    let last = st.st_nlink <= 1 || st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                    match self.inodes.peek(&k) {
+                        Some(old) if k != src_key && last => {
+                            self.before_removal(&creds, kind, old, &dst_parent, &dname, &st)
+                        }
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
             let _as = creds.assume()?;
-            let replaced = fstatat(dst_parent.as_raw_fd(), &dname).ok();
             // SAFETY: valid dirfds and C strings; flags are passed through for renameat2.
             check(unsafe {
                 libc::renameat2(
@@ -342,22 +416,21 @@ impl LabFs {
                     flags,
                 )
             } as i32)?;
-            replaced
+            replaced.map(|st| (st, keep))
         };
-        let src_key = super::key_of(kind, &src.stat);
         let src_ino = self.inodes.peek(&src_key);
         if flags & libc::RENAME_EXCHANGE != 0 {
-            if let Some(st) = replaced {
+            if let Some((st, _)) = replaced {
                 if let Some(other) = self.inodes.peek(&super::key_of(kind, &st)) {
                     self.inodes.moved(other, (newparent, newname), parent, name);
                 }
             }
-        } else if let Some(st) = replaced {
+        } else if let Some((st, keep)) = replaced {
             let k = super::key_of(kind, &st);
             if k != src_key {
                 if let Some(old) = self.inodes.peek(&k) {
                     if st.st_nlink <= 1 || st.st_mode & libc::S_IFMT == libc::S_IFDIR {
-                        self.inodes.unbind(old);
+                        self.removed(old, keep);
                     } else {
                         self.inodes.unlinked(old, newparent, newname);
                     }
