@@ -353,7 +353,9 @@ impl InodeTable {
         cache.put(ino, fd);
     }
 
-    fn recent_drop(&self, ino: u64) {
+    /// Forget `ino`'s recent descriptor (its object changed behind the inode: e.g.
+    /// promotion removed the local object).
+    pub fn recent_drop(&self, ino: u64) {
         if let Some(c) = self.recent.lock().as_mut() {
             c.pop(&ino);
         }

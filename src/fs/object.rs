@@ -98,6 +98,15 @@ impl AsRawFd for ObjFd {
     }
 }
 
+impl std::os::fd::AsFd for ObjFd {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            ObjFd::Owned(f) => f.as_fd(),
+            ObjFd::Held(f) => f.as_fd(),
+        }
+    }
+}
+
 impl ObjFd {
     /// `/proc/self/fd/N`: the object itself to calls that take a path.
     pub fn proc_path(&self) -> CString {

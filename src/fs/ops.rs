@@ -7,14 +7,18 @@
 //! descriptor.
 
 use std::ffi::{CString, OsStr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
+
+use rustix::fs::{self, AtFlags, Mode, OFlags};
+use rustix::io::Errno;
+use rustix::process::{Gid, Uid};
 
 use super::backend::{cstring, fstat, fstatat, Creds};
 use super::handle::Opened;
 use super::object::{self, ObjFd};
 use super::{Attr, Ctx, EntryOut, LabFs, SetAttr, ROOT_INO};
-use crate::error::{check, Error, Result};
+use crate::error::{Error, Result};
 use crate::rules::BackendKind;
 
 /// What a new entry will be.
@@ -81,22 +85,20 @@ impl LabFs {
         let cname = cstring(name)?;
         let (fd, st) = {
             let _as = creds.assume()?;
-            // SAFETY (all three): valid dirfd and C strings.
             match what {
-                NewNode::Dir { mode } => check(unsafe {
-                    libc::mkdirat(pfd.as_raw_fd(), cname.as_ptr(), mode as libc::mode_t)
-                })?,
-                NewNode::Node { mode, rdev } => check(unsafe {
-                    libc::mknodat(
-                        pfd.as_raw_fd(),
-                        cname.as_ptr(),
-                        mode as libc::mode_t,
-                        rdev as libc::dev_t,
-                    )
-                })?,
+                NewNode::Dir { mode } => rx(fs::mkdirat(&pfd, &cname, Mode::from_raw_mode(mode)))?,
+                NewNode::Node { mode, rdev } => rx(fs::mknodat(
+                    &pfd,
+                    &cname,
+                    match mode & libc::S_IFMT {
+                        0 => fs::FileType::RegularFile,
+                        t => fs::FileType::from_raw_mode(t),
+                    },
+                    Mode::from_raw_mode(mode),
+                    rdev,
+                ))?,
                 NewNode::Symlink { target } => {
-                    let t = cstring(target)?;
-                    check(unsafe { libc::symlinkat(t.as_ptr(), pfd.as_raw_fd(), cname.as_ptr()) })?
+                    rx(fs::symlinkat(cstring(target)?.as_c_str(), &pfd, &cname))?
                 }
             };
             object::open_child(pfd.as_raw_fd(), &cname)?
@@ -170,21 +172,20 @@ impl LabFs {
             // Exclusive first, so labfs knows whether the file is new (the kernel may
             // send CREATE for a name another node created meanwhile); the caller's own
             // O_EXCL keeps its EEXIST.
-            // SAFETY: valid dirfd and C string.
-            let open = |f: i32| unsafe {
-                libc::openat(pfd.as_raw_fd(), cname.as_ptr(), f, mode as libc::c_uint)
+            let open = |f: i32| {
+                fs::openat(
+                    &pfd,
+                    &cname,
+                    OFlags::from_bits_retain(f as u32),
+                    Mode::from_raw_mode(mode),
+                )
             };
             let mut fd = open(f | libc::O_EXCL);
-            created = fd >= 0;
-            if fd < 0
-                && flags & libc::O_EXCL == 0
-                && std::io::Error::last_os_error().raw_os_error() == Some(libc::EEXIST)
-            {
+            created = fd.is_ok();
+            if flags & libc::O_EXCL == 0 && fd.as_ref().is_err_and(|e| *e == Errno::EXIST) {
                 fd = open(f);
             }
-            check(fd)?;
-            // SAFETY: new descriptor we own.
-            unsafe { OwnedFd::from_raw_fd(fd) }
+            rx(fd)?
         };
         let st = fstat(fd.as_raw_fd())?;
         // On the local SSD, an O_PATH descriptor of the new file for the requests that
@@ -228,16 +229,13 @@ impl LabFs {
             // linkat through /proc/self/fd/N links the object itself (AT_EMPTY_PATH would
             // need CAP_DAC_READ_SEARCH, which a thread acting as a user does not have).
             let from = src.proc_path();
-            // SAFETY: valid C strings and dirfd.
-            check(unsafe {
-                libc::linkat(
-                    libc::AT_FDCWD,
-                    from.as_ptr(),
-                    pfd.as_raw_fd(),
-                    cname.as_ptr(),
-                    libc::AT_SYMLINK_FOLLOW,
-                )
-            })?;
+            rx(fs::linkat(
+                fs::CWD,
+                &from,
+                &pfd,
+                &cname,
+                AtFlags::SYMLINK_FOLLOW,
+            ))?;
             fstatat(pfd.as_raw_fd(), &cname)?
         };
         self.entry_in(&creds, newparent, newname, kind, (&pfd, &cname, &st))
@@ -267,20 +265,14 @@ impl LabFs {
             {
                 if let Ok(odir) = self.dir_on(&creds, parent, other) {
                     let _as = creds.assume()?;
-                    if let Ok(fd) = open_at(
-                        odir.as_raw_fd(),
-                        &f.cname,
-                        libc::O_RDONLY | libc::O_DIRECTORY,
-                    ) {
+                    if let Ok(fd) = open_at(&odir, &f.cname, libc::O_RDONLY | libc::O_DIRECTORY) {
                         let names = super::handle::list_dir(fd)?;
                         if names.iter().any(|(n, _)| n != "." && n != "..") {
                             return Err(Error::Errno(libc::ENOTEMPTY));
                         }
-                        // An empty structural directory goes with the namespace one.
-                        // SAFETY: valid dirfd and C string.
-                        unsafe {
-                            libc::unlinkat(odir.as_raw_fd(), f.cname.as_ptr(), libc::AT_REMOVEDIR)
-                        };
+                        // An empty structural directory goes with the namespace one (if
+                        // this fails, the namespace directory's own removal says why).
+                        let _ = fs::unlinkat(&odir, &f.cname, AtFlags::REMOVEDIR);
                     }
                 }
             }
@@ -292,9 +284,12 @@ impl LabFs {
         };
         {
             let _as = creds.assume()?;
-            let flags = if dir { libc::AT_REMOVEDIR } else { 0 };
-            // SAFETY: valid dirfd and C string.
-            check(unsafe { libc::unlinkat(f.dir.as_raw_fd(), f.cname.as_ptr(), flags) })?;
+            let flags = if dir {
+                AtFlags::REMOVEDIR
+            } else {
+                AtFlags::empty()
+            };
+            rx(fs::unlinkat(&f.dir, &f.cname, flags))?;
         }
         if let Some(ino) = known {
             if last {
@@ -406,16 +401,14 @@ impl LabFs {
                 _ => None,
             };
             let _as = creds.assume()?;
-            // SAFETY: valid dirfds and C strings; flags are passed through for renameat2.
-            check(unsafe {
-                libc::renameat2(
-                    src.dir.as_raw_fd(),
-                    src.cname.as_ptr(),
-                    dst_parent.as_raw_fd(),
-                    dname.as_ptr(),
-                    flags,
-                )
-            } as i32)?;
+            // The caller's flags are passed through (the backend refuses what it lacks).
+            rx(fs::renameat_with(
+                &src.dir,
+                &src.cname,
+                &dst_parent,
+                &dname,
+                fs::RenameFlags::from_bits_retain(flags),
+            ))?;
             replaced.map(|st| (st, keep))
         };
         let src_ino = self.inodes.peek(&src_key);
@@ -470,8 +463,7 @@ impl LabFs {
             }
             if new != mode && st0.st_mode & libc::S_IFMT == libc::S_IFREG {
                 let _root = Creds::root().assume()?;
-                // SAFETY: valid C string (the object's /proc/self/fd path).
-                check(unsafe { libc::chmod(proc.as_ptr(), new) })?;
+                rx(fs::chmod(&proc, Mode::from_raw_mode(new)))?;
             }
         }
         let _as = creds.assume()?;
@@ -489,54 +481,45 @@ impl LabFs {
                     && new == old & !(libc::S_ISUID | libc::S_ISGID)
                     && new != old;
                 let _root = kill_priv.then(|| Creds::root().assume()).transpose()?;
-                // SAFETY: valid descriptor or C string.
                 match &handle {
-                    Some(h) => check(unsafe { libc::fchmod(h.fd.as_raw_fd(), new) })?,
-                    None => check(unsafe { libc::chmod(proc.as_ptr(), new) })?,
+                    Some(h) => rx(fs::fchmod(&h.fd, Mode::from_raw_mode(new)))?,
+                    None => rx(fs::chmod(&proc, Mode::from_raw_mode(new)))?,
                 };
             }
         }
         if set.uid.is_some() || set.gid.is_some() {
-            let uid = set.uid.unwrap_or(u32::MAX);
-            let gid = set.gid.unwrap_or(u32::MAX);
-            // SAFETY: valid descriptor, empty C string with AT_EMPTY_PATH.
-            check(unsafe {
-                libc::fchownat(
-                    obj.as_raw_fd(),
-                    c"".as_ptr(),
-                    uid,
-                    gid,
-                    libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-                )
-            })?;
+            rx(fs::chownat(
+                &obj,
+                c"",
+                set.uid.map(Uid::from_raw),
+                set.gid.map(Gid::from_raw),
+                AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+            ))?;
         }
         if let Some(size) = set.size {
             match &handle {
-                // SAFETY: valid descriptor.
-                Some(h) => {
-                    check(unsafe { libc::ftruncate(h.fd.as_raw_fd(), size as libc::off_t) })?
-                }
-                None => {
-                    let fd = object::reopen(&obj, libc::O_WRONLY)?;
-                    // SAFETY: valid descriptor.
-                    check(unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) })?
-                }
+                Some(h) => rx(fs::ftruncate(&h.fd, size))?,
+                None => rx(fs::ftruncate(object::reopen(&obj, libc::O_WRONLY)?, size))?,
             };
         }
         if set.atime.is_some() || set.mtime.is_some() {
-            let times = [
-                super::attr::timespec(set.atime),
-                super::attr::timespec(set.mtime),
-            ];
-            // SAFETY: valid descriptor, empty C string with AT_EMPTY_PATH, two timespecs.
-            check(unsafe {
-                libc::utimensat(
-                    obj.as_raw_fd(),
-                    c"".as_ptr(),
-                    times.as_ptr(),
-                    libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-                )
-            })?;
+            let ts = |t| {
+                let t = super::attr::timespec(t);
+                fs::Timespec {
+                    tv_sec: t.tv_sec,
+                    tv_nsec: t.tv_nsec as _,
+                }
+            };
+            let times = fs::Timestamps {
+                last_access: ts(set.atime),
+                last_modification: ts(set.mtime),
+            };
+            rx(fs::utimensat(
+                &obj,
+                c"",
+                &times,
+                AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+            ))?;
         }
         let st = match &handle {
             Some(h) => fstat(h.fd.as_raw_fd())?,
@@ -559,16 +542,12 @@ impl LabFs {
     }
 }
 
-fn open_at(dirfd: i32, name: &CString, flags: i32) -> Result<OwnedFd> {
-    // SAFETY: valid dirfd and C string.
-    let fd = unsafe {
-        libc::openat(
-            dirfd,
-            name.as_ptr(),
-            flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    };
-    check(fd)?;
-    // SAFETY: new descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+fn open_at(dirfd: &impl AsFd, name: &CString, flags: i32) -> Result<OwnedFd> {
+    let f = OFlags::from_bits_retain(flags as u32) | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    rx(fs::openat(dirfd, name, f, Mode::empty()))
+}
+
+/// A rustix result as the core's (the kernel's errno unchanged).
+fn rx<T>(r: rustix::io::Result<T>) -> Result<T> {
+    r.map_err(|e| Error::Errno(e.raw_os_error()))
 }
