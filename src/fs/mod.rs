@@ -28,7 +28,7 @@ pub mod tag_reader;
 pub mod xattr;
 
 use std::ffi::{CString, OsStr, OsString};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -44,7 +44,7 @@ pub use identity::Ctx;
 pub use inode::ROOT_INO;
 
 use crate::config::Config;
-use crate::error::{check, Error, Result};
+use crate::error::{Error, Result};
 use crate::rules::{BackendKind, Class, Placement, Rules, Unplaced};
 use backend::{cstring, fstatat};
 use handle::Handles;
@@ -125,11 +125,9 @@ struct Found {
 }
 
 fn dup_fd(fd: i32) -> Result<OwnedFd> {
-    // SAFETY: duplicating a valid descriptor.
-    let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    check(r)?;
-    // SAFETY: new descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(r) })
+    // SAFETY: `fd` is a descriptor the caller holds open for this call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(|e| Error::Errno(e.raw_os_error()))
 }
 
 impl LabFs {
@@ -762,20 +760,9 @@ impl LabFs {
         let creds = self.creds(ctx);
         let (_, fd) = self.obj(ino)?;
         let _as = creds.assume()?;
-        let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
-        // SAFETY: valid descriptor (an O_PATH symlink with an empty path), C string
-        // and buffer of the given length.
-        let n = unsafe {
-            libc::readlinkat(
-                fd.as_raw_fd(),
-                c"".as_ptr(),
-                buf.as_mut_ptr() as *mut libc::c_char,
-                buf.len(),
-            )
-        };
-        let n = crate::error::check_size(n)?;
-        buf.truncate(n);
-        Ok(buf)
+        let target = rustix::fs::readlinkat(&fd, c"", Vec::new())
+            .map_err(|e| Error::Errno(e.raw_os_error()))?;
+        Ok(target.into_bytes())
     }
 
     pub fn statfs(&self, ctx: &Ctx, ino: u64) -> Result<libc::statvfs> {

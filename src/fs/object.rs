@@ -338,13 +338,9 @@ mod tests {
         let mut cur: OwnedFd = root.try_clone().unwrap().into();
         let mut ns = OsString::new();
         for _ in 0..30 {
-            // SAFETY: valid descriptors and C strings.
-            unsafe {
-                assert_eq!(libc::mkdirat(cur.as_raw_fd(), comp.as_ptr(), 0o755), 0);
-                let fd = libc::openat(cur.as_raw_fd(), comp.as_ptr(), libc::O_PATH);
-                assert!(fd >= 0);
-                cur = OwnedFd::from_raw_fd(fd);
-            }
+            use rustix::fs::{mkdirat, openat, Mode, OFlags};
+            mkdirat(&cur, comp.as_c_str(), Mode::from_raw_mode(0o755)).unwrap();
+            cur = openat(&cur, comp.as_c_str(), OFlags::PATH, Mode::empty()).unwrap();
             ns.push("/");
             ns.push(OsStr::from_bytes(comp.as_bytes()));
         }
