@@ -52,7 +52,9 @@
 //!   setattrs) do not reopen it by handle each time. At most [`InodeTable::recent_cap`]
 //!   descriptors (128, or a sixteenth of the daemon's limit if smaller) for the whole
 //!   mount, not per user. An entry is only ever the inode's own object: it is put
-//!   under the table's key check, dropped when the inode is forgotten or rebound.
+//!   under the table's key check, dropped when the inode is forgotten or rebound. A
+//!   rename keeps the object and so its entry; a removal through the mount leaves the
+//!   removed object's entry as it is (it is what a held inode answers with anyway).
 //!
 //! The table is sharded (dashmap); no lock is held across a backend call: the backing
 //! of a new inode is captured before the table is touched, and an operation clones the
