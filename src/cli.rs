@@ -196,7 +196,7 @@ pub fn init_logging_to(level: Option<&str>, file: Option<&Path>) -> Result<(), S
         return Ok(());
     }
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let tty = unsafe { libc::isatty(2) } == 1;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -332,7 +332,7 @@ pub fn mount(m: MountArgs) -> i32 {
         }
     };
     let log_file = m.log_file.clone().or(opts.log_file.clone());
-    if !m.foreground && log_file.is_none() && unsafe { libc::isatty(2) } == 1 {
+    if !m.foreground && log_file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         eprintln!(
             "labfs: note: the daemon's log goes nowhere once it detaches from this terminal; \
              add --log-file FILE (or run it under systemd, which keeps it in the journal)"

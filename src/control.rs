@@ -12,8 +12,12 @@
 //!   pieces fit together. `labfs status` reads the report this way.
 //! - `getfattr -n user.labfs.ctl.explain PATH` -> PATH's placement as JSON.
 //! - `getfattr -n user.labfs.ctl.explain:REST DIR` -> the placement of DIR/REST, which
-//!   need not exist (REST: a relative path; `labfs explain` uses it for paths that do
-//!   not exist yet and for symlinks, which cannot carry user xattrs).
+//!   need not exist (REST: a relative path, any bytes but NUL; `labfs explain` uses it
+//!   for paths that do not exist yet and for symlinks, which cannot carry user xattrs).
+//!   The kernel caps an xattr name at 255 bytes, so REST at 232.
+//! - `getfattr -n user.labfs.ctl.protocol PATH` -> the protocol version, `2`. A daemon
+//!   without it speaks version 1, which took control names as UTF-8 only (a name with
+//!   other bytes went to the backend as an ordinary xattr).
 //! - `setfattr -n user.labfs.ctl.reload -v 1 PATH` -> re-read the rules file (root
 //!   only; EINVAL and the old rules stay when the file is invalid). `labfs reload`.
 //! - `setfattr -n user.labfs.ctl.promote -v JSON DIR` -> start a promotion job;
@@ -21,7 +25,17 @@
 //!   `getfattr -n user.labfs.ctl.promote DIR` -> the caller's jobs. `labfs promote`
 //!   (protocol: src/promote/client.rs, docs/promote.md).
 //!
-//! Control names are answered before anything reaches a backend.
+//! Paths are bytes (any name a backend can hold): in a request's xattr name as they
+//! are, in a request's JSON as a string when they are UTF-8, else `{"hex": ...}` (the
+//! promote request's `name`, the journal's form); in a reply as `path`, the form
+//! [`crate::check::shown`] prints (`\xNN` for a byte that is not UTF-8, so every
+//! client reads it as a string), plus `path_hex`, the exact bytes in hex, when they are
+//! not UTF-8.
+//!
+//! Control names are answered before anything reaches a backend, whatever their bytes.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 
 use crate::error::Result;
 use crate::fs::xattr::XattrOut;
@@ -33,6 +47,11 @@ pub const EXPLAIN: &str = "user.labfs.ctl.explain";
 /// `EXPLAIN_BELOW` + a relative path: the placement of a path below the inode.
 pub const EXPLAIN_BELOW: &str = "user.labfs.ctl.explain:";
 pub const RELOAD: &str = "user.labfs.ctl.reload";
+/// The control protocol version ([`PROTOCOL`]) as ASCII digits.
+pub const PROTOCOL_NAME: &str = "user.labfs.ctl.protocol";
+/// 2: paths in control names and replies are bytes. A daemon that does not answer
+/// [`PROTOCOL_NAME`] speaks 1 (UTF-8 names only).
+pub const PROTOCOL: u32 = 2;
 /// `STATUS_PIECE` + `TOKEN.MODE.OFFSET`: one piece of a status report.
 pub const STATUS_PIECE: &str = "user.labfs.ctl.status.piece.";
 /// The size of every status piece but the last.
@@ -139,7 +158,7 @@ fn status_whole(fs: &LabFs) -> Vec<u8> {
 }
 
 /// The placement of `path` (a namespace path) as `labfs explain` shows it.
-fn explain_path(fs: &LabFs, ctx: &Ctx, path: &std::ffi::OsStr) -> Result<Vec<u8>> {
+fn explain_path(fs: &LabFs, ctx: &Ctx, path: &OsStr) -> Result<Vec<u8>> {
     let live = fs.live();
     let (mut e, exists) = match fs.locate(&fs.creds(ctx), path) {
         Ok(loc) => {
@@ -171,14 +190,8 @@ fn explain_path(fs: &LabFs, ctx: &Ctx, path: &std::ffi::OsStr) -> Result<Vec<u8>
 }
 
 /// getxattr as the mount answers it: a control name here, anything else by the core.
-pub fn getxattr(
-    fs: &LabFs,
-    ctx: &Ctx,
-    ino: u64,
-    name: &std::ffi::OsStr,
-    size: u32,
-) -> Result<XattrOut> {
-    if let Some(v) = get(fs, ctx, ino, name.to_str().unwrap_or(""))? {
+pub fn getxattr(fs: &LabFs, ctx: &Ctx, ino: u64, name: &OsStr, size: u32) -> Result<XattrOut> {
+    if let Some(v) = get(fs, ctx, ino, name)? {
         return crate::fs::xattr::sized(v, size);
     }
     fs.getxattr(ctx, ino, name, size)
@@ -189,39 +202,48 @@ pub fn setxattr(
     fs: &LabFs,
     ctx: &Ctx,
     ino: u64,
-    name: &std::ffi::OsStr,
+    name: &OsStr,
     value: &[u8],
     flags: i32,
 ) -> Result<()> {
-    if set(fs, ctx, ino, name.to_str().unwrap_or(""), value)? {
+    if set(fs, ctx, ino, name, value)? {
         return Ok(());
     }
     fs.setxattr(ctx, ino, name, value, flags)
 }
 
 /// Answer a control getxattr; `None` when `name` is not a control name.
-pub fn get(fs: &LabFs, ctx: &Ctx, ino: u64, name: &str) -> Result<Option<Vec<u8>>> {
-    if !name.starts_with(PREFIX) {
+pub fn get(fs: &LabFs, ctx: &Ctx, ino: u64, name: &OsStr) -> Result<Option<Vec<u8>>> {
+    let bytes = name.as_bytes();
+    if !bytes.starts_with(PREFIX.as_bytes()) {
         return Ok(None);
     }
+    if let Some(rest) = bytes.strip_prefix(EXPLAIN_BELOW.as_bytes()) {
+        let mut path = fs.npath_of(ino)?;
+        for c in rest
+            .split(|b| *b == b'/')
+            .filter(|c| !c.is_empty() && *c != b".")
+        {
+            if c == b".." {
+                return Err(crate::error::Error::Errno(libc::EINVAL));
+            }
+            path = crate::fs::object::join(&path, OsStr::from_bytes(c));
+        }
+        return explain_path(fs, ctx, &path).map(Some);
+    }
+    // Every other control name is ASCII: one with other bytes names no request.
+    let Ok(name) = std::str::from_utf8(bytes) else {
+        return Err(crate::error::Error::Errno(libc::ENODATA));
+    };
     if let Some(r) = crate::promote::control_get(fs, ctx, ino, name) {
         return r.map(Some);
     }
     if let Some(rest) = name.strip_prefix(STATUS_PIECE) {
         return status_piece(fs, ctx, rest).map(Some);
     }
-    if let Some(rest) = name.strip_prefix(EXPLAIN_BELOW) {
-        let mut path = fs.npath_of(ino)?;
-        for c in rest.split('/').filter(|c| !c.is_empty() && *c != ".") {
-            if c == ".." {
-                return Err(crate::error::Error::Errno(libc::EINVAL));
-            }
-            path = crate::fs::object::join(&path, std::ffi::OsStr::new(c));
-        }
-        return explain_path(fs, ctx, &path).map(Some);
-    }
     match name {
         STATUS => Ok(Some(status_whole(fs))),
+        PROTOCOL_NAME => Ok(Some(PROTOCOL.to_string().into_bytes())),
         // What the last reload applied and what needs a remount (for `labfs reload`).
         RELOAD => Ok(Some(crate::daemon::last_reload().into_bytes())),
         EXPLAIN => {
@@ -233,10 +255,14 @@ pub fn get(fs: &LabFs, ctx: &Ctx, ino: u64, name: &str) -> Result<Option<Vec<u8>
 }
 
 /// Handle a control setxattr; `false` when `name` is not a control name.
-pub fn set(fs: &LabFs, ctx: &Ctx, ino: u64, name: &str, value: &[u8]) -> Result<bool> {
-    if !name.starts_with(PREFIX) {
+pub fn set(fs: &LabFs, ctx: &Ctx, ino: u64, name: &OsStr, value: &[u8]) -> Result<bool> {
+    if !name.as_bytes().starts_with(PREFIX.as_bytes()) {
         return Ok(false);
     }
+    // Every control name that takes a value is ASCII.
+    let Ok(name) = std::str::from_utf8(name.as_bytes()) else {
+        return Err(crate::error::Error::Errno(libc::EINVAL));
+    };
     if let Some(r) = crate::promote::control_set(fs, ctx, ino, name, value) {
         return r.map(|()| true);
     }
@@ -257,6 +283,7 @@ pub fn set(fs: &LabFs, ctx: &Ctx, ino: u64, name: &str, value: &[u8]) -> Result<
 /// `labfs reload MOUNTPOINT`: ask the daemon behind MOUNTPOINT to re-read its rules.
 pub fn reload_cli(mountpoint: &std::path::Path) -> i32 {
     use crate::exit::{EXIT_FAIL, EXIT_OK, EXIT_USAGE};
+    let shown = crate::check::shown(mountpoint.as_os_str());
     let rules_file = match xattr::get(mountpoint, STATUS) {
         Ok(Some(raw)) => serde_json::from_slice::<serde_json::Value>(&raw)
             .ok()
@@ -266,10 +293,7 @@ pub fn reload_cli(mountpoint: &std::path::Path) -> i32 {
     let Some(rules_file) = rules_file else {
         let why = match crate::status::fetch(mountpoint, false) {
             Err(e) => e.message(mountpoint),
-            Ok(_) => format!(
-                "{}: the mount did not name its rules file",
-                mountpoint.display()
-            ),
+            Ok(_) => format!("{}: the mount did not name its rules file", shown),
         };
         eprintln!("labfs: {why}");
         return EXIT_FAIL;
@@ -282,7 +306,7 @@ pub fn reload_cli(mountpoint: &std::path::Path) -> i32 {
                 .map(|r| String::from_utf8_lossy(&r).into_owned())
                 .filter(|r| !r.is_empty())
                 .unwrap_or_else(|| format!("rules reloaded from {rules_file}"));
-            println!("labfs: {}: {report}", mountpoint.display());
+            println!("labfs: {}: {report}", shown);
             EXIT_OK
         }
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
@@ -295,19 +319,16 @@ pub fn reload_cli(mountpoint: &std::path::Path) -> i32 {
             };
             eprintln!(
                 "labfs: {}: rules NOT reloaded, the old rules stay in force:\n{why}",
-                mountpoint.display()
+                shown
             );
             EXIT_USAGE
         }
         Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => {
-            eprintln!(
-                "labfs: {}: only root may reload the rules",
-                mountpoint.display()
-            );
+            eprintln!("labfs: {}: only root may reload the rules", shown);
             EXIT_FAIL
         }
         Err(e) => {
-            eprintln!("labfs: {}: reload failed: {e}", mountpoint.display());
+            eprintln!("labfs: {}: reload failed: {e}", shown);
             EXIT_FAIL
         }
     }

@@ -14,7 +14,12 @@ use crate::rules::{Placement, Unplaced, Writer};
 /// One path's placement, as printed by `explain` (also the control reply).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Explained {
+    /// The namespace path as [`crate::check::shown`] writes it.
     pub path: String,
+    /// The path's bytes in hex, only when they are not UTF-8 (`path` is then for
+    /// reading): the exact name, for a program reading the control reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_hex: Option<String>,
     pub class: String,
     pub backend: String,
     pub rule: String,
@@ -31,6 +36,7 @@ impl Explained {
         let denied = p.rule.is_none() && unplaced == Unplaced::Deny;
         Explained {
             path: crate::check::shown(path),
+            path_hex: crate::promote::job::hex_unless_utf8(path),
             class: if denied {
                 "none: refused (unplaced = \"deny\")".to_string()
             } else {
@@ -115,39 +121,62 @@ fn ask_mount(path: &Path) -> Option<Result<Explained, String>> {
     // Lexically: `a/../b` must not be resolved through a symlink `a`.
     let abs = PathBuf::from(normalize_dots(abs.as_os_str())?);
     let (base, rest) = anchor(&abs)?;
-    let name = if rest.as_os_str().is_empty() {
-        crate::control::EXPLAIN.to_string()
+    let shown = crate::check::shown(path.as_os_str());
+    // The missing part travels in the control name as it is: any bytes but NUL.
+    let rest = rest.as_os_str().as_bytes();
+    let name = if rest.is_empty() {
+        OsString::from(crate::control::EXPLAIN)
     } else {
-        let Some(rest) = rest.to_str() else {
-            // The control request names the missing part as UTF-8: refuse inside a
-            // mount (the base answers), fall back to the rules file outside one.
-            xattr::get(&base, crate::control::EXPLAIN).ok()??;
-            return Some(Err(format!(
-                "{}: the part that does not exist yet is not UTF-8; create it, or explain its namespace path",
-                crate::check::shown(path.as_os_str())
-            )));
-        };
-        format!("{}{}", crate::control::EXPLAIN_BELOW, rest)
+        let mut n = crate::control::EXPLAIN_BELOW.as_bytes().to_vec();
+        n.extend_from_slice(rest);
+        OsString::from_vec(n)
     };
     match xattr::get(&base, &name) {
         Ok(Some(v)) => Some(
             serde_json::from_slice::<Explained>(&v)
-                .map_err(|e| format!("{}: unreadable answer from the mount: {e}", path.display())),
+                .map_err(|e| format!("{shown}: unreadable answer from the mount: {e}")),
         ),
+        // ENODATA (`Ok(None)`): no labfs mount answers, or one of protocol 1 did not
+        // take a name that is not UTF-8 (ENOTSUP, EPERM: its backend refused it).
+        Ok(None) if std::str::from_utf8(rest).is_err() => older_daemon(&base, &shown),
         Ok(None) => None,
         Err(e) => match e.raw_os_error() {
+            Some(libc::ENODATA) | Some(libc::ENOTSUP) | Some(libc::EPERM)
+                if std::str::from_utf8(rest).is_err() =>
+            {
+                older_daemon(&base, &shown)
+            }
             Some(libc::ENODATA) | Some(libc::ENOTSUP) | Some(libc::EPERM) => None,
             Some(libc::ENOTCONN) | Some(libc::ECONNABORTED) => Some(Err(format!(
-                "{}: the labfs daemon of this mount died (Transport endpoint is not connected)",
-                path.display()
+                "{shown}: the labfs daemon of this mount died (Transport endpoint is not connected)"
             ))),
             Some(libc::ERANGE) | Some(libc::ENAMETOOLONG) => Some(Err(format!(
-                "{}: the part that does not exist yet is too long to ask the mount about",
-                path.display()
+                "{shown}: the part that does not exist yet is too long to ask the mount about \
+                 (a control name holds {} bytes of it); create it, or explain its namespace path",
+                255 - crate::control::EXPLAIN_BELOW.len()
             ))),
-            _ => Some(Err(format!("{}: {e}", path.display()))),
+            _ => Some(Err(format!("{shown}: {e}"))),
         },
     }
+}
+
+/// A daemon of control protocol 1 takes control names as UTF-8 only and hands any
+/// other to its backend, which answers "no such attribute": when `base` is on a labfs
+/// mount, say which protocol it speaks; `None` (the rules file answers) when it is not.
+fn older_daemon(base: &Path, shown: &str) -> Option<Result<Explained, String>> {
+    xattr::get(base, crate::control::EXPLAIN).ok()??;
+    let now = crate::control::PROTOCOL;
+    Some(Err(match xattr::get(base, crate::control::PROTOCOL_NAME) {
+        Ok(Some(v)) => format!(
+            "{shown}: the labfs daemon of this mount (control protocol {}) did not explain it",
+            String::from_utf8_lossy(&v)
+        ),
+        _ => format!(
+            "{shown}: the labfs daemon of this mount speaks control protocol 1, which carries \
+             only UTF-8 names, and the part that does not exist yet is not UTF-8; mount with \
+             this labfs (control protocol {now}), create it, or explain its namespace path"
+        ),
+    }))
 }
 
 /// "/a/./b/../c" -> "/a/c" (bytes); `None` when `..` climbs above the root.

@@ -562,6 +562,167 @@ fn explain_names_class_backend_rule_and_line() {
     }
 }
 
+/// Asks the mount over the control protocol with exact bytes: `getxattr(argv[1],
+/// argv[2])`, both given in hex; prints the value, or `errno N`.
+const RAW_CTL_GET: &str = r#"
+import os, sys
+path, name = (bytes.fromhex(a) for a in sys.argv[1:3])
+try:
+    sys.stdout.write(os.getxattr(path, name).decode())
+except OSError as e:
+    sys.stdout.write("errno %d" % e.errno)
+"#;
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `labfs explain` of paths inside the mount whose names are not UTF-8: an existing
+/// file, a path that does not exist yet below a directory that does (asked of the
+/// mount with the bytes in the control name), a symlink; the output escapes as
+/// `check` does (`\xNN`, a backslash as `\\`), the reply carries the exact bytes, and a
+/// control name that is not UTF-8 never reaches a backend.
+#[test]
+fn explain_through_the_mount_takes_any_bytes_existing_or_not() {
+    use std::os::unix::ffi::OsStrExt;
+    let lab = MountedLab::new();
+    lab.sh(r#"mkdir -p "$LAB/docs" "$LAB/cache/$(printf 'd\377')"
+           echo a > "$LAB/docs/$(printf 'caf\351')"
+           ln -s nowhere "$LAB/docs/$(printf 'ln\376')""#);
+    let explain = |rel: &str| {
+        let (code, out, err) = lab.sh_status(&format!(r#""$LABFS" explain "$LAB/{rel}""#));
+        assert_eq!(code, 0, "explain {rel}: {out}{err}");
+        out
+    };
+    let out = explain(r"docs/$(printf 'caf\351')");
+    assert!(out.contains("path:      /docs/caf\\xe9\n"), "{out}");
+    assert!(out.contains("backend:   atlas"), "{out}");
+    assert!(out.contains("state:     atlas"), "{out}");
+    // Not there yet, two levels below an existing directory, on Atlas and on local.
+    let out = explain(r"docs/$(printf 'new\351')/deeper");
+    assert!(out.contains("path:      /docs/new\\xe9/deeper\n"), "{out}");
+    assert!(out.contains("class:     authoritative"), "{out}");
+    assert!(out.contains("state:     does not exist yet"), "{out}");
+    let out = explain(r#"cache/$(printf 'd\377')/$(printf 'x\376')\\"#);
+    assert!(
+        out.contains("path:      /cache/d\\xff/x\\xfe\\\\\n"),
+        "{out}"
+    );
+    assert!(out.contains("backend:   local"), "{out}");
+    assert!(out.contains("state:     does not exist yet"), "{out}");
+    // A symlink cannot carry user xattrs: its parent explains it by name.
+    let out = explain(r"docs/$(printf 'ln\376')");
+    assert!(out.contains("path:      /docs/ln\\xfe\n"), "{out}");
+    assert!(!out.contains("does not exist"), "{out}");
+
+    // The protocol itself: version 2, the missing part as raw bytes in the control
+    // name, the exact bytes in the reply.
+    let raw = |path: &std::path::Path, name: &[u8]| {
+        Sh::program(
+            "python3",
+            &[
+                "-c",
+                RAW_CTL_GET,
+                &hex(path.as_os_str().as_bytes()),
+                &hex(name),
+            ],
+        )
+        .ok()
+    };
+    assert_eq!(raw(lab.mnt(), b"user.labfs.ctl.protocol"), "2");
+    let reply = raw(&lab.path("docs"), b"user.labfs.ctl.explain:new\xe9/x");
+    let v: serde_json::Value = serde_json::from_str(&reply).expect("explain reply is JSON");
+    assert_eq!(v["path"], "/docs/new\\xe9/x", "{v}");
+    assert_eq!(v["path_hex"], hex(b"/docs/new\xe9/x"), "{v}");
+    assert_eq!(v["backend"], "atlas", "{v}");
+    let v: serde_json::Value =
+        serde_json::from_str(&raw(&lab.path("docs"), b"user.labfs.ctl.explain:plain"))
+            .expect("JSON");
+    assert!(v.get("path_hex").is_none(), "UTF-8: no path_hex: {v}");
+    // A control name that is not UTF-8 and names no request: "no such attribute", even
+    // where the backend holds an xattr of that very name.
+    let stored = b"user.labfs.ctl.x\xff";
+    Sh::program(
+        "python3",
+        &[
+            "-c",
+            "import os,sys; os.setxattr(bytes.fromhex(sys.argv[1]), bytes.fromhex(sys.argv[2]), b'backend')",
+            &hex(lab.atlas_path("docs").as_os_str().as_encoded_bytes()),
+            &hex(stored),
+        ],
+    )
+    .ok();
+    assert_eq!(
+        raw(&lab.path("docs"), stored),
+        format!("errno {}", libc::ENODATA)
+    );
+    // Nor does setting one reach the backend: EINVAL, nothing stored.
+    let set = Sh::program(
+        "python3",
+        &[
+            "-c",
+            "import os,sys\ntry:\n os.setxattr(bytes.fromhex(sys.argv[1]), bytes.fromhex(sys.argv[2]), b'v'); print('set')\nexcept OSError as e: print(e.errno)",
+            &hex(lab.path("docs").as_os_str().as_encoded_bytes()),
+            &hex(b"user.labfs.ctl.y\xff"),
+        ],
+    )
+    .ok();
+    assert_eq!(set.trim(), libc::EINVAL.to_string());
+    assert!(
+        xattr::get(
+            lab.atlas_path("docs"),
+            std::ffi::OsStr::from_bytes(b"user.labfs.ctl.y\xff")
+        )
+        .expect("getxattr on Atlas")
+        .is_none(),
+        "a control name was stored on Atlas"
+    );
+
+    // status of a path whose name is not UTF-8 answers too.
+    let (code, out, err) =
+        lab.sh_status(r#""$LABFS" status --json "$LAB/cache/$(printf 'd\377')""#);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("status JSON");
+    assert!(v["inodes"].as_u64().is_some(), "{v}");
+}
+
+/// `labfs promote` of a directory whose own name is not UTF-8 (the request names it
+/// `{"hex": ...}`) below a parent whose name is not UTF-8 either; `explain` then says
+/// promoted.
+#[test]
+fn promote_and_explain_a_directory_whose_own_name_is_not_utf8() {
+    let lab = MountedLab::new();
+    lab.sh(r#"d="$LAB/scans/$(printf 's\351')/work/$(printf 'out\377')"
+           mkdir -p "$d/$(printf 'sub\376')"
+           echo x > "$d/$(printf 'f\351')"; echo y > "$d/$(printf 'sub\376')/g""#);
+    let (code, out, err) = lab.sh_status(
+        r#""$LABFS" promote --json "$LAB/scans/$(printf 's\351')/work/$(printf 'out\377')""#,
+    );
+    assert_eq!(code, 0, "{out}{err}\n{}", lab.daemon_log());
+    let p: serde_json::Value = serde_json::from_str(out.trim()).expect("--json result");
+    assert_eq!(p["state"], "done", "{p}");
+    assert_eq!(p["path"], "/scans/s\\xe9/work/out\\xff", "{p}");
+    assert_eq!(p["path_hex"], hex(b"/scans/s\xe9/work/out\xff"), "{p}");
+    let on_atlas = |rel: &[u8]| {
+        use std::os::unix::ffi::OsStrExt;
+        let mut b = b"scans/s\xe9/work/out\xff/".to_vec();
+        b.extend_from_slice(rel);
+        fs::read(lab.atlas_path("").join(std::ffi::OsStr::from_bytes(&b)))
+            .unwrap_or_else(|e| panic!("{}: {e}", String::from_utf8_lossy(rel)))
+    };
+    assert_eq!(on_atlas(b"f\xe9"), b"x\n");
+    assert_eq!(on_atlas(b"sub\xfe/g"), b"y\n");
+    let (code, out, err) = lab.sh_status(
+        r#""$LABFS" explain "$LAB/scans/$(printf 's\351')/work/$(printf 'out\377')/$(printf 'f\351')""#,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("path:      /scans/s\\xe9/work/out\\xff/f\\xe9\n"),
+        "{out}"
+    );
+    assert!(out.contains("state:     promoted"), "{out}");
+}
+
 #[test]
 fn killed_daemon_can_be_remounted_and_serves_the_same_data() {
     let mut lab = MountedLab::new();

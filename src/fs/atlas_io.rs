@@ -35,6 +35,10 @@ pub struct AtlasIo {
     pub why: String,
     #[serde(skip)]
     passthrough: bool,
+    /// Atlas is a local filesystem: close(2) of its files reports nothing (no server
+    /// holds deferred write errors), so the kernel need not send FLUSH at close.
+    #[serde(skip)]
+    local_fs: bool,
 }
 
 impl AtlasIo {
@@ -42,11 +46,18 @@ impl AtlasIo {
         self.passthrough
     }
 
+    /// Whether close(2) of an Atlas file can report an error (NFS reports deferred
+    /// write errors there; a local filesystem does not).
+    pub fn close_reports_errors(&self) -> bool {
+        !self.local_fs
+    }
+
     fn pass(why: String) -> AtlasIo {
         AtlasIo {
             mode: "passthrough",
             why,
             passthrough: true,
+            local_fs: false,
         }
     }
 
@@ -55,6 +66,7 @@ impl AtlasIo {
             mode: "daemon",
             why,
             passthrough: false,
+            local_fs: false,
         }
     }
 }
@@ -191,6 +203,19 @@ pub fn decide(
     mount: Result<&MountEntry, &str>,
     timeout: Duration,
 ) -> AtlasIo {
+    let local_fs = mount.is_ok_and(|m| LOCAL_BLOCK.contains(&m.fstype.as_str()));
+    AtlasIo {
+        local_fs,
+        ..decide_mode(flag, knob, mount, timeout)
+    }
+}
+
+fn decide_mode(
+    flag: bool,
+    knob: AtlasFileIo,
+    mount: Result<&MountEntry, &str>,
+    timeout: Duration,
+) -> AtlasIo {
     if flag {
         return AtlasIo::pass(
             "--atlas-passthrough: reads and writes of open Atlas files are not bounded by labfs"
@@ -304,6 +329,17 @@ mod tests {
         let ext4 = entry("30 1 7:0 / /srv/atlas rw - ext4 /dev/loop0 rw");
         let d = decide(false, AtlasFileIo::Auto, Ok(&ext4), Duration::from_secs(10));
         assert_eq!(d.mode, "passthrough");
+        assert!(!d.close_reports_errors());
+        let nfs = decide(
+            true,
+            AtlasFileIo::Auto,
+            Ok(&entry(NFS_HARD)),
+            Duration::from_secs(10),
+        );
+        assert!(
+            nfs.close_reports_errors(),
+            "forced passthrough on NFS keeps FLUSH"
+        );
         let fuse = entry("40 1 0:60 / /srv/atlas rw - fuse.mergerfs atlas rw,user_id=0");
         let d = decide(false, AtlasFileIo::Auto, Ok(&fuse), Duration::from_secs(10));
         assert_eq!(d.mode, "daemon");

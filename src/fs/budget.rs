@@ -1,11 +1,21 @@
-//! The descriptor budget: how many files one uid may hold open through the mount.
+//! The descriptor budget: how many daemon descriptors one uid's open files may hold.
 //!
-//! Every open file of every user is a descriptor of the one daemon, so without a
-//! per-user bound one user holding many files open would exhaust the daemon's
+//! An open file the kernel does not pass through (an Atlas file on NFS or under
+//! `[atlas] file_io = "daemon"`, any file when the kernel offers no passthrough) is a
+//! descriptor of the one daemon for as long as it is open, so without a per-user
+//! bound one user holding many such files open would exhaust the daemon's
 //! RLIMIT_NOFILE and every other user (and `labfs promote`) would get EMFILE too.
 //! The cap applies per caller uid, root included; a capped caller gets EMFILE for
-//! its next open while everyone else keeps working. Directory handles are not
-//! counted (a readdir snapshot holds at most one descriptor per backend briefly).
+//! its next open while everyone else keeps working.
+//!
+//! What is counted is what uses the daemon's descriptor table: every open counts
+//! while it holds a descriptor, and an open served by kernel passthrough gives its
+//! count back as soon as the daemon drops its descriptor after the open reply
+//! ([`super::handle::Handles::drop_descriptor`]): the kernel then holds the backing
+//! file itself, so local files (and Atlas files on a local filesystem) cost the budget
+//! nothing while they stay open, and a caller meets its own RLIMIT_NOFILE first.
+//! Directory handles are not counted (a readdir snapshot holds at most one descriptor
+//! per backend briefly).
 //!
 //! The cap is `[limits] open_files_per_uid` (docs/rules.md); 0 means a quarter of the
 //! daemon's descriptor limit, read when the mount starts.
@@ -75,7 +85,8 @@ impl OpenBudget {
         })
     }
 
-    /// Handle `fh` was released.
+    /// Handle `fh` was released or no longer holds a daemon descriptor (at most once
+    /// per handle: its record is removed).
     pub fn give_back(&self, fh: u64) {
         if let Some((_, uid)) = self.owners.remove(&fh) {
             self.give_back_uid(uid);
@@ -89,7 +100,7 @@ impl OpenBudget {
         });
     }
 
-    /// Files `uid` holds open now.
+    /// Daemon descriptors `uid`'s open files hold now.
     pub fn held_by(&self, uid: u32) -> usize {
         self.held.get(&uid).map(|n| *n).unwrap_or(0)
     }

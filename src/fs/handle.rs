@@ -7,9 +7,23 @@
 //! file keeps reading and writing the object it opened even if it is promoted
 //! meanwhile. Writers are counted per inode so `promote` can refuse files that are
 //! still being written.
+//!
+//! Descriptors: once the kernel serves an open file by passthrough (the adapter
+//! registered its descriptor as a backing file and sent the open reply with it), the
+//! kernel holds its own reference to the backing file and the daemon closes its
+//! descriptor ([`Handles::drop_descriptor`]): a caller holding many files open costs
+//! the daemon's descriptor table nothing. The handle keeps what it needs to reach the
+//! object again: the inode, the object's (dev, ino), the open's status flags and who
+//! opened it. The few requests the kernel still sends for such a file (fsync,
+//! fallocate, lseek SEEK_DATA/SEEK_HOLE, copy_file_range, ioctl, ftruncate, flush)
+//! open the object again from the inode's identity for that request only
+//! ([`LabFs::handle_fd`]). A handle the kernel does not pass through (Atlas on NFS,
+//! `[atlas] file_io = "daemon"`, no kernel passthrough) keeps its descriptor, and
+//! only those count against the per-uid budget ([`super::budget`]).
 
-use std::ffi::{CStr, OsStr, OsString};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,18 +32,80 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 
 use super::attr::{EntryOut, Kind};
-use super::backend::{cstring, fstatat};
-use super::object::{join, ObjFd};
+use super::backend::{cstring, fstat, fstatat, Creds};
+use super::object::{join, proc_fd_path, ObjFd};
 use super::{key_of, Ctx, LabFs, ROOT_INO};
-use crate::error::{check, check_size, Error, Result};
+use crate::error::{check, Error, Result};
 use crate::rules::{BackendKind, Class};
 
 pub struct FileHandle {
     pub ino: u64,
-    pub fd: OwnedFd,
     pub backend: BackendKind,
     pub writable: bool,
+    /// The daemon's descriptor of the opened object; `None` once the kernel serves the
+    /// file by passthrough. Shared, so a request using it keeps it open until it is
+    /// done even if the handle drops it meanwhile (a closed number could be reused).
+    fd: Mutex<Option<Arc<OwnedFd>>>,
+    /// `(st_dev, st_ino)` of the opened object: a descriptor opened again must be of it.
+    pub object: (u64, u64),
+    /// The open's status flags (O_APPEND, O_DIRECT, O_SYNC, ...) for a descriptor
+    /// opened again.
+    status: i32,
+    /// Who opened it: a descriptor is opened again as them.
+    opener: Creds,
 }
+
+impl FileHandle {
+    /// The daemon's own descriptor, while it holds one.
+    pub fn held(&self) -> Option<Arc<OwnedFd>> {
+        self.fd.lock().clone()
+    }
+}
+
+/// What a request needs of an open file's descriptor (see [`LabFs::handle_fd`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// The object itself (fstat, chmod through `/proc/self/fd`): an O_PATH descriptor
+    /// will do.
+    Path,
+    /// A descriptor open for reading: fsync, lseek, ioctl, the source of a copy.
+    Read,
+    /// A descriptor open for writing: fallocate, ftruncate, the target of a copy.
+    Write,
+}
+
+/// A descriptor of an open file's object for one request: the handle's own, or one
+/// opened again from the inode's identity (closed when the request is done).
+pub enum HandleFd {
+    Held(Arc<OwnedFd>),
+    Fresh(OwnedFd),
+    Path(ObjFd),
+}
+
+impl AsRawFd for HandleFd {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            HandleFd::Held(f) => f.as_raw_fd(),
+            HandleFd::Fresh(f) => f.as_raw_fd(),
+            HandleFd::Path(f) => f.as_raw_fd(),
+        }
+    }
+}
+
+impl AsFd for HandleFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            HandleFd::Held(f) => f.as_fd(),
+            HandleFd::Fresh(f) => f.as_fd(),
+            HandleFd::Path(ObjFd::Owned(f)) => f.as_fd(),
+            HandleFd::Path(ObjFd::Held(f)) => f.as_fd(),
+        }
+    }
+}
+
+/// Status flags an open keeps for a descriptor opened again.
+const STATUS_FLAGS: i32 =
+    libc::O_APPEND | libc::O_DIRECT | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME;
 
 /// One entry of a directory snapshot.
 pub struct DirItem {
@@ -130,6 +206,22 @@ impl Handles {
         Some(h)
     }
 
+    /// The kernel serves handle `fh` by passthrough and holds its own reference to the
+    /// backing file: close the daemon's descriptor (a request using it right now keeps
+    /// it until it is done) and give the handle's count back to its uid's budget.
+    pub fn drop_descriptor(&self, fh: u64) {
+        let Some(h) = self.file(fh) else { return };
+        if h.fd.lock().take().is_some() {
+            self.budget.give_back(fh);
+        }
+    }
+
+    /// `(st_dev, st_ino)` of every file open through the mount (whether or not the
+    /// daemon holds its descriptor).
+    pub fn open_objects(&self) -> HashSet<(u64, u64)> {
+        self.files.iter().map(|h| h.object).collect()
+    }
+
     /// Number of handles open for writing on `ino`.
     pub fn writers_of(&self, ino: u64) -> u32 {
         self.writers.get(&ino).map(|n| *n).unwrap_or(0)
@@ -179,9 +271,13 @@ impl Handles {
 /// What `open`/`create` hand back to the adapter.
 pub struct Opened {
     pub fh: u64,
-    /// The backend descriptor to register for kernel passthrough, when allowed.
-    pub passthrough_fd: Option<RawFd>,
+    /// The kernel may serve this open by passthrough: the adapter registers the
+    /// handle's descriptor as the backing file ([`FileHandle::held`]).
+    pub passthrough: bool,
     pub backend: BackendKind,
+    /// close(2) of the file can report nothing a FLUSH would add (a local
+    /// filesystem): the kernel may skip FLUSH (FOPEN_NOFLUSH).
+    pub noflush: bool,
     /// The kernel may keep the file's cached pages: labfs is the only writer (local),
     /// or Atlas shows the same version as at the previous open (close-to-open).
     pub keep_cache: bool,
@@ -199,8 +295,18 @@ pub struct DirEntryOut {
     pub entry: Option<EntryOut>,
 }
 
-fn fd_of(h: &FileHandle) -> RawFd {
-    h.fd.as_raw_fd()
+fn io(e: rustix::io::Errno) -> Error {
+    Error::Io(e.into())
+}
+
+/// close(2) with its result, which std and rustix drop (NFS reports deferred write
+/// errors there).
+fn check_close(fd: OwnedFd) -> Result<()> {
+    use std::os::fd::IntoRawFd;
+    let raw = fd.into_raw_fd();
+    // SAFETY: `raw` was owned by `fd`, given up above, and is closed exactly once.
+    check(unsafe { libc::close(raw) })?;
+    Ok(())
 }
 
 impl LabFs {
@@ -223,93 +329,142 @@ impl LabFs {
             let _as = creds.assume()?;
             super::object::reopen(&obj, flags)?
         };
-        let opened = self.new_file_handle(ino, fd, kind, flags);
+        let opened = self.new_file_handle(ino, fd, kind, flags, &creds);
         permit.bind(opened.fh);
         Ok(opened)
     }
 
+    /// A handle for `fd`, opened with `flags` by `opener`.
     pub(crate) fn new_file_handle(
         &self,
         ino: u64,
         fd: OwnedFd,
         backend: BackendKind,
         flags: i32,
+        opener: &Creds,
     ) -> Opened {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        // A descriptor that cannot be stat'ed (an NFS error) keeps the daemon path:
+        // without the object's identity it could not be opened again.
+        let st = fstat(fd.as_raw_fd()).ok();
         // Atlas: only where the backend bounds its own failures, or when forced
         // (src/fs/atlas_io.rs); otherwise every read and write passes the watchdog.
-        let passthrough = backend == BackendKind::Local || self.atlas_passthrough();
-        let raw = fd.as_raw_fd();
+        let passthrough =
+            st.is_some() && (backend == BackendKind::Local || self.atlas_passthrough());
         // Close-to-open: the NFS client revalidated the attributes at this open, so an
         // unchanged version means no one changed the file since the previous open.
-        let keep_cache = match backend {
-            BackendKind::Local => true,
-            BackendKind::Atlas => super::backend::fstat(raw)
-                .map(|st| self.handles.same_version(ino, Version::of(&st)))
-                .unwrap_or(false),
+        let keep_cache = match (backend, &st) {
+            (BackendKind::Local, _) => true,
+            (BackendKind::Atlas, Some(st)) => self.handles.same_version(ino, Version::of(st)),
+            (BackendKind::Atlas, None) => false,
         };
         let fh = self.handles.insert_file(FileHandle {
             ino,
-            fd,
             backend,
             writable,
+            fd: Mutex::new(Some(Arc::new(fd))),
+            object: st.map_or((0, 0), |st| (st.st_dev, st.st_ino)),
+            status: flags & STATUS_FLAGS,
+            opener: Creds {
+                umask: 0,
+                ..opener.clone()
+            },
         });
         Opened {
             fh,
-            passthrough_fd: passthrough.then_some(raw),
+            passthrough,
             backend,
+            noflush: backend == BackendKind::Local || !self.atlas_io.close_reports_errors(),
             keep_cache,
             created: false,
         }
+    }
+
+    /// A descriptor of open file `h`'s object for one request: the handle's own while
+    /// the daemon holds it; else the object opened again from the inode's identity,
+    /// as `need` says, and checked to be the object the handle opened (ESTALE if not).
+    ///
+    /// Opened again as the opener, then, where their rights changed since the open
+    /// (a chmod after open: EACCES, EPERM), as the daemon: a held descriptor would
+    /// still have the access it was opened with, and the access mode asked for is
+    /// never more than the handle's (Write only for requests the kernel sends on a
+    /// handle open for writing: it refuses fallocate and ftruncate on others).
+    pub(crate) fn handle_fd(&self, h: &FileHandle, need: Need) -> Result<HandleFd> {
+        if let Some(fd) = h.held() {
+            return Ok(HandleFd::Held(fd));
+        }
+        let (kind, obj) = self.obj(h.ino)?;
+        let st = fstat(obj.as_raw_fd())?;
+        if kind != h.backend || (st.st_dev, st.st_ino) != h.object {
+            tracing::debug!(ino = h.ino, "open file's object is no longer the inode's");
+            return Err(Error::Stale);
+        }
+        let access = match need {
+            Need::Path => return Ok(HandleFd::Path(obj)),
+            Need::Read => libc::O_RDONLY,
+            Need::Write if !h.writable => return Err(Error::Errno(libc::EBADF)),
+            Need::Write => libc::O_WRONLY,
+        };
+        let flags = access | h.status;
+        let first = {
+            let _as = h.opener.assume()?;
+            super::object::reopen(&obj, flags)
+        };
+        let fd = match first {
+            Err(e) if matches!(e.errno(), libc::EACCES | libc::EPERM) && !h.opener.is_root() => {
+                let _root = Creds::root().assume()?;
+                super::object::reopen(&obj, flags)?
+            }
+            r => r?,
+        };
+        Ok(HandleFd::Fresh(fd))
     }
 
     /// The kernel asks labfs to drop setuid/setgid before a write by someone without
     /// CAP_FSETID (FUSE_HANDLE_KILLPRIV_V2): labfs writes as root, whose writes would
     /// keep them, so it clears them itself.
     pub fn kill_suid_sgid(&self, fh: u64) {
-        if let Some(h) = self.handles.file(fh) {
-            if let Ok(st) = super::backend::fstat(h.fd.as_raw_fd()) {
-                let mode = st.st_mode & 0o7777;
-                let mut new = mode & !libc::S_ISUID;
-                // setgid without group execute is mandatory locking, not a privilege.
-                if mode & libc::S_IXGRP != 0 {
-                    new &= !libc::S_ISGID;
-                }
-                if new != mode {
-                    // Without root's identity the bits stay: the write itself went
-                    // through and the failure is logged by assume's error.
-                    if let Ok(_root) = super::Creds::root().assume() {
-                        // SAFETY: valid descriptor.
-                        unsafe { libc::fchmod(h.fd.as_raw_fd(), new) };
-                    }
-                }
+        let Some(fd) = self
+            .handles
+            .file(fh)
+            .and_then(|h| self.handle_fd(&h, Need::Path).ok())
+        else {
+            return;
+        };
+        let Ok(st) = fstat(fd.as_raw_fd()) else {
+            return;
+        };
+        let mode = st.st_mode & 0o7777;
+        let mut new = mode & !libc::S_ISUID;
+        // setgid without group execute is mandatory locking, not a privilege.
+        if mode & libc::S_IXGRP != 0 {
+            new &= !libc::S_ISGID;
+        }
+        if new != mode {
+            // Without root's identity the bits stay: the write itself went through
+            // and the failure is logged by assume's error. The object is named through
+            // `/proc/self/fd`, which works for an O_PATH descriptor too.
+            if let Ok(_root) = Creds::root().assume() {
+                let _ = rustix::fs::chmod(
+                    proc_fd_path(fd.as_raw_fd()).as_c_str(),
+                    rustix::fs::Mode::from_raw_mode(new),
+                );
             }
         }
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let h = self.file(fh)?;
+        let fd = self.handle_fd(&h, Need::Read)?;
         let mut buf = vec![0u8; size as usize];
         let mut done = 0usize;
         while done < buf.len() {
-            // SAFETY: buffer and length are valid.
-            let n = unsafe {
-                libc::pread(
-                    fd_of(&h),
-                    buf[done..].as_mut_ptr() as *mut libc::c_void,
-                    buf.len() - done,
-                    (offset + done as u64) as libc::off_t,
-                )
-            };
-            let n = match check_size(n) {
-                Ok(n) => n,
-                Err(e) if e.errno() == libc::EINTR => continue,
-                Err(e) => return Err(e),
-            };
-            if n == 0 {
-                break;
+            match rustix::io::pread(&fd, &mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(io(e)),
             }
-            done += n;
         }
         buf.truncate(done);
         Ok(buf)
@@ -317,25 +472,15 @@ impl LabFs {
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         let h = self.file(fh)?;
+        let fd = self.handle_fd(&h, Need::Write)?;
         let mut done = 0usize;
         while done < data.len() {
-            // SAFETY: buffer and length are valid.
-            let n = unsafe {
-                libc::pwrite(
-                    fd_of(&h),
-                    data[done..].as_ptr() as *const libc::c_void,
-                    data.len() - done,
-                    (offset + done as u64) as libc::off_t,
-                )
-            };
-            match check_size(n) {
+            match rustix::io::pwrite(&fd, &data[done..], offset + done as u64) {
                 Ok(n) => done += n,
-                Err(e) if e.errno() == libc::EINTR => continue,
-                Err(e) if done > 0 => {
-                    let _ = e;
-                    break;
-                }
-                Err(e) => return Err(e),
+                Err(rustix::io::Errno::INTR) => continue,
+                // A short write: the caller is told what was written.
+                Err(_) if done > 0 => break,
+                Err(e) => return Err(io(e)),
             }
         }
         Ok(done as u32)
@@ -343,56 +488,70 @@ impl LabFs {
 
     /// close(2) of one of the caller's descriptors: report deferred write errors
     /// (NFS reports them at close) by closing a duplicate.
+    ///
+    /// Files on a local filesystem (the SSD, Atlas on ext4 and the like) ask for no
+    /// FLUSH ([`Opened::noflush`]). A handle whose descriptor the daemon dropped
+    /// (passthrough forced onto NFS) and that is open for writing closes a descriptor
+    /// opened for writing now: its close writes the inode's dirty pages back and
+    /// reports what fails (the pages belong to the inode, not to a descriptor); a file
+    /// open only for reading has nothing to report.
     pub fn flush(&self, fh: u64) -> Result<()> {
         let h = self.file(fh)?;
-        // SAFETY: dup of a valid descriptor, closed at once.
-        let d = unsafe { libc::dup(fd_of(&h)) };
-        check(d)?;
-        check(unsafe { libc::close(d) })?;
-        Ok(())
+        let fd = match h.held() {
+            Some(fd) => rustix::io::dup(&*fd).map_err(io)?,
+            None if !h.writable => return Ok(()),
+            None => match self.handle_fd(&h, Need::Write)? {
+                HandleFd::Fresh(fd) => fd,
+                other => rustix::io::dup(&other).map_err(io)?,
+            },
+        };
+        // std's close ignores close(2)'s result: that result is the point here.
+        check_close(fd)
     }
 
     pub fn release(&self, fh: u64) {
         self.handles.remove_file(fh);
     }
 
+    /// fsync(2)/fdatasync(2). On a descriptor opened again (the daemon dropped its
+    /// own for passthrough) this flushes the same data: Linux syncs per inode, not per
+    /// descriptor (the filesystem writes back the inode's dirty pages, whoever dirtied
+    /// them, and commits its metadata), and a writeback error no descriptor has seen
+    /// yet is reported to a descriptor opened after it (errseq_sample), so it is not
+    /// lost by the reopen.
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
         let h = self.file(fh)?;
-        // SAFETY: valid descriptor.
-        check(unsafe {
-            if datasync {
-                libc::fdatasync(fd_of(&h))
-            } else {
-                libc::fsync(fd_of(&h))
-            }
-        })?;
-        Ok(())
+        let fd = self.handle_fd(&h, Need::Read)?;
+        if datasync {
+            rustix::fs::fdatasync(&fd).map_err(io)
+        } else {
+            rustix::fs::fsync(&fd).map_err(io)
+        }
     }
 
     pub fn fallocate(&self, ctx: &Ctx, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
         let h = self.file(fh)?;
+        let fd = self.handle_fd(&h, Need::Write)?;
         let creds = self.creds(ctx);
         let _as = creds.assume()?;
-        // SAFETY: valid descriptor.
-        check(unsafe {
-            libc::fallocate(
-                fd_of(&h),
-                mode,
-                offset as libc::off_t,
-                length as libc::off_t,
-            )
-        })?;
-        Ok(())
+        let flags = rustix::fs::FallocateFlags::from_bits_retain(mode as u32);
+        rustix::fs::fallocate(&fd, flags, offset, length).map_err(io)
     }
 
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
+        use rustix::fs::SeekFrom;
         let h = self.file(fh)?;
-        // SAFETY: valid descriptor; labfs does positioned I/O, so the offset is free.
-        let r = unsafe { libc::lseek(fd_of(&h), offset as libc::off_t, whence) };
-        if r < 0 {
-            return crate::error::last_os_error();
-        }
-        Ok(r as i64)
+        let fd = self.handle_fd(&h, Need::Read)?;
+        // labfs does positioned I/O, so the descriptor's offset is free to move.
+        let from = match whence {
+            libc::SEEK_SET => SeekFrom::Start(offset as u64),
+            libc::SEEK_CUR => SeekFrom::Current(offset),
+            libc::SEEK_END => SeekFrom::End(offset),
+            libc::SEEK_DATA => SeekFrom::Data(offset as u64),
+            libc::SEEK_HOLE => SeekFrom::Hole(offset as u64),
+            _ => return Err(Error::Errno(libc::EINVAL)),
+        };
+        Ok(rustix::fs::seek(&fd, from).map_err(io)? as i64)
     }
 
     /// copy_file_range between two open files; across filesystems, a bounded copy.
@@ -406,20 +565,20 @@ impl LabFs {
     ) -> Result<u32> {
         let hi = self.file(fh_in)?;
         let ho = self.file(fh_out)?;
+        let (fi, fo) = (
+            self.handle_fd(&hi, Need::Read)?,
+            self.handle_fd(&ho, Need::Write)?,
+        );
         let len = len.min(u32::MAX as u64 & !0xfff) as usize;
-        let mut oi = off_in as libc::off64_t;
-        let mut oo = off_out as libc::off64_t;
-        // SAFETY: valid descriptors and offset pointers.
-        let r = unsafe { libc::copy_file_range(fd_of(&hi), &mut oi, fd_of(&ho), &mut oo, len, 0) };
-        if r >= 0 {
-            return Ok(r as u32);
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EXDEV)
-            | Some(libc::EOPNOTSUPP)
-            | Some(libc::EINVAL)
-            | Some(libc::ENOSYS) => {
+        let (mut oi, mut oo) = (off_in, off_out);
+        match rustix::fs::copy_file_range(&fi, Some(&mut oi), &fo, Some(&mut oo), len) {
+            Ok(n) => Ok(n as u32),
+            Err(
+                rustix::io::Errno::XDEV
+                | rustix::io::Errno::OPNOTSUPP
+                | rustix::io::Errno::INVAL
+                | rustix::io::Errno::NOSYS,
+            ) => {
                 // Different filesystems underneath: copy a bounded chunk by hand.
                 let chunk = len.min(1 << 20);
                 let data = self.read(fh_in, off_in, chunk as u32)?;
@@ -428,7 +587,7 @@ impl LabFs {
                 }
                 self.write(fh_out, off_out, &data)
             }
-            _ => Err(Error::Io(e)),
+            Err(e) => Err(io(e)),
         }
     }
 
@@ -744,9 +903,7 @@ impl LabFs {
         let (_, obj) = self.obj(ino)?;
         let _as = creds.assume()?;
         let fd = super::object::reopen(&obj, libc::O_RDONLY | libc::O_DIRECTORY)?;
-        // SAFETY: valid descriptor.
-        check(unsafe { libc::fsync(fd.as_raw_fd()) })?;
-        Ok(())
+        rustix::fs::fsync(&fd).map_err(io)
     }
 }
 
@@ -760,36 +917,34 @@ pub fn list_dir(fd: OwnedFd) -> Result<Vec<(OsString, u8)>> {
 
 /// Names, d_types and d_inos of a directory (consumes the descriptor).
 pub fn list_dir_inos(fd: OwnedFd) -> Result<Vec<(OsString, u8, u64)>> {
-    let raw = fd.as_raw_fd();
-    // SAFETY: fdopendir takes ownership of the descriptor on success.
-    let dir = unsafe { libc::fdopendir(raw) };
-    if dir.is_null() {
-        return crate::error::last_os_error();
-    }
-    std::mem::forget(fd);
+    use std::mem::MaybeUninit;
+    // getdents64 into one buffer, as readdir(3) does (32 KiB: glibc's for most
+    // filesystems); every name fits in it.
+    let mut buf = vec![MaybeUninit::<u8>::uninit(); 32 * 1024];
+    let mut dir = rustix::fs::RawDir::new(&fd, &mut buf);
     let mut out = Vec::new();
-    loop {
-        // SAFETY: dir is a valid DIR*; errno is reset to tell end from error.
-        unsafe { *libc::__errno_location() = 0 };
-        let ent = unsafe { libc::readdir64(dir) };
-        if ent.is_null() {
-            let err = std::io::Error::last_os_error();
-            // SAFETY: closing the DIR* we opened.
-            unsafe { libc::closedir(dir) };
-            if err.raw_os_error().unwrap_or(0) != 0 {
-                return Err(Error::Io(err));
-            }
-            return Ok(out);
-        }
-        // SAFETY: ent points to a valid dirent64 until the next readdir call.
-        let (name, dtype, dino) = unsafe {
-            let e = &*ent;
-            (CStr::from_ptr(e.d_name.as_ptr()), e.d_type, e.d_ino)
-        };
+    while let Some(ent) = dir.next() {
+        let ent = ent.map_err(io)?;
         out.push((
-            OsStr::from_bytes(name.to_bytes()).to_os_string(),
-            dtype,
-            dino,
+            OsStr::from_bytes(ent.file_name().to_bytes()).to_os_string(),
+            dtype(ent.file_type()),
+            ent.ino(),
         ));
+    }
+    Ok(out)
+}
+
+/// The `d_type` of a rustix file type (DT_UNKNOWN for unknown).
+fn dtype(t: rustix::fs::FileType) -> u8 {
+    use rustix::fs::FileType as T;
+    match t {
+        T::RegularFile => libc::DT_REG,
+        T::Directory => libc::DT_DIR,
+        T::Symlink => libc::DT_LNK,
+        T::Fifo => libc::DT_FIFO,
+        T::Socket => libc::DT_SOCK,
+        T::CharacterDevice => libc::DT_CHR,
+        T::BlockDevice => libc::DT_BLK,
+        _ => libc::DT_UNKNOWN,
     }
 }

@@ -5,6 +5,7 @@
 //! errno (ENOTTY, EOPNOTSUPP), unchanged. FS_IOC_FSGETXATTR is answered too (the
 //! kernel's FUSE client asks it with every GETFLAGS). Other ioctls are ENOTTY.
 
+use super::handle::Need;
 use super::{Ctx, LabFs};
 use crate::error::{Error, Result};
 use crate::sys;
@@ -25,14 +26,18 @@ impl LabFs {
         // Directories reach here with a directory handle, which holds no readable
         // descriptor: their flags are not offered.
         let h = self.handles.file(fh).ok_or(Error::Errno(libc::EBADF))?;
+        // A readable descriptor: the handle's own, or the object opened again (the
+        // daemon dropped its own for passthrough). SETFLAGS checks ownership, not the
+        // access mode.
+        let fd = self.handle_fd(&h, Need::Read)?;
         let creds = self.creds(ctx);
         if cmd == FS_IOC_FSGETXATTR {
             let _as = creds.assume()?;
-            return Ok(sys::get_fsxattr(&h.fd).map_err(Error::Io)?.to_vec());
+            return Ok(sys::get_fsxattr(&fd).map_err(Error::Io)?.to_vec());
         }
         if cmd == FS_IOC_GETFLAGS {
             let _as = creds.assume()?;
-            let flags = sys::get_inode_flags(&h.fd).map_err(Error::Io)?;
+            let flags = sys::get_inode_flags(&fd).map_err(Error::Io)?;
             return Ok(flags.to_ne_bytes().to_vec());
         }
         let bytes: [u8; 4] = input
@@ -42,7 +47,7 @@ impl LabFs {
         let loc = self.locate_ino(&creds, ino)?;
         self.check_writable(ctx, &loc.path, &loc.placement)?;
         let _as = creds.assume()?;
-        sys::set_inode_flags(&h.fd, u32::from_ne_bytes(bytes)).map_err(Error::Io)?;
+        sys::set_inode_flags(&fd, u32::from_ne_bytes(bytes)).map_err(Error::Io)?;
         Ok(Vec::new())
     }
 }

@@ -748,7 +748,9 @@ impl LabFs {
 
     pub fn getattr(&self, _ctx: &Ctx, ino: u64, fh: Option<u64>) -> Result<(Attr, Duration)> {
         if let Some(h) = fh.and_then(|fh| self.handles.file(fh)) {
-            let st = backend::fstat(h.fd.as_raw_fd())?;
+            // The handle's object (an O_PATH one if the daemon dropped its descriptor).
+            let fd = self.handle_fd(&h, handle::Need::Path)?;
+            let st = backend::fstat(fd.as_raw_fd())?;
             return Ok((Attr::from_stat(&st, ino), self.ttl(h.backend)));
         }
         let (kind, fd) = self.obj(ino)?;

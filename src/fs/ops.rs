@@ -15,7 +15,7 @@ use rustix::io::Errno;
 use rustix::process::{Gid, Uid};
 
 use super::backend::{cstring, fstat, fstatat, Creds};
-use super::handle::Opened;
+use super::handle::{HandleFd, Need, Opened};
 use super::object::{self, ObjFd};
 use super::{Attr, Ctx, EntryOut, LabFs, SetAttr, ROOT_INO};
 use crate::error::{Error, Result};
@@ -200,7 +200,7 @@ impl LabFs {
             None
         };
         let entry = self.entry_fd(parent, name, kind, fd.as_raw_fd(), &st, path_fd)?;
-        let mut opened = self.new_file_handle(entry.attr.ino, fd, kind, flags);
+        let mut opened = self.new_file_handle(entry.attr.ino, fd, kind, flags, &creds);
         opened.created = created;
         permit.bind(opened.fh);
         Ok((entry, opened))
@@ -438,7 +438,14 @@ impl LabFs {
         if set.is_write() {
             self.check_writable_ino(ctx, ino)?;
         }
-        let handle = set.fh.and_then(|fh| self.handles.file(fh));
+        // The kernel names a handle for ftruncate(2): truncate through it (an open for
+        // writing keeps that right after a chmod), opened again if the daemon dropped
+        // its descriptor (passthrough). Anything else is done on the object itself.
+        let handle = match set.fh.and_then(|fh| self.handles.file(fh)) {
+            Some(h) if set.size.is_some() => Some(self.handle_fd(&h, Need::Write)?),
+            Some(h) => h.held().map(HandleFd::Held),
+            None => None,
+        };
         let (kind, obj) = self.obj(ino)?;
         let st0 = fstat(obj.as_raw_fd())?;
         let proc = obj.proc_path();
@@ -474,7 +481,7 @@ impl LabFs {
                     && new != old;
                 let _root = kill_priv.then(|| Creds::root().assume()).transpose()?;
                 match &handle {
-                    Some(h) => rx(fs::fchmod(&h.fd, Mode::from_raw_mode(new)))?,
+                    Some(h) => rx(fs::fchmod(h, Mode::from_raw_mode(new)))?,
                     None => rx(fs::chmod(&proc, Mode::from_raw_mode(new)))?,
                 };
             }
@@ -490,7 +497,7 @@ impl LabFs {
         }
         if let Some(size) = set.size {
             match &handle {
-                Some(h) => rx(fs::ftruncate(&h.fd, size))?,
+                Some(h) => rx(fs::ftruncate(h, size))?,
                 None => rx(fs::ftruncate(object::reopen(&obj, libc::O_WRONLY)?, size))?,
             };
         }
@@ -514,7 +521,7 @@ impl LabFs {
             ))?;
         }
         let st = match &handle {
-            Some(h) => fstat(h.fd.as_raw_fd())?,
+            Some(h) => fstat(h.as_raw_fd())?,
             None => fstat(obj.as_raw_fd())?,
         };
         Ok((Attr::from_stat(&st, ino), self.ttl(kind)))

@@ -1,4 +1,17 @@
 //! Kernel FUSE passthrough: one backing id per inode while any handle uses it.
+//!
+//! Registering a descriptor (FUSE_DEV_IOC_BACKING_OPEN) gives the kernel its own
+//! reference to the open file; the open reply names it by id. Once the reply is sent
+//! the daemon closes its own descriptor ([`crate::fs::handle::Handles::drop_descriptor`]):
+//! what the kernel reads and writes through is its reference, and the few requests it
+//! still sends for the file open the object again.
+//!
+//! The ids themselves are kept, per inode, until the last passthrough handle of the
+//! inode is released. They cost the daemon no descriptor, and both are needed: the
+//! kernel looks the id up when the opener processes the reply, after the daemon has
+//! written it (an id closed at once can make that open fail with EIO), and it admits
+//! a second passthrough open of an inode only with the same backing as the first
+//! (another registration of the same file is refused: EBUSY, seen as EIO).
 
 use super::*;
 
@@ -6,8 +19,9 @@ use super::*;
 pub(super) struct Passthrough {
     pub(super) fs: Arc<LabFs>,
     pub(super) enabled: AtomicBool,
-    /// One backing id per inode while any handle uses it (the kernel requires it).
-    pub(super) backing: DashMap<u64, (u64, Weak<BackingId>)>,
+    /// One backing id per inode while any handle uses it (the kernel requires it),
+    /// with the `(st_dev, st_ino)` of the object it was registered for.
+    pub(super) backing: DashMap<u64, ((u64, u64), Weak<BackingId>)>,
     pub(super) fh_backing: DashMap<u64, Arc<BackingId>>,
 }
 
@@ -15,8 +29,9 @@ impl Passthrough {
     pub(super) fn reply_open(&self, ino: u64, o: Opened, reply: ReplyOpen) {
         match self.backing_for(ino, &o, |fd| reply.open_backing(fd)) {
             Ok(id) => {
+                self.fh_backing.insert(o.fh, id.clone());
                 reply.opened_passthrough(FileHandle(o.fh), pass_flags(&o), &id);
-                self.fh_backing.insert(o.fh, id);
+                self.fs.handles.drop_descriptor(o.fh);
             }
             Err(direct) => reply.opened(FileHandle(o.fh), open_flags(&o, direct)),
         }
@@ -26,6 +41,7 @@ impl Passthrough {
         let attr = file_attr(&e.attr);
         match self.backing_for(e.attr.ino, &o, |fd| reply.open_backing(fd)) {
             Ok(id) => {
+                self.fh_backing.insert(o.fh, id.clone());
                 reply.created_passthrough(
                     &e.ttl,
                     &attr,
@@ -34,7 +50,7 @@ impl Passthrough {
                     pass_flags(&o),
                     &id,
                 );
-                self.fh_backing.insert(o.fh, id);
+                self.fs.handles.drop_descriptor(o.fh);
             }
             Err(direct) => reply.created(
                 &e.ttl,
@@ -59,19 +75,18 @@ impl Passthrough {
         register: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> std::io::Result<BackingId>,
     ) -> std::result::Result<Arc<BackingId>, bool> {
         use std::os::fd::AsFd;
-        if !self.enabled.load(Ordering::Relaxed) {
+        if !self.enabled.load(Ordering::Relaxed) || !o.passthrough {
             return Err(false);
         }
-        let raw = o.passthrough_fd.ok_or(false)?;
         let h = self.fs.handles.file(o.fh).ok_or(false)?;
-        let st = crate::fs::backend::fstat(raw).map_err(|_| false)?;
-        let key = st.st_ino ^ (st.st_dev << 32);
+        let fd = h.held().ok_or(false)?;
+        let key = h.object;
         let mut slot = self.backing.entry(ino).or_insert((key, Weak::new()));
         if let Some(id) = slot.1.upgrade() {
             // Same object: share the id. Another object: see above.
             return if slot.0 == key { Ok(id) } else { Err(true) };
         }
-        match register(h.fd.as_fd()) {
+        match register(fd.as_fd()) {
             Ok(id) => {
                 let id = Arc::new(id);
                 *slot = (key, Arc::downgrade(&id));
@@ -94,11 +109,13 @@ impl Passthrough {
 
 /// Flags of an open served by kernel passthrough.
 pub(super) fn pass_flags(o: &Opened) -> FopenFlags {
-    match o.backend {
-        // close(2) on the SSD reports nothing a FLUSH could add: skip the round trip.
-        BackendKind::Local => FopenFlags::FOPEN_NOFLUSH,
+    if o.noflush {
+        // close(2) on a local filesystem (the SSD, Atlas on ext4 and the like) reports
+        // nothing a FLUSH could add: skip the round trip.
+        FopenFlags::FOPEN_NOFLUSH
+    } else {
         // NFS reports deferred write errors at close: keep FLUSH.
-        BackendKind::Atlas => FopenFlags::empty(),
+        FopenFlags::empty()
     }
 }
 

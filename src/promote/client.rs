@@ -10,7 +10,7 @@
 //! 3. Ctrl-C sends `setxattr(DIR, "user.labfs.ctl.promote.ID", "cancel")`.
 
 use std::ffi::{CString, OsStr};
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -31,61 +31,26 @@ fn c_path(p: &Path) -> io::Result<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
+fn c_name(name: &str) -> io::Result<CString> {
+    CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
 fn lget(target: &Path, name: &str) -> io::Result<Vec<u8>> {
-    let p = c_path(target)?;
-    let n = CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let mut buf = vec![0u8; 1 << 16];
-    // SAFETY: valid C strings and buffer.
-    let r = unsafe {
-        libc::lgetxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            buf.as_mut_ptr() as *mut libc::c_void,
-            buf.len(),
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(r as usize);
+    let n = crate::sys::lgetxattr(&c_path(target)?, &c_name(name)?, &mut buf)?;
+    buf.truncate(n);
     Ok(buf)
 }
 
 fn lset(target: &Path, name: &str, value: &[u8]) -> io::Result<()> {
-    let p = c_path(target)?;
-    let n = CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: valid C strings and value buffer.
-    let r = unsafe {
-        libc::lsetxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr() as *const libc::c_void,
-            value.len(),
-            0,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    crate::sys::lsetxattr(&c_path(target)?, &c_name(name)?, value, 0)
 }
 
 /// The mount id of a path (statx), without following a final symlink.
 fn mount_id(p: &Path) -> Option<u64> {
-    let c = c_path(p).ok()?;
-    // SAFETY: zeroed statx is a valid out-parameter.
-    let mut sx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and out pointer.
-    let r = unsafe {
-        libc::statx(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-            libc::STATX_MNT_ID,
-            &mut sx,
-        )
-    };
-    (r == 0 && sx.stx_mask & libc::STATX_MNT_ID != 0).then_some(sx.stx_mnt_id)
+    use rustix::fs::{statx, AtFlags, StatxFlags, CWD};
+    let sx = statx(CWD, p, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::MNT_ID).ok()?;
+    (sx.stx_mask & StatxFlags::MNT_ID.bits() != 0).then_some(sx.stx_mnt_id)
 }
 
 /// Where the request goes: `(directory or object, name inside it)`.
@@ -121,7 +86,7 @@ fn explain_errno(e: &io::Error, shown: &str, target: &Path) -> String {
         Some(libc::ENODATA) | Some(libc::EOPNOTSUPP) => format!("{shown}: not on a labfs mount"),
         Some(libc::EACCES) | Some(libc::EPERM) => format!(
             "{shown}: permission denied: promoting needs write permission on {}",
-            target.display()
+            super::util::show(target.as_os_str())
         ),
         Some(libc::ENOTCONN) => format!("{shown}: the labfs daemon of this mount is not running"),
         // The daemon died while answering: the kernel aborts the connection.
@@ -239,11 +204,27 @@ fn promote_one(path: &Path, json: bool, merge: bool, wait: bool) -> i32 {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 return fail(json, &shown, explain_busy(&shown, &target))
             }
+            Err(e)
+                if e.raw_os_error() == Some(libc::EINVAL)
+                    && name.as_deref().is_some_and(|n| n.to_str().is_none())
+                    && lget(&target, crate::control::PROTOCOL_NAME).is_err() =>
+            {
+                return fail(
+                    json,
+                    &shown,
+                    format!(
+                        "{shown}: refused (EINVAL): the labfs daemon of this mount speaks control \
+                         protocol 1, which may not take a name that is not UTF-8; mount with this \
+                         labfs (control protocol {})",
+                        crate::control::PROTOCOL
+                    ),
+                )
+            }
             Err(e) => return fail(json, &shown, explain_errno(&e, &shown, &target)),
         }
     }
     let key = format!("{CTL_JOB_PREFIX}{id}");
-    let tty = unsafe { libc::isatty(2) } == 1;
+    let tty = io::stderr().is_terminal();
     let mut cancelled_at: Option<Instant> = None;
     let mut last_len = 0usize;
     let progress = loop {

@@ -1269,10 +1269,12 @@ pub fn clean_entries(
 ) -> JobResult<usize> {
     // Pass 1: decide what is kept, before any unlink changes link counts and ctimes.
     let keep: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+    // Files open through the mount, by their local (dev, ino): the handles know them
+    // even where the daemon holds no descriptor (passthrough).
     let open = if recovering {
         Default::default()
     } else {
-        util::open_files()
+        fs.handles.open_objects()
     };
     // Digests of the first names of hard links (a link's own entry has its digest too,
     // but recovery checks the first name's, as the journal recorded it).

@@ -351,8 +351,7 @@ pub fn free_bytes(fd: RawFd) -> Option<u64> {
 }
 
 /// `(st_dev, st_ino)` of every regular file this process has open: each handle open
-/// through the mount holds a descriptor of its backing file in the daemon. O_PATH
-/// descriptors (the inode table's recent and held objects) are not open files.
+/// through the mount holds a descriptor of its backing file in the daemon.
 pub fn open_files() -> std::collections::HashSet<(u64, u64)> {
     let mut out = std::collections::HashSet::new();
     let Ok(rd) = std::fs::read_dir("/proc/self/fd") else {
@@ -362,12 +361,6 @@ pub fn open_files() -> std::collections::HashSet<(u64, u64)> {
         let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<RawFd>().ok()) else {
             continue;
         };
-        // SAFETY: the descriptor is only asked about for this call; if it was closed
-        // meanwhile the calls fail and it is skipped.
-        let bfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        if rustix::fs::fcntl_getfl(bfd).is_ok_and(|f| f.contains(rustix::fs::OFlags::PATH)) {
-            continue;
-        }
         if let Ok(st) = crate::fs::backend::fstat(fd) {
             if st.st_mode & libc::S_IFMT == libc::S_IFREG {
                 out.insert((st.st_dev, st.st_ino));

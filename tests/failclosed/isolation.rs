@@ -1,11 +1,12 @@
 //! Isolation by construction: while Atlas is frozen and authoritative requests are
 //! stuck, every kind of request on local paths (including writes that clear setuid,
 //! and control requests) still completes; an Atlas file unlinked while open is served
-//! on the Atlas lane; and lookup counts end exact once late replies come in.
+//! on the Atlas lane; lookup counts end exact once late replies come in; and a name
+//! that is not UTF-8 fails closed on Atlas, and works locally, like any other.
 
 use std::time::Duration;
 
-use super::FrozenLab;
+use super::{FrozenLab, FAIL_BOUND, LOCAL_BOUND, PROBE, TIMEOUT};
 use crate::common::*;
 
 /// Every kind of request on the local directory argv[1], as the caller.
@@ -231,4 +232,94 @@ fn local_requests_of_every_kind_run_while_atlas_requests_are_stuck() {
             inodes(&lab) <= baseline
         },
     );
+}
+
+/// One operation (argv[1]) on the path argv[2] (hex: any bytes); prints `ok` or the
+/// errno.
+const NAME_OP: &str = r#"
+import os, sys
+op, p = sys.argv[1], bytes.fromhex(sys.argv[2])
+try:
+    if op == "read":
+        with open(p, "rb") as f:
+            f.read()
+    elif op == "create":
+        os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644))
+    elif op == "mkdir":
+        os.mkdir(p)
+    elif op == "list":
+        os.listdir(p)
+    elif op == "unlink":
+        os.unlink(p)
+    print("ok")
+except OSError as e:
+    print(e.errno)
+"#;
+
+#[test]
+fn names_that_are_not_utf8_fail_closed_on_atlas_and_work_locally() {
+    use std::os::unix::ffi::OsStrExt;
+    let lab = FrozenLab::new(true);
+    lab.cmd(
+        r#"mkdir -p "$LAB/docs/dir" "$LAB/docs/$(printf 'd\351')" "$LAB/cache"
+           echo a > "$LAB/docs/plain"; echo a > "$LAB/docs/$(printf 'caf\351')"
+           echo c > "$LAB/cache/$(printf 'caf\351')""#,
+    )
+    .ok();
+    let prog = lab.root.join("name_op.py");
+    std::fs::write(&prog, NAME_OP).unwrap();
+    let op = |what: &str, rel: &[u8], bound: Duration| {
+        let mut p = lab.mnt.as_os_str().as_bytes().to_vec();
+        p.push(b'/');
+        p.extend_from_slice(rel);
+        let hex: String = p.iter().map(|b| format!("{b:02x}")).collect();
+        let out = lab.timed(
+            &format!("exec python3 '{}' {what} {hex}", prog.display()),
+            bound,
+        );
+        out.stdout.trim().to_string()
+    };
+    lab.freeze();
+    lab.wait_answering(false, PROBE + TIMEOUT + Duration::from_secs(5));
+    // (operation, a UTF-8 name, a name that is not UTF-8): the same documented answer
+    // within the bound, ETIMEDOUT.
+    let timedout = libc::ETIMEDOUT.to_string();
+    for (what, utf8, other) in [
+        ("read", &b"docs/plain"[..], &b"docs/caf\xe9"[..]),
+        ("list", b"docs/dir", b"docs/d\xe9"),
+        ("create", b"docs/new", b"docs/new\xe9"),
+        ("mkdir", b"docs/newdir", b"docs/newdir\xe9"),
+        ("create", b"docs/dir/new", b"docs/d\xe9/new\xe9"),
+    ] {
+        let a = op(what, utf8, FAIL_BOUND);
+        let b = op(what, other, FAIL_BOUND);
+        assert_eq!(a, timedout, "{what} of a UTF-8 Atlas name while frozen");
+        assert_eq!(
+            b, a,
+            "{what} of a non-UTF-8 Atlas name answers as a UTF-8 one"
+        );
+    }
+    assert!(
+        !lab.local.join("docs").exists(),
+        "an Atlas name reached the local SSD during the outage"
+    );
+    // Local names that are not UTF-8 keep working meanwhile.
+    for (what, rel) in [
+        ("read", &b"cache/caf\xe9"[..]),
+        ("create", b"cache/new\xe9"),
+        ("mkdir", b"cache/dir\xe9"),
+        ("create", b"cache/dir\xe9/f\xfe"),
+        ("list", b"cache/dir\xe9"),
+        ("unlink", b"cache/dir\xe9/f\xfe"),
+    ] {
+        assert_eq!(
+            op(what, rel, LOCAL_BOUND),
+            "ok",
+            "local {what} while frozen"
+        );
+    }
+    assert!(lab
+        .local
+        .join(std::ffi::OsStr::from_bytes(b"cache/new\xe9"))
+        .exists());
 }
