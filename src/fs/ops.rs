@@ -279,7 +279,9 @@ impl LabFs {
         }
         let last = dir || f.stat.st_nlink <= 1;
         let keep = match known {
-            Some(ino) if last => self.before_removal(kind, ino),
+            Some(ino) if last => {
+                self.before_removal(&creds, (kind, ino), &f.dir, &f.cname, &f.stat)
+            }
             _ => None,
         };
         {
@@ -301,14 +303,21 @@ impl LabFs {
         Ok(())
     }
 
-    /// Before removing what may be the last name of the object the kernel holds as
-    /// `ino`: a descriptor of it to keep it alive as the inode's backing until the
-    /// kernel forgets it (a file handle of a removed object is stale). Reached through
-    /// the inode's own backing (its recent descriptor, or its handle), so it is that
-    /// object by construction. `None` where nothing is to be held: the backend does not
-    /// hold removed objects (NFS), the bound is reached, or the inode holds a
-    /// descriptor for its life already (a filesystem without file handles).
-    fn before_removal(&self, kind: BackendKind, ino: u64) -> Option<Arc<OwnedFd>> {
+    /// Before removing what may be the last name (`dir/name`, stat `st`) of the object
+    /// the kernel holds as `ino`: a descriptor of it to keep it alive as the inode's
+    /// backing until the kernel forgets it (a file handle of a removed object is
+    /// stale). Its recent descriptor if it has one, else an O_PATH open of the name,
+    /// taken only if it is the same object. `None` where nothing is to
+    /// be held: the backend does not hold removed objects (NFS), the bound is reached,
+    /// or the inode holds a descriptor for its life already (no file handles there).
+    fn before_removal(
+        &self,
+        creds: &Creds,
+        (kind, ino): (BackendKind, u64),
+        dir: &impl AsRawFd,
+        name: &CString,
+        st: &libc::stat,
+    ) -> Option<Arc<OwnedFd>> {
         if !self.holds_removed(kind) {
             return None;
         }
@@ -316,10 +325,14 @@ impl LabFs {
         if !matches!(backing, super::object::Backing::Handle(_)) || !self.inodes.may_hold() {
             return None;
         }
-        match self.obj(ino).ok()? {
-            (_, ObjFd::Held(fd)) => Some(fd),
-            (_, ObjFd::Owned(fd)) => Some(Arc::new(fd)),
+        if Self::caches_recent(kind) {
+            if let Some(fd) = self.inodes.recent_get(ino) {
+                return Some(fd);
+            }
         }
+        let _as = creds.assume().ok()?;
+        let (fd, now) = object::open_child(dir.as_raw_fd(), name).ok()?;
+        ((now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)).then(|| Arc::new(fd))
     }
 
     /// The object the kernel holds as `ino` lost its last name: it is kept alive by
@@ -386,7 +399,9 @@ impl LabFs {
                     let k = super::key_of(kind, &st);
                     let last = st.st_nlink <= 1 || st.st_mode & libc::S_IFMT == libc::S_IFDIR;
                     match self.inodes.peek(&k) {
-                        Some(old) if k != src_key && last => self.before_removal(kind, old),
+                        Some(old) if k != src_key && last => {
+                            self.before_removal(&creds, (kind, old), &dst_parent, &dname, &st)
+                        }
                         _ => None,
                     }
                 }
