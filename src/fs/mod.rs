@@ -664,7 +664,7 @@ impl LabFs {
         // so the key and the backing cannot belong to two different objects.
         let (fd, st) = {
             let _as = creds.assume()?;
-            object::open_child(dir.as_raw_fd(), cname)?
+            object::open_child(dir, cname)?
         };
         let key = key_of(kind, &st);
         let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;

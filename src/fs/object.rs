@@ -228,10 +228,12 @@ pub fn reopen(fd: &impl AsRawFd, flags: i32) -> Result<OwnedFd> {
 }
 
 /// openat(dirfd, name, O_PATH | O_NOFOLLOW) and its lstat.
-pub fn open_child(dirfd: RawFd, name: &std::ffi::CStr) -> Result<(OwnedFd, libc::stat)> {
-    // SAFETY: `dirfd` is a descriptor the caller holds open for this call.
-    let dir = unsafe { std::os::fd::BorrowedFd::borrow_raw(dirfd) };
-    let fd = crate::sys::open_at(dir, name, libc::O_PATH | libc::O_NOFOLLOW).map_err(Error::Io)?;
+pub fn open_child(
+    dir: &impl std::os::fd::AsFd,
+    name: &std::ffi::CStr,
+) -> Result<(OwnedFd, libc::stat)> {
+    let fd = crate::sys::open_at(dir.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW)
+        .map_err(Error::Io)?;
     let st = fstat(fd.as_raw_fd())?;
     Ok((fd, st))
 }

@@ -101,7 +101,7 @@ impl LabFs {
                     rx(fs::symlinkat(cstring(target)?.as_c_str(), &pfd, &cname))?
                 }
             };
-            object::open_child(pfd.as_raw_fd(), &cname)?
+            object::open_child(&pfd, &cname)?
         };
         let raw = fd.as_raw_fd();
         self.entry_fd(parent, name, kind, raw, &st, Some(fd))
@@ -192,7 +192,7 @@ impl LabFs {
         // follow (tar's setattrs, the first getattr) instead of a reopen by handle each.
         let path_fd = if Self::caches_recent(kind) {
             let _as = creds.assume()?;
-            object::open_child(pfd.as_raw_fd(), &cname)
+            object::open_child(&pfd, &cname)
                 .ok()
                 .filter(|(_, s)| (s.st_dev, s.st_ino) == (st.st_dev, st.st_ino))
                 .map(|(f, _)| f)
@@ -314,7 +314,7 @@ impl LabFs {
         &self,
         creds: &Creds,
         (kind, ino): (BackendKind, u64),
-        dir: &impl AsRawFd,
+        dir: &impl AsFd,
         name: &CString,
         st: &libc::stat,
     ) -> Option<Arc<OwnedFd>> {
@@ -331,7 +331,7 @@ impl LabFs {
             }
         }
         let _as = creds.assume().ok()?;
-        let (fd, now) = object::open_child(dir.as_raw_fd(), name).ok()?;
+        let (fd, now) = object::open_child(dir, name).ok()?;
         ((now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)).then(|| Arc::new(fd))
     }
 
