@@ -924,7 +924,13 @@ pub fn list_dir_inos(fd: OwnedFd) -> Result<Vec<(OsString, u8, u64)>> {
     let mut dir = rustix::fs::RawDir::new(&fd, &mut buf);
     let mut out = Vec::new();
     while let Some(ent) = dir.next() {
-        let ent = ent.map_err(io)?;
+        let ent = match ent {
+            Ok(e) => e,
+            // getdents64 of a removed directory fails with ENOENT; like readdir(3),
+            // that is the end of an empty listing (POSIX), not an error.
+            Err(rustix::io::Errno::NOENT) => break,
+            Err(e) => return Err(io(e)),
+        };
         out.push((
             OsStr::from_bytes(ent.file_name().to_bytes()).to_os_string(),
             dtype(ent.file_type()),

@@ -38,16 +38,39 @@
 //!   and only loses the promoted name. [`InodeTable::unbind`] marks an inode whose
 //!   object was removed through the mount (its key no longer identifies it).
 //!
+//! - **Removed objects the kernel still holds**: when a removal through the mount
+//!   (unlink, rmdir, rename over) takes what may be the last name of an inode the
+//!   kernel holds, the core opens an O_PATH descriptor of the object first and the
+//!   inode keeps it as its backing ([`InodeTable::hold`]) until the kernel forgets it:
+//!   a file handle of a removed object is stale, a descriptor keeps the object alive
+//!   (an `O_PATH` descriptor or a removed working directory then answer as on ext4).
+//!   At most [`InodeTable::held_cap`] such descriptors exist at once (a sixteenth of
+//!   the daemon's open-file limit); beyond that a removed object answers ESTALE.
+//! - **Recent objects**: a small LRU of O_PATH descriptors of recently used local
+//!   objects ([`InodeTable::recent_get`]), so that the requests that follow one another
+//!   on the same directory or new file (lookup, create, the parent's getattr, tar's
+//!   setattrs) do not reopen it by handle each time. At most [`InodeTable::recent_cap`]
+//!   descriptors (128, or a sixteenth of the daemon's limit if smaller) for the whole
+//!   mount, not per user. An entry is only ever the inode's own object: it is put
+//!   under the table's key check, dropped when the inode is forgotten or rebound. A
+//!   rename keeps the object and so its entry; a removal through the mount leaves the
+//!   removed object's entry as it is (it is what a held inode answers with anyway).
+//!
 //! The table is sharded (dashmap); no lock is held across a backend call: the backing
 //! of a new inode is captured before the table is touched, and an operation clones the
 //! backing (an `Arc`) out of the table before it calls the backend.
 
 use std::ffi::{OsStr, OsString};
+use std::num::NonZeroUsize;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
+use lru::LruCache;
+use parking_lot::Mutex;
 
 pub use super::object::Backing;
 use crate::rules::BackendKind;
@@ -134,6 +157,9 @@ pub struct Node {
     pub is_dir: bool,
     /// Rebound at promotion: its number is not the one its key derives.
     pub rebound: bool,
+    /// Removed through the mount; `backing` is a descriptor held until the forget
+    /// (counted in [`InodeTable::held`]).
+    pub held: bool,
 }
 
 impl Node {
@@ -210,6 +236,15 @@ pub struct InodeTable {
     forgets: AtomicU64,
     /// The table's size when free memory was last handed back (or larger, seen since).
     trim_mark: AtomicUsize,
+    /// O_PATH descriptors of recently used objects (see the module doc).
+    recent: Mutex<Option<LruCache<u64, Arc<OwnedFd>>>>,
+    /// Removed objects held by descriptor now.
+    held: AtomicUsize,
+    /// The hold cap was reached once (logged once).
+    held_full_logged: AtomicBool,
+    /// `(recent, held)` caps, read from the open-file limit at first use (after the
+    /// daemon raised it).
+    caps: OnceLock<(usize, usize)>,
 }
 
 /// How often (in dropped inodes) the table checks whether to shrink: often enough
@@ -232,6 +267,7 @@ impl InodeTable {
                 nlookup: 1,
                 is_dir: true,
                 rebound: false,
+                held: false,
             }),
         );
         let fresh = DashMap::new();
@@ -243,18 +279,141 @@ impl InodeTable {
             next_fresh: AtomicU64::new(FRESH_BASE),
             forgets: AtomicU64::new(0),
             trim_mark: AtomicUsize::new(0),
+            recent: Mutex::new(None),
+            held: AtomicUsize::new(0),
+            held_full_logged: AtomicBool::new(false),
+            caps: OnceLock::new(),
         }
+    }
+
+    fn caps(&self) -> (usize, usize) {
+        *self.caps.get_or_init(|| {
+            let share = usize::try_from(crate::sys::nofile_limit() / 16).unwrap_or(usize::MAX);
+            (share.clamp(4, 128), share.max(16))
+        })
+    }
+
+    /// Most descriptors the recent-objects cache keeps (the whole mount, every user).
+    pub fn recent_cap(&self) -> usize {
+        self.caps().0
+    }
+
+    /// Most removed objects held by descriptor at once.
+    pub fn held_cap(&self) -> usize {
+        self.caps().1
+    }
+
+    /// Removed objects held by descriptor now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Whether one more removed object may be held now (logged once when not).
+    pub fn may_hold(&self) -> bool {
+        let cap = self.held_cap();
+        if self.held() < cap {
+            return true;
+        }
+        self.hold_refused(cap);
+        false
+    }
+
+    fn hold_refused(&self, cap: usize) {
+        if !self.held_full_logged.swap(true, Ordering::Relaxed) {
+            tracing::info!(
+                cap,
+                "{cap} removed objects are held by descriptor already: further removed \
+                 objects reached only by the kernel (O_PATH, a removed cwd) answer ESTALE \
+                 (logged once)"
+            );
+        }
+    }
+
+    /// A recently used O_PATH descriptor of `ino`'s object, if the cache has one.
+    pub fn recent_get(&self, ino: u64) -> Option<Arc<OwnedFd>> {
+        self.recent.lock().as_mut()?.get(&ino).cloned()
+    }
+
+    /// Keep `fd` (a descriptor of the object `key`) as `ino`'s recent descriptor, if
+    /// `ino` still stands for `key`. Checked under the cache's lock, which `forget`
+    /// and `rebind` also take after changing the node: an entry never outlives the
+    /// object's inode nor survives a change of its backing.
+    pub fn recent_put(&self, ino: u64, key: BackingKey, fd: Arc<OwnedFd>) {
+        let cap = self.recent_cap();
+        let mut guard = self.recent.lock();
+        let still = self
+            .nodes
+            .get(&ino)
+            .is_some_and(|n| n.key == Some(key) && !n.held);
+        if !still {
+            return;
+        }
+        let cache = guard.get_or_insert_with(|| {
+            LruCache::new(NonZeroUsize::new(cap).unwrap_or(NonZeroUsize::MIN))
+        });
+        // The evicted descriptor (if any) closes when its last user drops it.
+        cache.put(ino, fd);
+    }
+
+    /// Forget `ino`'s recent descriptor (its object changed behind the inode: e.g.
+    /// promotion removed the local object).
+    pub fn recent_drop(&self, ino: u64) {
+        if let Some(c) = self.recent.lock().as_mut() {
+            c.pop(&ino);
+        }
+    }
+
+    /// Descriptors the recent-objects cache holds now.
+    pub fn recent_len(&self) -> usize {
+        self.recent.lock().as_ref().map_or(0, |c| c.len())
+    }
+
+    /// The object of `ino` is being removed and `fd` is a descriptor of it: keep `fd`
+    /// as its backing until the kernel forgets it, and unbind it (its key no longer
+    /// names it). False when the cap is reached (then only unbound: it answers
+    /// ESTALE once the backend frees it).
+    pub fn hold(&self, ino: u64, fd: Arc<OwnedFd>) -> bool {
+        if ino == ROOT_INO {
+            return false;
+        }
+        let cap = self.held_cap();
+        let held = match self.nodes.get_mut(&ino) {
+            Some(mut n) if n.held => {
+                n.backing = Backing::Fd(fd);
+                true
+            }
+            Some(mut n) => {
+                let won = self
+                    .held
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+                        (h < cap).then_some(h + 1)
+                    })
+                    .is_ok();
+                if won {
+                    n.backing = Backing::Fd(fd);
+                    n.held = true;
+                }
+                won
+            }
+            None => false,
+        };
+        if !held {
+            self.hold_refused(cap);
+        }
+        self.unbind(ino);
+        held
     }
 
     pub fn get(&self, ino: u64) -> Option<Node> {
         self.nodes.get(&ino).map(|n| Node::clone(&n))
     }
 
-    /// The inode's backend and backing, cloned out of the table.
-    pub fn backing(&self, ino: u64) -> Option<(BackendKind, Backing, bool)> {
+    /// The inode's backend, backing and key (`None` once removed), cloned out of the
+    /// table.
+    pub fn backing(&self, ino: u64) -> Option<(BackendKind, Backing, Option<BackingKey>)> {
         self.nodes
             .get(&ino)
-            .map(|n| (n.backend, n.backing.clone(), n.is_dir))
+            .map(|n| (n.backend, n.backing.clone(), n.key))
     }
 
     pub fn len(&self) -> usize {
@@ -393,6 +552,7 @@ impl InodeTable {
                         nlookup: 1,
                         is_dir,
                         rebound: false,
+                        held: false,
                     }));
                     return ino;
                 }
@@ -425,6 +585,10 @@ impl InodeTable {
             node.nlookup == 0
         });
         if let Some((_, node)) = removed {
+            self.recent_drop(ino);
+            if node.held {
+                self.held.fetch_sub(1, Ordering::Relaxed);
+            }
             if let (Some(key), true) = (node.key, node.rebound) {
                 // A promoted object keeps its old number only while the kernel holds it.
                 self.fresh.remove_if(&key, |_, v| *v == ino);
@@ -508,6 +672,7 @@ impl InodeTable {
             n.rebound = true;
             self.fresh.insert(key, ino);
         }
+        self.recent_drop(ino);
     }
 }
 

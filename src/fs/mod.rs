@@ -28,7 +28,7 @@ pub mod tag_reader;
 pub mod xattr;
 
 use std::ffi::{CString, OsStr, OsString};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -44,7 +44,7 @@ pub use identity::Ctx;
 pub use inode::ROOT_INO;
 
 use crate::config::Config;
-use crate::error::{check, Error, Result};
+use crate::error::{Error, Result};
 use crate::rules::{BackendKind, Class, Placement, Rules, Unplaced};
 use backend::{cstring, fstatat};
 use handle::Handles;
@@ -101,6 +101,10 @@ pub struct LabFs {
     atlas_io: atlas_io::AtlasIo,
     /// False once the kernel turned FUSE passthrough down at init.
     kernel_passthrough: std::sync::atomic::AtomicBool,
+    /// Whether a removed object the kernel still holds is kept alive by a descriptor
+    /// (`[atlas, local]`): not on NFS, where a busy removed file is renamed to
+    /// `.nfsXXXX` in its directory until the descriptor closes (docs/semantics.md).
+    holds_removed: [bool; 2],
 }
 
 /// Where a namespace path is stored right now, with the handles to reach it.
@@ -121,11 +125,9 @@ struct Found {
 }
 
 fn dup_fd(fd: i32) -> Result<OwnedFd> {
-    // SAFETY: duplicating a valid descriptor.
-    let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    check(r)?;
-    // SAFETY: new descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(r) })
+    // SAFETY: `fd` is a descriptor the caller holds open for this call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(|e| Error::Errno(e.raw_os_error()))
 }
 
 impl LabFs {
@@ -165,6 +167,8 @@ impl LabFs {
             Backing::Fd(Arc::new(root_fd)),
         );
         let atlas_io = atlas_io::for_backend(options.atlas_passthrough, config, atlas.root_fd());
+        let atlas_holds =
+            atlas_io::mount_of_fd(atlas.root_fd()).is_ok_and(|m| !m.fstype.starts_with("nfs"));
         tracing::info!(
             "open Atlas files: {} ({})",
             if atlas_io.passthrough() {
@@ -191,7 +195,24 @@ impl LabFs {
             options,
             tags,
             placements: Default::default(),
+            holds_removed: [atlas_holds, true],
         })
+    }
+
+    /// Whether a removed object on `kind` that the kernel still holds is kept alive by
+    /// a descriptor ([`inode::InodeTable::hold`]).
+    fn holds_removed(&self, kind: BackendKind) -> bool {
+        match kind {
+            BackendKind::Atlas => self.holds_removed[0],
+            BackendKind::Local => self.holds_removed[1],
+        }
+    }
+
+    /// Whether recently used objects on `kind` keep an O_PATH descriptor in the
+    /// inode table's small cache: only on the local SSD, which only labfs changes (an
+    /// Atlas object may be replaced by another node, and is reopened each time).
+    fn caches_recent(kind: BackendKind) -> bool {
+        kind == BackendKind::Local
     }
 
     /// How open Atlas files are served, and why ([`atlas_io`]).
@@ -415,7 +436,7 @@ impl LabFs {
 
     /// An O_PATH descriptor of inode `ino`'s object, with its backend.
     pub fn obj(&self, ino: u64) -> Result<(BackendKind, ObjFd)> {
-        let (kind, backing, _) = self.inodes.backing(ino).ok_or(Error::Stale)?;
+        let (kind, backing, key) = self.inodes.backing(ino).ok_or(Error::Stale)?;
         if kind == BackendKind::Atlas && self.health.is_down() {
             self.atlas_gate(kind, &self.npath_of(ino)?)?;
         }
@@ -432,7 +453,23 @@ impl LabFs {
             .as_ref()
             .map(|f| f.as_raw_fd())
             .unwrap_or_else(|| self.backend(kind).root_fd());
-        Ok((kind, backing.open(root)?))
+        let recent = match (&backing, key) {
+            (Backing::Handle(_), Some(k)) if Self::caches_recent(kind) => Some(k),
+            _ => None,
+        };
+        if recent.is_some() {
+            if let Some(fd) = self.inodes.recent_get(ino) {
+                return Ok((kind, ObjFd::Held(fd)));
+            }
+        }
+        match (recent, backing.open(root)?) {
+            (Some(k), ObjFd::Owned(fd)) => {
+                let fd = Arc::new(fd);
+                self.inodes.recent_put(ino, k, fd.clone());
+                Ok((kind, ObjFd::Held(fd)))
+            }
+            (_, fd) => Ok((kind, fd)),
+        }
     }
 
     /// Directory `ino` on backend `kind` as an O_PATH descriptor: the inode's own
@@ -627,19 +664,25 @@ impl LabFs {
         // so the key and the backing cannot belong to two different objects.
         let (fd, st) = {
             let _as = creds.assume()?;
-            object::open_child(dir.as_raw_fd(), cname)?
+            object::open_child(dir, cname)?
         };
         let key = key_of(kind, &st);
         let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
-        let backing = Backing::of_path_fd(fd, self.handle_mount(kind));
+        let fd = Arc::new(fd);
+        let backing = Backing::of_shared_fd(&fd, self.handle_mount(kind));
         let ino = self.inodes.remember(key, backing, parent, name, is_dir);
+        if Self::caches_recent(kind) {
+            self.inodes.recent_put(ino, key, fd);
+        }
         Ok(EntryOut {
             attr: Attr::from_stat(&st, ino),
             ttl: self.ttl(kind),
         })
     }
 
-    /// Remember a just-created object reached through `fd` (any descriptor of it).
+    /// Remember a just-created object reached through `fd` (any descriptor of it), or
+    /// through `path_fd`, an O_PATH descriptor of it (then also kept as its recent
+    /// descriptor: the requests that follow a create are about the new object).
     fn entry_fd(
         &self,
         parent: u64,
@@ -647,16 +690,24 @@ impl LabFs {
         kind: BackendKind,
         fd: i32,
         st: &libc::stat,
+        path_fd: Option<OwnedFd>,
     ) -> Result<EntryOut> {
         let key = key_of(kind, st);
+        let path_fd = path_fd.map(Arc::new);
         let ino = match self.inodes.bump(&key, parent, name) {
             Some(i) => i,
             None => {
                 let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
-                let backing = Backing::of_fd(fd, self.handle_mount(kind))?;
+                let backing = match &path_fd {
+                    Some(p) => Backing::of_shared_fd(p, self.handle_mount(kind)),
+                    None => Backing::of_fd(fd, self.handle_mount(kind))?,
+                };
                 self.inodes.remember(key, backing, parent, name, is_dir)
             }
         };
+        if let (Some(p), true) = (path_fd, Self::caches_recent(kind)) {
+            self.inodes.recent_put(ino, key, p);
+        }
         Ok(EntryOut {
             attr: Attr::from_stat(st, ino),
             ttl: self.ttl(kind),
@@ -711,20 +762,9 @@ impl LabFs {
         let creds = self.creds(ctx);
         let (_, fd) = self.obj(ino)?;
         let _as = creds.assume()?;
-        let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
-        // SAFETY: valid descriptor (an O_PATH symlink with an empty path), C string
-        // and buffer of the given length.
-        let n = unsafe {
-            libc::readlinkat(
-                fd.as_raw_fd(),
-                c"".as_ptr(),
-                buf.as_mut_ptr() as *mut libc::c_char,
-                buf.len(),
-            )
-        };
-        let n = crate::error::check_size(n)?;
-        buf.truncate(n);
-        Ok(buf)
+        let target = rustix::fs::readlinkat(&fd, c"", Vec::new())
+            .map_err(|e| Error::Errno(e.raw_os_error()))?;
+        Ok(target.into_bytes())
     }
 
     pub fn statfs(&self, ctx: &Ctx, ino: u64) -> Result<libc::statvfs> {

@@ -98,6 +98,15 @@ impl AsRawFd for ObjFd {
     }
 }
 
+impl std::os::fd::AsFd for ObjFd {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            ObjFd::Owned(f) => f.as_fd(),
+            ObjFd::Held(f) => f.as_fd(),
+        }
+    }
+}
+
 impl ObjFd {
     /// `/proc/self/fd/N`: the object itself to calls that take a path.
     pub fn proc_path(&self) -> CString {
@@ -159,6 +168,17 @@ impl Backing {
         Ok(Backing::Fd(Arc::new(f)))
     }
 
+    /// The backing of the object behind the O_PATH descriptor `fd`, which the caller
+    /// keeps (handle if possible, else `fd` itself, shared).
+    pub fn of_shared_fd(fd: &Arc<OwnedFd>, mnt_id: Option<i32>) -> Backing {
+        if let (Some(want), Some((h, m))) = (mnt_id, encode(fd.as_raw_fd())) {
+            if m == want {
+                return Backing::Handle(HandleBytes::new(&h));
+            }
+        }
+        Backing::Fd(fd.clone())
+    }
+
     /// Take an O_PATH descriptor we already own as the backing (handle if possible).
     pub fn of_path_fd(fd: OwnedFd, mnt_id: Option<i32>) -> Backing {
         if let (Some(want), Some((h, m))) = (mnt_id, encode(fd.as_raw_fd())) {
@@ -208,10 +228,12 @@ pub fn reopen(fd: &impl AsRawFd, flags: i32) -> Result<OwnedFd> {
 }
 
 /// openat(dirfd, name, O_PATH | O_NOFOLLOW) and its lstat.
-pub fn open_child(dirfd: RawFd, name: &std::ffi::CStr) -> Result<(OwnedFd, libc::stat)> {
-    // SAFETY: `dirfd` is a descriptor the caller holds open for this call.
-    let dir = unsafe { std::os::fd::BorrowedFd::borrow_raw(dirfd) };
-    let fd = crate::sys::open_at(dir, name, libc::O_PATH | libc::O_NOFOLLOW).map_err(Error::Io)?;
+pub fn open_child(
+    dir: &impl std::os::fd::AsFd,
+    name: &std::ffi::CStr,
+) -> Result<(OwnedFd, libc::stat)> {
+    let fd = crate::sys::open_at(dir.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW)
+        .map_err(Error::Io)?;
     let st = fstat(fd.as_raw_fd())?;
     Ok((fd, st))
 }
@@ -318,13 +340,9 @@ mod tests {
         let mut cur: OwnedFd = root.try_clone().unwrap().into();
         let mut ns = OsString::new();
         for _ in 0..30 {
-            // SAFETY: valid descriptors and C strings.
-            unsafe {
-                assert_eq!(libc::mkdirat(cur.as_raw_fd(), comp.as_ptr(), 0o755), 0);
-                let fd = libc::openat(cur.as_raw_fd(), comp.as_ptr(), libc::O_PATH);
-                assert!(fd >= 0);
-                cur = OwnedFd::from_raw_fd(fd);
-            }
+            use rustix::fs::{mkdirat, openat, Mode, OFlags};
+            mkdirat(&cur, comp.as_c_str(), Mode::from_raw_mode(0o755)).unwrap();
+            cur = openat(&cur, comp.as_c_str(), OFlags::PATH, Mode::empty()).unwrap();
             ns.push("/");
             ns.push(OsStr::from_bytes(comp.as_bytes()));
         }

@@ -7,13 +7,18 @@
 //! descriptor.
 
 use std::ffi::{CString, OsStr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Arc;
+
+use rustix::fs::{self, AtFlags, Mode, OFlags};
+use rustix::io::Errno;
+use rustix::process::{Gid, Uid};
 
 use super::backend::{cstring, fstat, fstatat, Creds};
 use super::handle::{HandleFd, Need, Opened};
 use super::object::{self, ObjFd};
 use super::{Attr, Ctx, EntryOut, LabFs, SetAttr, ROOT_INO};
-use crate::error::{check, Error, Result};
+use crate::error::{Error, Result};
 use crate::rules::BackendKind;
 
 /// What a new entry will be.
@@ -80,27 +85,26 @@ impl LabFs {
         let cname = cstring(name)?;
         let (fd, st) = {
             let _as = creds.assume()?;
-            // SAFETY (all three): valid dirfd and C strings.
             match what {
-                NewNode::Dir { mode } => check(unsafe {
-                    libc::mkdirat(pfd.as_raw_fd(), cname.as_ptr(), mode as libc::mode_t)
-                })?,
-                NewNode::Node { mode, rdev } => check(unsafe {
-                    libc::mknodat(
-                        pfd.as_raw_fd(),
-                        cname.as_ptr(),
-                        mode as libc::mode_t,
-                        rdev as libc::dev_t,
-                    )
-                })?,
+                NewNode::Dir { mode } => rx(fs::mkdirat(&pfd, &cname, Mode::from_raw_mode(mode)))?,
+                NewNode::Node { mode, rdev } => rx(fs::mknodat(
+                    &pfd,
+                    &cname,
+                    match mode & libc::S_IFMT {
+                        0 => fs::FileType::RegularFile,
+                        t => fs::FileType::from_raw_mode(t),
+                    },
+                    Mode::from_raw_mode(mode),
+                    rdev,
+                ))?,
                 NewNode::Symlink { target } => {
-                    let t = cstring(target)?;
-                    check(unsafe { libc::symlinkat(t.as_ptr(), pfd.as_raw_fd(), cname.as_ptr()) })?
+                    rx(fs::symlinkat(cstring(target)?.as_c_str(), &pfd, &cname))?
                 }
             };
-            object::open_child(pfd.as_raw_fd(), &cname)?
+            object::open_child(&pfd, &cname)?
         };
-        self.entry_fd(parent, name, kind, fd.as_raw_fd(), &st)
+        let raw = fd.as_raw_fd();
+        self.entry_fd(parent, name, kind, raw, &st, Some(fd))
     }
 
     pub fn mkdir(
@@ -168,24 +172,34 @@ impl LabFs {
             // Exclusive first, so labfs knows whether the file is new (the kernel may
             // send CREATE for a name another node created meanwhile); the caller's own
             // O_EXCL keeps its EEXIST.
-            // SAFETY: valid dirfd and C string.
-            let open = |f: i32| unsafe {
-                libc::openat(pfd.as_raw_fd(), cname.as_ptr(), f, mode as libc::c_uint)
+            let open = |f: i32| {
+                fs::openat(
+                    &pfd,
+                    &cname,
+                    OFlags::from_bits_retain(f as u32),
+                    Mode::from_raw_mode(mode),
+                )
             };
             let mut fd = open(f | libc::O_EXCL);
-            created = fd >= 0;
-            if fd < 0
-                && flags & libc::O_EXCL == 0
-                && std::io::Error::last_os_error().raw_os_error() == Some(libc::EEXIST)
-            {
+            created = fd.is_ok();
+            if flags & libc::O_EXCL == 0 && fd.as_ref().is_err_and(|e| *e == Errno::EXIST) {
                 fd = open(f);
             }
-            check(fd)?;
-            // SAFETY: new descriptor we own.
-            unsafe { OwnedFd::from_raw_fd(fd) }
+            rx(fd)?
         };
         let st = fstat(fd.as_raw_fd())?;
-        let entry = self.entry_fd(parent, name, kind, fd.as_raw_fd(), &st)?;
+        // On the local SSD, an O_PATH descriptor of the new file for the requests that
+        // follow (tar's setattrs, the first getattr) instead of a reopen by handle each.
+        let path_fd = if Self::caches_recent(kind) {
+            let _as = creds.assume()?;
+            object::open_child(&pfd, &cname)
+                .ok()
+                .filter(|(_, s)| (s.st_dev, s.st_ino) == (st.st_dev, st.st_ino))
+                .map(|(f, _)| f)
+        } else {
+            None
+        };
+        let entry = self.entry_fd(parent, name, kind, fd.as_raw_fd(), &st, path_fd)?;
         let mut opened = self.new_file_handle(entry.attr.ino, fd, kind, flags, &creds);
         opened.created = created;
         permit.bind(opened.fh);
@@ -215,16 +229,13 @@ impl LabFs {
             // linkat through /proc/self/fd/N links the object itself (AT_EMPTY_PATH would
             // need CAP_DAC_READ_SEARCH, which a thread acting as a user does not have).
             let from = src.proc_path();
-            // SAFETY: valid C strings and dirfd.
-            check(unsafe {
-                libc::linkat(
-                    libc::AT_FDCWD,
-                    from.as_ptr(),
-                    pfd.as_raw_fd(),
-                    cname.as_ptr(),
-                    libc::AT_SYMLINK_FOLLOW,
-                )
-            })?;
+            rx(fs::linkat(
+                fs::CWD,
+                &from,
+                &pfd,
+                &cname,
+                AtFlags::SYMLINK_FOLLOW,
+            ))?;
             fstatat(pfd.as_raw_fd(), &cname)?
         };
         self.entry_in(&creds, newparent, newname, kind, (&pfd, &cname, &st))
@@ -254,38 +265,85 @@ impl LabFs {
             {
                 if let Ok(odir) = self.dir_on(&creds, parent, other) {
                     let _as = creds.assume()?;
-                    if let Ok(fd) = open_at(
-                        odir.as_raw_fd(),
-                        &f.cname,
-                        libc::O_RDONLY | libc::O_DIRECTORY,
-                    ) {
+                    if let Ok(fd) = open_at(&odir, &f.cname, libc::O_RDONLY | libc::O_DIRECTORY) {
                         let names = super::handle::list_dir(fd)?;
                         if names.iter().any(|(n, _)| n != "." && n != "..") {
                             return Err(Error::Errno(libc::ENOTEMPTY));
                         }
-                        // An empty structural directory goes with the namespace one.
-                        // SAFETY: valid dirfd and C string.
-                        unsafe {
-                            libc::unlinkat(odir.as_raw_fd(), f.cname.as_ptr(), libc::AT_REMOVEDIR)
-                        };
+                        // An empty structural directory goes with the namespace one (if
+                        // this fails, the namespace directory's own removal says why).
+                        let _ = fs::unlinkat(&odir, &f.cname, AtFlags::REMOVEDIR);
                     }
                 }
             }
         }
+        let last = dir || f.stat.st_nlink <= 1;
+        let keep = match known {
+            Some(ino) if last => {
+                self.before_removal(&creds, (kind, ino), &f.dir, &f.cname, &f.stat)
+            }
+            _ => None,
+        };
         {
             let _as = creds.assume()?;
-            let flags = if dir { libc::AT_REMOVEDIR } else { 0 };
-            // SAFETY: valid dirfd and C string.
-            check(unsafe { libc::unlinkat(f.dir.as_raw_fd(), f.cname.as_ptr(), flags) })?;
+            let flags = if dir {
+                AtFlags::REMOVEDIR
+            } else {
+                AtFlags::empty()
+            };
+            rx(fs::unlinkat(&f.dir, &f.cname, flags))?;
         }
         if let Some(ino) = known {
-            if dir || f.stat.st_nlink <= 1 {
-                self.inodes.unbind(ino);
+            if last {
+                self.removed(ino, keep);
             } else {
                 self.inodes.unlinked(ino, parent, name);
             }
         }
         Ok(())
+    }
+
+    /// Before removing what may be the last name (`dir/name`, stat `st`) of the object
+    /// the kernel holds as `ino`: a descriptor of it to keep it alive as the inode's
+    /// backing until the kernel forgets it (a file handle of a removed object is
+    /// stale). Its recent descriptor if it has one, else an O_PATH open of the name,
+    /// taken only if it is the same object. `None` where nothing is to
+    /// be held: the backend does not hold removed objects (NFS), the bound is reached,
+    /// or the inode holds a descriptor for its life already (no file handles there).
+    fn before_removal(
+        &self,
+        creds: &Creds,
+        (kind, ino): (BackendKind, u64),
+        dir: &impl AsFd,
+        name: &CString,
+        st: &libc::stat,
+    ) -> Option<Arc<OwnedFd>> {
+        if !self.holds_removed(kind) {
+            return None;
+        }
+        let (_, backing, _) = self.inodes.backing(ino)?;
+        if !matches!(backing, super::object::Backing::Handle(_)) || !self.inodes.may_hold() {
+            return None;
+        }
+        if Self::caches_recent(kind) {
+            if let Some(fd) = self.inodes.recent_get(ino) {
+                return Some(fd);
+            }
+        }
+        let _as = creds.assume().ok()?;
+        let (fd, now) = object::open_child(dir, name).ok()?;
+        ((now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)).then(|| Arc::new(fd))
+    }
+
+    /// The object the kernel holds as `ino` lost its last name: it is kept alive by
+    /// `keep` if there is one (else it answers ESTALE once the backend frees it).
+    fn removed(&self, ino: u64, keep: Option<Arc<OwnedFd>>) {
+        match keep {
+            Some(fd) => {
+                self.inodes.hold(ino, fd);
+            }
+            None => self.inodes.unbind(ino),
+        }
     }
 
     /// Whether a rename of `path` stays on `backend` for the whole subtree.
@@ -328,36 +386,51 @@ impl LabFs {
         }
         let dst_parent = self.parent_for_create(&creds, newparent, kind, &to)?;
         let dname = cstring(newname)?;
-        // What the target was, so its number can be retired if this removes it.
-        let replaced = {
-            let _as = creds.assume()?;
-            let replaced = fstatat(dst_parent.as_raw_fd(), &dname).ok();
-            // SAFETY: valid dirfds and C strings; flags are passed through for renameat2.
-            check(unsafe {
-                libc::renameat2(
-                    src.dir.as_raw_fd(),
-                    src.cname.as_ptr(),
-                    dst_parent.as_raw_fd(),
-                    dname.as_ptr(),
-                    flags,
-                )
-            } as i32)?;
-            replaced
-        };
         let src_key = super::key_of(kind, &src.stat);
+        // What the target was, so its number can be retired if this removes it, and
+        // a descriptor to keep it alive if the kernel holds it (see `remove`).
+        let replaced = {
+            let replaced = {
+                let _as = creds.assume()?;
+                fstatat(dst_parent.as_raw_fd(), &dname).ok()
+            };
+            let keep = match replaced {
+                Some(st) if flags & libc::RENAME_EXCHANGE == 0 => {
+                    let k = super::key_of(kind, &st);
+                    let last = st.st_nlink <= 1 || st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                    match self.inodes.peek(&k) {
+                        Some(old) if k != src_key && last => {
+                            self.before_removal(&creds, (kind, old), &dst_parent, &dname, &st)
+                        }
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            let _as = creds.assume()?;
+            // The caller's flags are passed through (the backend refuses what it lacks).
+            rx(fs::renameat_with(
+                &src.dir,
+                &src.cname,
+                &dst_parent,
+                &dname,
+                fs::RenameFlags::from_bits_retain(flags),
+            ))?;
+            replaced.map(|st| (st, keep))
+        };
         let src_ino = self.inodes.peek(&src_key);
         if flags & libc::RENAME_EXCHANGE != 0 {
-            if let Some(st) = replaced {
+            if let Some((st, _)) = replaced {
                 if let Some(other) = self.inodes.peek(&super::key_of(kind, &st)) {
                     self.inodes.moved(other, (newparent, newname), parent, name);
                 }
             }
-        } else if let Some(st) = replaced {
+        } else if let Some((st, keep)) = replaced {
             let k = super::key_of(kind, &st);
             if k != src_key {
                 if let Some(old) = self.inodes.peek(&k) {
                     if st.st_nlink <= 1 || st.st_mode & libc::S_IFMT == libc::S_IFDIR {
-                        self.inodes.unbind(old);
+                        self.removed(old, keep);
                     } else {
                         self.inodes.unlinked(old, newparent, newname);
                     }
@@ -404,8 +477,7 @@ impl LabFs {
             }
             if new != mode && st0.st_mode & libc::S_IFMT == libc::S_IFREG {
                 let _root = Creds::root().assume()?;
-                // SAFETY: valid C string (the object's /proc/self/fd path).
-                check(unsafe { libc::chmod(proc.as_ptr(), new) })?;
+                rx(fs::chmod(&proc, Mode::from_raw_mode(new)))?;
             }
         }
         let _as = creds.assume()?;
@@ -423,52 +495,45 @@ impl LabFs {
                     && new == old & !(libc::S_ISUID | libc::S_ISGID)
                     && new != old;
                 let _root = kill_priv.then(|| Creds::root().assume()).transpose()?;
-                // SAFETY: valid descriptor or C string.
                 match &handle {
-                    Some(h) => check(unsafe { libc::fchmod(h.as_raw_fd(), new) })?,
-                    None => check(unsafe { libc::chmod(proc.as_ptr(), new) })?,
+                    Some(h) => rx(fs::fchmod(h, Mode::from_raw_mode(new)))?,
+                    None => rx(fs::chmod(&proc, Mode::from_raw_mode(new)))?,
                 };
             }
         }
         if set.uid.is_some() || set.gid.is_some() {
-            let uid = set.uid.unwrap_or(u32::MAX);
-            let gid = set.gid.unwrap_or(u32::MAX);
-            // SAFETY: valid descriptor, empty C string with AT_EMPTY_PATH.
-            check(unsafe {
-                libc::fchownat(
-                    obj.as_raw_fd(),
-                    c"".as_ptr(),
-                    uid,
-                    gid,
-                    libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-                )
-            })?;
+            rx(fs::chownat(
+                &obj,
+                c"",
+                set.uid.map(Uid::from_raw),
+                set.gid.map(Gid::from_raw),
+                AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+            ))?;
         }
         if let Some(size) = set.size {
             match &handle {
-                // SAFETY: valid descriptor.
-                Some(h) => check(unsafe { libc::ftruncate(h.as_raw_fd(), size as libc::off_t) })?,
-                None => {
-                    let fd = object::reopen(&obj, libc::O_WRONLY)?;
-                    // SAFETY: valid descriptor.
-                    check(unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) })?
-                }
+                Some(h) => rx(fs::ftruncate(h, size))?,
+                None => rx(fs::ftruncate(object::reopen(&obj, libc::O_WRONLY)?, size))?,
             };
         }
         if set.atime.is_some() || set.mtime.is_some() {
-            let times = [
-                super::attr::timespec(set.atime),
-                super::attr::timespec(set.mtime),
-            ];
-            // SAFETY: valid descriptor, empty C string with AT_EMPTY_PATH, two timespecs.
-            check(unsafe {
-                libc::utimensat(
-                    obj.as_raw_fd(),
-                    c"".as_ptr(),
-                    times.as_ptr(),
-                    libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-                )
-            })?;
+            let ts = |t| {
+                let t = super::attr::timespec(t);
+                fs::Timespec {
+                    tv_sec: t.tv_sec,
+                    tv_nsec: t.tv_nsec as _,
+                }
+            };
+            let times = fs::Timestamps {
+                last_access: ts(set.atime),
+                last_modification: ts(set.mtime),
+            };
+            rx(fs::utimensat(
+                &obj,
+                c"",
+                &times,
+                AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+            ))?;
         }
         let st = match &handle {
             Some(h) => fstat(h.as_raw_fd())?,
@@ -491,16 +556,12 @@ impl LabFs {
     }
 }
 
-fn open_at(dirfd: i32, name: &CString, flags: i32) -> Result<OwnedFd> {
-    // SAFETY: valid dirfd and C string.
-    let fd = unsafe {
-        libc::openat(
-            dirfd,
-            name.as_ptr(),
-            flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    };
-    check(fd)?;
-    // SAFETY: new descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+fn open_at(dirfd: &impl AsFd, name: &CString, flags: i32) -> Result<OwnedFd> {
+    let f = OFlags::from_bits_retain(flags as u32) | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    rx(fs::openat(dirfd, name, f, Mode::empty()))
+}
+
+/// A rustix result as the core's (the kernel's errno unchanged).
+fn rx<T>(r: rustix::io::Result<T>) -> Result<T> {
+    r.map_err(|e| Error::Errno(e.raw_os_error()))
 }

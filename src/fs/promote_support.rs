@@ -28,6 +28,9 @@ impl LabFs {
         atlas: BackingKey,
     ) -> Result<()> {
         let path = ns;
+        // Whatever follows, the local object is gone from `ns`: a recent descriptor of
+        // it (a removed local directory) must not stand for the inode any more.
+        self.inodes.recent_drop(ino);
         let Some(node) = self.inodes.get(ino) else {
             return Ok(());
         };
