@@ -285,8 +285,7 @@ pub fn probe_root_squash(atlas: &Path) -> Squash {
 }
 
 fn probe_squash_inner(atlas: &Path) -> Squash {
-    // SAFETY: plain syscall.
-    if unsafe { libc::geteuid() } != 0 {
+    if crate::sys::effective_ids().0 != 0 {
         return Squash::Unknown;
     }
     let dir = atlas.join(MARKER_DIR);

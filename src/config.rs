@@ -4,7 +4,6 @@
 //! using serde, so that one pass can collect *all* mistakes, each with the
 //! line it is on. See docs/rules.md for the format.
 
-use std::ffi::{c_char, c_int, CString};
 use std::fmt;
 use std::io;
 use std::ops::Range;
@@ -1034,47 +1033,12 @@ fn parse_writer(spec: &str, check_host: bool) -> Result<Writer, String> {
     }
 }
 
-/// Calls a reentrant `get*nam_r`, growing the buffer on ERANGE.
-fn lookup_id<T>(
-    name: &str,
-    call: unsafe extern "C" fn(*const c_char, *mut T, *mut c_char, usize, *mut *mut T) -> c_int,
-    id: impl Fn(&T) -> u32,
-) -> io::Result<Option<u32>> {
-    let Ok(cname) = CString::new(name) else {
-        return Ok(None);
-    };
-    let mut buf: Vec<c_char> = vec![0; 1024];
-    loop {
-        // SAFETY: passwd/group are plain C structs for which all-zero is valid.
-        let mut entry: T = unsafe { std::mem::zeroed() };
-        let mut result: *mut T = std::ptr::null_mut();
-        // SAFETY: every pointer is valid for the call, `buf.len()` is its size.
-        let rc = unsafe {
-            call(
-                cname.as_ptr(),
-                &raw mut entry,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &raw mut result,
-            )
-        };
-        match rc {
-            0 if result.is_null() => return Ok(None),
-            0 => return Ok(Some(id(&entry))),
-            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 2, 0),
-            // Some libcs report "no such entry" as an errno.
-            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(None),
-            rc => return Err(io::Error::from_raw_os_error(rc)),
-        }
-    }
-}
-
 fn lookup_user(name: &str) -> io::Result<Option<u32>> {
-    lookup_id(name, libc::getpwnam_r, |p: &libc::passwd| p.pw_uid)
+    crate::sys::user_id(name)
 }
 
 fn lookup_group(name: &str) -> io::Result<Option<u32>> {
-    lookup_id(name, libc::getgrnam_r, |g: &libc::group| g.gr_gid)
+    crate::sys::group_id(name)
 }
 
 #[cfg(test)]

@@ -345,10 +345,10 @@ pub fn mount(req: MountRequest) -> Result<(), MountError> {
     }
     let (mut rd, wr) = pipe()?;
     // Fork before any thread exists: the child becomes the daemon.
-    // SAFETY: single-threaded at this point (no runtime, no helper threads yet).
-    match unsafe { libc::fork() } {
-        -1 => Err(io::Error::last_os_error().into()),
-        0 => {
+    // SAFETY: single-threaded at this point (no runtime, no helper threads yet): the
+    // one `unsafe` outside src/sys.rs, since only this caller can know it.
+    match unsafe { crate::sys::fork() }? {
+        crate::sys::Forked::Child => {
             drop(rd);
             // Detach from the terminal's session (fails only for a group leader,
             // which a freshly forked child is not).
@@ -364,7 +364,7 @@ pub fn mount(req: MountRequest) -> Result<(), MountError> {
             };
             std::process::exit(code);
         }
-        _pid => {
+        crate::sys::Forked::Parent(_) => {
             drop(wr);
             drop(lock);
             let mut msg = String::new();
@@ -382,18 +382,10 @@ pub fn mount(req: MountRequest) -> Result<(), MountError> {
     }
 }
 
-fn block_signals() -> libc::sigset_t {
-    // SAFETY: sigset manipulation on a local set; the mask is inherited by threads
-    // created afterwards, so signals are only taken by sigwait below.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGHUP);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
+/// Block SIGTERM, SIGINT and SIGHUP before any thread starts: the mask is inherited
+/// by threads created afterwards, so they are taken only by the signal thread's wait.
+fn block_signals() -> io::Result<crate::sys::SignalSet> {
+    crate::sys::block_signals(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
 }
 
 fn serve(
@@ -401,15 +393,14 @@ fn serve(
     _lock: LocalLock,
     mut ready_pipe: Option<fs::File>,
 ) -> Result<(), MountError> {
-    let sigset = block_signals();
+    let sigset = block_signals()?;
     // Files are created with the caller's umask (applied per request), never the daemon's.
     crate::sys::set_umask(0);
     // The inode table's hash tables double as the kernel remembers more inodes. With
     // glibc's default (a threshold that rises after the first large free), the old
     // tables would stay in the heap; a fixed threshold keeps every large table in its
     // own mapping, returned to the system as soon as it is freed.
-    // SAFETY: mallopt only tunes the allocator.
-    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024) };
+    crate::sys::set_mmap_threshold(256 * 1024);
     let fs = match LabFs::new(
         &req.config,
         req.mount_options.clone(),
@@ -457,11 +448,9 @@ fn serve(
             detach_stdio(req.detach_stderr);
         }
         let _ = thread::Builder::new().name("signals".into()).spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: waiting on the blocked set.
-            if unsafe { libc::sigwait(&sigset, &mut sig) } != 0 {
+            let Ok(sig) = sigset.wait() else {
                 continue;
-            }
+            };
             match sig {
                 libc::SIGHUP => {
                     let _ = reload(&fs2, config_path.as_deref());
@@ -610,19 +599,6 @@ fn stderr_is_a_log() -> bool {
 /// After daemonizing: stdin/stdout to /dev/null; stderr too unless it is a log
 /// ([`stderr_is_a_log`]) or the log goes to a file.
 fn detach_stdio(detach_stderr: bool) {
-    let null = CString::new("/dev/null").unwrap_or_default();
-    // SAFETY: plain descriptor manipulation on the process's own stdio.
-    unsafe {
-        let fd = libc::open(null.as_ptr(), libc::O_RDWR);
-        if fd >= 0 {
-            libc::dup2(fd, 0);
-            libc::dup2(fd, 1);
-            if detach_stderr || !stderr_is_a_log() {
-                libc::dup2(fd, 2);
-            }
-            if fd > 2 {
-                libc::close(fd);
-            }
-        }
-    }
+    // Nothing to report to: the parent has gone and the log may be what failed.
+    let _ = crate::sys::stdio_to_dev_null(detach_stderr || !stderr_is_a_log());
 }

@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::fs::backend::{cstring, fstatat, split};
 use crate::fs::{Creds, LabFs};
 use crate::rules::BackendKind;
+use crate::sys;
 
 /// Ensure every declared directory; failures are logged, never fatal.
 pub fn ensure(fs: &LabFs, dirs: &[DeclaredDir]) {
@@ -61,14 +62,10 @@ fn ensure_one(fs: &LabFs, d: &DeclaredDir) -> Result<Option<String>> {
     let st = match fstatat(pf, &cname) {
         Ok(st) => st,
         Err(e) if e.errno() == libc::ENOENT => {
-            // SAFETY: valid dirfd and C string.
-            if unsafe { libc::mkdirat(pf, cname.as_ptr(), 0o700) } < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::EEXIST) {
-                    return Err(Error::Io(e));
-                }
-            } else {
-                did.push(format!("created on {kind}"));
+            match sys::mkdir_at(&pfd, &cname, 0o700) {
+                Ok(()) => did.push(format!("created on {kind}")),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(Error::Io(e)),
             }
             fstatat(pf, &cname)?
         }
@@ -78,34 +75,21 @@ fn ensure_one(fs: &LabFs, d: &DeclaredDir) -> Result<Option<String>> {
         return Err(Error::Errno(libc::ENOTDIR));
     }
     // Owner and mode through a descriptor of the directory itself (never a symlink).
-    // SAFETY: valid dirfd and C string.
-    let fd = unsafe {
-        libc::openat(
-            pf,
-            cname.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(Error::Io(std::io::Error::last_os_error()));
-    }
-    // SAFETY: a new descriptor we own.
-    let dfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let st = crate::fs::backend::fstat(dfd.as_raw_fd())?;
+    let dfd = sys::open_at_mode(
+        &pfd,
+        &cname,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        0,
+    )?;
+    let st = sys::fstat(&dfd)?;
     if st.st_uid != d.uid || st.st_gid != d.gid {
-        // SAFETY: valid descriptor.
-        if unsafe { libc::fchown(dfd.as_raw_fd(), d.uid, d.gid) } < 0 {
-            return Err(Error::Io(std::io::Error::last_os_error()));
-        }
+        sys::fchown(&dfd, d.uid, d.gid)?;
         did.push(format!("owner {}:{}", d.uid, d.gid));
     }
     // chown may clear setgid: compare with the mode after it.
-    let now = crate::fs::backend::fstat(dfd.as_raw_fd())?;
+    let now = sys::fstat(&dfd)?;
     if now.st_mode & 0o7777 != d.mode {
-        // SAFETY: valid descriptor.
-        if unsafe { libc::fchmod(dfd.as_raw_fd(), d.mode) } < 0 {
-            return Err(Error::Io(std::io::Error::last_os_error()));
-        }
+        sys::fchmod(&dfd, d.mode)?;
         did.push(format!("mode {:04o}", d.mode));
     }
     Ok((!did.is_empty()).then(|| did.join(", ")))

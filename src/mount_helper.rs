@@ -276,16 +276,7 @@ pub fn dispatch() -> Option<i32> {
     let rest: Vec<OsString> = args.collect();
     // The kernel keeps 15 bytes of the program name, so a daemon started from fstab
     // would show as `mount.fuse.labf` in ps and top: name it labfs, like every other.
-    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
-    unsafe {
-        libc::prctl(
-            libc::PR_SET_NAME,
-            c"labfs".as_ptr() as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    };
+    let _ = crate::sys::set_thread_name(c"labfs");
     Some(run(&rest))
 }
 

@@ -61,15 +61,10 @@ fn space(fd: i32, ask: bool) -> (Option<u64>, Option<u64>) {
     if !ask {
         return (None, None);
     }
-    // SAFETY: zeroed statvfs is a valid out-parameter.
-    let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstatvfs(fd, &mut sv) } != 0 {
-        return (None, None);
+    match crate::sys::with_fd(fd, |fd| crate::sys::fs_space(fd)) {
+        Ok(sp) => (Some(sp.avail), Some(sp.total)),
+        Err(_) => (None, None),
     }
-    (
-        Some(sv.f_bavail * sv.f_frsize),
-        Some(sv.f_blocks * sv.f_frsize),
-    )
 }
 
 /// The status report; `full`: walk every local file for the at-risk report.

@@ -32,16 +32,17 @@
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::error::{check, Error, Result};
+use crate::error::{Error, Result};
 use crate::fs::backend::fstatat;
 use crate::fs::{Backend, Creds};
+use crate::sys;
 
 pub use crate::fs::tag_reader::{CLASS, DIGEST, ORIGIN, PREFIX, PROMOTED_AT};
 /// Tags promote stores on Atlas.
@@ -114,20 +115,13 @@ pub fn try_get_xattr(dirfd: RawFd, name: &CStr, attr: &str) -> Result<Option<Vec
     let a = CString::new(attr).map_err(|_| Error::Errno(libc::EINVAL))?;
     let mut buf = vec![0u8; 256];
     loop {
-        // SAFETY: valid C strings and buffer.
-        let n = unsafe {
-            libc::lgetxattr(
-                p.as_ptr(),
-                a.as_ptr(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-            )
+        let e = match sys::lgetxattr(&p, &a, &mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(Some(buf));
+            }
+            Err(e) => e,
         };
-        if n >= 0 {
-            buf.truncate(n as usize);
-            return Ok(Some(buf));
-        }
-        let e = std::io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::ERANGE) if buf.len() < 65536 => buf.resize(buf.len() * 4, 0),
             Some(libc::ENODATA) | Some(libc::EOPNOTSUPP) => return Ok(None),
@@ -285,13 +279,9 @@ fn mkdir_chain(atlas: &Backend, dir: &OsStr) -> Result<OwnedFd> {
     let (parent, name) = crate::fs::object::split(dir);
     let pfd = mkdir_chain(atlas, parent)?;
     let c = CString::new(name.as_bytes()).map_err(|_| Error::Errno(libc::EINVAL))?;
-    // SAFETY: valid dirfd and C string.
-    let r = unsafe { libc::mkdirat(pfd.as_raw_fd(), c.as_ptr(), 0o700) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EEXIST) {
-            return Err(Error::Io(e));
-        }
+    match sys::mkdir_at(&pfd, &c, 0o700) {
+        Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(Error::Io(e)),
+        _ => {}
     }
     open_dir_of(atlas, dir)
 }
@@ -324,41 +314,25 @@ pub fn write_record<P: AsRef<OsStr> + ?Sized>(
     tmp.extend_from_slice(format!(".tmp.{}", std::process::id()).as_bytes());
     let ctmp = CString::new(tmp).map_err(|_| Error::Errno(libc::EINVAL))?;
     let cfile = CString::new(file.as_bytes()).map_err(|_| Error::Errno(libc::EINVAL))?;
-    // SAFETY: valid dirfd and C string.
-    let fd = check(unsafe {
-        libc::openat(
-            dfd.as_raw_fd(),
-            ctmp.as_ptr(),
-            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            0o600 as libc::c_uint,
-        )
-    })?;
-    // SAFETY: new descriptor owned here.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = sys::open_at_mode(
+        &dfd,
+        &ctmp,
+        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW,
+        0o600,
+    )?;
     let res = (|| -> Result<()> {
         crate::fs::backend::write_all(fd.as_raw_fd(), &body)?;
         if durable {
-            // SAFETY: valid descriptor.
-            check(unsafe { libc::fsync(fd.as_raw_fd()) })?;
+            sys::fsync(&fd)?;
         }
-        // SAFETY: valid dirfds and C strings.
-        check(unsafe {
-            libc::renameat(
-                dfd.as_raw_fd(),
-                ctmp.as_ptr(),
-                dfd.as_raw_fd(),
-                cfile.as_ptr(),
-            )
-        })?;
+        sys::rename_at(&dfd, &ctmp, &dfd, &cfile, 0)?;
         if durable {
-            // SAFETY: valid descriptor.
-            check(unsafe { libc::fsync(dir_rd.as_raw_fd()) })?;
+            sys::fsync(&dir_rd)?;
         }
         Ok(())
     })();
     if res.is_err() {
-        // SAFETY: valid dirfd and C string.
-        unsafe { libc::unlinkat(dfd.as_raw_fd(), ctmp.as_ptr(), 0) };
+        let _ = sys::unlink_at(&dfd, &ctmp, false);
     }
     res
 }
@@ -375,8 +349,7 @@ pub fn remove_record<P: AsRef<OsStr> + ?Sized>(atlas: &Backend, path: &P) {
     let (Ok(dfd), Ok(c)) = (open_dir_of(atlas, &dir), CString::new(file.as_bytes())) else {
         return;
     };
-    // SAFETY: valid dirfd and C string.
-    unsafe { libc::unlinkat(dfd.as_raw_fd(), c.as_ptr(), 0) };
+    let _ = sys::unlink_at(&dfd, &c, false);
 }
 
 /// Whether Atlas accepts `user.*` xattrs: set and remove one on a probe file under
@@ -410,48 +383,30 @@ fn probe_inner(atlas: &Backend) -> Result<bool> {
         std::process::id()
     );
     let cname = CString::new(name).map_err(|_| Error::Errno(libc::EINVAL))?;
-    // SAFETY: valid dirfd and C string.
-    let fd = check(unsafe {
-        libc::openat(
-            dfd.as_raw_fd(),
-            cname.as_ptr(),
-            libc::O_RDWR | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            0o600 as libc::c_uint,
-        )
-    })?;
-    // SAFETY: new descriptor owned here.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let attr = CString::new("user.labfs.probe").map_err(|_| Error::Errno(libc::EINVAL))?;
-    // SAFETY: valid descriptor, C string and value.
-    let r = unsafe {
-        libc::fsetxattr(
-            fd.as_raw_fd(),
-            attr.as_ptr(),
-            b"1".as_ptr() as *const libc::c_void,
-            1,
-            0,
-        )
-    };
-    let err = std::io::Error::last_os_error();
-    let ok = if r == 0 {
-        // SAFETY: valid descriptor and C string.
-        unsafe { libc::fremovexattr(fd.as_raw_fd(), attr.as_ptr()) };
-        true
-    } else {
-        match err.raw_os_error() {
+    let fd = sys::open_at_mode(
+        &dfd,
+        &cname,
+        libc::O_RDWR | libc::O_CREAT | libc::O_NOFOLLOW,
+        0o600,
+    )?;
+    let attr = c"user.labfs.probe";
+    let ok = match sys::fsetxattr(&fd, attr, b"1", 0) {
+        Ok(()) => {
+            let _ = sys::fremovexattr(&fd, attr);
+            true
+        }
+        Err(err) => match err.raw_os_error() {
             Some(libc::EOPNOTSUPP) | Some(libc::EPERM) | Some(libc::EACCES) => false,
             #[allow(unreachable_patterns)]
             Some(libc::ENOTSUP) => false,
             _ => {
-                // SAFETY: valid dirfd and C string.
-                unsafe { libc::unlinkat(dfd.as_raw_fd(), cname.as_ptr(), 0) };
+                let _ = sys::unlink_at(&dfd, &cname, false);
                 return Err(Error::Io(err));
             }
-        }
+        },
     };
     drop(fd);
-    // SAFETY: valid dirfd and C string.
-    unsafe { libc::unlinkat(dfd.as_raw_fd(), cname.as_ptr(), 0) };
+    let _ = sys::unlink_at(&dfd, &cname, false);
     Ok(ok)
 }
 

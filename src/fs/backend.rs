@@ -16,12 +16,12 @@
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use crate::error::{check, Error, Result};
+use crate::error::{Error, Result};
 use crate::rules::BackendKind;
 use crate::sys;
 
@@ -38,19 +38,8 @@ pub struct Backend {
 impl Backend {
     pub fn open(kind: BackendKind, path: &Path) -> io::Result<Backend> {
         let c = cstring(path.as_os_str())?;
-        // SAFETY: plain syscall on a valid C string.
-        let fd = unsafe {
-            libc::open(
-                c.as_ptr(),
-                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd was just returned by open and is owned here.
-        let root = unsafe { OwnedFd::from_raw_fd(fd) };
-        let st = fstat(root.as_raw_fd()).map_err(to_io)?;
+        let root = sys::open_path(&c, libc::O_PATH | libc::O_DIRECTORY)?;
+        let st = sys::fstat(&root)?;
         Ok(Backend {
             kind,
             root_path: path.to_path_buf(),
@@ -72,26 +61,7 @@ impl Backend {
     pub fn open_beneath(&self, path: &str, flags: i32) -> Result<OwnedFd> {
         let rel = relative(path);
         let c = CString::new(rel).map_err(|_| Error::Errno(libc::EINVAL))?;
-        // SAFETY: open_how is plain data; zero is valid for every field.
-        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-        how.flags = (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
-        how.resolve =
-            libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
-        // SAFETY: openat2 with a valid dirfd, C string and open_how of the right size.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                self.root.as_raw_fd(),
-                c.as_ptr(),
-                &how as *const libc::open_how,
-                std::mem::size_of::<libc::open_how>(),
-            )
-        };
-        if fd < 0 {
-            return Err(Error::Io(io::Error::last_os_error()));
-        }
-        // SAFETY: the kernel returned a new descriptor that we now own.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+        Ok(sys::open_beneath(self.root.as_fd(), &c, flags)?)
     }
 
     /// Create every missing directory of `dir` (a namespace path) on this backend,
@@ -127,26 +97,20 @@ pub(crate) fn mkdir_like(
     mode: u32,
     template: Option<libc::stat>,
 ) -> Result<()> {
-    // SAFETY: valid dirfd and C string.
-    let r = unsafe { libc::mkdirat(dir, name.as_ptr(), mode) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EEXIST) {
-            return Err(Error::Io(e));
+    sys::with_fd(dir, |dir| {
+        match sys::mkdir_at(dir, name, mode) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e),
+            // Best effort, as before: the directory exists, which is what was asked.
+            Ok(()) => {
+                if let Some(s) = template {
+                    let _ = sys::chown_at(dir, name, s.st_uid, s.st_gid);
+                    let _ = sys::chmod_at(dir, name, mode);
+                }
+            }
         }
-    } else if let Some(s) = template {
-        // SAFETY: valid dirfd and C string.
-        unsafe {
-            libc::fchownat(
-                dir,
-                name.as_ptr(),
-                s.st_uid,
-                s.st_gid,
-                libc::AT_SYMLINK_NOFOLLOW,
-            );
-            libc::fchmodat(dir, name.as_ptr(), mode, 0);
-        }
-    }
+        Ok(())
+    })?;
     Ok(())
 }
 
@@ -193,38 +157,22 @@ pub fn to_io(e: Error) -> io::Error {
 pub fn write_all(fd: RawFd, body: &[u8]) -> Result<()> {
     let mut off = 0usize;
     while off < body.len() {
-        // SAFETY: valid descriptor and buffer.
-        let n = unsafe {
-            libc::write(
-                fd,
-                body[off..].as_ptr() as *const libc::c_void,
-                body.len() - off,
-            )
-        };
-        match crate::error::check_size(n) {
+        match sys::with_fd(fd, |fd| sys::write(fd, &body[off..])) {
             Ok(n) => off += n,
-            Err(e) if e.errno() == libc::EINTR => continue,
-            Err(e) => return Err(e),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => return Err(Error::Io(e)),
         }
     }
     Ok(())
 }
 
 pub fn fstat(fd: RawFd) -> Result<libc::stat> {
-    // SAFETY: zeroed stat is a valid out-parameter.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd and out pointer.
-    check(unsafe { libc::fstat(fd, &mut st) })?;
-    Ok(st)
+    Ok(sys::with_fd(fd, |fd| sys::fstat(fd))?)
 }
 
 /// lstat of `name` in the directory `dirfd`.
 pub fn fstatat(dirfd: RawFd, name: &CStr) -> Result<libc::stat> {
-    // SAFETY: zeroed stat is a valid out-parameter.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd, C string and out pointer.
-    check(unsafe { libc::fstatat(dirfd, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
-    Ok(st)
+    Ok(sys::with_fd(dirfd, |d| sys::lstat_at(d, name))?)
 }
 
 /// Who a request acts as on the backend.

@@ -109,8 +109,7 @@ pub struct CallClock {
 impl CallClock {
     /// Start timing a call made by the current thread.
     pub fn start() -> CallClock {
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() };
+        let tid = crate::sys::thread_id();
         CallClock {
             tid,
             start: Instant::now(),
@@ -456,14 +455,9 @@ impl Health {
                     .spawn(move || {
                         let c = CallClock::start();
                         *clock.lock() = Some(c);
-                        // SAFETY: zeroed statvfs is a valid out-parameter; root stays open.
-                        let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
-                        let ok = unsafe { libc::fstatvfs(root, &mut sv) } == 0;
-                        let frsize = sv.f_frsize;
-                        let _ =
-                            tx.send(ok.then(|| {
-                                (c.split().0, sv.f_bavail * frsize, sv.f_blocks * frsize)
-                            }));
+                        // The Atlas root stays open as long as the mount.
+                        let space = crate::sys::with_fd(root, |r| crate::sys::fs_space(r));
+                        let _ = tx.send(space.ok().map(|sp| (c.split().0, sp.avail, sp.total)));
                     });
                 if spawned.is_err() {
                     in_flight = false;

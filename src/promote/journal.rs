@@ -543,8 +543,7 @@ mod tests {
     use super::*;
 
     fn sample() -> Entry {
-        // SAFETY: plain data; zero is valid for every field.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        let mut st = crate::sys::empty_stat();
         st.st_mode = libc::S_IFREG | 0o640;
         st.st_size = 5;
         st.st_ino = 42;

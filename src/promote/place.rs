@@ -19,8 +19,9 @@
 use std::ffi::CStr;
 use std::os::fd::RawFd;
 
-use crate::error::{check, Result};
+use crate::error::{Error, Result};
 use crate::fs::backend::fstatat;
+use crate::sys;
 
 /// Mode of the placeholder directory that claims a name on Atlas before the rename.
 pub const PLACEHOLDER_MODE: u32 = 0;
@@ -35,9 +36,9 @@ pub fn is_placeholder(st: &libc::stat) -> bool {
 }
 
 fn renameat2(from_dir: RawFd, from: &CStr, to_dir: RawFd, to: &CStr, flags: u32) -> Result<()> {
-    // SAFETY: valid dirfds and C strings.
-    check(unsafe { libc::renameat2(from_dir, from.as_ptr(), to_dir, to.as_ptr(), flags) })?;
-    Ok(())
+    Ok(sys::with_fd(from_dir, |f| {
+        sys::with_fd(to_dir, |t| sys::rename_at(f, from, t, to, flags))
+    })?)
 }
 
 /// Put `from_dir/from` (staged) at `to_dir/to`, which must not exist: EEXIST (or
@@ -60,9 +61,11 @@ pub fn place_new(
         }
     }
     if !is_dir {
-        // SAFETY: valid dirfds and C strings; flags 0 links a symlink itself.
-        let linked =
-            check(unsafe { libc::linkat(from_dir, from.as_ptr(), to_dir, to.as_ptr(), 0) });
+        // Flags 0: a symlink is linked itself.
+        let linked = sys::with_fd(from_dir, |f| {
+            sys::with_fd(to_dir, |t| sys::link_at(f, from, t, to))
+        })
+        .map_err(Error::Io);
         match linked {
             Ok(_) => {}
             Err(e) if e.errno() == libc::EEXIST && recovering => {
@@ -79,12 +82,11 @@ pub fn place_new(
         }
         // The staged name goes; if that fails the target is in place all the same
         // and the staging directory is removed with the job.
-        // SAFETY: valid dirfd and C string.
-        unsafe { libc::unlinkat(from_dir, from.as_ptr(), 0) };
+        let _ = sys::with_fd(from_dir, |f| sys::unlink_at(f, from, false));
         return Ok(());
     }
-    // SAFETY: valid dirfd and C string.
-    let claimed = check(unsafe { libc::mkdirat(to_dir, to.as_ptr(), PLACEHOLDER_MODE) });
+    let claimed =
+        sys::with_fd(to_dir, |t| sys::mkdir_at(t, to, PLACEHOLDER_MODE)).map_err(Error::Io);
     match claimed {
         Ok(_) => {}
         Err(e) if e.errno() == libc::EEXIST && recovering => {
@@ -105,8 +107,8 @@ pub fn place_new(
 /// Remove a placeholder this job made, if it is still one (empty, mode 0).
 pub fn remove_placeholder(dir: RawFd, name: &CStr) {
     if fstatat(dir, name).is_ok_and(|st| is_placeholder(&st)) {
-        // SAFETY: valid dirfd and C string; rmdir fails on anything not empty.
-        unsafe { libc::unlinkat(dir, name.as_ptr(), libc::AT_REMOVEDIR) };
+        // rmdir fails on anything not empty.
+        let _ = sys::with_fd(dir, |d| sys::unlink_at(d, name, true));
     }
 }
 

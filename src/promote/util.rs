@@ -2,11 +2,12 @@
 //! directory descriptor, never a path resolved from `/`.
 
 use std::ffi::{CStr, CString, OsStr, OsString};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::error::{check, check_size, Error, Result};
+use crate::error::{Error, Result};
+use crate::sys;
 
 /// This node's host name (the `user.labfs.origin` tag and the staging directory).
 pub fn hostname() -> String {
@@ -98,49 +99,20 @@ pub fn open_under<P: AsRef<OsStr> + ?Sized>(
 ) -> Result<OwnedFd> {
     let rel = rel.as_ref();
     let c = cos(if rel.is_empty() { OsStr::new(".") } else { rel })?;
-    // SAFETY: open_how is plain data; zero is valid for every field.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
-    if flags & libc::O_CREAT != 0 {
-        how.mode = mode as u64;
-    }
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: openat2 with a valid dirfd, C string and open_how of the right size.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dirfd,
-            c.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(Error::Io(std::io::Error::last_os_error()));
-    }
-    // SAFETY: the kernel returned a new descriptor that we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    Ok(sys::with_fd(dirfd, |d| {
+        sys::open_beneath_mode(d, &c, flags, mode)
+    })?)
 }
 
 /// openat of one name (no symlink following).
 pub fn open_at(dirfd: RawFd, name: &CStr, flags: i32, mode: u32) -> Result<OwnedFd> {
-    // SAFETY: valid dirfd and C string.
-    let fd = check(unsafe {
-        libc::openat(
-            dirfd,
-            name.as_ptr(),
-            flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            mode as libc::c_uint,
-        )
-    })?;
-    // SAFETY: new descriptor owned here.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(sys::with_fd(dirfd, |d| {
+        sys::open_at_mode(d, name, flags | libc::O_NOFOLLOW, mode)
+    })?)
 }
 
 pub fn mkdir_at(dirfd: RawFd, name: &CStr, mode: u32) -> Result<()> {
-    // SAFETY: valid dirfd and C string.
-    check(unsafe { libc::mkdirat(dirfd, name.as_ptr(), mode as libc::mode_t) })?;
-    Ok(())
+    Ok(sys::with_fd(dirfd, |d| sys::mkdir_at(d, name, mode))?)
 }
 
 /// mkdir that tolerates an existing directory.
@@ -152,10 +124,7 @@ pub fn mkdir_p1(dirfd: RawFd, name: &CStr, mode: u32) -> Result<()> {
 }
 
 pub fn unlink_at(dirfd: RawFd, name: &CStr, dir: bool) -> Result<()> {
-    let flags = if dir { libc::AT_REMOVEDIR } else { 0 };
-    // SAFETY: valid dirfd and C string.
-    check(unsafe { libc::unlinkat(dirfd, name.as_ptr(), flags) })?;
-    Ok(())
+    Ok(sys::with_fd(dirfd, |d| sys::unlink_at(d, name, dir))?)
 }
 
 pub fn rename_at(
@@ -166,50 +135,31 @@ pub fn rename_at(
     noreplace: bool,
 ) -> Result<()> {
     let flags = if noreplace { libc::RENAME_NOREPLACE } else { 0 };
-    // SAFETY: valid dirfds and C strings.
-    check(unsafe { libc::renameat2(from_dir, from.as_ptr(), to_dir, to.as_ptr(), flags) })?;
-    Ok(())
+    Ok(sys::with_fd(from_dir, |f| {
+        sys::with_fd(to_dir, |t| sys::rename_at(f, from, t, to, flags))
+    })?)
 }
 
 pub fn readlink_at(dirfd: RawFd, name: &CStr) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
-    // SAFETY: valid dirfd, C string and buffer.
-    let n = unsafe {
-        libc::readlinkat(
-            dirfd,
-            name.as_ptr(),
-            buf.as_mut_ptr() as *mut libc::c_char,
-            buf.len(),
-        )
-    };
-    let n = check_size(n)?;
-    buf.truncate(n);
-    Ok(buf)
+    Ok(sys::with_fd(dirfd, |d| sys::readlink_at(d, name))?)
 }
 
 pub fn fsync_fd(fd: RawFd) -> Result<()> {
-    // SAFETY: valid descriptor.
-    check(unsafe { libc::fsync(fd) })?;
-    Ok(())
+    Ok(sys::with_fd(fd, |fd| sys::fsync(fd))?)
 }
 
 /// fsync a directory reached by an O_PATH descriptor (reopened for reading).
 pub fn fsync_dir(dirfd: RawFd) -> Result<()> {
     let fd = open_under(dirfd, ".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-    fsync_fd(fd.as_raw_fd())
+    Ok(sys::fsync(&fd)?)
 }
 
-pub fn timespecs(st: &libc::stat) -> [libc::timespec; 2] {
-    [
-        libc::timespec {
-            tv_sec: st.st_atime,
-            tv_nsec: st.st_atime_nsec,
-        },
-        libc::timespec {
-            tv_sec: st.st_mtime,
-            tv_nsec: st.st_mtime_nsec,
-        },
-    ]
+/// (atime, mtime) of `st` as (seconds, nanoseconds), for [`sys::set_times_at`].
+fn times_of(st: &libc::stat) -> ((i64, i64), (i64, i64)) {
+    (
+        (st.st_atime, st.st_atime_nsec),
+        (st.st_mtime, st.st_mtime_nsec),
+    )
 }
 
 /// A descriptor to [`syncfs`] the filesystem of `dirfd` with; open it *before* the
@@ -221,42 +171,27 @@ pub fn syncfs_handle(dirfd: RawFd) -> Result<OwnedFd> {
 /// Make everything written to the filesystem of `fd` durable (one call instead of an
 /// fsync per file and directory), reporting any writeback error since `fd` was opened.
 pub fn syncfs(fd: RawFd) -> Result<()> {
-    // SAFETY: valid descriptor.
-    check(unsafe { libc::syncfs(fd) })?;
-    Ok(())
+    Ok(sys::with_fd(fd, |fd| sys::syncfs(fd))?)
 }
 
 /// Set atime and mtime of `name` in `dirfd` (not following a symlink).
 pub fn set_times_at(dirfd: RawFd, name: &CStr, st: &libc::stat) -> Result<()> {
-    let t = timespecs(st);
-    // SAFETY: valid dirfd, C string and two timespecs.
-    check(unsafe { libc::utimensat(dirfd, name.as_ptr(), t.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })?;
-    Ok(())
+    let (a, m) = times_of(st);
+    Ok(sys::with_fd(dirfd, |d| sys::set_times_at(d, name, a, m))?)
 }
 
 pub fn set_times_fd(fd: RawFd, st: &libc::stat) -> Result<()> {
-    let t = timespecs(st);
-    // SAFETY: valid descriptor and two timespecs.
-    check(unsafe { libc::futimens(fd, t.as_ptr()) })?;
-    Ok(())
+    let (a, m) = times_of(st);
+    Ok(sys::with_fd(fd, |fd| sys::set_times_fd(fd, a, m))?)
 }
 
 /// Names of the extended attributes of an open file or directory.
 pub fn list_xattrs(fd: RawFd) -> Result<Vec<OsString>> {
-    // SAFETY: a null buffer of size 0 asks for the size.
-    let need = unsafe { libc::flistxattr(fd, std::ptr::null_mut(), 0) };
-    let need = match check_size(need) {
-        Ok(n) => n,
-        Err(e) if e.errno() == libc::EOPNOTSUPP => return Ok(Vec::new()),
-        Err(e) => return Err(e),
+    let buf = match sys::with_fd(fd, |fd| sys::flistxattr(fd)) {
+        Ok(b) => b,
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(Vec::new()),
+        Err(e) => return Err(Error::Io(e)),
     };
-    if need == 0 {
-        return Ok(Vec::new());
-    }
-    let mut buf = vec![0u8; need + 1024];
-    // SAFETY: valid buffer.
-    let n = unsafe { libc::flistxattr(fd, buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
-    buf.truncate(check_size(n)?);
     Ok(buf
         .split(|b| *b == 0)
         .filter(|s| !s.is_empty())
@@ -267,41 +202,22 @@ pub fn list_xattrs(fd: RawFd) -> Result<Vec<OsString>> {
 pub fn get_xattr_fd(fd: RawFd, name: &CStr) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; 4096];
     loop {
-        // SAFETY: valid descriptor, C string and buffer.
-        let n = unsafe {
-            libc::fgetxattr(
-                fd,
-                name.as_ptr(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-            )
-        };
-        match check_size(n) {
+        match sys::with_fd(fd, |fd| sys::fgetxattr(fd, name, &mut buf)) {
             Ok(n) => {
                 buf.truncate(n);
                 return Ok(buf);
             }
-            Err(e) if e.errno() == libc::ERANGE && buf.len() < (1 << 20) => {
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) && buf.len() < (1 << 20) => {
                 let len = buf.len() * 4;
                 buf.resize(len, 0);
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(Error::Io(e)),
         }
     }
 }
 
 pub fn set_xattr_fd(fd: RawFd, name: &CStr, value: &[u8]) -> Result<()> {
-    // SAFETY: valid descriptor, C string and value buffer.
-    check(unsafe {
-        libc::fsetxattr(
-            fd,
-            name.as_ptr(),
-            value.as_ptr() as *const libc::c_void,
-            value.len(),
-            0,
-        )
-    })?;
-    Ok(())
+    Ok(sys::with_fd(fd, |fd| sys::fsetxattr(fd, name, value, 0))?)
 }
 
 /// Whether an errno means "this filesystem (or object type) has no such xattrs".
@@ -341,13 +257,10 @@ pub fn remove_tree(dirfd: RawFd, name: &CStr) -> Result<()> {
 /// Free bytes on the filesystem of `fd`, or `None` when it does not say (ramfs
 /// reports no blocks at all).
 pub fn free_bytes(fd: RawFd) -> Option<u64> {
-    // SAFETY: zeroed statvfs is a valid out-parameter.
-    let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid descriptor and out pointer.
-    if unsafe { libc::fstatvfs(fd, &mut sv) } != 0 || sv.f_blocks == 0 {
-        return None;
+    match sys::with_fd(fd, |fd| sys::fs_space(fd)) {
+        Ok(sp) if sp.blocks > 0 => Some(sp.avail),
+        _ => None,
     }
-    Some(sv.f_bavail.saturating_mul(sv.f_frsize))
 }
 
 /// `(st_dev, st_ino)` of every regular file this process has open: each handle open
