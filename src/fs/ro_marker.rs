@@ -9,24 +9,25 @@
 //! So a `link(2)` (or a rename of a file with further names) through the mount that
 //! involves a path under a `read_only` rule first records those paths on the object
 //! itself, as root, in the xattr [`RO_MARKER`] (`user.labfs.ro`: namespace paths, each
-//! ended by a NUL, so any bytes a name may hold fit). A write-side check on an object
-//! with more than one link reads it (one getxattr, only for multi-link regular files
-//! and only while some rule is `read_only`, so the common path costs nothing) and
-//! applies the current rule of each recorded path, so the rule's writers keep writing.
-//! The marker is consulted whenever the object has more than one link, not only when
-//! the table knows fewer names than `st_nlink`: a known name may be gone (removed on
-//! another node) while an unknown one exists, so a count proves nothing. An object
-//! with one link is decided by its name alone.
+//! ended by a NUL, so any bytes a name may hold fit). A write-side check of a regular
+//! file with more than one link reads it (one getxattr) and applies the current rule of
+//! each recorded path, so the rule's writers keep writing. Learning the link count
+//! costs one fstat of the object, only on a backend where some rule is `read_only`;
+//! nothing else is added to the common path. The marker is consulted whenever the file
+//! has more than one link, not only when the table knows fewer names than `st_nlink`:
+//! a known name may be gone (removed on another node) while an unknown one exists, so a
+//! count proves nothing. A file with one link is decided by its one name.
 //!
-//! A backend that cannot store the marker (no user xattrs: NFSv3, ramfs; or an
-//! object that cannot carry `user.*`, such as a symlink or a fifo) gets no such link:
-//! it is refused with EROFS ([`Error::ReadOnlyUnrecorded`], logged at warn), never made
-//! unprotected; any other error storing it (ENOSPC, E2BIG) refuses the link with that errno. Through the mount `user.labfs.*` names cannot be set or removed
-//! (EPERM) and are not listed (src/fs/xattr.rs). A marker only ever narrows: one left
-//! by a name since renamed out of the rule keeps the object read-only for non-writers
-//! while it has several links (the operator removes it on the backend with
-//! `setfattr -x user.labfs.ro`). Hard links made outside labfs, directly on a backend,
-//! carry no marker: labfs cannot see them.
+//! A backend that cannot store the marker (no user xattrs: NFSv3, ramfs), or an object
+//! that cannot carry `user.*` (a symlink, a fifo), gets no such link: it is refused
+//! with EROFS ([`Error::ReadOnlyUnrecorded`], logged at warn), never made unprotected;
+//! any other error storing it (ENOSPC, E2BIG) refuses the link with that errno.
+//! Through the mount `user.labfs.*` names cannot be set or removed (EPERM) and are not
+//! listed (src/fs/xattr.rs). A marker only ever narrows: a path recorded for a name
+//! since renamed out of the rule keeps the file read-only for non-writers while it has
+//! several links (the operator removes it on the backend, `setfattr -x user.labfs.ro`).
+//! Hard links made outside labfs, directly on a backend, carry no marker: labfs cannot
+//! see them.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::os::fd::AsRawFd;
@@ -36,7 +37,7 @@ use super::backend::{fstat, Creds};
 use super::object::ObjFd;
 use super::{Ctx, LabFs};
 use crate::error::{Error, Result};
-use crate::rules::Placement;
+use crate::rules::{BackendKind, Class, Placement};
 use crate::sys;
 
 /// The xattr holding the read-only namespace paths an object was linked from or to.
@@ -79,11 +80,23 @@ impl LabFs {
         self.live().rules.rules().iter().any(|r| r.read_only)
     }
 
+    /// Whether a `read_only` rule places paths on `kind` now: a marker records paths of
+    /// the object's own backend (link and rename stay on one), so an object elsewhere
+    /// has none that matters (transitional rules place on both).
+    fn read_only_rule_on(&self, kind: BackendKind) -> bool {
+        self.live()
+            .rules
+            .rules()
+            .iter()
+            .any(|r| r.read_only && (r.class.backend() == kind || r.class == Class::Transitional))
+    }
+
     /// Check the rule of every read-only path recorded on object `ino` (see the module
     /// doc): for a multi-link regular file while some rule is `read_only`.
     pub(super) fn check_writable_marked(&self, ctx: &Ctx, ino: u64) -> Result<()> {
-        if !self.any_read_only_rule() || self.inodes.backing(ino).is_none_or(|(_, _, dir)| dir) {
-            return Ok(());
+        match self.inodes.backing(ino) {
+            Some((kind, _, false)) if self.read_only_rule_on(kind) => {}
+            _ => return Ok(()),
         }
         let (_, obj) = self.obj(ino)?;
         let st = fstat(obj.as_raw_fd())?;
