@@ -21,6 +21,17 @@ pub enum Error {
     /// A write under a `read_only` rule by someone not listed in `writers`.
     #[error("{path}: read-only (rule {rule})")]
     ReadOnly { path: String, rule: String },
+    /// A new name for an object reached under a `read_only` rule that labfs could not
+    /// record on the object (src/fs/ro_marker.rs): refused, never made unprotected.
+    #[error(
+        "{path}: not linked: {from} is read-only and the link cannot be recorded on the \
+         object as user.labfs.ro ({why})"
+    )]
+    ReadOnlyUnrecorded {
+        path: String,
+        from: String,
+        why: String,
+    },
     /// Rename or link between paths stored on different backends.
     #[error("{from} -> {to}: crosses backends ({from_backend} -> {to_backend})")]
     CrossBackend {
@@ -58,7 +69,7 @@ impl Error {
     pub fn errno(&self) -> i32 {
         match self {
             Error::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
-            Error::ReadOnly { .. } => libc::EROFS,
+            Error::ReadOnly { .. } | Error::ReadOnlyUnrecorded { .. } => libc::EROFS,
             Error::CrossBackend { .. } => libc::EXDEV,
             Error::Unplaced { .. } => libc::EACCES,
             Error::AtlasUnavailable { .. } => libc::ETIMEDOUT,
@@ -77,7 +88,7 @@ impl Error {
             | Error::CrossBackend { .. }
             | Error::Unplaced { .. }
             | Error::ReservedXattr { .. } => Level::INFO,
-            Error::AtlasUnavailable { .. } => Level::WARN,
+            Error::AtlasUnavailable { .. } | Error::ReadOnlyUnrecorded { .. } => Level::WARN,
             // The daemon cannot do its job safely: always worth an alarm.
             Error::Identity { .. } => Level::ERROR,
             _ => errno_level(self.errno()),

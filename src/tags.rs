@@ -6,7 +6,9 @@
 //!   `user.labfs.origin`, `user.labfs.digest`;
 //! - computed by the mount (never stored): `user.labfs.backend`, `user.labfs.rule`,
 //!   `user.labfs.state`; `user.labfs.class` shows the stored class when there is one,
-//!   else the rule's class.
+//!   else the rule's class;
+//! - stored by the mount on a file linked under a `read_only` rule: `user.labfs.ro`
+//!   (src/fs/ro_marker.rs).
 //!
 //! Where stored tags live ([`Mode`], probed once at mount by [`probe`]):
 //! - `xattr`: as real `user.labfs.*` xattrs on the Atlas object itself. Symlinks cannot

@@ -688,3 +688,239 @@ fn removed_objects_past_the_hold_cap_answer_estale_and_it_is_logged_once() {
         "{log}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// read_only through names labfs does not know (the read-only marker,
+// src/fs/ro_marker.rs). Helper `rolink`'s block.
+// ---------------------------------------------------------------------------
+
+/// Default rules plus a read-only subtree on the local SSD, with the same writers.
+const RULES_WITH_LOCAL_READ_ONLY: &str = r#"
+[[rule]]
+path = "/cache/ro"
+class = "ephemeral"
+read_only = true
+writers = ["gid:4242"]
+"#;
+
+/// A read-only directory and a writable one on the same backend (namespace paths).
+fn read_only_pair(b: Backend) -> (&'static str, &'static str) {
+    match b {
+        Backend::Atlas => ("media", "docs"),
+        Backend::Local => ("cache/ro", "cache/rw"),
+    }
+}
+
+fn lab_with_local_read_only() -> MountedLab {
+    MountedLab::builder()
+        .rules(&format!("{DEFAULT_RULES}{RULES_WITH_LOCAL_READ_ONLY}"))
+        .mount()
+}
+
+/// `RO/song` (content "song"), writable by its owner, the test user, in directories
+/// anyone may write, made on the backend itself.
+fn seed_song(lab: &MountedLab, b: Backend, ro: &str, rw: &str) {
+    let d = b.name().to_uppercase();
+    lab.sh(&format!(
+        r#"mkdir -p "${d}/{ro}" "${d}/{rw}"
+           echo song > "${d}/{ro}/song"
+           chmod 0777 "${d}/{ro}" "${d}/{rw}"; chmod 0666 "${d}/{ro}/song"
+           chown {USER}:{USER} "${d}/{ro}/song""#
+    ));
+}
+
+/// Drops the kernel's caches until labfs's table holds nothing but the root and at
+/// most one directory: a file the kernel still held would keep its directory (and the
+/// root) too, so no file is held any more. False where caches cannot be dropped.
+fn kernel_forgets_every_file(lab: &MountedLab) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if !drop_kernel_caches() {
+            return false;
+        }
+        let held = inodes_in_table(lab);
+        if held <= 2 {
+            return true;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the kernel still holds {held} inodes after dropping caches"
+        );
+    }
+}
+
+/// A non-writer's writes through `LAB/path` are all EROFS and leave the bytes alone.
+fn non_writer_cannot_write(
+    lab: &MountedLab,
+    path: &str,
+    backend_file: &std::path::Path,
+    why: &str,
+) {
+    for (what, script) in [
+        ("write", format!(r#"echo bad > "$LAB/{path}""#)),
+        ("append", format!(r#"echo bad >> "$LAB/{path}""#)),
+        ("truncate", format!(r#"truncate -s 0 "$LAB/{path}""#)),
+        ("chmod", format!(r#"chmod 0600 "$LAB/{path}""#)),
+        (
+            "setfattr",
+            format!(r#"setfattr -n user.x -v 1 "$LAB/{path}""#),
+        ),
+    ] {
+        let (code, _, err) = lab.sh_as_status(USER, USER, &script);
+        assert_ne!(
+            code, 0,
+            "{what} of {path} by a non-writer succeeded ({why})"
+        );
+        assert!(
+            err.contains("Read-only file system"),
+            "{what} of {path} ({why}): {err}"
+        );
+    }
+    assert_eq!(read(backend_file), "song\n", "{path} ({why})");
+    assert_eq!(mode(backend_file) & 0o7777, 0o666, "{path} ({why})");
+}
+
+/// Issue 10 (read_only bypass), deterministic: a writer links a read-only file to a
+/// writable path, the kernel forgets the inode, and a later lookup reaches it only
+/// through the new name: a non-writer still cannot write it (EROFS, bytes unchanged),
+/// also after a restart of the daemon (as on another node sharing Atlas, which never
+/// saw the read-only name); a writer still can. On both backends.
+#[test]
+fn read_only_holds_through_a_link_after_the_kernel_forgets_the_read_only_name() {
+    let mut lab = lab_with_local_read_only();
+    for b in BOTH {
+        let (ro, rw) = read_only_pair(b);
+        seed_song(&lab, b, ro, rw);
+        lab.sh_as_groups(
+            USER,
+            USER,
+            &[MEDIA_WRITER_GID],
+            &format!(r#"ln "$LAB/{ro}/song" "$LAB/{rw}/song""#),
+        );
+        let file = lab.backend_path(b, &format!("{ro}/song"));
+        assert_eq!(fs::metadata(&file).unwrap().nlink(), 2, "{b:?}");
+    }
+    let forgot = kernel_forgets_every_file(&lab);
+    for b in BOTH {
+        let (ro, rw) = read_only_pair(b);
+        let file = lab.backend_path(b, &format!("{ro}/song"));
+        if forgot {
+            non_writer_cannot_write(&lab, &format!("{rw}/song"), &file, "after forget");
+        }
+    }
+    lab.unmount();
+    lab.remount();
+    for b in BOTH {
+        let (ro, rw) = read_only_pair(b);
+        let file = lab.backend_path(b, &format!("{ro}/song"));
+        non_writer_cannot_write(&lab, &format!("{rw}/song"), &file, "after a remount");
+        // The rule's writers keep writing, through the new name too.
+        lab.sh_as_groups(
+            USER,
+            USER,
+            &[MEDIA_WRITER_GID],
+            &format!(r#"echo new > "$LAB/{rw}/song""#),
+        );
+        assert_eq!(read(&file), "new\n", "{b:?}");
+        // Once the read-only name is gone, the one name left decides.
+        lab.sh_as_groups(
+            USER,
+            USER,
+            &[MEDIA_WRITER_GID],
+            &format!(r#"rm "$LAB/{ro}/song""#),
+        );
+        lab.sh_as(USER, USER, &format!(r#"echo mine > "$LAB/{rw}/song""#));
+        assert_eq!(read(&lab.backend_path(b, &format!("{rw}/song"))), "mine\n");
+    }
+}
+
+/// The marker is labfs's: through the mount nobody (root included) can set or remove
+/// it, and it is not listed (so `cp -a`/`rsync -X` do not copy it); it is on the
+/// backend object, holding the read-only path.
+#[test]
+fn the_read_only_marker_cannot_be_set_removed_or_listed_through_the_mount() {
+    let lab = MountedLab::new();
+    seed_song(&lab, Backend::Atlas, "media", "docs");
+    lab.sh_as_groups(
+        USER,
+        USER,
+        &[MEDIA_WRITER_GID],
+        r#"ln "$LAB/media/song" "$LAB/docs/song""#,
+    );
+    let on_backend = lab.sh(r#"getfattr --only-values -n user.labfs.ro "$ATLAS/docs/song""#);
+    assert_eq!(
+        on_backend, "/media/song\0",
+        "the marker on the Atlas object"
+    );
+    for script in [
+        r#"setfattr -x user.labfs.ro "$LAB/docs/song""#,
+        r#"setfattr -n user.labfs.ro -v "" "$LAB/docs/song""#,
+        r#"setfattr -n user.labfs.ro -v /docs/x "$LAB/media/song""#,
+    ] {
+        let (code, _, err) = lab.sh_status(script);
+        assert_ne!(code, 0, "{script} succeeded");
+        assert!(err.contains("Operation not permitted"), "{script}: {err}");
+        let (code, _, err) = lab.sh_as_groups_status(USER, USER, &[MEDIA_WRITER_GID], script);
+        assert_ne!(code, 0, "{script} by a writer succeeded");
+        assert!(err.contains("Operation not permitted"), "{script}: {err}");
+    }
+    assert_eq!(
+        lab.sh(r#"getfattr --only-values -n user.labfs.ro "$ATLAS/docs/song""#),
+        "/media/song\0"
+    );
+    let listed = lab.sh(r#"getfattr -d -m - "$LAB/docs/song" 2>&1"#);
+    assert!(!listed.contains("labfs"), "{listed}");
+    // A copy of the file is an ordinary file (nothing to copy the marker from).
+    lab.sh(r#"cp -a "$LAB/docs/song" "$LAB/docs/copy""#);
+    lab.sh_as(USER, USER, r#"echo mine > "$LAB/docs/copy""#);
+}
+
+/// The other direction and a rename: a writer linking a writable file into the
+/// read-only tree, or moving a file that has another name into it, makes the other
+/// name a name of a read-only file; after a restart a non-writer cannot write it.
+#[test]
+fn linking_or_moving_a_file_into_a_read_only_tree_protects_its_other_names() {
+    let mut lab = MountedLab::new();
+    lab.sh(&format!(
+        r#"mkdir -p "$ATLAS/media" "$ATLAS/docs"; chmod 0777 "$ATLAS/media" "$ATLAS/docs"
+           for f in a b; do echo song > "$ATLAS/docs/$f"; chmod 0666 "$ATLAS/docs/$f"
+             chown {USER}:{USER} "$ATLAS/docs/$f"; done
+           ln "$ATLAS/docs/b" "$ATLAS/docs/b2""#
+    ));
+    lab.sh_as_groups(
+        USER,
+        USER,
+        &[MEDIA_WRITER_GID],
+        r#"ln "$LAB/docs/a" "$LAB/media/a"
+           mv "$LAB/docs/b" "$LAB/media/b""#,
+    );
+    lab.unmount();
+    lab.remount();
+    non_writer_cannot_write(&lab, "docs/a", &lab.atlas_path("media/a"), "linked in");
+    non_writer_cannot_write(&lab, "docs/b2", &lab.atlas_path("media/b"), "moved in");
+}
+
+/// Fail closed: where the backend cannot store the marker (Atlas without user xattrs,
+/// as NFSv3), a writer's link from the read-only tree is refused with EROFS and the
+/// daemon says why; links elsewhere still work.
+#[test]
+fn a_read_only_link_is_refused_where_the_marker_cannot_be_stored() {
+    let lab = MountedLab::builder().xattr_less_atlas().mount();
+    seed_song(&lab, Backend::Atlas, "media", "docs");
+    let (code, _, err) = lab.sh_as_groups_status(
+        USER,
+        USER,
+        &[MEDIA_WRITER_GID],
+        r#"ln "$LAB/media/song" "$LAB/docs/song""#,
+    );
+    assert_ne!(code, 0, "link without a marker succeeded");
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert!(!lab.atlas_path("docs/song").exists());
+    assert!(
+        lab.wait_for_log("user.labfs.ro", Duration::from_secs(10)),
+        "the refusal is logged: {}",
+        lab.daemon_log()
+    );
+    lab.sh(r#"echo x > "$LAB/docs/x" && ln "$LAB/docs/x" "$LAB/docs/y""#);
+    assert_eq!(read(&lab.atlas_path("docs/y")), "x\n");
+}

@@ -404,6 +404,11 @@ impl InodeTable {
         held
     }
 
+    /// Whether `ino` is a directory (`None`: not in the table).
+    pub fn is_dir(&self, ino: u64) -> Option<bool> {
+        self.nodes.get(&ino).map(|n| n.is_dir)
+    }
+
     pub fn get(&self, ino: u64) -> Option<Node> {
         self.nodes.get(&ino).map(|n| Node::clone(&n))
     }

@@ -24,6 +24,7 @@ pub mod object;
 mod ops;
 pub mod placements;
 mod promote_support;
+pub mod ro_marker;
 pub mod tag_reader;
 pub mod xattr;
 
@@ -401,12 +402,14 @@ impl LabFs {
     }
 
     /// Check that `ctx` may write the object `ino` through every name it is known by:
-    /// a read-only rule holds whichever name the write comes through.
+    /// a read-only rule holds whichever name the write comes through, also a name the
+    /// table does not know (forgotten, or made on another node), by the read-only paths
+    /// a link through the mount recorded on a multi-link file ([`ro_marker`]).
     pub fn check_writable_ino(&self, ctx: &Ctx, ino: u64) -> Result<()> {
         for path in self.inodes.npaths(ino) {
             self.check_writable(ctx, &path, &self.placement(&path))?;
         }
-        Ok(())
+        self.check_writable_marked(ctx, ino)
     }
 
     /// Check that something may be created at `path` (rules, read-only, unplaced).

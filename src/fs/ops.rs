@@ -223,6 +223,9 @@ impl LabFs {
             }));
         }
         let pfd = self.parent_for_create(&creds, newparent, kind, &dst)?;
+        // Before the name exists: a read-only path among the object's names, or the new
+        // one, is recorded on the object, so the rule holds however it is reached later.
+        self.mark_read_only(Some(ino), &src, &dst, &p)?;
         let cname = cstring(newname)?;
         let st = {
             let _as = creds.assume()?;
@@ -385,6 +388,16 @@ impl LabFs {
             return Err(self.refused(cross(kind.other())));
         }
         let dst_parent = self.parent_for_create(&creds, newparent, kind, &to)?;
+        if dp.read_only && !is_dir && src.stat.st_nlink > 1 {
+            // A file with further names moves under a read-only rule: record it on the
+            // object, as link(2) does ([`super::ro_marker`]).
+            let obj = {
+                let _as = creds.assume()?;
+                ObjFd::Owned(object::open_child(&src.dir, &src.cname)?.0)
+            };
+            let known = self.inodes.peek(&super::key_of(kind, &src.stat));
+            self.mark_read_only(known, &obj, &to, &dp)?;
+        }
         let dname = cstring(newname)?;
         let src_key = super::key_of(kind, &src.stat);
         // What the target was, so its number can be retired if this removes it, and
