@@ -183,3 +183,40 @@ fn a_promoted_file_written_again_reads_as_modified() {
         );
     }
 }
+
+/// labfs's reserved prefix is matched on the name's bytes: a `user.labfs.` name that
+/// is not UTF-8 is refused like any other (it reached the backend before).
+#[test]
+fn a_reserved_name_that_is_not_utf8_is_refused_and_never_stored() {
+    let lab = MountedLab::with_dirs();
+    for b in BOTH {
+        let rel = format!("{}/f", b.dir());
+        lab.sh(&format!(r#"echo x > "$LAB/{rel}""#));
+        let out = lab.sh(&format!(
+            r#"python3 - "$LAB/{rel}" <<'PY'
+import errno, os, sys
+name = b"user.labfs.class\xff"
+for call in (lambda: os.setxattr(sys.argv[1], name, b"v"),
+             lambda: os.removexattr(sys.argv[1], name)):
+    try:
+        call()
+        print("allowed")
+    except OSError as e:
+        print(errno.errorcode[e.errno])
+try:
+    os.getxattr(sys.argv[1], name)
+    print("read")
+except OSError as e:
+    print(errno.errorcode[e.errno])
+PY"#
+        ));
+        assert_eq!(out.trim(), "EPERM\nEPERM\nENODATA", "{}", b.name());
+        let raw = lab.backend_path(b, &rel);
+        let stored = lab.sh(&format!("getfattr -d -m - {} 2>&1", raw.display()));
+        assert!(
+            !stored.contains("user.labfs.class"),
+            "{}: {stored}",
+            b.name()
+        );
+    }
+}

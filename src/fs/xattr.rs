@@ -134,9 +134,12 @@ impl LabFs {
     }
 
     pub fn getxattr(&self, ctx: &Ctx, ino: u64, name: &OsStr, size: u32) -> Result<XattrOut> {
-        let n = name.to_str().unwrap_or("");
         let creds = self.creds(ctx);
-        if n.starts_with(tags::PREFIX) {
+        if name.as_bytes().starts_with(tags::PREFIX.as_bytes()) {
+            // labfs's names are UTF-8: a reserved name that is not is no name of labfs's.
+            let Some(n) = name.to_str() else {
+                return Err(Error::Errno(libc::ENODATA));
+            };
             // labfs's names are about the path the object is reached by.
             let loc = self.locate_ino(&creds, ino)?;
             if !takes_user_xattrs(loc.stat.st_mode) {
@@ -172,7 +175,7 @@ impl LabFs {
             // "no ACL" must read as absent, not as an error, or every check fails.
             Err(e)
                 if (e.errno() == libc::EOPNOTSUPP || e.errno() == libc::ENOTSUP)
-                    && n.starts_with("system.posix_acl_") =>
+                    && name.as_bytes().starts_with(b"system.posix_acl_") =>
             {
                 return Err(Error::Errno(libc::ENODATA))
             }
@@ -250,10 +253,9 @@ impl LabFs {
         value: &[u8],
         flags: i32,
     ) -> Result<()> {
-        let n = name.to_str().unwrap_or("");
-        if n.starts_with(tags::PREFIX) {
+        if name.as_bytes().starts_with(tags::PREFIX.as_bytes()) {
             return Err(Error::ReservedXattr {
-                name: n.to_string(),
+                name: name.to_string_lossy().into_owned(),
             });
         }
         let creds = self.creds(ctx);
@@ -269,10 +271,9 @@ impl LabFs {
     }
 
     pub fn removexattr(&self, ctx: &Ctx, ino: u64, name: &OsStr) -> Result<()> {
-        let n = name.to_str().unwrap_or("");
-        if n.starts_with(tags::PREFIX) {
+        if name.as_bytes().starts_with(tags::PREFIX.as_bytes()) {
             return Err(Error::ReservedXattr {
-                name: n.to_string(),
+                name: name.to_string_lossy().into_owned(),
             });
         }
         let creds = self.creds(ctx);
