@@ -98,27 +98,47 @@ pub fn effective_ids() -> (u32, u32) {
 
 /// The uid of user `name` (`getpwnam_r`), `None` when there is none.
 pub fn user_id(name: &str) -> io::Result<Option<u32>> {
+    // SAFETY: the arguments are those `nss_lookup` documents for a `get*nam_r` call.
+    nss_lookup(name, |n, e, b, l, r| unsafe {
+        libc::getpwnam_r(n, e, b, l, r)
+    })
+    .map(|found| found.map(|e: libc::passwd| e.pw_uid))
+}
+
+/// The gid of group `name` (`getgrnam_r`), `None` when there is none.
+pub fn group_id(name: &str) -> io::Result<Option<u32>> {
+    // SAFETY: as in [`user_id`].
+    nss_lookup(name, |n, e, b, l, r| unsafe {
+        libc::getgrnam_r(n, e, b, l, r)
+    })
+    .map(|found| found.map(|e: libc::group| e.gr_gid))
+}
+
+/// One `get*nam_r` lookup of `name`, growing the buffer on ERANGE. `call` gets the
+/// name, the entry to fill, the buffer and its size and the result pointer, all valid
+/// for the call. The entry's string fields point into the buffer, which is dropped on
+/// return: callers read only its integer fields.
+fn nss_lookup<T: NssEntry>(
+    name: &str,
+    call: impl Fn(*const libc::c_char, *mut T, *mut libc::c_char, usize, *mut *mut T) -> libc::c_int,
+) -> io::Result<Option<T>> {
     let Ok(cname) = CString::new(name) else {
         return Ok(None);
     };
     let mut buf: Vec<libc::c_char> = vec![0; 1024];
     loop {
-        // SAFETY: `struct passwd` is integers and pointers; all-zero is valid.
-        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: every pointer is valid for the call, `buf.len()` is its size; the
-        // entry's strings point into `buf`, and only the uid is read.
-        let rc = unsafe {
-            libc::getpwnam_r(
-                cname.as_ptr(),
-                &raw mut entry,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &raw mut result,
-            )
-        };
+        // SAFETY: `T` is an `NssEntry`: integers and pointers, all-zero is valid.
+        let mut entry: T = unsafe { std::mem::zeroed() };
+        let mut result: *mut T = std::ptr::null_mut();
+        let rc = call(
+            cname.as_ptr(),
+            &raw mut entry,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &raw mut result,
+        );
         match nss_answer(rc, result.is_null(), &mut buf) {
-            Some(Ok(true)) => return Ok(Some(entry.pw_uid)),
+            Some(Ok(true)) => return Ok(Some(entry)),
             Some(Ok(false)) => return Ok(None),
             Some(Err(e)) => return Err(e),
             None => continue,
@@ -126,34 +146,11 @@ pub fn user_id(name: &str) -> io::Result<Option<u32>> {
     }
 }
 
-/// The gid of group `name` (`getgrnam_r`), `None` when there is none.
-pub fn group_id(name: &str) -> io::Result<Option<u32>> {
-    let Ok(cname) = CString::new(name) else {
-        return Ok(None);
-    };
-    let mut buf: Vec<libc::c_char> = vec![0; 1024];
-    loop {
-        // SAFETY: `struct group` is integers and pointers; all-zero is valid.
-        let mut entry: libc::group = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::group = std::ptr::null_mut();
-        // SAFETY: as in [`user_id`]; only the gid is read.
-        let rc = unsafe {
-            libc::getgrnam_r(
-                cname.as_ptr(),
-                &raw mut entry,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &raw mut result,
-            )
-        };
-        match nss_answer(rc, result.is_null(), &mut buf) {
-            Some(Ok(true)) => return Ok(Some(entry.gr_gid)),
-            Some(Ok(false)) => return Ok(None),
-            Some(Err(e)) => return Err(e),
-            None => continue,
-        }
-    }
-}
+/// The C structs a `get*nam_r` call fills: integers and pointers only, so all-zero is
+/// a valid value of each.
+trait NssEntry {}
+impl NssEntry for libc::passwd {}
+impl NssEntry for libc::group {}
 
 /// What a `get*nam_r` result means: found (true), no such entry (false), an error,
 /// or `None` after growing `buf` for another try (ERANGE, up to 1 MiB).
