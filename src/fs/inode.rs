@@ -97,39 +97,18 @@ pub type Names = Vec<(u64, Name)>;
 
 /// One name (a directory entry's bytes), kept inline when short: most names are, and
 /// a heap allocation per remembered inode would cost more than the name itself.
-#[derive(Clone, PartialEq, Eq)]
-pub enum Name {
-    Inline { len: u8, bytes: [u8; Name::INLINE] },
-    Heap(Box<OsStr>),
-}
-
-impl Name {
-    const INLINE: usize = 22;
-}
+pub type Name = super::inline::InlineBytes<22, Box<[u8]>>;
 
 impl From<&OsStr> for Name {
     fn from(n: &OsStr) -> Name {
-        let b = n.as_bytes();
-        if b.len() <= Name::INLINE {
-            let mut bytes = [0u8; Name::INLINE];
-            bytes[..b.len()].copy_from_slice(b);
-            Name::Inline {
-                len: b.len() as u8,
-                bytes,
-            }
-        } else {
-            Name::Heap(n.into())
-        }
+        Name::new(n.as_bytes())
     }
 }
 
 impl std::ops::Deref for Name {
     type Target = OsStr;
     fn deref(&self) -> &OsStr {
-        match self {
-            Name::Inline { len, bytes } => OsStr::from_bytes(&bytes[..*len as usize]),
-            Name::Heap(b) => b,
-        }
+        OsStr::from_bytes(self.as_bytes())
     }
 }
 

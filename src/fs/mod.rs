@@ -18,6 +18,7 @@ pub mod budget;
 pub mod handle;
 pub mod health;
 pub mod identity;
+pub mod inline;
 pub mod inode;
 pub mod inode_flags;
 pub mod object;

@@ -44,38 +44,7 @@ pub enum Backing {
 /// An encoded `struct file_handle`, inline when it is short (tmpfs, ext4, xfs and
 /// btrfs handles are 16-28 bytes with the header): one remembered inode then needs no
 /// allocation of its own for its handle. NFS handles are longer and go to the heap.
-#[derive(Clone)]
-pub enum HandleBytes {
-    Inline {
-        len: u8,
-        bytes: [u8; HandleBytes::INLINE],
-    },
-    Heap(Arc<[u8]>),
-}
-
-impl HandleBytes {
-    const INLINE: usize = 30;
-
-    pub fn new(b: &[u8]) -> HandleBytes {
-        if b.len() <= HandleBytes::INLINE {
-            let mut bytes = [0u8; HandleBytes::INLINE];
-            bytes[..b.len()].copy_from_slice(b);
-            HandleBytes::Inline {
-                len: b.len() as u8,
-                bytes,
-            }
-        } else {
-            HandleBytes::Heap(Arc::from(b))
-        }
-    }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        match self {
-            HandleBytes::Inline { len, bytes } => &bytes[..*len as usize],
-            HandleBytes::Heap(b) => b,
-        }
-    }
-}
+pub type HandleBytes = super::inline::InlineBytes<30, Arc<[u8]>>;
 
 impl std::fmt::Debug for HandleBytes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
