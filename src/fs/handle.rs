@@ -769,6 +769,15 @@ impl LabFs {
             .is_some_and(|d| d.lock().keep_cache)
     }
 
+    /// Whether the entries of a listing of directory `ino` must be noted for outages
+    /// ([`LabFs::note_entry`]): not when the rules put the directory and everything
+    /// below it on Atlas, where no entry is transitional or on the way to a local path.
+    pub fn listing_notes_entries(&self, ino: u64) -> bool {
+        self.npath_of(ino).map_or(true, |p| {
+            self.live().rules.uniform_backend(&p) != Some(BackendKind::Atlas)
+        })
+    }
+
     pub fn releasedir(&self, fh: u64) {
         self.handles.dirs.remove(&fh);
     }
@@ -806,6 +815,10 @@ impl LabFs {
             .unwrap_or(ROOT_INO);
         let mut out = Vec::new();
         let mut used = 0usize;
+        // One buffer for every entry's NUL-terminated name (no CString per entry).
+        let mut cbuf = Vec::with_capacity(256);
+        // The caller's identity for the whole batch: one switch, not two per entry.
+        let _as = creds.assume()?;
         for (i, item) in dh.items.iter().enumerate().skip(offset as usize) {
             // struct fuse_dirent is 24 bytes + name, padded to 8; fuse_direntplus adds
             // a 128-byte fuse_entry_out.
@@ -856,20 +869,19 @@ impl LabFs {
                     continue;
                 }
             }
-            let Ok(cname) = cstring(&item.name) else {
-                continue;
+            cbuf.clear();
+            cbuf.extend_from_slice(item.name.as_bytes());
+            cbuf.push(0);
+            let Ok(cname) = std::ffi::CStr::from_bytes_with_nul(&cbuf) else {
+                continue; // a NUL inside a name: no backend lists one
             };
-            let st = {
-                let _as = creds.assume()?;
-                match fstatat(dir.as_raw_fd(), &cname) {
-                    Ok(st) => st,
-                    Err(_) => continue, // gone since opendir
-                }
+            let Ok(st) = fstatat(dir.as_raw_fd(), cname) else {
+                continue; // gone since opendir
             };
             let key = key_of(from, &st);
             let kind = Kind::from_mode(st.st_mode);
             if plus {
-                let Ok(entry) = self.entry_in(&creds, dh.ino, &item.name, from, (dir, &cname, &st))
+                let Ok(entry) = self.entry_in(&creds, dh.ino, &item.name, from, (dir, cname, &st))
                 else {
                     continue; // gone since the stat
                 };

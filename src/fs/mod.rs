@@ -29,7 +29,7 @@ pub mod ro_marker;
 pub mod tag_reader;
 pub mod xattr;
 
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CStr, CString, OsStr, OsString};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
@@ -655,7 +655,7 @@ impl LabFs {
         parent: u64,
         name: &OsStr,
         kind: BackendKind,
-        (dir, cname, stat): (&ObjFd, &CString, &libc::stat),
+        (dir, cname, stat): (&ObjFd, &CStr, &libc::stat),
     ) -> Result<EntryOut> {
         let key = key_of(kind, stat);
         if let Some(ino) = self.inodes.bump(&key, parent, name) {
