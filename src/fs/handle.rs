@@ -875,6 +875,35 @@ impl LabFs {
             let Ok(cname) = std::ffi::CStr::from_bytes_with_nul(&cbuf) else {
                 continue; // a NUL inside a name: no backend lists one
             };
+            if plus && item.dino != 0 && dev != 0 {
+                let listed = super::BackingKey {
+                    backend: from,
+                    dev,
+                    ino: item.dino,
+                };
+                if self.inodes.peek(&listed).is_none() {
+                    // No inode holds the object listed under this name (a cold cache):
+                    // its O_PATH open, needed to remember it, also gives the stat, so
+                    // the name is looked up once, not twice. If the name now holds
+                    // another object, the open finds that one.
+                    let Ok((fd, st)) = super::object::open_child(dir, cname) else {
+                        continue; // gone since opendir
+                    };
+                    let Ok(entry) =
+                        self.entry_fd(dh.ino, &item.name, from, fd.as_raw_fd(), &st, Some(fd))
+                    else {
+                        continue;
+                    };
+                    out.push(DirEntryOut {
+                        name: item.name.clone(),
+                        offset: off,
+                        kind: Kind::from_mode(st.st_mode),
+                        ino: entry.attr.ino,
+                        entry: Some(entry),
+                    });
+                    continue;
+                }
+            }
             let Ok(st) = fstatat(dir.as_raw_fd(), cname) else {
                 continue; // gone since opendir
             };
