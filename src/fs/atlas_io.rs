@@ -52,6 +52,12 @@ impl AtlasIo {
         !self.local_fs
     }
 
+    /// Whether Atlas is a local filesystem (ext4, xfs, ... : no server behind it),
+    /// whatever `file_io` decided.
+    pub fn local_fs(&self) -> bool {
+        self.local_fs
+    }
+
     fn pass(why: String) -> AtlasIo {
         AtlasIo {
             mode: "passthrough",
@@ -254,6 +260,65 @@ pub fn for_backend(flag: bool, config: &crate::config::Config, root_fd: RawFd) -
     )
 }
 
+/// Where Atlas metadata requests (lookup, getattr, setattr, create, ...) run, and
+/// why: decided once per mount, like [`AtlasIo`].
+///
+/// On the Atlas lane (threads of their own, each call timed by the watchdog), a hung
+/// server cannot take the threads that serve local paths. That costs a hand-off per
+/// request: a wake-up of a lane thread, often on the other CPU (about 45 us on the
+/// benchmark VM against 5 us on the same CPU: docs/benchmarks.md), which doubled the
+/// cost of a `tar x` on Atlas against the same requests on a local path. Where Atlas
+/// is a local filesystem there is no server to hang (the same reason its open files
+/// are passed through the kernel), so its requests run inline like local ones.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AtlasMetadataMode {
+    /// `"inline"` or `"lane"`.
+    pub mode: &'static str,
+    pub why: String,
+}
+
+impl AtlasMetadataMode {
+    pub fn inline(&self) -> bool {
+        self.mode == "inline"
+    }
+}
+
+/// The metadata decision: `[atlas] metadata = "lane"` always hands Atlas requests to
+/// the lane; `auto` runs them inline only on a local filesystem (`mount` as for
+/// [`decide`]).
+pub fn decide_metadata(
+    knob: crate::config::AtlasMetadata,
+    mount: Result<&MountEntry, &str>,
+) -> AtlasMetadataMode {
+    let lane = |why: String| AtlasMetadataMode { mode: "lane", why };
+    if knob == crate::config::AtlasMetadata::Lane {
+        return lane("[atlas] metadata = \"lane\"".into());
+    }
+    match mount {
+        Ok(m) if LOCAL_BLOCK.contains(&m.fstype.as_str()) => AtlasMetadataMode {
+            mode: "inline",
+            why: format!(
+                "Atlas is on {} ({}), a local filesystem: no server can hang its calls",
+                m.fstype, m.mount_point
+            ),
+        },
+        Ok(m) => lane(format!(
+            "Atlas is on {} ({}): each request is bounded by [atlas] timeout",
+            m.fstype, m.mount_point
+        )),
+        Err(e) => lane(format!("the Atlas mount could not be identified: {e}")),
+    }
+}
+
+/// The metadata decision for the Atlas backend whose root is open as `root_fd`.
+pub fn metadata_for_backend(config: &crate::config::Config, root_fd: RawFd) -> AtlasMetadataMode {
+    let mount = mount_of_fd(root_fd).map_err(|e| e.to_string());
+    decide_metadata(
+        config.atlas_health.metadata,
+        mount.as_ref().map_err(|e| e.as_str()),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,5 +434,18 @@ mod tests {
             decide(false, AtlasFileIo::Daemon, Ok(&ext4), t).mode,
             "daemon"
         );
+    }
+
+    #[test]
+    fn metadata_runs_inline_only_on_a_local_filesystem() {
+        use crate::config::AtlasMetadata;
+        let ext4 = entry("70 29 7:1 / /srv/atlas rw,relatime shared:40 - ext4 /dev/loop1 rw");
+        let nfs = entry(NFS_HARD);
+        let fuse = entry("71 29 0:60 / /srv/atlas rw,relatime - fuse.mergerfs a:b rw");
+        assert!(decide_metadata(AtlasMetadata::Auto, Ok(&ext4)).inline());
+        assert!(!decide_metadata(AtlasMetadata::Auto, Ok(&nfs)).inline());
+        assert!(!decide_metadata(AtlasMetadata::Auto, Ok(&fuse)).inline());
+        assert!(!decide_metadata(AtlasMetadata::Auto, Err("no")).inline());
+        assert!(!decide_metadata(AtlasMetadata::Lane, Ok(&ext4)).inline());
     }
 }

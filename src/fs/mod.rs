@@ -101,6 +101,8 @@ pub struct LabFs {
     pub placements: placements::PlacementCounts,
     /// Kernel passthrough or the daemon for open Atlas files, and why ([`atlas_io`]).
     atlas_io: atlas_io::AtlasIo,
+    /// Where Atlas metadata requests run, and why ([`atlas_io::AtlasMetadataMode`]).
+    atlas_meta: atlas_io::AtlasMetadataMode,
     /// False once the kernel turned FUSE passthrough down at init.
     kernel_passthrough: std::sync::atomic::AtomicBool,
     /// Whether a removed object the kernel still holds is kept alive by a descriptor
@@ -169,6 +171,12 @@ impl LabFs {
             Backing::Fd(Arc::new(root_fd)),
         );
         let atlas_io = atlas_io::for_backend(options.atlas_passthrough, config, atlas.root_fd());
+        let atlas_meta = atlas_io::metadata_for_backend(config, atlas.root_fd());
+        tracing::info!(
+            "Atlas metadata requests: {} ({})",
+            atlas_meta.mode,
+            atlas_meta.why
+        );
         let atlas_holds =
             atlas_io::mount_of_fd(atlas.root_fd()).is_ok_and(|m| !m.fstype.starts_with("nfs"));
         tracing::info!(
@@ -182,6 +190,7 @@ impl LabFs {
         );
         Ok(LabFs {
             atlas_io,
+            atlas_meta,
             kernel_passthrough: std::sync::atomic::AtomicBool::new(true),
             atlas,
             local,
@@ -211,10 +220,24 @@ impl LabFs {
     }
 
     /// Whether recently used objects on `kind` keep an O_PATH descriptor in the
-    /// inode table's small cache: only on the local SSD, which only labfs changes (an
-    /// Atlas object may be replaced by another node, and is reopened each time).
-    fn caches_recent(kind: BackendKind) -> bool {
-        kind == BackendKind::Local
+    /// inode table's small cache: on the local SSD, and on an Atlas that is a local
+    /// filesystem (the descriptor is of the object itself, as a reopen by handle
+    /// would give). Not on NFS: a descriptor held by this client makes an unlink
+    /// through it silly-rename the file (`.nfsXXXX`, and `rm -rf` of its directory
+    /// fails), so there the object is reopened by handle each time.
+    fn caches_recent(&self, kind: BackendKind) -> bool {
+        kind == BackendKind::Local || self.atlas_io.local_fs()
+    }
+
+    /// Where Atlas metadata requests run, and why.
+    pub fn atlas_metadata(&self) -> atlas_io::AtlasMetadataMode {
+        self.atlas_meta.clone()
+    }
+
+    /// Whether Atlas requests run inline, like local ones (Atlas is a local
+    /// filesystem: [`atlas_io::AtlasMetadataMode`]).
+    pub fn atlas_inline(&self) -> bool {
+        self.atlas_meta.inline()
     }
 
     /// How open Atlas files are served, and why ([`atlas_io`]).
@@ -458,7 +481,7 @@ impl LabFs {
             .map(|f| f.as_raw_fd())
             .unwrap_or_else(|| self.backend(kind).root_fd());
         let recent = match (&backing, key) {
-            (Backing::Handle(_), Some(k)) if Self::caches_recent(kind) => Some(k),
+            (Backing::Handle(_), Some(k)) if self.caches_recent(kind) => Some(k),
             _ => None,
         };
         if recent.is_some() {
@@ -675,7 +698,7 @@ impl LabFs {
         let fd = Arc::new(fd);
         let backing = Backing::of_shared_fd(&fd, self.handle_mount(kind));
         let ino = self.inodes.remember(key, backing, parent, name, is_dir);
-        if Self::caches_recent(kind) {
+        if self.caches_recent(kind) {
             self.inodes.recent_put(ino, key, fd);
         }
         Ok(EntryOut {
@@ -709,7 +732,7 @@ impl LabFs {
                 self.inodes.remember(key, backing, parent, name, is_dir)
             }
         };
-        if let (Some(p), true) = (path_fd, Self::caches_recent(kind)) {
+        if let (Some(p), true) = (path_fd, self.caches_recent(kind)) {
             self.inodes.recent_put(ino, key, p);
         }
         Ok(EntryOut {
