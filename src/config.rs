@@ -108,8 +108,9 @@ pub struct Storage {
 /// How long the kernel may cache attributes and entries, per backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheConfig {
-    /// Short: other nodes change Atlas behind our back.
-    pub atlas_ttl: Duration,
+    /// Short: other nodes change Atlas behind our back. `None` (`"auto"`, the
+    /// default): derived from the Atlas mount (src/fs/atlas_io.rs, [`crate::fs::atlas_io::auto_ttl`]).
+    pub atlas_ttl: Option<Duration>,
     /// Long: only this node writes its local SSD.
     pub local_ttl: Duration,
 }
@@ -117,7 +118,7 @@ pub struct CacheConfig {
 impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
-            atlas_ttl: Duration::from_secs(1),
+            atlas_ttl: None,
             local_ttl: Duration::from_secs(3600),
         }
     }
@@ -394,8 +395,10 @@ fn parse_text(
     let mut cache = CacheConfig::default();
     if let Some((table, _)) = p.section(root, "cache") {
         p.check_keys(table, Some("[cache]"), CACHE_KEYS);
-        if let Some(d) = p.duration(table, "cache", "atlas_ttl") {
-            cache.atlas_ttl = d;
+        if table.get("atlas_ttl").and_then(|i| i.as_str()) == Some("auto") {
+            cache.atlas_ttl = None;
+        } else if let Some(d) = p.duration(table, "cache", "atlas_ttl") {
+            cache.atlas_ttl = Some(d);
         }
         if let Some(d) = p.duration(table, "cache", "local_ttl") {
             cache.local_ttl = d;

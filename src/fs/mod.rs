@@ -103,6 +103,8 @@ pub struct LabFs {
     atlas_io: atlas_io::AtlasIo,
     /// Where Atlas metadata requests run, and why ([`atlas_io::AtlasMetadataMode`]).
     atlas_meta: atlas_io::AtlasMetadataMode,
+    /// `[cache] atlas_ttl = "auto"` resolved for this mount's Atlas ([`atlas_io::auto_ttl`]).
+    auto_ttl: Duration,
     /// False once the kernel turned FUSE passthrough down at init.
     kernel_passthrough: std::sync::atomic::AtomicBool,
     /// Whether a removed object the kernel still holds is kept alive by a descriptor
@@ -142,7 +144,12 @@ impl LabFs {
     ) -> std::io::Result<LabFs> {
         let atlas = Backend::open(BackendKind::Atlas, &config.storage.atlas)?;
         let local = Backend::open(BackendKind::Local, &config.storage.local)?;
-        let live = Live::from_config(config);
+        let (auto_ttl, auto_why) = atlas_io::auto_ttl_for_backend(atlas.root_fd());
+        let live = Live::from_config(config, auto_ttl);
+        match config.cache.atlas_ttl {
+            None => tracing::info!("Atlas entry and attribute TTL {auto_ttl:?} (auto: {auto_why})"),
+            Some(t) => tracing::info!("Atlas entry and attribute TTL {t:?} ([cache] atlas_ttl)"),
+        }
         let root_backend = live.rules.resolve("/").backend();
         let handle_roots = [
             object::reopen(&atlas.root_fd(), libc::O_RDONLY | libc::O_DIRECTORY).ok(),
@@ -191,6 +198,7 @@ impl LabFs {
         Ok(LabFs {
             atlas_io,
             atlas_meta,
+            auto_ttl,
             kernel_passthrough: std::sync::atomic::AtomicBool::new(true),
             atlas,
             local,
@@ -227,6 +235,11 @@ impl LabFs {
     /// fails), so there the object is reopened by handle each time.
     fn caches_recent(&self, kind: BackendKind) -> bool {
         kind == BackendKind::Local || self.atlas_io.local_fs()
+    }
+
+    /// The Atlas TTL `config` gives on this mount (`auto` resolved).
+    pub fn atlas_ttl_under(&self, config: &Config) -> Duration {
+        config.cache.atlas_ttl.unwrap_or(self.auto_ttl)
     }
 
     /// Where Atlas metadata requests run, and why.
@@ -287,7 +300,7 @@ impl LabFs {
 
     /// Swap in new rules (SIGHUP / `labfs reload`); in-flight requests finish with the old.
     pub fn reload(&self, config: &Config) {
-        *self.live.write() = Arc::new(Live::from_config(config));
+        *self.live.write() = Arc::new(Live::from_config(config, self.auto_ttl));
     }
 
     pub fn set_invalidator(&self, f: Box<dyn Fn(Invalidate) + Send + Sync>) {
@@ -806,10 +819,10 @@ impl LabFs {
 }
 
 impl Live {
-    fn from_config(config: &Config) -> Live {
+    fn from_config(config: &Config, auto_ttl: Duration) -> Live {
         Live {
             rules: Arc::new(config.rules.clone()),
-            atlas_ttl: config.cache.atlas_ttl,
+            atlas_ttl: config.cache.atlas_ttl.unwrap_or(auto_ttl),
             local_ttl: config.cache.local_ttl,
             source: config.source.display().to_string(),
         }
