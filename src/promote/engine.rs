@@ -35,10 +35,11 @@ use crate::rules::{BackendKind, Class};
 use crate::tags;
 
 /// Copy workers per job. With O_DIRECT writes and read-backs a worker mostly waits
-/// for the device, so the workers are the device's queue depth more than CPUs: 8
-/// beat 4 on the 2-core bench machine (docs/benchmarks.md, "Promote with O_DIRECT
-/// writes").
-const WORKERS: usize = 8;
+/// for the device (two synchronous round trips per range), so the workers are the
+/// device's queue depth more than CPUs: 8 beat 4, and 16 beat 8, on the 2-core bench
+/// machine (docs/benchmarks.md, "Promote with O_DIRECT writes" and "Promote at copy
+/// speed"). Each costs its buffers only as far as its files touch them.
+const WORKERS: usize = 16;
 
 /// Test-only crash hook: `LABFS_PROMOTE_CRASH_AT=planned|staged|verified|committed|cleaning`
 /// makes the daemon abort() right after that step (see docs/promote.md).
@@ -381,8 +382,9 @@ fn execute(fs: &LabFs, job: &Job) -> JobResult<String> {
 
     let t0 = std::time::Instant::now();
     let mut t_staged = t0;
-    let staged_verified = stage(fs, job, &mut j).and_then(|()| {
-        t_staged = std::time::Instant::now();
+    let mut flushed = Duration::ZERO;
+    let staged_verified = stage(fs, job, &mut j).and_then(|syncfs| {
+        (t_staged, flushed) = (std::time::Instant::now(), syncfs);
         verify(fs, job, &mut j)
     });
     if let Err(e) = staged_verified {
@@ -423,9 +425,10 @@ fn execute(fs: &LabFs, job: &Job) -> JobResult<String> {
     let t_done = std::time::Instant::now();
     info!(
         id = %job.id,
-        "{shown}: planned in {:.3} s, staged in {:.3} s, verified in {:.3} s, committed in {:.3} s, cleaned in {:.3} s",
+        "{shown}: planned in {:.3} s, staged in {:.3} s (syncfs {:.3} s), verified in {:.3} s, committed in {:.3} s, cleaned in {:.3} s",
         t0.saturating_duration_since(job.created).as_secs_f64(),
         t_staged.saturating_duration_since(t0).as_secs_f64(),
+        flushed.as_secs_f64(),
         t_verified.saturating_duration_since(t_staged).as_secs_f64(),
         t_committed.saturating_duration_since(t_verified).as_secs_f64(),
         t_done.saturating_duration_since(t_committed).as_secs_f64(),
@@ -669,7 +672,8 @@ struct Worker {
 /// between batches, so nothing per object outlives a batch.
 const BATCH: usize = 4096;
 
-fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
+/// Returns how long the final syncfs took.
+fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<Duration> {
     job.set_phase(Phase::Staging);
     // The staging directory: ATLAS/.labfs/staging/<host>/<id>, root only.
     {
@@ -816,12 +820,14 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
     // Everything staged is durable once syncfs succeeds (one call for the whole tree
     // instead of an fsync per file and directory).
     job.set_phase(Phase::Flushing);
+    let t_flush = std::time::Instant::now();
     util::syncfs(sync_fd.as_raw_fd()).map_err(failed("syncfs of Atlas after staging"))?;
+    let flushed = t_flush.elapsed();
     j.state = State::Staged;
     j.save(&fs.local)
         .map_err(failed("writing the promotion journal (staged)"))?;
     crash_point("staged");
-    Ok(())
+    Ok(flushed)
 }
 
 /// The directory caches of the staging phase.
