@@ -54,6 +54,11 @@ impl<F: Fn(&OsStr) -> Result<OwnedFd> + Sync> DirFds<F> {
         }
         Ok(dirs.entry(dir.to_owned()).or_insert(fd).clone())
     }
+
+    /// Drop `dir`'s descriptor (ESTALE: the next [`DirFds::get`] resolves it again).
+    pub fn forget(&self, dir: &OsStr) {
+        self.open_dirs.lock().remove(dir);
+    }
 }
 
 #[cfg(test)]
@@ -83,9 +88,9 @@ mod tests {
 
     #[test]
     fn a_failed_open_is_not_remembered() {
-        let fails = AtomicUsize::new(1);
+        let calls = AtomicUsize::new(0);
         let cache = DirFds::new(|_: &OsStr| {
-            if fails.fetch_sub(1, Ordering::Relaxed) > 0 {
+            if calls.fetch_add(1, Ordering::Relaxed) == 0 {
                 Err(crate::error::Error::Errno(libc::ENOENT))
             } else {
                 Ok(OwnedFd::from(std::fs::File::open("/")?))
@@ -93,6 +98,9 @@ mod tests {
         });
         let d = OsStr::new("d");
         assert!(cache.get(d).is_err());
-        assert!(cache.get(d).is_ok(), "the second attempt opens it");
+        let first = cache.get(d).expect("the second attempt opens it");
+        cache.forget(d);
+        let again = cache.get(d).expect("opened again after forget");
+        assert!(!Arc::ptr_eq(&first, &again), "forget drops the descriptor");
     }
 }

@@ -211,16 +211,23 @@ fn lstat_in<F: Fn(&OsStr) -> Result<OwnedFd> + Sync>(
     ns: &OsStr,
 ) -> Result<Option<libc::stat>> {
     let (dir, name) = split(ns);
-    let pfd = match dirs.get(OsStr::new(dir)) {
-        Ok(fd) => fd,
-        Err(e) if e.errno() == libc::ENOENT || e.errno() == libc::ENOTDIR => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    match fstatat(pfd.as_raw_fd(), &cos(name)?) {
-        Ok(st) => Ok(Some(st)),
-        Err(e) if e.errno() == libc::ENOENT => Ok(None),
-        Err(e) => Err(e),
+    let (dir, name) = (OsStr::new(dir), cos(name)?);
+    for retry in [true, false] {
+        let pfd = match dirs.get(dir) {
+            Ok(fd) => fd,
+            Err(e) if e.errno() == libc::ENOENT || e.errno() == libc::ENOTDIR => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match fstatat(pfd.as_raw_fd(), &name) {
+            Ok(st) => return Ok(Some(st)),
+            Err(e) if e.errno() == libc::ENOENT => return Ok(None),
+            // The directory was replaced on the NFS server since this phase opened
+            // it: resolve its path again, once.
+            Err(e) if e.errno() == libc::ESTALE && retry => dirs.forget(dir),
+            Err(e) => return Err(e),
+        }
     }
+    Err(crate::error::Error::Errno(libc::ESTALE))
 }
 
 /// The caller must be allowed to write the parent directory (checked as the caller).
@@ -722,13 +729,13 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<Duration> {
     });
     // The directories of this phase, each opened once: the local parents (by
     // namespace path) and the staged ones (relative to the staging directory).
-    let local_dirs = DirFds::new(|dir: &OsStr| open_ns_dir(&fs.local, dir));
-    let staged_dirs = DirFds::new(|dir: &OsStr| {
+    let local = local_dirs(fs);
+    let staged = DirFds::new(|dir: &OsStr| {
         util::open_under(sfd.as_raw_fd(), dir, libc::O_PATH | libc::O_DIRECTORY, 0)
     });
     let dirs = StageDirs {
-        local: &local_dirs,
-        staged: &staged_dirs,
+        local: &local,
+        staged: &staged,
     };
     for batch in order.chunks(BATCH) {
         let results: Mutex<Vec<(u32, StagedInfo)>> = Mutex::new(Vec::with_capacity(batch.len()));
@@ -838,11 +845,7 @@ struct StageDirs<'a, L, S> {
 
 /// Open the local source at namespace path `ns` (by path from the local root).
 fn open_src(fs: &LabFs, ns: &OsStr, flags: i32) -> Result<OwnedFd> {
-    open_src_in(
-        &DirFds::new(|dir: &OsStr| open_ns_dir(&fs.local, dir)),
-        ns,
-        flags,
-    )
+    open_src_in(&local_dirs(fs), ns, flags)
 }
 
 /// Open the local source at namespace path `ns` in its parent from `local`.
