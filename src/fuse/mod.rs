@@ -575,7 +575,7 @@ impl Filesystem for LabFuse {
     ) {
         self.pass.released(_ino.0, fh.0);
         reply.ok();
-        if self.lane_fh(_ino, fh) == BackendKind::Atlas {
+        if self.lane_fh(_ino, fh) == BackendKind::Atlas && !self.fs.atlas_inline() {
             // close(2) on NFS flushes dirty pages and may hang with the server.
             let fs = self.fs.clone();
             self.atlas.spawn(Box::new(move || fs.release(fh.0)));
