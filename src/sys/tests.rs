@@ -253,7 +253,10 @@ fn sigint_raises_the_flag_instead_of_ending_the_process() {
         .expect("kill");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !FLAG.load(std::sync::atomic::Ordering::Relaxed) {
-        assert!(std::time::Instant::now() < deadline, "SIGINT did not raise the flag");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGINT did not raise the flag"
+        );
         std::thread::yield_now();
     }
 }
