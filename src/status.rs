@@ -42,6 +42,8 @@ pub struct Status {
     pub atlas_health: HealthReport,
     /// Kernel passthrough or the daemon for open Atlas files, and why.
     pub atlas_file_io: crate::fs::atlas_io::AtlasIo,
+    /// Where Atlas metadata requests run (inline or on the Atlas lane), and why.
+    pub atlas_metadata: crate::fs::atlas_io::AtlasMetadataMode,
     pub inodes: usize,
     pub open_files: usize,
     /// Requests, latency per backend, errors by errno, rule hits since the mount.
@@ -89,6 +91,7 @@ pub fn collect(fs: &LabFs, full: bool) -> Status {
         },
         atlas_health: health,
         atlas_file_io: fs.atlas_io(),
+        atlas_metadata: fs.atlas_metadata(),
         inodes: fs.inodes.len(),
         open_files: fs.handles.open_files(),
         stats: crate::stats::snapshot(fs),
@@ -493,6 +496,18 @@ fn print_table(v: &serde_json::Value) {
         },
         io["why"].as_str().unwrap_or("?")
     );
+    let md = &v["atlas_metadata"];
+    if md.is_object() {
+        println!(
+            "Atlas metadata requests: {} ({})",
+            match md["mode"].as_str() {
+                Some("inline") => "inline, like local ones",
+                Some("lane") => "on the Atlas lane (bounded)",
+                _ => "?",
+            },
+            md["why"].as_str().unwrap_or("?")
+        );
+    }
     println!(
         "inodes remembered: {}   open files: {}",
         v["inodes"], v["open_files"]
