@@ -30,19 +30,26 @@ os.close(fd)
 print("ok")
 "#;
 
-#[test]
-fn an_open_directory_keeps_answering_after_it_is_removed() {
-    let lab = MountedLab::with_dirs();
-    let script = lab.scratch_path("removed_dir.py");
-    fs::write(&script, REMOVED_DIR).unwrap();
+/// Runs the Python `script` on `$LAB/<backend dir>/<file>` for each backend, asserting
+/// that it prints only "ok" (anything else is what it found wrong), then `after(b)`.
+fn script_ok_on_both(lab: &MountedLab, script: &str, file: &str, after: impl Fn(Backend)) {
+    let path = lab.scratch_path("check.py");
+    fs::write(&path, script).unwrap();
     for b in BOTH {
         let d = b.dir();
         let out = lab.sh(&format!(
-            r#"python3 "{}" "$LAB/{d}/gone" 2>&1 || true"#,
-            script.display()
+            r#"python3 "{}" "$LAB/{d}/{file}" 2>&1 || true"#,
+            path.display()
         ));
         assert_eq!(out.trim(), "ok", "{}", b.name());
+        after(b);
     }
+}
+
+#[test]
+fn an_open_directory_keeps_answering_after_it_is_removed() {
+    let lab = MountedLab::with_dirs();
+    script_ok_on_both(&lab, REMOVED_DIR, "gone", |_| {});
 }
 
 /// pjdfstest (Rust) `open::etxtbsy`: `open(O_RDONLY|O_TRUNC)` of a program that is
@@ -79,21 +86,13 @@ print("ok")
 #[test]
 fn truncating_a_running_program_is_etxtbsy_and_keeps_its_contents() {
     let lab = MountedLab::with_dirs();
-    let script = lab.scratch_path("running_trunc.py");
-    fs::write(&script, RUNNING_TRUNC).unwrap();
-    for b in BOTH {
-        let d = b.dir();
-        let out = lab.sh(&format!(
-            r#"python3 "{}" "$LAB/{d}/prog" 2>&1 || true"#,
-            script.display()
-        ));
-        assert_eq!(out.trim(), "ok", "{}", b.name());
-        let backing = lab.backend_path(b, &format!("{d}/prog"));
+    script_ok_on_both(&lab, RUNNING_TRUNC, "prog", |b| {
+        let backing = lab.backend_path(b, &format!("{}/prog", b.dir()));
         assert_eq!(
             fs::metadata(&backing).map(|m| m.len()).ok(),
             fs::metadata("/usr/bin/sleep").map(|m| m.len()).ok(),
             "{} on the backend",
             b.name()
         );
-    }
+    });
 }
