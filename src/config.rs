@@ -235,11 +235,15 @@ impl Config {
             .spawn(move || {
                 let _ = tx.send(Config::parse(&t, &p, true));
             });
-        if spawned.is_err() {
+        let Ok(checker) = spawned else {
             return Config::parse(&text, path, true);
-        }
+        };
         match rx.recv_timeout(bound) {
-            Ok(r) => r,
+            // Joined, so that a daemon forking after this has one thread (sys::fork).
+            Ok(r) => {
+                let _ = checker.join();
+                r
+            }
             Err(_) if offline.is_err() => offline,
             Err(_) => {
                 let Ok(offline) = offline else {

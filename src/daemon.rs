@@ -344,10 +344,9 @@ pub fn mount(req: MountRequest) -> Result<(), MountError> {
         return serve(req, lock, None);
     }
     let (mut rd, wr) = pipe()?;
-    // Fork before any thread exists: the child becomes the daemon.
-    // SAFETY: single-threaded at this point (no runtime, no helper threads yet): the
-    // one `unsafe` outside src/sys.rs, since only this caller can know it.
-    match unsafe { crate::sys::fork() }? {
+    // Fork before any thread exists (sys::fork refuses otherwise): the child becomes
+    // the daemon.
+    match crate::sys::fork()? {
         crate::sys::Forked::Child => {
             drop(rd);
             // Detach from the terminal's session (fails only for a group leader,

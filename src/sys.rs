@@ -12,10 +12,10 @@
 //! (safe wrappers, errno as a type). The few calls rustix lacks keep their `unsafe`
 //! here, each with a `// SAFETY:` reason beside it: `setfsuid`/`setfsgid`,
 //! `name_to_handle_at`/`open_by_handle_at`, `sync_file_range`, `FS_IOC_FSGETXATTR`,
-//! `fork` (an `unsafe fn`: only its caller can know the process is single-threaded),
-//! `pthread_sigmask`/`sigwait`, `malloc_trim`/`mallopt`, `getpwnam_r`/`getgrnam_r`
-//! (NSS lives in the C library); plus [`with_fd`] (lending a descriptor number to
-//! rustix) and [`empty_stat`].
+//! `close` with its result, `fork` (refused unless the process has one thread),
+//! `signal` (SIGINT raising a flag), `pthread_sigmask`/`sigwait`,
+//! `malloc_trim`/`mallopt`, `getpwnam_r`/`getgrnam_r` (NSS lives in the C library);
+//! plus [`with_fd`] (lending a descriptor number to rustix) and [`empty_stat`].
 //!
 //! Every function returns `io::Result` with the kernel's errno unchanged; mapping it
 //! to what the caller sees is [`crate::error`]'s job. Each makes the one syscall its

@@ -16,6 +16,24 @@ fn daemon_io_rules(cap: usize) -> String {
     format!("[limits]\nopen_files_per_uid = {cap}\n[atlas]\nfile_io = \"daemon\"\n{DEFAULT_RULES}")
 }
 
+/// Wait (up to `limit`) for the holder process to write `$SCRATCH/report`, or to write
+/// to `$SCRATCH/holder.err` first (a holder that died), and return the report. A
+/// holder that never reports fails the test with its errors and the daemon's log.
+fn holder_report(lab: &MountedLab, limit: Duration) -> String {
+    let report = lab.scratch_path("report");
+    let errs = lab.scratch_path("holder.err");
+    wait_until("the holder reports", limit, || {
+        report.exists() || fs::metadata(&errs).is_ok_and(|m| m.len() > 0)
+    });
+    fs::read_to_string(&report).unwrap_or_else(|e| {
+        panic!(
+            "no report from the holder ({e}): {}\n--- daemon log ---\n{}",
+            fs::read_to_string(&errs).unwrap_or_default(),
+            lab.daemon_log()
+        )
+    })
+}
+
 #[test]
 fn a_user_at_its_open_file_cap_gets_emfile_and_others_keep_working() {
     let lab = MountedLab::builder().rules(&daemon_io_rules(CAP)).mount();
@@ -50,12 +68,8 @@ open(scratch + "/release").read()
         ))
         .user(USER, USER)
         .spawn();
-    let report = lab.scratch_path("report");
-    wait_until("the holder reports", Duration::from_secs(60), || {
-        report.exists()
-    });
     assert_eq!(
-        fs::read_to_string(&report).unwrap(),
+        holder_report(&lab, Duration::from_secs(60)),
         format!("{} {CAP} EMFILE", 3 * CAP)
     );
 
@@ -175,19 +189,8 @@ open(scratch + "/release").read()
         ))
         .user(USER, USER)
         .spawn();
-    let report = lab.scratch_path("report");
-    let errs = lab.scratch_path("holder.err");
-    wait_until("the holder reports", Duration::from_secs(240), || {
-        report.exists() || fs::metadata(&errs).is_ok_and(|m| m.len() > 0)
-    });
-    assert!(
-        report.exists(),
-        "{}\n--- daemon log ---\n{}",
-        fs::read_to_string(&errs).unwrap_or_default(),
-        lab.daemon_log()
-    );
     assert_eq!(
-        fs::read_to_string(&report).unwrap(),
+        holder_report(&lab, Duration::from_secs(240)),
         format!("{} ok", 2 * PER_BACKEND)
     );
     // All 1,000 are still open, and the daemon holds far fewer descriptors than that
@@ -345,17 +348,7 @@ open(scratch + "/release").read()
 ' 2>"$SCRATCH/holder.err""#
         ))
         .spawn();
-    let report = lab.scratch_path("report");
-    let errs = lab.scratch_path("holder.err");
-    wait_until("the holder reports", Duration::from_secs(120), || {
-        report.exists() || fs::metadata(&errs).is_ok_and(|m| m.len() > 0)
-    });
-    assert!(
-        report.exists(),
-        "{}",
-        fs::read_to_string(&errs).unwrap_or_default()
-    );
-    let rep = fs::read_to_string(&report).unwrap();
+    let rep = holder_report(&lab, Duration::from_secs(120));
     let f: Vec<&str> = rep.split_whitespace().collect();
     let (held, top): (u64, u64) = (f[0].parse().unwrap(), f[1].parse().unwrap());
     assert_eq!(f[2], "EMFILE", "{rep}");

@@ -10,8 +10,9 @@
 //!
 //! What is counted is what uses the daemon's descriptor table: every open counts
 //! while it holds a descriptor, and an open served by kernel passthrough gives its
-//! count back as soon as the daemon drops its descriptor after the open reply
-//! ([`super::handle::Handles::drop_descriptor`]): the kernel then holds the backing
+//! count back as soon as the daemon drops its descriptor, before the open reply
+//! ([`super::handle::Handles::drop_descriptor`]; so the caller's next open never
+//! finds it still counted): the kernel then holds the backing
 //! file itself, so local files (and Atlas files on a local filesystem) cost the budget
 //! nothing while they stay open, and a caller meets its own RLIMIT_NOFILE first.
 //! Directory handles are not counted (a readdir snapshot holds at most one descriptor

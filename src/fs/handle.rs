@@ -35,7 +35,7 @@ use super::attr::{EntryOut, Kind};
 use super::backend::{cstring, fstat, fstatat, Creds};
 use super::object::{join, proc_fd_path, ObjFd};
 use super::{key_of, Ctx, LabFs, ROOT_INO};
-use crate::error::{check, Error, Result};
+use crate::error::{Error, Result};
 use crate::rules::{BackendKind, Class};
 
 pub struct FileHandle {
@@ -302,11 +302,7 @@ fn io(e: rustix::io::Errno) -> Error {
 /// close(2) with its result, which std and rustix drop (NFS reports deferred write
 /// errors there).
 fn check_close(fd: OwnedFd) -> Result<()> {
-    use std::os::fd::IntoRawFd;
-    let raw = fd.into_raw_fd();
-    // SAFETY: `raw` was owned by `fd`, given up above, and is closed exactly once.
-    check(unsafe { libc::close(raw) })?;
-    Ok(())
+    Ok(crate::sys::close(fd)?)
 }
 
 impl LabFs {

@@ -131,9 +131,7 @@ struct Found {
 }
 
 fn dup_fd(fd: i32) -> Result<OwnedFd> {
-    // SAFETY: `fd` is a descriptor the caller holds open for this call.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(|e| Error::Errno(e.raw_os_error()))
+    crate::sys::with_fd(fd, |fd| crate::sys::dup_cloexec(fd)).map_err(Error::Io)
 }
 
 impl LabFs {
@@ -807,14 +805,11 @@ impl LabFs {
         Ok(target.into_bytes())
     }
 
-    pub fn statfs(&self, ctx: &Ctx, ino: u64) -> Result<libc::statvfs> {
+    pub fn statfs(&self, ctx: &Ctx, ino: u64) -> Result<crate::sys::StatVfs> {
         let (_, fd) = self.obj(ino)?;
         let creds = self.creds(ctx);
         let _as = creds.assume()?;
-        // SAFETY: zeroed statvfs is a valid out-parameter.
-        let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
-        crate::error::check(unsafe { libc::fstatvfs(fd.as_raw_fd(), &mut sv) })?;
-        Ok(sv)
+        Ok(crate::sys::statvfs(&fd)?)
     }
 }
 

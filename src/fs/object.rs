@@ -19,12 +19,12 @@
 //! happen as the caller: a reopen through `/proc/self/fd/N` checks the file's mode).
 
 use std::ffi::{CString, OsStr, OsString};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::Arc;
 
 use super::backend::{fstat, Creds};
-use crate::error::{check, Error, Result};
+use crate::error::{Error, Result};
 
 /// Largest handle accepted (MAX_HANDLE_SZ in the kernel).
 const MAX_HANDLE: usize = 128;
@@ -101,25 +101,7 @@ pub fn handle_mount_id(fd: RawFd) -> Option<i32> {
 }
 
 fn encode(fd: RawFd) -> Option<(Vec<u8>, i32)> {
-    let hdr = std::mem::size_of::<libc::file_handle>();
-    let mut buf = vec![0u8; hdr + MAX_HANDLE];
-    // SAFETY: buf is large enough for the header and MAX_HANDLE bytes, and aligned
-    // enough for the two u32/i32 header fields (Vec<u8> from the allocator is 8-aligned).
-    let fh = buf.as_mut_ptr() as *mut libc::file_handle;
-    // SAFETY: as above: `fh` points at the header inside `buf`.
-    unsafe { (*fh).handle_bytes = MAX_HANDLE as u32 };
-    let mut mnt: libc::c_int = 0;
-    let empty = c"";
-    // SAFETY: valid descriptor, empty C string with AT_EMPTY_PATH, buffer as above.
-    let r =
-        unsafe { libc::name_to_handle_at(fd, empty.as_ptr(), fh, &mut mnt, libc::AT_EMPTY_PATH) };
-    if r != 0 {
-        return None;
-    }
-    // SAFETY: the kernel filled in the header.
-    let len = unsafe { (*fh).handle_bytes } as usize;
-    buf.truncate(hdr + len.min(MAX_HANDLE));
-    Some((buf, mnt))
+    crate::sys::with_fd(fd, |fd| crate::sys::file_handle(fd, MAX_HANDLE)).ok()
 }
 
 impl Backing {
@@ -164,15 +146,12 @@ impl Backing {
             Backing::Fd(f) => Ok(ObjFd::Held(f.clone())),
             Backing::ByPath => Err(Error::Errno(libc::ESTALE)),
             Backing::Handle(h) => {
-                let mut buf = h.as_bytes().to_vec();
-                let fh = buf.as_mut_ptr() as *mut libc::file_handle;
                 let _root = Creds::root().assume()?;
-                // SAFETY: buf holds a file_handle as name_to_handle_at encoded it.
-                let r =
-                    unsafe { libc::open_by_handle_at(root, fh, libc::O_PATH | libc::O_CLOEXEC) };
-                check(r)?;
-                // SAFETY: new descriptor we own.
-                Ok(ObjFd::Owned(unsafe { OwnedFd::from_raw_fd(r) }))
+                let fd = crate::sys::with_fd(root, |root| {
+                    crate::sys::open_by_handle(root, h.as_bytes(), libc::O_PATH)
+                })
+                .map_err(Error::Io)?;
+                Ok(ObjFd::Owned(fd))
             }
         }
     }
@@ -256,9 +235,7 @@ pub fn open_beneath(root: RawFd, path: &OsStr, flags: i32) -> Result<OwnedFd> {
 
 fn openat2(dir: RawFd, rel: &[u8], flags: i32) -> Result<OwnedFd> {
     let c = CString::new(rel).map_err(|_| Error::Errno(libc::EINVAL))?;
-    // SAFETY: `dir` is a descriptor the caller holds open for this call.
-    let dir = unsafe { std::os::fd::BorrowedFd::borrow_raw(dir) };
-    crate::sys::open_beneath(dir, &c, flags).map_err(Error::Io)
+    crate::sys::with_fd(dir, |dir| crate::sys::open_beneath(dir, &c, flags)).map_err(Error::Io)
 }
 
 /// Split a namespace path (bytes) into its parent and final component.

@@ -188,7 +188,11 @@ impl Filesystem for LabFuse {
         let want = InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_DONT_MASK
             | InitFlags::FUSE_PARALLEL_DIROPS
-            | InitFlags::FUSE_ATOMIC_O_TRUNC
+            // Not FUSE_ATOMIC_O_TRUNC: with it the daemon's open does the O_TRUNC, and
+            // the kernel checks "being executed" (ETXTBSY) only after the open, so
+            // open(O_RDONLY|O_TRUNC) of a running program emptied it. Without it the
+            // kernel truncates after that check (a SETATTR, one more round trip for an
+            // O_TRUNC open of an existing file).
             | InitFlags::FUSE_CACHE_SYMLINKS
             // The kernel enforces POSIX ACLs (stored on the backend) like mode bits.
             | InitFlags::FUSE_POSIX_ACL

@@ -1,7 +1,7 @@
 //! Kernel FUSE passthrough: one backing id per inode while any handle uses it.
 //!
 //! Registering a descriptor (FUSE_DEV_IOC_BACKING_OPEN) gives the kernel its own
-//! reference to the open file; the open reply names it by id. Once the reply is sent
+//! reference to the open file; the open reply names it by id. Before the reply is sent
 //! the daemon closes its own descriptor ([`crate::fs::handle::Handles::drop_descriptor`]):
 //! what the kernel reads and writes through is its reference, and the few requests it
 //! still sends for the file open the object again.
@@ -30,8 +30,10 @@ impl Passthrough {
         match self.backing_for(ino, &o, |fd| reply.open_backing(fd)) {
             Ok(id) => {
                 self.fh_backing.insert(o.fh, id.clone());
-                reply.opened_passthrough(FileHandle(o.fh), pass_flags(&o), &id);
+                // Before the reply: the opener's next open must not find this file
+                // still counted against its uid's budget.
                 self.fs.handles.drop_descriptor(o.fh);
+                reply.opened_passthrough(FileHandle(o.fh), pass_flags(&o), &id);
             }
             Err(direct) => reply.opened(FileHandle(o.fh), open_flags(&o, direct)),
         }
@@ -42,6 +44,7 @@ impl Passthrough {
         match self.backing_for(e.attr.ino, &o, |fd| reply.open_backing(fd)) {
             Ok(id) => {
                 self.fh_backing.insert(o.fh, id.clone());
+                self.fs.handles.drop_descriptor(o.fh);
                 reply.created_passthrough(
                     &e.ttl,
                     &attr,
@@ -50,7 +53,6 @@ impl Passthrough {
                     pass_flags(&o),
                     &id,
                 );
-                self.fs.handles.drop_descriptor(o.fh);
             }
             Err(direct) => reply.created(
                 &e.ttl,

@@ -23,10 +23,6 @@ use crate::exit::{EXIT_FAIL, EXIT_OK};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_sigint(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::Relaxed);
-}
-
 fn c_path(p: &Path) -> io::Result<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
@@ -131,12 +127,8 @@ fn explain_busy(shown: &str, target: &Path) -> String {
 /// `labfs promote`: returns the exit code (0 all promoted or already promoted,
 /// 1 any refused or failed).
 pub fn run(paths: &[PathBuf], json: bool, merge: bool, wait: bool) -> i32 {
-    // SAFETY: installing a handler that only stores to an atomic.
-    unsafe {
-        libc::signal(
-            libc::SIGINT,
-            on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t,
-        );
+    if let Err(e) = crate::sys::raise_flag_on_sigint(&INTERRUPTED) {
+        eprintln!("labfs: cannot catch SIGINT ({e}); ^C ends the command at once");
     }
     let mut code = EXIT_OK;
     for p in paths {

@@ -252,18 +252,11 @@ fn check_caller(fs: &LabFs, job: &Job) -> JobResult<()> {
     } else {
         (loc.parent_fd.as_raw_fd(), loc.name.clone())
     };
-    // SAFETY: valid dirfd and C string; AT_EACCESS checks with the assumed fsuid/fsgid.
-    let r = unsafe {
-        libc::faccessat(
-            dirfd,
-            name.as_ptr(),
-            libc::W_OK | libc::X_OK,
-            libc::AT_EACCESS,
-        )
-    };
-    if r != 0 {
-        return Err(refuse(std::io::Error::last_os_error().to_string()));
-    }
+    // AT_EACCESS: checked with the assumed fsuid/fsgid.
+    crate::sys::with_fd(dirfd, |d| {
+        crate::sys::access_at(d, &name, libc::W_OK | libc::X_OK, libc::AT_EACCESS)
+    })
+    .map_err(|e| refuse(e.to_string()))?;
     drop(_as);
     // A sticky directory (like /tmp) lets only the owner of an entry (or of the
     // directory) move it away, as rename(2) does.

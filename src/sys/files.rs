@@ -10,6 +10,9 @@ use rustix::process::{Gid, Uid};
 
 use super::from_rustix;
 
+/// What `fstatvfs` answers (rustix's struct: the same fields as `struct statvfs`).
+pub use rustix::fs::StatVfs;
+
 // ---------------------------------------------------------------------------
 // Opening beneath a root
 // ---------------------------------------------------------------------------
@@ -97,6 +100,11 @@ pub struct FsSpace {
     pub total: u64,
     /// Size in blocks (`f_blocks`); 0 when the filesystem does not say (ramfs).
     pub blocks: u64,
+}
+
+/// `fstatvfs(fd)` as the kernel answers it (for `statfs(2)` through the mount).
+pub fn statvfs(fd: impl AsFd) -> io::Result<StatVfs> {
+    rustix::fs::fstatvfs(fd).map_err(from_rustix)
 }
 
 /// `fstatvfs(fd)`: the space of the filesystem `fd` is on.
@@ -633,6 +641,19 @@ pub fn open_at(dirfd: BorrowedFd<'_>, name: &CStr, flags: i32) -> io::Result<Own
 /// `flock(fd, LOCK_EX | LOCK_NB)`.
 pub fn try_lock_exclusive(fd: impl AsFd) -> io::Result<()> {
     rustix::fs::flock(fd, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(from_rustix)
+}
+
+/// `close(fd)` with its result, which std's and rustix's `drop` ignore (NFS reports
+/// deferred write errors there). The descriptor is gone either way, as close(2) says.
+pub fn close(fd: OwnedFd) -> io::Result<()> {
+    use std::os::fd::IntoRawFd;
+    let raw = fd.into_raw_fd();
+    // SAFETY: `raw` was owned by `fd`, which gave it up above, so it is closed exactly
+    // once, here.
+    if unsafe { libc::close(raw) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// `ftruncate(fd, len)`.

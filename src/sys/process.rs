@@ -4,6 +4,8 @@
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use rustix::fs::{Mode, OFlags};
 use rustix::process::{Resource, Rlimit};
@@ -46,14 +48,26 @@ pub enum Forked {
     Parent(i32),
 }
 
-/// `fork()`.
-///
-/// # Safety
-/// The process must be single-threaded: the child gets only the calling thread, and
-/// a lock another thread held (the allocator's, a logger's) would stay locked in it
-/// for ever.
-pub unsafe fn fork() -> io::Result<Forked> {
-    // SAFETY: the caller promises a single thread (see above); fork takes no pointers.
+/// `fork()`, only while the process has one thread (`/proc/self/task`): the child
+/// gets only the calling thread, and a lock another thread held (the allocator's, a
+/// logger's) would stay locked in it for ever. A thread that was just joined leaves
+/// the list a moment after its join returns, so a count above one is read again for
+/// up to a second; then it forks nothing and says how many threads there are. No
+/// thread can appear between the count and the fork: the one there is makes this call.
+pub fn fork() -> io::Result<Forked> {
+    let threads = || std::fs::read_dir("/proc/self/task").map(|d| d.count());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    let mut n = threads()?;
+    while n != 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        n = threads()?;
+    }
+    if n != 1 {
+        return Err(io::Error::other(format!(
+            "fork refused: the process has {n} threads, not one"
+        )));
+    }
+    // SAFETY: single-threaded (checked above); fork takes no pointers.
     match unsafe { libc::fork() } {
         -1 => Err(io::Error::last_os_error()),
         0 => Ok(Forked::Child),
@@ -131,6 +145,36 @@ impl SignalSet {
         }
         Ok(sig)
     }
+}
+
+/// The flag [`raise_flag_on_sigint`] sets (the first one it was given).
+static SIGINT_FLAG: OnceLock<&'static AtomicBool> = OnceLock::new();
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    // Async-signal-safe: an atomic load (the lock is set before the handler is
+    // installed) and an atomic store.
+    if let Some(flag) = SIGINT_FLAG.get() {
+        flag.store(true, Ordering::Relaxed);
+    }
+}
+
+/// From now on, SIGINT sets `flag` instead of ending the process (`signal(2)`), for
+/// a command that stops at its next step and says what it left behind.
+pub fn raise_flag_on_sigint(flag: &'static AtomicBool) -> io::Result<()> {
+    if !std::ptr::eq(*SIGINT_FLAG.get_or_init(|| flag), flag) {
+        return Err(io::Error::other("SIGINT already raises another flag"));
+    }
+    // SAFETY: the handler only makes atomic loads and stores (async-signal-safe).
+    let old = unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        )
+    };
+    if old == libc::SIG_ERR {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------

@@ -229,3 +229,34 @@ fn users_and_groups_come_from_nss() {
     assert_eq!(group_id("labfs-no-such-group").expect("getgrnam_r"), None);
     assert_eq!(user_id("nul\0inside").expect("name"), None);
 }
+
+#[test]
+fn fork_refuses_while_another_thread_runs() {
+    // A thread that is certainly alive during the call: it waits for `go`.
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let other = std::thread::spawn(move || wait.recv().is_ok());
+    let r = fork();
+    go.send(()).expect("the other thread waits");
+    assert!(other.join().expect("the other thread"));
+    let e = r.expect_err("fork with two threads");
+    assert!(e.to_string().contains("threads, not one"), "{e}");
+}
+
+#[test]
+fn sigint_raises_the_flag_instead_of_ending_the_process() {
+    static FLAG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    static OTHER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    raise_flag_on_sigint(&FLAG).expect("install");
+    raise_flag_on_sigint(&FLAG).expect("the same flag again");
+    assert!(raise_flag_on_sigint(&OTHER).is_err());
+    rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::INT)
+        .expect("kill");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !FLAG.load(std::sync::atomic::Ordering::Relaxed) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGINT did not raise the flag"
+        );
+        std::thread::yield_now();
+    }
+}
