@@ -34,6 +34,9 @@ use crate::session::SessionEventLoop;
 pub(crate) struct RequestWithSender<'a> {
     /// Channel sender for sending the reply
     ch: ChannelSender,
+    /// The io_uring entry the request came in, which its reply goes back to (labfs
+    /// patch, see PATCHES.md); taken by the one reply made for the request.
+    ring: std::cell::RefCell<Option<crate::ring::RingSender>>,
     /// Parsed request
     pub(crate) request: ll::AnyRequest<'a>,
 }
@@ -49,7 +52,30 @@ impl<'a> RequestWithSender<'a> {
             }
         };
 
-        Some(Self { ch, request })
+        Some(Self {
+            ch,
+            ring: std::cell::RefCell::new(None),
+            request,
+        })
+    }
+
+    /// A request that came over an io_uring queue: its reply goes to `sender`'s entry.
+    pub(crate) fn new_ring(
+        sender: crate::ring::RingSender,
+        data: &'a [u8],
+    ) -> Option<RequestWithSender<'a>> {
+        let ch = sender.ch.clone();
+        let mut req = Self::new(ch, data)?;
+        req.ring = std::cell::RefCell::new(Some(sender));
+        Some(req)
+    }
+
+    /// Where the reply goes: the request's ring entry, else /dev/fuse.
+    fn sender(&self) -> ReplySender {
+        match self.ring.borrow_mut().take() {
+            Some(ring) => ReplySender::Ring(ring),
+            None => ReplySender::Channel(self.ch.clone()),
+        }
     }
 
     /// Dispatch request to the given filesystem.
@@ -304,7 +330,7 @@ impl<'a> RequestWithSender<'a> {
                     x.offset(),
                     ReplyDirectory::new(
                         self.request.unique(),
-                        ReplySender::Channel(self.ch.clone()),
+                        self.sender(),
                         x.size() as usize,
                     ),
                 );
@@ -479,7 +505,7 @@ impl<'a> RequestWithSender<'a> {
                     x.offset(),
                     ReplyDirectoryPlus::new(
                         self.request.unique(),
-                        ReplySender::Channel(self.ch.clone()),
+                        self.sender(),
                         x.size() as usize,
                     ),
                 );
@@ -552,7 +578,7 @@ impl<'a> RequestWithSender<'a> {
     /// Create a reply object for this request that can be passed to the filesystem
     /// implementation and makes sure that a request is replied exactly once
     pub(crate) fn reply<T: Reply>(&self) -> T {
-        Reply::new(self.request.unique(), ReplySender::Channel(self.ch.clone()))
+        Reply::new(self.request.unique(), self.sender())
     }
 
     /// Returns a Request reference for this request

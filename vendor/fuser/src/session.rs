@@ -48,6 +48,8 @@ use crate::reply::Reply;
 use crate::reply::ReplyRaw;
 use crate::reply::ReplySender;
 use crate::request::RequestWithSender;
+use crate::ring::TransportStats;
+use std::sync::atomic::Ordering;
 
 /// The max size of write requests from the kernel. The absolute minimum is 4k,
 /// FUSE recommends at least 128k, max 16M. The FUSE default is 16M on macOS
@@ -139,6 +141,11 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// The payload buffer size of an io_uring entry, when INIT granted
+    /// FUSE_OVER_IO_URING (labfs patch).
+    pub(crate) ring_payload: Option<usize>,
+    /// Requests served over each transport (labfs patch).
+    pub(crate) stats: Arc<TransportStats>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +193,8 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            ring_payload: None,
+            stats: Arc::default(),
         };
 
         session.handshake()?;
@@ -214,6 +223,8 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            ring_payload: None,
+            stats: Arc::default(),
         };
 
         session.handshake()?;
@@ -252,6 +263,8 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            ring_payload,
+            stats,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -268,6 +281,7 @@ impl<FS: Filesystem> Session<FS> {
         };
 
         let mut filesystem = Arc::new(filesystem);
+        let ring_ch = ch.clone();
 
         let mut channels = Vec::with_capacity(n_threads);
 
@@ -298,6 +312,7 @@ impl<FS: Filesystem> Session<FS> {
                 ch,
                 allowed,
                 session_owner,
+                stats: stats.clone(),
             };
             threads.push(
                 thread::Builder::new()
@@ -305,6 +320,20 @@ impl<FS: Filesystem> Session<FS> {
                     .spawn(move || event_loop.event_loop())?,
             );
         }
+
+        let rings = match (ring_payload, config.io_uring_queue_depth) {
+            (Some(payload), Some(depth)) => spawn_rings(
+                &filesystem,
+                &ring_ch,
+                allowed,
+                session_owner,
+                &stats,
+                payload,
+                usize::from(depth.max(1)),
+            ),
+            _ => Vec::new(),
+        };
+        drop(ring_ch);
 
         let mut reply: io::Result<()> = Ok(());
         for thread in threads {
@@ -319,6 +348,12 @@ impl<FS: Filesystem> Session<FS> {
                     reply = Err(e);
                 }
             }
+        }
+
+        // The queues end when the connection does (ENOTCONN); a queue thread still
+        // running keeps its reference and the filesystem is destroyed when it drops.
+        if !join_rings(rings) {
+            return reply;
         }
 
         let Some(filesystem) = Arc::get_mut(&mut filesystem) else {
@@ -469,6 +504,13 @@ impl<FS: Filesystem> Session<FS> {
                 config.max_write
             );
 
+            if (init.capabilities() & config.requested).contains(InitFlags::FUSE_OVER_IO_URING) {
+                self.ring_payload = Some(crate::ring::payload_size(
+                    config.max_write,
+                    config.max_pages(),
+                ));
+            }
+
             let response = init.reply(&config);
             <ReplyRaw as Reply>::new(request.unique(), ReplySender::Channel(self.ch.sender()))
                 .send_ll(&response);
@@ -480,6 +522,17 @@ impl<FS: Filesystem> Session<FS> {
     /// Unmount the filesystem
     pub fn unmount(&mut self) -> io::Result<()> {
         self.mount.umount()
+    }
+
+    /// Whether INIT granted FUSE_OVER_IO_URING, so that `run` serves over io_uring
+    /// queues when `Config::io_uring_queue_depth` is set (labfs patch).
+    pub fn io_uring_granted(&self) -> bool {
+        self.ring_payload.is_some()
+    }
+
+    /// Counters of the requests served over /dev/fuse and over io_uring (labfs patch).
+    pub fn transport_stats(&self) -> Arc<TransportStats> {
+        self.stats.clone()
     }
 
     /// Returns a thread-safe object that can be used to unmount the Filesystem
@@ -518,6 +571,7 @@ pub(crate) struct SessionEventLoop<FS: Filesystem> {
     pub(crate) filesystem: Arc<FilesystemHolder<FS>>,
     pub(crate) allowed: SessionACL,
     pub(crate) session_owner: Uid,
+    pub(crate) stats: Arc<TransportStats>,
 }
 
 impl<FS: Filesystem> SessionEventLoop<FS> {
@@ -530,7 +584,10 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
             match self.ch.receive_retrying(buf) {
-                Ok(size) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
+                Ok(size) => match {
+                    self.stats.devfuse_requests.fetch_add(1, Ordering::Relaxed);
+                    RequestWithSender::new(self.ch.sender(), &buf[..size])
+                } {
                     // Dispatch request
                     Some(req) => {
                         if let Ok(Operation::Destroy(_)) = req.request.operation() {
@@ -591,4 +648,64 @@ impl BackgroundSession {
                 )
             })?
     }
+}
+
+/// Starts one io_uring queue per possible CPU (labfs patch, see PATCHES.md). A queue
+/// that fails to start says so; the kernel serves over the rings only once every
+/// queue has its entries, so until then (or for good) requests keep coming over
+/// /dev/fuse.
+fn spawn_rings<FS: Filesystem>(
+    filesystem: &Arc<FilesystemHolder<FS>>,
+    ch: &Channel,
+    allowed: SessionACL,
+    session_owner: Uid,
+    stats: &Arc<TransportStats>,
+    payload: usize,
+    depth: usize,
+) -> Vec<(JoinHandle<()>, std::sync::mpsc::Receiver<()>)> {
+    let queues = crate::ring::possible_cpus();
+    info!("FUSE over io_uring: {queues} queues of {depth} entries ({payload}-byte payloads)");
+    let mut rings = Vec::with_capacity(queues);
+    for qid in 0..queues {
+        let thread_name = format!("fuser-ring-{qid}");
+        let se = SessionEventLoop {
+            thread_name: thread_name.clone(),
+            filesystem: filesystem.clone(),
+            ch: ch.clone(),
+            allowed,
+            session_owner,
+            stats: stats.clone(),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = thread::Builder::new().name(thread_name).spawn(move || {
+            let r = crate::ring::run_queue(&se, &se.ch, qid as u16, depth, payload, &se.stats);
+            if let Err(e) = r {
+                error!("FUSE over io_uring, queue {qid}: {e}");
+            }
+            drop(se);
+            let _ = tx.send(());
+        });
+        match spawned {
+            Ok(h) => rings.push((h, rx)),
+            Err(e) => error!("FUSE over io_uring: starting queue {qid}: {e}"),
+        }
+    }
+    rings
+}
+
+/// Waits a little for the queues to end after /dev/fuse did; false if one is still
+/// running (it is left to finish on its own).
+fn join_rings(rings: Vec<(JoinHandle<()>, std::sync::mpsc::Receiver<()>)>) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut all = true;
+    for (h, rx) in rings {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if rx.recv_timeout(left).is_ok() {
+            let _ = h.join();
+        } else {
+            warn!("an io_uring queue thread did not end with the connection");
+            all = false;
+        }
+    }
+    all
 }

@@ -18,6 +18,11 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
+    /// Serve over FUSE-over-io_uring queues of this many entries each, one queue and
+    /// thread per possible CPU, beside the /dev/fuse threads, if the filesystem's
+    /// `init` asked for `InitFlags::FUSE_OVER_IO_URING` and the kernel granted it
+    /// (Linux only; labfs patch, see PATCHES.md). `None`: /dev/fuse only.
+    pub io_uring_queue_depth: Option<u16>,
 }
 
 /// Mount options accepted by the FUSE filesystem type
