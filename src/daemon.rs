@@ -557,6 +557,17 @@ pub fn reload(fs: &LabFs, path: Option<&Path>) -> Result<(), String> {
                     io.mode, io.why
                 ));
             }
+            let tr = crate::fuse::ring::report();
+            if let Ok(want) = crate::fuse::ring::configured(c.transport) {
+                if want.as_str() != tr.configured {
+                    remount.push(format!(
+                        "[fuse] transport {} (in force: {}, serving over {})",
+                        want.as_str(),
+                        tr.configured,
+                        tr.in_use
+                    ));
+                }
+            }
             fs.reload(&c);
             fs.health.set_timing(h.timeout, h.probe_interval);
             let mut report = format!(

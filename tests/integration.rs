@@ -17,4 +17,5 @@ mod posix;
 mod promote;
 mod security;
 mod tools;
+mod transport;
 mod xattrs;

@@ -637,6 +637,20 @@ fn unescape_mountinfo(field: &str) -> String {
 }
 
 /// The filesystem type of the topmost mount at exactly `path`, if any.
+/// The FUSE transport every lab is asked to use (`LABFS_TEST_TRANSPORT`: `uring`,
+/// `devfuse`, `auto`), if set.
+pub fn test_transport() -> Option<String> {
+    std::env::var("LABFS_TEST_TRANSPORT")
+        .ok()
+        .filter(|v| !v.is_empty())
+}
+
+/// The fuse module lets daemons serve over io_uring (`enable_uring` is Y).
+pub fn kernel_enables_uring() -> bool {
+    fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+        .is_ok_and(|v| matches!(v.trim(), "Y" | "y" | "1"))
+}
+
 pub fn mount_fstype(path: &Path) -> Option<String> {
     let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = path.to_string_lossy();
@@ -1168,6 +1182,11 @@ impl MountedLab {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
+        // LABFS_TEST_TRANSPORT=uring (the io_uring pass of .ci/run): every lab's daemon
+        // serves over that FUSE transport; a test's own env (below) still wins.
+        if let Some(t) = test_transport() {
+            cmd.env("LABFS_FUSE_TRANSPORT", t);
+        }
         for (k, v) in &self.envs {
             cmd.env(k, v);
         }

@@ -75,7 +75,6 @@ pub use crate::reply::ReplyWrite;
 pub use crate::reply::ReplyXattr;
 pub use crate::request_param::Request;
 pub use crate::session::BackgroundSession;
-#[cfg(target_os = "linux")]
 pub use crate::ring::TransportStats;
 use crate::session::MAX_WRITE_SIZE;
 pub use crate::session::Session;
@@ -101,7 +100,6 @@ mod rename_flags;
 mod reply;
 mod request;
 mod request_param;
-#[cfg(target_os = "linux")]
 mod ring;
 mod session;
 mod time;

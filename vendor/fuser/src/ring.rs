@@ -268,8 +268,8 @@ fn cmd_req(qid: u16, commit_id: u64) -> [u8; 80] {
     c
 }
 
-fn register_sqe(iov: &[libc::iovec; 2], idx: usize, qid: u16) -> squeue::Entry128 {
-    let sqe = opcode::UringCmd80::new(types::Fixed(0), FUSE_IO_URING_CMD_REGISTER)
+fn register_sqe(dev: i32, iov: &[libc::iovec; 2], idx: usize, qid: u16) -> squeue::Entry128 {
+    let sqe = opcode::UringCmd80::new(types::Fd(dev), FUSE_IO_URING_CMD_REGISTER)
         .cmd(cmd_req(qid, 0))
         .addr(Some(iov.as_ptr() as u64))
         .build()
@@ -283,8 +283,8 @@ fn register_sqe(iov: &[libc::iovec; 2], idx: usize, qid: u16) -> squeue::Entry12
     unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
 }
 
-fn commit_sqe(commit_id: u64, idx: usize, qid: u16) -> squeue::Entry128 {
-    opcode::UringCmd80::new(types::Fixed(0), FUSE_IO_URING_CMD_COMMIT_AND_FETCH)
+fn commit_sqe(dev: i32, commit_id: u64, idx: usize, qid: u16) -> squeue::Entry128 {
+    opcode::UringCmd80::new(types::Fd(dev), FUSE_IO_URING_CMD_COMMIT_AND_FETCH)
         .cmd(cmd_req(qid, commit_id))
         .build()
         .user_data(idx as u64)
@@ -343,7 +343,11 @@ pub(crate) fn run_queue<FS: Filesystem>(
     pin_to(usize::from(qid));
     let sq = (depth + 1).next_power_of_two() as u32;
     let (mut ring, kind) = new_ring(sq)?;
-    ring.submitter().register_files(&[dev.as_fd().as_raw_fd()])?;
+    // /dev/fuse by descriptor, not as a registered (fixed) file: a fixed file is
+    // released only when the ring's context is torn down, asynchronously after the
+    // process is gone, and until then the connection is not aborted (programs would
+    // see ECONNABORTED/ECANCELED instead of ENOTCONN after the daemon died).
+    let devfd = dev.as_fd().as_raw_fd();
     // SAFETY: eventfd(2) returns a new descriptor or -1.
     let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
     if efd < 0 {
@@ -394,7 +398,7 @@ pub(crate) fn run_queue<FS: Filesystem>(
         let mut sub = ring.submission();
         for (i, iov) in iovs.iter().enumerate() {
             // SAFETY: the iovecs and buffers outlive the ring (dropped after it, below).
-            unsafe { sub.push(&register_sqe(iov, i, qid)) }
+            unsafe { sub.push(&register_sqe(devfd, iov, i, qid)) }
                 .map_err(|_| io::Error::other("io_uring SQ full at register"))?;
         }
         // SAFETY: wake_buf outlives the ring.
@@ -470,7 +474,7 @@ pub(crate) fn run_queue<FS: Filesystem>(
                     .unwrap_or_default(),
             );
             // SAFETY: the buffers outlive the ring.
-            if unsafe { sub.push(&commit_sqe(commit_id, idx, qid)) }.is_err() {
+            if unsafe { sub.push(&commit_sqe(devfd, commit_id, idx, qid)) }.is_err() {
                 break;
             }
         }
@@ -478,7 +482,7 @@ pub(crate) fn run_queue<FS: Filesystem>(
             let sqe = if registered[idx] {
                 continue; // a refused commit is not retried: the kernel dropped it
             } else {
-                register_sqe(&iovs[idx], idx, qid)
+                register_sqe(devfd, &iovs[idx], idx, qid)
             };
             // SAFETY: as above.
             let _ = unsafe { sub.push(&sqe) };
