@@ -313,6 +313,12 @@ type Ring = IoUring<squeue::Entry128, cqueue::Entry>;
 /// A ring that only its thread submits to, completing task work when it waits
 /// (DEFER_TASKRUN); a plain ring where the kernel refuses those flags.
 fn new_ring(entries: u32) -> io::Result<(Ring, &'static str)> {
+    if std::env::var_os("FUSER_RING_PLAIN").is_some() {
+        return Ok((
+            IoUring::builder().setup_cqsize(2 * entries).build(entries)?,
+            "plain",
+        ));
+    }
     match IoUring::builder()
         .setup_cqsize(2 * entries)
         .setup_single_issuer()
