@@ -482,9 +482,7 @@ fn parse_text(
                 Some(t) => transport = t,
                 None => p.error(
                     line,
-                    format!(
-                        "fuse.transport must be \"auto\", \"uring\" or \"devfuse\", not {v:?}"
-                    ),
+                    format!("fuse.transport must be \"auto\", \"uring\" or \"devfuse\", not {v:?}"),
                 ),
             }
         }

@@ -431,8 +431,8 @@ fn serve(
     let mut pipe_for_error = ready_pipe.take();
     let own = Arc::new(parking_lot::Mutex::new(None::<OwnMount>));
     let own2 = own.clone();
-    let transport = req.config.transport;
-    let result = crate::fuse::serve(fs.clone(), &mountpoint, &fsname, &req.options, transport, || {
+    crate::fuse::ring::configure(req.config.transport);
+    let result = crate::fuse::serve(fs.clone(), &mountpoint, &fsname, &req.options, || {
         // Mounted, not serving yet: the mount at the path is this daemon's.
         let me = OwnMount::observe(&mountpoint);
         info!(

@@ -8,7 +8,9 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::common::{mount_fstype, wait_until, MountedLab, Sh, DEFAULT_RULES, LABFS, USER};
+use crate::common::{
+    mount_fstype, wait_dead_mount, wait_until, MountedLab, Sh, DEFAULT_RULES, LABFS, USER,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 

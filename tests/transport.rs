@@ -10,7 +10,11 @@
 use crate::common::*;
 
 fn transport(lab: &MountedLab) -> serde_json::Value {
-    let out = Sh::program(LABFS, &["status", "--json", &lab.mnt().display().to_string()]).ok();
+    let out = Sh::program(
+        LABFS,
+        &["status", "--json", &lab.mnt().display().to_string()],
+    )
+    .ok();
     let v: serde_json::Value =
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("status JSON: {e}\n{out}"));
     v["fuse_transport"].clone()
@@ -68,8 +72,14 @@ fn uring_serves_every_request_over_the_rings_or_refuses_to_mount() {
     let ring = count(&after, "requests_io_uring") - count(&before, "requests_io_uring");
     let dev = count(&after, "requests_devfuse") - count(&before, "requests_devfuse");
     // 400 creates alone are 400 requests; /dev/fuse still carries FORGETs only.
-    assert!(ring >= 400, "{ring} requests over io_uring for 400 files: {after:#}");
-    assert!(dev < ring / 4, "{dev} over /dev/fuse, {ring} over io_uring: {after:#}");
+    assert!(
+        ring >= 400,
+        "{ring} requests over io_uring for 400 files: {after:#}"
+    );
+    assert!(
+        dev < ring / 4,
+        "{dev} over /dev/fuse, {ring} over io_uring: {after:#}"
+    );
     assert!(
         lab.daemon_log().contains("FUSE transport: io_uring"),
         "{}",
@@ -89,7 +99,9 @@ fn auto_follows_the_fuse_modules_enable_uring() {
     } else {
         assert_eq!(t["in_use"], "/dev/fuse", "{t:#}");
         assert!(
-            t["why"].as_str().is_some_and(|w| w.contains("enable_uring")),
+            t["why"]
+                .as_str()
+                .is_some_and(|w| w.contains("enable_uring")),
             "{t:#}"
         );
         assert_eq!(count(&t, "requests_io_uring"), 0, "{t:#}");
@@ -98,7 +110,10 @@ fn auto_follows_the_fuse_modules_enable_uring() {
     }
     let log = lab.daemon_log();
     assert!(
-        log.contains(&format!("FUSE transport: {}", t["in_use"].as_str().unwrap_or("?"))),
+        log.contains(&format!(
+            "FUSE transport: {}",
+            t["in_use"].as_str().unwrap_or("?")
+        )),
         "{log}"
     );
 }

@@ -445,6 +445,41 @@ fn atlas_file_io() {
 }
 
 #[test]
+fn fuse_transport() {
+    use crate::config::Transport;
+    let parse = |v: &str| {
+        Config::parse(
+            &format!("{STORAGE}[fuse]\ntransport = \"{v}\"\n"),
+            Path::new("t"),
+            false,
+        )
+        .map(|c| c.transport)
+    };
+    assert_eq!(
+        Config::parse(STORAGE, Path::new("t"), false)
+            .map(|c| c.transport)
+            .ok(),
+        Some(Transport::Auto)
+    );
+    assert_eq!(parse("auto").ok(), Some(Transport::Auto));
+    assert_eq!(parse("uring").ok(), Some(Transport::Uring));
+    assert_eq!(parse("devfuse").ok(), Some(Transport::Devfuse));
+    assert_errors(
+        &format!("{STORAGE}[fuse]\ntransport = \"fast\"\n"),
+        false,
+        &[(
+            5,
+            "fuse.transport must be \"auto\", \"uring\" or \"devfuse\"",
+        )],
+    );
+    assert_errors(
+        &format!("{STORAGE}[fuse]\nqueue_depth = 8\n"),
+        false,
+        &[(5, "queue_depth")],
+    );
+}
+
+#[test]
 fn unplaced_deny() {
     let cfg = Config::parse(
         &format!("unplaced = \"deny\"\n{STORAGE}"),

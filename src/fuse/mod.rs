@@ -1094,10 +1094,10 @@ pub fn serve(
     mountpoint: &Path,
     fsname: &str,
     extra: &[String],
-    transport: crate::config::Transport,
     ready: impl FnOnce(),
 ) -> std::io::Result<()> {
-    let configured = ring::configured(transport).map_err(std::io::Error::other)?;
+    let configured =
+        ring::configured(ring::configured_transport()).map_err(std::io::Error::other)?;
     let state = Arc::new(ring::TransportState::new(configured).map_err(std::io::Error::other)?);
     let _ = ring::STATE.set(state.clone());
     let mut config = session_config(fsname, extra);

@@ -46,6 +46,17 @@ pub const RING_MAX_WRITE: u32 = 1 << 20;
 
 const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
 
+/// `[fuse] transport` of the rules file the daemon mounts with (set before `serve`).
+static CONFIGURED: OnceLock<Transport> = OnceLock::new();
+
+pub fn configure(t: Transport) {
+    let _ = CONFIGURED.set(t);
+}
+
+pub(super) fn configured_transport() -> Transport {
+    CONFIGURED.get().copied().unwrap_or_default()
+}
+
 /// The transport in force: the configuration, overridden by `LABFS_FUSE_TRANSPORT`.
 pub fn configured(config: Transport) -> Result<Transport, String> {
     match std::env::var("LABFS_FUSE_TRANSPORT") {

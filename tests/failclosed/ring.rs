@@ -60,6 +60,8 @@ fn a_frozen_atlas_does_not_stall_local_requests_on_the_same_cpus_queue() {
         );
     }
     lab.thaw();
-    lab.local_ok(r#"taskset -c 0 sh -c 'echo e > "$LAB/cache/e" && cat "$LAB/cache/e" >/dev/null'"#);
+    lab.local_ok(
+        r#"taskset -c 0 sh -c 'echo e > "$LAB/cache/e" && cat "$LAB/cache/e" >/dev/null'"#,
+    );
     assert!(!lab.local.join("docs").exists());
 }
