@@ -130,7 +130,7 @@ class = 7
         false,
         &[
             (1, "unknown unplaced value \"maybe\" (expected authoritative or deny)"),
-            (2, "unknown key \"colour\" (expected one of unplaced, storage, cache, atlas, limits, rule, dir)"),
+            (2, "unknown key \"colour\" (expected one of unplaced, storage, cache, atlas, limits, fuse, rule, dir)"),
             (5, "storage.local must be an absolute path, got \"relative/dir\""),
             (6, "unknown key \"atlass\" in [storage]"),
             (8, "bad duration \"5x\" for cache.atlas_ttl"),

@@ -205,17 +205,24 @@ impl RingSender {
         hdr[ENT_PAYLOAD_SZ..ENT_PAYLOAD_SZ + 4].copy_from_slice(&(n as u32).to_le_bytes());
         self.queue.ready.lock().push(self.idx);
         if std::thread::current().id() != self.queue.thread {
-            let one = 1u64.to_ne_bytes();
-            // SAFETY: an eventfd write of 8 bytes from a live buffer.
-            let rc = unsafe { libc::write(self.queue.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
-            if rc != 8 {
-                error!(
-                    "io_uring queue wake-up failed: {}",
-                    io::Error::last_os_error()
-                );
-            }
+            self.queue.wake_up();
         }
         result
+    }
+}
+
+impl Queue {
+    /// Wakes the ring thread (its eventfd read completes).
+    fn wake_up(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: an eventfd write of 8 bytes from a live buffer.
+        let rc = unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+        if rc != 8 {
+            error!(
+                "io_uring queue wake-up failed: {}",
+                io::Error::last_os_error()
+            );
+        }
     }
 }
 
@@ -418,6 +425,7 @@ pub(crate) fn run_queue<FS: Filesystem>(
     let mut buf: Vec<u64> = vec![0; (IN_HEADER_SZ + OP_IN_SZ + payload).div_ceil(8)];
     let mut done: Vec<(u64, i32)> = Vec::with_capacity(depth + 1);
     let mut ready: Vec<usize> = Vec::with_capacity(depth);
+    let mut resubmit: Vec<usize> = Vec::new();
     let result = loop {
         match ring.submit_and_wait(1) {
             Ok(_) => {}
@@ -427,7 +435,7 @@ pub(crate) fn run_queue<FS: Filesystem>(
         done.clear();
         done.extend(ring.completion().map(|c| (c.user_data(), c.result())));
         let mut rearm = false;
-        let mut resubmit: Vec<usize> = Vec::new();
+        resubmit.clear();
         let mut ended = None;
         for &(tag, res) in &done {
             if tag == WAKE {
@@ -468,8 +476,10 @@ pub(crate) fn run_queue<FS: Filesystem>(
         }
         ready.clear();
         ready.append(&mut queue.ready.lock());
+        // The SQ holds depth + 1 entries and is empty here: every entry's command (a
+        // commit, or a REGISTER again) plus the eventfd read fit.
         let mut sub = ring.submission();
-        for &idx in &ready {
+        for (n, &idx) in ready.iter().enumerate() {
             let e = &queue.entries[idx];
             // SAFETY: the reply is written (handed over through `ready`); the kernel
             // does not own the entry until the SQE below.
@@ -481,6 +491,9 @@ pub(crate) fn run_queue<FS: Filesystem>(
             );
             // SAFETY: the buffers outlive the ring.
             if unsafe { sub.push(&commit_sqe(devfd, commit_id, idx, qid)) }.is_err() {
+                // Not expected (see above); never drop a reply: commit it next round.
+                queue.ready.lock().extend_from_slice(&ready[n..]);
+                queue.wake_up();
                 break;
             }
         }
