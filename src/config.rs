@@ -143,8 +143,9 @@ pub struct Storage {
 /// How long the kernel may cache attributes and entries, per backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheConfig {
-    /// Short: other nodes change Atlas behind our back.
-    pub atlas_ttl: Duration,
+    /// Short: other nodes change Atlas behind our back. `None` (`"auto"`, the
+    /// default): derived from the Atlas mount (src/fs/atlas_io.rs, [`crate::fs::atlas_io::auto_ttl`]).
+    pub atlas_ttl: Option<Duration>,
     /// Long: only this node writes its local SSD.
     pub local_ttl: Duration,
 }
@@ -152,7 +153,7 @@ pub struct CacheConfig {
 impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
-            atlas_ttl: Duration::from_secs(1),
+            atlas_ttl: None,
             local_ttl: Duration::from_secs(3600),
         }
     }
@@ -167,6 +168,19 @@ pub struct HealthConfig {
     pub probe_interval: Duration,
     /// `[atlas] file_io`: kernel passthrough or the daemon for open Atlas files.
     pub file_io: AtlasFileIo,
+    /// `[atlas] metadata`: where Atlas metadata requests run.
+    pub metadata: AtlasMetadata,
+}
+
+/// `[atlas] metadata` (see src/fs/atlas_io.rs, [`crate::fs::atlas_io::AtlasMetadataMode`]):
+/// `auto` runs Atlas requests inline, like local ones, only where Atlas is a local
+/// filesystem; `lane` hands every Atlas request to the Atlas lane threads, bounded by
+/// the watchdog, whatever the filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AtlasMetadata {
+    #[default]
+    Auto,
+    Lane,
 }
 
 /// `[atlas] file_io` (see src/fs/atlas_io.rs): `auto` passes open Atlas files through
@@ -185,6 +199,7 @@ impl Default for HealthConfig {
             timeout: Duration::from_secs(10),
             probe_interval: Duration::from_secs(2),
             file_io: AtlasFileIo::Auto,
+            metadata: AtlasMetadata::Auto,
         }
     }
 }
@@ -340,7 +355,7 @@ const LIMITS_KEYS: &[&str] = &["open_files_per_uid"];
 const FUSE_KEYS: &[&str] = &["transport"];
 const STORAGE_KEYS: &[&str] = &["atlas", "local", "atlas_id"];
 const CACHE_KEYS: &[&str] = &["atlas_ttl", "local_ttl"];
-const ATLAS_KEYS: &[&str] = &["timeout", "probe_interval", "file_io"];
+const ATLAS_KEYS: &[&str] = &["timeout", "probe_interval", "file_io", "metadata"];
 const RULE_KEYS: &[&str] = &[
     "path",
     "class",
@@ -419,8 +434,10 @@ fn parse_text(
     let mut cache = CacheConfig::default();
     if let Some((table, _)) = p.section(root, "cache") {
         p.check_keys(table, Some("[cache]"), CACHE_KEYS);
-        if let Some(d) = p.duration(table, "cache", "atlas_ttl") {
-            cache.atlas_ttl = d;
+        if table.get("atlas_ttl").and_then(|i| i.as_str()) == Some("auto") {
+            cache.atlas_ttl = None;
+        } else if let Some(d) = p.duration(table, "cache", "atlas_ttl") {
+            cache.atlas_ttl = Some(d);
         }
         if let Some(d) = p.duration(table, "cache", "local_ttl") {
             cache.local_ttl = d;
@@ -443,6 +460,16 @@ fn parse_text(
                 } else {
                     *slot = d;
                 }
+            }
+        }
+        if let Some((v, line)) = p.string(table, "atlas", "metadata") {
+            match v {
+                "auto" => health.metadata = AtlasMetadata::Auto,
+                "lane" => health.metadata = AtlasMetadata::Lane,
+                other => p.error(
+                    line,
+                    format!("atlas.metadata must be \"auto\" or \"lane\", not {other:?}"),
+                ),
             }
         }
         if let Some((v, line)) = p.string(table, "atlas", "file_io") {

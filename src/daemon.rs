@@ -534,10 +534,17 @@ pub fn reload(fs: &LabFs, path: Option<&Path>) -> Result<(), String> {
                 ));
             }
             let old = fs.live();
-            if c.cache.atlas_ttl != old.atlas_ttl || c.cache.local_ttl != old.local_ttl {
+            let atlas_ttl = fs.atlas_ttl_under(&c);
+            if atlas_ttl != old.atlas_ttl || c.cache.local_ttl != old.local_ttl {
                 applied.push(format!(
-                    "[cache] atlas_ttl {:?}, local_ttl {:?}",
-                    c.cache.atlas_ttl, c.cache.local_ttl
+                    "[cache] atlas_ttl {:?}{}, local_ttl {:?}",
+                    atlas_ttl,
+                    if c.cache.atlas_ttl.is_none() {
+                        " (auto)"
+                    } else {
+                        ""
+                    },
+                    c.cache.local_ttl
                 ));
             }
             let h = &c.atlas_health;

@@ -42,6 +42,8 @@ pub struct Status {
     pub atlas_health: HealthReport,
     /// Kernel passthrough or the daemon for open Atlas files, and why.
     pub atlas_file_io: crate::fs::atlas_io::AtlasIo,
+    /// Where Atlas metadata requests run (inline or on the Atlas lane), and why.
+    pub atlas_metadata: crate::fs::atlas_io::AtlasMetadataMode,
     /// The FUSE transport in use (io_uring or /dev/fuse), why, and requests over each.
     pub fuse_transport: crate::fuse::ring::TransportReport,
     pub inodes: usize,
@@ -91,6 +93,7 @@ pub fn collect(fs: &LabFs, full: bool) -> Status {
         },
         atlas_health: health,
         atlas_file_io: fs.atlas_io(),
+        atlas_metadata: fs.atlas_metadata(),
         fuse_transport: crate::fuse::ring::report(),
         inodes: fs.inodes.len(),
         open_files: fs.handles.open_files(),
@@ -513,6 +516,18 @@ fn print_table(v: &serde_json::Value) {
         },
         io["why"].as_str().unwrap_or("?")
     );
+    let md = &v["atlas_metadata"];
+    if md.is_object() {
+        println!(
+            "Atlas metadata requests: {} ({})",
+            match md["mode"].as_str() {
+                Some("inline") => "inline, like local ones",
+                Some("lane") => "on the Atlas lane (bounded)",
+                _ => "?",
+            },
+            md["why"].as_str().unwrap_or("?")
+        );
+    }
     let tr = &v["fuse_transport"];
     println!(
         "FUSE transport: {} ({}); requests over /dev/fuse: {}, over io_uring: {}",

@@ -419,3 +419,97 @@ fn an_open_atlas_file_grown_by_another_node_shows_its_new_size_and_bytes() {
         assert_eq!(more, "two\n", "{mode}: the appended bytes");
     }
 }
+
+/// Time the daemon's Atlas lane threads (`atlas-N`) have run, nanoseconds.
+fn atlas_lane_cpu_ns(pid: u32) -> u64 {
+    let mut total = 0;
+    let tasks = fs::read_dir(format!("/proc/{pid}/task")).expect("daemon tasks");
+    for t in tasks.flatten() {
+        let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if !comm.starts_with("atlas-") || comm == "atlas-watchdog" {
+            continue;
+        }
+        let s = fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        total += s
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
+/// Where Atlas metadata requests run (src/fs/atlas_io.rs, `AtlasMetadataMode`): on an
+/// Atlas that is a local filesystem (tmpfs here) inline on the event loop, like local
+/// requests, with no lane thread involved; with `[atlas] metadata = "lane"` on the
+/// Atlas lane's threads. Both answer the same. (An Atlas with a server behind it keeps
+/// the lane: the frozen-Atlas tests in tests/failclosed.rs run over FUSE.)
+#[test]
+fn atlas_metadata_runs_inline_on_a_local_filesystem_and_on_the_lane_when_asked() {
+    let mut spent = Vec::new();
+    for (knob, mode) in [("", "inline"), ("[atlas]\nmetadata = \"lane\"\n", "lane")] {
+        let lab = MountedLab::builder()
+            .rules(&format!("{knob}{DEFAULT_RULES}"))
+            .mount();
+        let v = status_json(lab.mnt());
+        assert_eq!(v["atlas_metadata"]["mode"], mode, "{}", v["atlas_metadata"]);
+        lab.sh(r#"mkdir -p "$LAB/docs/m""#);
+        let before_requests = atlas_requests(lab.mnt());
+        let before = atlas_lane_cpu_ns(lab.pid());
+        let out = lab.sh(
+            r#"cd "$LAB/docs/m" && for i in $(seq 300); do : > f$i; chmod 600 f$i; done
+               mv f1 g1 && rm f2 && stat -c %a f3 && ls | wc -l"#,
+        );
+        let lane_ns = atlas_lane_cpu_ns(lab.pid()) - before;
+        assert_eq!(
+            out.split_whitespace().collect::<Vec<_>>(),
+            ["600", "299"],
+            "{mode}"
+        );
+        assert!(
+            atlas_requests(lab.mnt()) - before_requests >= 600,
+            "{mode}: the creates and chmods were not counted as Atlas requests"
+        );
+        spent.push((mode, lane_ns));
+    }
+    let (inline, lane) = (spent[0].1, spent[1].1);
+    assert!(
+        inline < 5_000_000 && lane > 4 * inline.max(1_000_000),
+        "Atlas lane threads ran {inline} ns inline, {lane} ns with metadata = \"lane\" for the same 900 requests"
+    );
+}
+
+/// `[cache] atlas_ttl = "auto"` (the default) on an Atlas that is a local filesystem
+/// (tmpfs here) is 3 s: a change made on Atlas behind labfs (by another node through
+/// this host's NFS server, say) shows through the mount no earlier than 3 s after the
+/// kernel cached the file, and soon after that (src/fs/atlas_io.rs, `auto_ttl`;
+/// docs/semantics.md, *Caching*).
+#[test]
+fn atlas_ttl_auto_caches_a_local_filesystem_atlas_for_three_seconds() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = MountedLab::new();
+    lab.sh(r#"mkdir -p "$LAB/docs""#);
+    let p = lab.path("docs/auto");
+    // Before the create: the create's reply starts the kernel's 3 s.
+    let start = Instant::now();
+    fs::write(&p, b"x").expect("create through labfs");
+    let was = mode(&p) & 0o777;
+    let new = if was == 0o600 { 0o640 } else { 0o600 };
+    fs::set_permissions(lab.atlas_path("docs/auto"), fs::Permissions::from_mode(new))
+        .expect("chmod on the Atlas backend");
+    wait_until(
+        "the mode changed on Atlas shows through the mount",
+        Duration::from_secs(15),
+        || mode(&p) & 0o777 == new,
+    );
+    let seen = start.elapsed();
+    assert!(
+        seen >= Duration::from_millis(2900),
+        "a change behind labfs showed after {seen:?}: the kernel did not cache the Atlas attributes for the auto TTL (3 s)"
+    );
+    assert!(
+        seen < Duration::from_secs(3 + 7),
+        "a change behind labfs took {seen:?} to show (auto TTL 3 s)"
+    );
+}

@@ -773,6 +773,10 @@ fn count(haystack: &str, needle: &str) -> usize {
 #[test]
 fn frozen_atlas_fails_closed_while_local_paths_keep_working() {
     let lab = FrozenLab::new(true);
+    // An Atlas with a process behind it (FUSE here, NFS in production) keeps its
+    // requests on the Atlas lane, under the watchdog (src/fs/atlas_io.rs).
+    let md = &lab.status_json()["atlas_metadata"];
+    assert_eq!(md["mode"], "lane", "{md}");
     lab.cmd(
         r#"mkdir -p "$LAB/docs" "$LAB/cache" "$LAB/scans/s1/work" "$LAB/state"
            echo hello > "$LAB/docs/existing"

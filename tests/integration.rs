@@ -10,6 +10,7 @@ mod failclosed;
 mod identity;
 mod inode_flags;
 mod inodes;
+mod listing;
 mod namespace;
 mod nfs;
 mod operations;

@@ -329,6 +329,22 @@ fn promote_tree_keeps_content_metadata_and_inode_numbers() {
         !labfs_attrs(&lab, &top).contains_key("user.labfs.digest"),
         "directories have no digest"
     );
+    // Objects whose tags are xattrs get no store record: with xattrs on Atlas the
+    // store holds the symlink's alone (symlinks cannot carry user xattrs).
+    if backend_takes_user_xattrs(&lab, &lab.atlas_path(".labfs/atlas-id")) {
+        let records = lab.sh(&format!(
+            r#"cd "{}" && find . -type f | sort"#,
+            lab.atlas_path(".labfs/tags/scans/s1/work/out").display()
+        ));
+        assert_eq!(
+            records.trim(),
+            "./dangling.labfs-tags\n./sub/link.labfs-tags"
+        );
+        let rec =
+            fs::read_to_string(lab.atlas_path(".labfs/tags/scans/s1/work/out/sub/link.labfs-tags"))
+                .expect("the symlink's tag record");
+        assert!(rec.contains("authoritative"), "{rec}");
+    }
 
     drop(pins);
 

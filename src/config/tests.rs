@@ -9,7 +9,7 @@ atlas = "/mnt/atlas/lab"          # authoritative store: the Atlas NFS mount
 local = "/var/lib/labfs/local"    # this node's local SSD
 atlas_id = "..."                  # optional: the id written by `labfs init-atlas`
 [cache]                           # optional
-atlas_ttl = "1s"                  # durations: "500ms", "1s", "2m", "1h", or an integer number of seconds
+atlas_ttl = "auto"                # "auto" (from the Atlas mount) or a duration: "500ms", "1s", "2m", "1h", or whole seconds
 local_ttl = "1h"
 [atlas]                           # optional
 timeout = "10s"
@@ -400,7 +400,16 @@ fn durations() {
     }
     let text = format!("{STORAGE}[cache]\natlas_ttl = 0\nlocal_ttl = \"250ms\"\n[atlas]\ntimeout = 3\nprobe_interval = \"1m\"\n");
     let cfg = Config::parse(&text, Path::new("t"), false).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(cfg.cache.atlas_ttl, Duration::ZERO);
+    assert_eq!(cfg.cache.atlas_ttl, Some(Duration::ZERO));
+    let auto = format!("{STORAGE}[cache]\natlas_ttl = \"auto\"\n");
+    let auto_cfg = Config::parse(&auto, Path::new("l.toml"), false).expect("auto parses");
+    assert_eq!(auto_cfg.cache.atlas_ttl, None);
+    let bad = format!("{STORAGE}[cache]\natlas_ttl = \"automatic\"\n");
+    assert_errors(
+        &bad,
+        false,
+        &[(5, "bad duration \"automatic\" for cache.atlas_ttl")],
+    );
     assert_eq!(cfg.cache.local_ttl, Duration::from_millis(250));
     assert_eq!(cfg.atlas_health.timeout, Duration::from_secs(3));
     assert_eq!(cfg.atlas_health.probe_interval, Duration::from_secs(60));

@@ -52,6 +52,12 @@ impl AtlasIo {
         !self.local_fs
     }
 
+    /// Whether Atlas is a local filesystem (ext4, xfs, ... : no server behind it),
+    /// whatever `file_io` decided.
+    pub fn local_fs(&self) -> bool {
+        self.local_fs
+    }
+
     fn pass(why: String) -> AtlasIo {
         AtlasIo {
             mode: "passthrough",
@@ -254,6 +260,143 @@ pub fn for_backend(flag: bool, config: &crate::config::Config, root_fd: RawFd) -
     )
 }
 
+/// Where Atlas metadata requests (lookup, getattr, setattr, create, ...) run, and
+/// why: decided once per mount, like [`AtlasIo`].
+///
+/// On the Atlas lane (threads of their own, each call timed by the watchdog), a hung
+/// server cannot take the threads that serve local paths. That costs a hand-off per
+/// request: a wake-up of a lane thread, often on the other CPU (about 45 us on the
+/// benchmark VM against 5 us on the same CPU: docs/benchmarks.md), which doubled the
+/// cost of a `tar x` on Atlas against the same requests on a local path. Where Atlas
+/// is a local filesystem there is no server to hang (the same reason its open files
+/// are passed through the kernel), so its requests run inline like local ones.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AtlasMetadataMode {
+    /// `"inline"` or `"lane"`.
+    pub mode: &'static str,
+    pub why: String,
+}
+
+impl AtlasMetadataMode {
+    pub fn inline(&self) -> bool {
+        self.mode == "inline"
+    }
+}
+
+/// The metadata decision: `[atlas] metadata = "lane"` always hands Atlas requests to
+/// the lane; `auto` runs them inline only on a local filesystem (`mount` as for
+/// [`decide`]).
+pub fn decide_metadata(
+    knob: crate::config::AtlasMetadata,
+    mount: Result<&MountEntry, &str>,
+) -> AtlasMetadataMode {
+    let lane = |why: String| AtlasMetadataMode { mode: "lane", why };
+    if knob == crate::config::AtlasMetadata::Lane {
+        return lane("[atlas] metadata = \"lane\"".into());
+    }
+    match mount {
+        Ok(m) if LOCAL_BLOCK.contains(&m.fstype.as_str()) => AtlasMetadataMode {
+            mode: "inline",
+            why: format!(
+                "Atlas is on {} ({}), a local filesystem: no server can hang its calls",
+                m.fstype, m.mount_point
+            ),
+        },
+        Ok(m) => lane(format!(
+            "Atlas is on {} ({}): each request is bounded by [atlas] timeout",
+            m.fstype, m.mount_point
+        )),
+        Err(e) => lane(format!("the Atlas mount could not be identified: {e}")),
+    }
+}
+
+/// The metadata decision for the Atlas backend whose root is open as `root_fd`.
+pub fn metadata_for_backend(config: &crate::config::Config, root_fd: RawFd) -> AtlasMetadataMode {
+    let mount = mount_of_fd(root_fd).map_err(|e| e.to_string());
+    decide_metadata(
+        config.atlas_health.metadata,
+        mount.as_ref().map_err(|e| e.as_str()),
+    )
+}
+
+/// The NFS client's own attribute-cache minimums when the mount does not name them
+/// (nfs(5): `acregmin` 3 s, `acdirmin` 30 s; mountinfo lists only values that differ).
+const NFS_DEFAULT_ACREGMIN: Duration = Duration::from_secs(3);
+const NFS_DEFAULT_ACDIRMIN: Duration = Duration::from_secs(30);
+/// `atlas_ttl` where nothing better is known (a FUSE or other network filesystem, an
+/// unidentified mount): the TTL labfs used before `auto`.
+const FALLBACK_TTL: Duration = Duration::from_secs(1);
+
+/// `[cache] atlas_ttl = "auto"` (the default): how long the kernel may cache Atlas
+/// entries and attributes, from what the Atlas mount itself caches, and why.
+///
+/// - NFS: the shorter of the mount's `acregmin` and `acdirmin` (default 3 s; `actimeo=N`
+///   sets both; `noac` gives 0). The NFS client answers labfs's own `fstatat` from its
+///   attribute cache for at least that long, so a shorter labfs TTL sends round trips
+///   that see nothing newer; the multi-node window stays NFS's own plus at most this.
+/// - A local filesystem (no server and no NFS cache of its own): 3 s, NFS's default
+///   `acregmin`, so changes made beside labfs (another node through this host's NFS
+///   server, a tool on the backend) show here no later than on a default NFS client.
+/// - Anything else: 1 s.
+pub fn auto_ttl(mount: Result<&MountEntry, &str>) -> (Duration, String) {
+    let m = match mount {
+        Ok(m) => m,
+        Err(e) => {
+            return (
+                FALLBACK_TTL,
+                format!("the Atlas mount could not be identified ({e}): 1 s"),
+            )
+        }
+    };
+    let fs = m.fstype.as_str();
+    if fs == "nfs" || fs == "nfs4" {
+        let opt = |k: &str| {
+            m.super_options
+                .iter()
+                .find_map(|o| o.strip_prefix(k))
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(Duration::from_secs)
+        };
+        if m.super_options.iter().any(|o| o == "noac") {
+            return (
+                Duration::ZERO,
+                format!("Atlas is NFS with noac ({})", m.mount_point),
+            );
+        }
+        let reg = opt("acregmin=").unwrap_or(NFS_DEFAULT_ACREGMIN);
+        let dir = opt("acdirmin=").unwrap_or(NFS_DEFAULT_ACDIRMIN);
+        let ttl = reg.min(dir);
+        return (
+            ttl,
+            format!(
+                "Atlas is NFS ({}): acregmin {} s, acdirmin {} s",
+                m.mount_point,
+                reg.as_secs(),
+                dir.as_secs()
+            ),
+        );
+    }
+    if LOCAL_BLOCK.contains(&fs) {
+        return (
+            NFS_DEFAULT_ACREGMIN,
+            format!(
+                "Atlas is on {fs} ({}), a local filesystem: 3 s, an NFS client's default acregmin",
+                m.mount_point
+            ),
+        );
+    }
+    (
+        FALLBACK_TTL,
+        format!("Atlas is on {fs} ({}): 1 s", m.mount_point),
+    )
+}
+
+/// [`auto_ttl`] for the Atlas backend whose root is open as `root_fd`.
+pub fn auto_ttl_for_backend(root_fd: RawFd) -> (Duration, String) {
+    let mount = mount_of_fd(root_fd).map_err(|e| e.to_string());
+    auto_ttl(mount.as_ref().map_err(|e| e.as_str()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,5 +512,36 @@ mod tests {
             decide(false, AtlasFileIo::Daemon, Ok(&ext4), t).mode,
             "daemon"
         );
+    }
+
+    #[test]
+    fn metadata_runs_inline_only_on_a_local_filesystem() {
+        use crate::config::AtlasMetadata;
+        let ext4 = entry("70 29 7:1 / /srv/atlas rw,relatime shared:40 - ext4 /dev/loop1 rw");
+        let nfs = entry(NFS_HARD);
+        let fuse = entry("71 29 0:60 / /srv/atlas rw,relatime - fuse.mergerfs a:b rw");
+        assert!(decide_metadata(AtlasMetadata::Auto, Ok(&ext4)).inline());
+        assert!(!decide_metadata(AtlasMetadata::Auto, Ok(&nfs)).inline());
+        assert!(!decide_metadata(AtlasMetadata::Auto, Ok(&fuse)).inline());
+        assert!(!decide_metadata(AtlasMetadata::Auto, Err("no")).inline());
+        assert!(!decide_metadata(AtlasMetadata::Lane, Ok(&ext4)).inline());
+    }
+
+    #[test]
+    fn auto_ttl_follows_the_nfs_attribute_cache() {
+        let nfs = entry(NFS_HARD);
+        assert_eq!(auto_ttl(Ok(&nfs)).0, Duration::from_secs(3));
+        let actimeo =
+            entry(&NFS_HARD.replace("hard,", "hard,acregmin=1,acregmax=1,acdirmin=1,acdirmax=1,"));
+        assert_eq!(auto_ttl(Ok(&actimeo)).0, Duration::from_secs(1));
+        let dirs_short = entry(&NFS_HARD.replace("hard,", "hard,acdirmin=2,"));
+        assert_eq!(auto_ttl(Ok(&dirs_short)).0, Duration::from_secs(2));
+        let noac = entry(&NFS_HARD.replace("hard,", "hard,noac,"));
+        assert_eq!(auto_ttl(Ok(&noac)).0, Duration::ZERO);
+        let ext4 = entry("70 29 7:1 / /srv/atlas rw,relatime shared:40 - ext4 /dev/loop1 rw");
+        assert_eq!(auto_ttl(Ok(&ext4)).0, Duration::from_secs(3));
+        let fuse = entry("71 29 0:60 / /srv/atlas rw,relatime - fuse.mergerfs a:b rw");
+        assert_eq!(auto_ttl(Ok(&fuse)).0, Duration::from_secs(1));
+        assert_eq!(auto_ttl(Err("no")).0, Duration::from_secs(1));
     }
 }

@@ -769,6 +769,15 @@ impl LabFs {
             .is_some_and(|d| d.lock().keep_cache)
     }
 
+    /// Whether the entries of a listing of directory `ino` must be noted for outages
+    /// ([`LabFs::note_entry`]): not when the rules put the directory and everything
+    /// below it on Atlas, where no entry is transitional or on the way to a local path.
+    pub fn listing_notes_entries(&self, ino: u64) -> bool {
+        self.npath_of(ino).map_or(true, |p| {
+            self.live().rules.uniform_backend(&p) != Some(BackendKind::Atlas)
+        })
+    }
+
     pub fn releasedir(&self, fh: u64) {
         self.handles.dirs.remove(&fh);
     }
@@ -806,6 +815,10 @@ impl LabFs {
             .unwrap_or(ROOT_INO);
         let mut out = Vec::new();
         let mut used = 0usize;
+        // One buffer for every entry's NUL-terminated name (no CString per entry).
+        let mut cbuf = Vec::with_capacity(256);
+        // The caller's identity for the whole batch: one switch, not two per entry.
+        let _as = creds.assume()?;
         for (i, item) in dh.items.iter().enumerate().skip(offset as usize) {
             // struct fuse_dirent is 24 bytes + name, padded to 8; fuse_direntplus adds
             // a 128-byte fuse_entry_out.
@@ -856,46 +869,75 @@ impl LabFs {
                     continue;
                 }
             }
-            let Ok(cname) = cstring(&item.name) else {
-                continue;
+            cbuf.clear();
+            cbuf.extend_from_slice(item.name.as_bytes());
+            cbuf.push(0);
+            let Ok(cname) = std::ffi::CStr::from_bytes_with_nul(&cbuf) else {
+                continue; // a NUL inside a name: no backend lists one
             };
-            let st = {
-                let _as = creds.assume()?;
-                match fstatat(dir.as_raw_fd(), &cname) {
-                    Ok(st) => st,
-                    Err(_) => continue, // gone since opendir
-                }
-            };
-            let key = key_of(from, &st);
-            let kind = Kind::from_mode(st.st_mode);
-            if plus {
-                let Ok(entry) = self.entry_in(&creds, dh.ino, &item.name, from, (dir, &cname, &st))
-                else {
-                    continue; // gone since the stat
-                };
-                out.push(DirEntryOut {
-                    name: item.name.clone(),
-                    offset: off,
-                    kind,
-                    ino: entry.attr.ino,
-                    entry: Some(entry),
-                });
-            } else {
-                let ino = self
-                    .inodes
-                    .peek(&key)
-                    .or_else(|| self.inodes.number(&key))
-                    .unwrap_or(0);
-                out.push(DirEntryOut {
+            match self.dir_entry(&creds, dh.ino, item, (from, dir, dev), cname, plus) {
+                Ok((kind, ino, entry)) => out.push(DirEntryOut {
                     name: item.name.clone(),
                     offset: off,
                     kind,
                     ino,
-                    entry: None,
-                });
+                    entry,
+                }),
+                // Gone since the listing was taken: left out, as natively.
+                Err(e) if e.errno() == libc::ENOENT => continue,
+                // Any other failure (EACCES in a directory the caller may read but not
+                // search, EIO or ESTALE from an NFS Atlas) ends the batch: the entries
+                // before it go out, and the next request, starting at this name, fails
+                // with the error. A listing never silently misses a name.
+                Err(e) if out.is_empty() => return Err(e),
+                Err(_) => break,
             }
         }
         Ok(out)
+    }
+
+    /// The type, number and (with `plus`) entry of one listed name, looked up in the
+    /// part `dir` (on device `dev`) of directory `parent`, as the caller (whose
+    /// identity the batch holds).
+    fn dir_entry(
+        &self,
+        creds: &Creds,
+        parent: u64,
+        item: &DirItem,
+        (from, dir, dev): (BackendKind, &ObjFd, u64),
+        cname: &std::ffi::CStr,
+        plus: bool,
+    ) -> Result<(Kind, u64, Option<EntryOut>)> {
+        if plus && item.dino != 0 && dev != 0 {
+            let listed = super::BackingKey {
+                backend: from,
+                dev,
+                ino: item.dino,
+            };
+            if self.inodes.peek(&listed).is_none() {
+                // No inode holds the object listed under this name (a cold cache): its
+                // O_PATH open, needed to remember it, also gives the stat, so the name
+                // is looked up once, not twice. If the name now holds another object,
+                // the open finds that one.
+                let (fd, st) = super::object::open_child(dir, cname)?;
+                let entry =
+                    self.entry_fd(parent, &item.name, from, fd.as_raw_fd(), &st, Some(fd))?;
+                return Ok((Kind::from_mode(st.st_mode), entry.attr.ino, Some(entry)));
+            }
+        }
+        let st = fstatat(dir.as_raw_fd(), cname)?;
+        let kind = Kind::from_mode(st.st_mode);
+        if plus {
+            let entry = self.entry_in(creds, parent, &item.name, from, (dir, cname, &st))?;
+            return Ok((kind, entry.attr.ino, Some(entry)));
+        }
+        let key = key_of(from, &st);
+        let ino = self
+            .inodes
+            .peek(&key)
+            .or_else(|| self.inodes.number(&key))
+            .unwrap_or(0);
+        Ok((kind, ino, None))
     }
 
     pub fn fsyncdir(&self, ctx: &Ctx, ino: u64) -> Result<()> {

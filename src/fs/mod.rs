@@ -29,7 +29,7 @@ pub mod ro_marker;
 pub mod tag_reader;
 pub mod xattr;
 
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CStr, CString, OsStr, OsString};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
@@ -101,6 +101,10 @@ pub struct LabFs {
     pub placements: placements::PlacementCounts,
     /// Kernel passthrough or the daemon for open Atlas files, and why ([`atlas_io`]).
     atlas_io: atlas_io::AtlasIo,
+    /// Where Atlas metadata requests run, and why ([`atlas_io::AtlasMetadataMode`]).
+    atlas_meta: atlas_io::AtlasMetadataMode,
+    /// `[cache] atlas_ttl = "auto"` resolved for this mount's Atlas ([`atlas_io::auto_ttl`]).
+    auto_ttl: Duration,
     /// False once the kernel turned FUSE passthrough down at init.
     kernel_passthrough: std::sync::atomic::AtomicBool,
     /// Whether a removed object the kernel still holds is kept alive by a descriptor
@@ -140,7 +144,12 @@ impl LabFs {
     ) -> std::io::Result<LabFs> {
         let atlas = Backend::open(BackendKind::Atlas, &config.storage.atlas)?;
         let local = Backend::open(BackendKind::Local, &config.storage.local)?;
-        let live = Live::from_config(config);
+        let (auto_ttl, auto_why) = atlas_io::auto_ttl_for_backend(atlas.root_fd());
+        let live = Live::from_config(config, auto_ttl);
+        match config.cache.atlas_ttl {
+            None => tracing::info!("Atlas entry and attribute TTL {auto_ttl:?} (auto: {auto_why})"),
+            Some(t) => tracing::info!("Atlas entry and attribute TTL {t:?} ([cache] atlas_ttl)"),
+        }
         let root_backend = live.rules.resolve("/").backend();
         let handle_roots = [
             object::reopen(&atlas.root_fd(), libc::O_RDONLY | libc::O_DIRECTORY).ok(),
@@ -169,6 +178,12 @@ impl LabFs {
             Backing::Fd(Arc::new(root_fd)),
         );
         let atlas_io = atlas_io::for_backend(options.atlas_passthrough, config, atlas.root_fd());
+        let atlas_meta = atlas_io::metadata_for_backend(config, atlas.root_fd());
+        tracing::info!(
+            "Atlas metadata requests: {} ({})",
+            atlas_meta.mode,
+            atlas_meta.why
+        );
         let atlas_holds =
             atlas_io::mount_of_fd(atlas.root_fd()).is_ok_and(|m| !m.fstype.starts_with("nfs"));
         tracing::info!(
@@ -182,6 +197,8 @@ impl LabFs {
         );
         Ok(LabFs {
             atlas_io,
+            atlas_meta,
+            auto_ttl,
             kernel_passthrough: std::sync::atomic::AtomicBool::new(true),
             atlas,
             local,
@@ -211,10 +228,29 @@ impl LabFs {
     }
 
     /// Whether recently used objects on `kind` keep an O_PATH descriptor in the
-    /// inode table's small cache: only on the local SSD, which only labfs changes (an
-    /// Atlas object may be replaced by another node, and is reopened each time).
-    fn caches_recent(kind: BackendKind) -> bool {
-        kind == BackendKind::Local
+    /// inode table's small cache: on the local SSD, and on an Atlas that is a local
+    /// filesystem (the descriptor is of the object itself, as a reopen by handle
+    /// would give). Not on NFS: a descriptor held by this client makes an unlink
+    /// through it silly-rename the file (`.nfsXXXX`, and `rm -rf` of its directory
+    /// fails), so there the object is reopened by handle each time.
+    fn caches_recent(&self, kind: BackendKind) -> bool {
+        kind == BackendKind::Local || self.atlas_io.local_fs()
+    }
+
+    /// The Atlas TTL `config` gives on this mount (`auto` resolved).
+    pub fn atlas_ttl_under(&self, config: &Config) -> Duration {
+        config.cache.atlas_ttl.unwrap_or(self.auto_ttl)
+    }
+
+    /// Where Atlas metadata requests run, and why.
+    pub fn atlas_metadata(&self) -> atlas_io::AtlasMetadataMode {
+        self.atlas_meta.clone()
+    }
+
+    /// Whether Atlas requests run inline, like local ones (Atlas is a local
+    /// filesystem: [`atlas_io::AtlasMetadataMode`]).
+    pub fn atlas_inline(&self) -> bool {
+        self.atlas_meta.inline()
     }
 
     /// How open Atlas files are served, and why ([`atlas_io`]).
@@ -264,7 +300,7 @@ impl LabFs {
 
     /// Swap in new rules (SIGHUP / `labfs reload`); in-flight requests finish with the old.
     pub fn reload(&self, config: &Config) {
-        *self.live.write() = Arc::new(Live::from_config(config));
+        *self.live.write() = Arc::new(Live::from_config(config, self.auto_ttl));
     }
 
     pub fn set_invalidator(&self, f: Box<dyn Fn(Invalidate) + Send + Sync>) {
@@ -458,7 +494,7 @@ impl LabFs {
             .map(|f| f.as_raw_fd())
             .unwrap_or_else(|| self.backend(kind).root_fd());
         let recent = match (&backing, key) {
-            (Backing::Handle(_), Some(k)) if Self::caches_recent(kind) => Some(k),
+            (Backing::Handle(_), Some(k)) if self.caches_recent(kind) => Some(k),
             _ => None,
         };
         if recent.is_some() {
@@ -655,7 +691,7 @@ impl LabFs {
         parent: u64,
         name: &OsStr,
         kind: BackendKind,
-        (dir, cname, stat): (&ObjFd, &CString, &libc::stat),
+        (dir, cname, stat): (&ObjFd, &CStr, &libc::stat),
     ) -> Result<EntryOut> {
         let key = key_of(kind, stat);
         if let Some(ino) = self.inodes.bump(&key, parent, name) {
@@ -675,7 +711,7 @@ impl LabFs {
         let fd = Arc::new(fd);
         let backing = Backing::of_shared_fd(&fd, self.handle_mount(kind));
         let ino = self.inodes.remember(key, backing, parent, name, is_dir);
-        if Self::caches_recent(kind) {
+        if self.caches_recent(kind) {
             self.inodes.recent_put(ino, key, fd);
         }
         Ok(EntryOut {
@@ -709,7 +745,7 @@ impl LabFs {
                 self.inodes.remember(key, backing, parent, name, is_dir)
             }
         };
-        if let (Some(p), true) = (path_fd, Self::caches_recent(kind)) {
+        if let (Some(p), true) = (path_fd, self.caches_recent(kind)) {
             self.inodes.recent_put(ino, key, p);
         }
         Ok(EntryOut {
@@ -783,10 +819,10 @@ impl LabFs {
 }
 
 impl Live {
-    fn from_config(config: &Config) -> Live {
+    fn from_config(config: &Config, auto_ttl: Duration) -> Live {
         Live {
             rules: Arc::new(config.rules.clone()),
-            atlas_ttl: config.cache.atlas_ttl,
+            atlas_ttl: config.cache.atlas_ttl.unwrap_or(auto_ttl),
             local_ttl: config.cache.local_ttl,
             source: config.source.display().to_string(),
         }

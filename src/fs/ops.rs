@@ -188,9 +188,9 @@ impl LabFs {
             rx(fd)?
         };
         let st = fstat(fd.as_raw_fd())?;
-        // On the local SSD, an O_PATH descriptor of the new file for the requests that
+        // On the local SSD (and a local-fs Atlas), an O_PATH descriptor of the new file for the requests that
         // follow (tar's setattrs, the first getattr) instead of a reopen by handle each.
-        let path_fd = if Self::caches_recent(kind) {
+        let path_fd = if self.caches_recent(kind) {
             let _as = creds.assume()?;
             object::open_child(&pfd, &cname)
                 .ok()
@@ -328,7 +328,7 @@ impl LabFs {
         if !matches!(backing, super::object::Backing::Handle(_)) || !self.inodes.may_hold() {
             return None;
         }
-        if Self::caches_recent(kind) {
+        if self.caches_recent(kind) {
             if let Some(fd) = self.inodes.recent_get(ino) {
                 return Some(fd);
             }

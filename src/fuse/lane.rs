@@ -497,9 +497,38 @@ impl LabFuse {
         late: impl FnOnce(&LabFs, T) + Send + 'static,
     ) {
         let work = crate::stats::timed(backend, work);
-        if backend == BackendKind::Local {
+        let mut fallback = fallback;
+        if backend == BackendKind::Atlas {
+            if OPEN_FILE_OPS.contains(&op) && self.fs.health.is_down() {
+                // A call on the descriptor of an open Atlas file would hang with Atlas.
+                self.fs.health.refuse_open_file(op);
+                reply.fail(Errno::from_i32(libc::ETIMEDOUT));
+                return;
+            }
+            match fallback {
+                Some(a) if a.when == When::Hedge && self.fs.health.is_stalled() => {
+                    (a.f)(&self.fs, reply);
+                    return;
+                }
+                Some(a) if a.when == When::Down && self.fs.health.is_down() => {
+                    (a.f)(&self.fs, reply);
+                    return;
+                }
+                other => fallback = other,
+            }
+        }
+        // Local requests run on the event loop; so do Atlas ones where Atlas is a
+        // local filesystem (no server to wait for: no hand-off to a lane thread and no
+        // watchdog; AtlasMetadataMode in src/fs/atlas_io.rs).
+        if backend == BackendKind::Local || self.fs.atlas_inline() {
             match work(&self.fs) {
                 Ok(t) => ok(reply, t),
+                Err(e) if e.errno() == libc::ETIMEDOUT && fallback.is_some() => {
+                    // Refused because Atlas is down: the fallback answers.
+                    if let Some(a) = fallback {
+                        (a.f)(&self.fs, reply);
+                    }
+                }
                 Err(e) => {
                     log_failure(op, &e);
                     reply.fail(Errno::from_i32(e.errno()));
@@ -507,21 +536,7 @@ impl LabFuse {
             }
             return;
         }
-        if OPEN_FILE_OPS.contains(&op) && self.fs.health.is_down() {
-            // A call on the descriptor of an open Atlas file would hang with Atlas.
-            self.fs.health.refuse_open_file(op);
-            reply.fail(Errno::from_i32(libc::ETIMEDOUT));
-            return;
-        }
         let (fallback, hedged) = match fallback {
-            Some(a) if a.when == When::Hedge && self.fs.health.is_stalled() => {
-                (a.f)(&self.fs, reply);
-                return;
-            }
-            Some(a) if a.when == When::Down && self.fs.health.is_down() => {
-                (a.f)(&self.fs, reply);
-                return;
-            }
             Some(a) => {
                 let hedged = a.when == When::Hedge;
                 (Some(a.f), hedged)

@@ -583,7 +583,7 @@ impl Filesystem for LabFuse {
     ) {
         self.pass.released(_ino.0, fh.0);
         reply.ok();
-        if self.lane_fh(_ino, fh) == BackendKind::Atlas {
+        if self.lane_fh(_ino, fh) == BackendKind::Atlas && !self.fs.atlas_inline() {
             // close(2) on NFS flushes dirty pages and may hang with the server.
             let fs = self.fs.clone();
             self.atlas.spawn(Box::new(move || fs.release(fh.0)));
@@ -701,18 +701,20 @@ impl Filesystem for LabFuse {
         let c = ctx(req);
         let fs = self.fs.clone();
         let lane = self.lane_dir(ino);
-        // Entries of Atlas listings are noted (directories on the way to local paths,
-        // transitional names found on Atlas) for outages.
-        let note = lane == BackendKind::Atlas;
         self.run(
             lane,
             "readdirplus",
             reply,
             move |core| {
                 let entries = core.readdir(&c, fh.0, offset, true, READDIR_BATCH)?;
-                // Every entry with attributes holds a lookup until delivered.
+                // Entries of Atlas listings are noted (directories on the way to local
+                // paths, transitional names found on Atlas) for outages, unless the
+                // rules leave nothing of the kind below this directory.
+                let note = lane == BackendKind::Atlas && core.listing_notes_entries(ino.0);
+                // Every entry with attributes holds a lookup until delivered. Held in
+                // reverse, so that each delivery (in order) is found at the end.
                 let mut held = lane::Lookups::new(fs);
-                for e in &entries {
+                for e in entries.iter().rev() {
                     if let Some(en) = &e.entry {
                         held.hold(e.ino);
                         if note {

@@ -283,11 +283,7 @@ fn promote_one(path: &Path, json: bool, merge: bool, wait: bool) -> i32 {
             let _ = err.flush();
             last_len = line.len();
         }
-        std::thread::sleep(Duration::from_millis(if p.elapsed_secs < 1.0 {
-            20
-        } else {
-            200
-        }));
+        std::thread::sleep(poll_interval(p.elapsed_secs));
     };
     if tty && last_len > 0 {
         let mut err = io::stderr().lock();
@@ -337,4 +333,17 @@ fn promote_one(path: &Path, json: bool, merge: bool, wait: bool) -> i32 {
             EXIT_FAIL
         }
     }
+}
+
+/// How long the client waits between two progress polls of a job that has run for
+/// `elapsed` seconds: the end of a short job is seen within 10 ms (a poll is one
+/// getxattr round trip, ~50 µs of daemon time), a long one's within 200 ms.
+fn poll_interval(elapsed: f64) -> Duration {
+    Duration::from_millis(if elapsed < 2.0 {
+        10
+    } else if elapsed < 10.0 {
+        20
+    } else {
+        200
+    })
 }

@@ -20,6 +20,7 @@ use parking_lot::Mutex;
 use tracing::{error, info, warn};
 
 use super::copy;
+use super::dirs::DirFds;
 use super::job::{failed, Job, JobError, JobResult, Phase};
 use super::journal::{ns_of, Entry, EntryKind, Journal, State};
 use super::place;
@@ -34,10 +35,11 @@ use crate::rules::{BackendKind, Class};
 use crate::tags;
 
 /// Copy workers per job. With O_DIRECT writes and read-backs a worker mostly waits
-/// for the device, so the workers are the device's queue depth more than CPUs: 8
-/// beat 4 on the 2-core bench machine (docs/benchmarks.md, "Promote with O_DIRECT
-/// writes").
-const WORKERS: usize = 8;
+/// for the device (two synchronous round trips per range), so the workers are the
+/// device's queue depth more than CPUs: 8 beat 4, and 16 beat 8, on the 2-core bench
+/// machine (docs/benchmarks.md, "Promote with O_DIRECT writes" and "Promote at copy
+/// speed"). Each costs its buffers only as far as its files touch them.
+const WORKERS: usize = 16;
 
 /// Test-only crash hook: `LABFS_PROMOTE_CRASH_AT=planned|staged|verified|committed|cleaning`
 /// makes the daemon abort() right after that step (see docs/promote.md).
@@ -190,17 +192,42 @@ fn stop_requested(job: &Job) -> bool {
 
 /// lstat of a namespace path on the local backend, `None` when missing.
 fn local_lstat(fs: &LabFs, ns: &OsStr) -> Result<Option<libc::stat>> {
+    lstat_in(&local_dirs(fs), ns)
+}
+
+/// A phase's cache of local directories (by namespace path).
+fn local_dirs(fs: &LabFs) -> DirFds<impl Fn(&OsStr) -> Result<OwnedFd> + Sync + '_> {
+    DirFds::new(|dir: &OsStr| open_ns_dir(&fs.local, dir))
+}
+
+/// A phase's cache of Atlas directories (by namespace path).
+fn atlas_dirs(fs: &LabFs) -> DirFds<impl Fn(&OsStr) -> Result<OwnedFd> + Sync + '_> {
+    DirFds::new(|dir: &OsStr| open_ns_dir(&fs.atlas, dir))
+}
+
+/// lstat of namespace path `ns` in its parent from `dirs`, `None` when missing.
+fn lstat_in<F: Fn(&OsStr) -> Result<OwnedFd> + Sync>(
+    dirs: &DirFds<F>,
+    ns: &OsStr,
+) -> Result<Option<libc::stat>> {
     let (dir, name) = split(ns);
-    let pfd = match open_ns_dir(&fs.local, dir) {
-        Ok(fd) => fd,
-        Err(e) if e.errno() == libc::ENOENT || e.errno() == libc::ENOTDIR => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    match fstatat(pfd.as_raw_fd(), &cos(name)?) {
-        Ok(st) => Ok(Some(st)),
-        Err(e) if e.errno() == libc::ENOENT => Ok(None),
-        Err(e) => Err(e),
+    let (dir, name) = (OsStr::new(dir), cos(name)?);
+    for retry in [true, false] {
+        let pfd = match dirs.get(dir) {
+            Ok(fd) => fd,
+            Err(e) if e.errno() == libc::ENOENT || e.errno() == libc::ENOTDIR => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match fstatat(pfd.as_raw_fd(), &name) {
+            Ok(st) => return Ok(Some(st)),
+            Err(e) if e.errno() == libc::ENOENT => return Ok(None),
+            // The directory was replaced on the NFS server since this phase opened
+            // it: resolve its path again, once.
+            Err(e) if e.errno() == libc::ESTALE && retry => dirs.forget(dir),
+            Err(e) => return Err(e),
+        }
     }
+    Err(crate::error::Error::Errno(libc::ESTALE))
 }
 
 /// The caller must be allowed to write the parent directory (checked as the caller).
@@ -362,8 +389,9 @@ fn execute(fs: &LabFs, job: &Job) -> JobResult<String> {
 
     let t0 = std::time::Instant::now();
     let mut t_staged = t0;
-    let staged_verified = stage(fs, job, &mut j).and_then(|()| {
-        t_staged = std::time::Instant::now();
+    let mut flushed = Duration::ZERO;
+    let staged_verified = stage(fs, job, &mut j).and_then(|syncfs| {
+        (t_staged, flushed) = (std::time::Instant::now(), syncfs);
         verify(fs, job, &mut j)
     });
     if let Err(e) = staged_verified {
@@ -372,7 +400,7 @@ fn execute(fs: &LabFs, job: &Job) -> JobResult<String> {
     }
     let t_verified = std::time::Instant::now();
     job.set_phase(Phase::Committing);
-    let renamed = commit(fs, &j);
+    let renamed = commit(fs, &j, job.tags_in_store.load(Ordering::Relaxed));
     match renamed {
         Ok(()) => {}
         Err((0, e)) => {
@@ -404,9 +432,10 @@ fn execute(fs: &LabFs, job: &Job) -> JobResult<String> {
     let t_done = std::time::Instant::now();
     info!(
         id = %job.id,
-        "{shown}: planned in {:.3} s, staged in {:.3} s, verified in {:.3} s, committed in {:.3} s, cleaned in {:.3} s",
+        "{shown}: planned in {:.3} s, staged in {:.3} s (syncfs {:.3} s), verified in {:.3} s, committed in {:.3} s, cleaned in {:.3} s",
         t0.saturating_duration_since(job.created).as_secs_f64(),
         t_staged.saturating_duration_since(t0).as_secs_f64(),
+        flushed.as_secs_f64(),
         t_verified.saturating_duration_since(t_staged).as_secs_f64(),
         t_committed.saturating_duration_since(t_verified).as_secs_f64(),
         t_done.saturating_duration_since(t_committed).as_secs_f64(),
@@ -650,7 +679,8 @@ struct Worker {
 /// between batches, so nothing per object outlives a batch.
 const BATCH: usize = 4096;
 
-fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
+/// Returns how long the final syncfs took.
+fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<Duration> {
     job.set_phase(Phase::Staging);
     // The staging directory: ATLAS/.labfs/staging/<host>/<id>, root only.
     {
@@ -690,8 +720,23 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
             )
         })
         .collect();
-    // Largest first: the workers finish together.
-    order.sort_by_key(|&i| std::cmp::Reverse(j.entries[i as usize].size));
+    // Largest first, so the workers finish together; within a power of two of size
+    // in walk order, so the files the workers take one after the other share their
+    // parent directories (one descriptor each in the caches below).
+    order.sort_by_key(|&i| {
+        let size = j.entries[i as usize].size;
+        (std::cmp::Reverse(size.max(1).ilog2()), i)
+    });
+    // The directories of this phase, each opened once: the local parents (by
+    // namespace path) and the staged ones (relative to the staging directory).
+    let local = local_dirs(fs);
+    let staged = DirFds::new(|dir: &OsStr| {
+        util::open_under(sfd.as_raw_fd(), dir, libc::O_PATH | libc::O_DIRECTORY, 0)
+    });
+    let dirs = StageDirs {
+        local: &local,
+        staged: &staged,
+    };
     for batch in order.chunks(BATCH) {
         let results: Mutex<Vec<(u32, StagedInfo)>> = Mutex::new(Vec::with_capacity(batch.len()));
         {
@@ -706,9 +751,9 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
                     let e = &jr.entries[i as usize];
                     let info = match e.kind {
                         EntryKind::File => {
-                            stage_file(fs, job, jr, e, &sfd, w, &use_cfr, direct_write)?
+                            stage_file(job, jr, e, &dirs, w, &use_cfr, direct_write)?
                         }
-                        _ => stage_symlink(fs, jr, e, &sfd)?,
+                        _ => stage_symlink(jr, e, &dirs)?,
                     };
                     results.lock().push((i, info));
                     job.files_done.fetch_add(1, Ordering::Relaxed);
@@ -782,17 +827,35 @@ fn stage(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
     // Everything staged is durable once syncfs succeeds (one call for the whole tree
     // instead of an fsync per file and directory).
     job.set_phase(Phase::Flushing);
+    let t_flush = std::time::Instant::now();
     util::syncfs(sync_fd.as_raw_fd()).map_err(failed("syncfs of Atlas after staging"))?;
+    let flushed = t_flush.elapsed();
     j.state = State::Staged;
     j.save(&fs.local)
         .map_err(failed("writing the promotion journal (staged)"))?;
     crash_point("staged");
-    Ok(())
+    Ok(flushed)
 }
 
+/// The directory caches of the staging phase.
+struct StageDirs<'a, L, S> {
+    local: &'a DirFds<L>,
+    staged: &'a DirFds<S>,
+}
+
+/// Open the local source at namespace path `ns` (by path from the local root).
 fn open_src(fs: &LabFs, ns: &OsStr, flags: i32) -> Result<OwnedFd> {
+    open_src_in(&local_dirs(fs), ns, flags)
+}
+
+/// Open the local source at namespace path `ns` in its parent from `local`.
+fn open_src_in<L: Fn(&OsStr) -> Result<OwnedFd> + Sync>(
+    local: &DirFds<L>,
+    ns: &OsStr,
+    flags: i32,
+) -> Result<OwnedFd> {
     let (dir, name) = split(ns);
-    let pfd = open_ns_dir(&fs.local, dir)?;
+    let pfd = local.get(OsStr::new(dir))?;
     let c = cos(name)?;
     match util::open_at(pfd.as_raw_fd(), &c, flags | libc::O_NOATIME, 0) {
         Err(e) if e.errno() == libc::EPERM => util::open_at(pfd.as_raw_fd(), &c, flags, 0),
@@ -836,20 +899,22 @@ fn open_readback(dfd: &OwnedFd, name: &std::ffi::CStr, write: bool) -> Result<(O
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn stage_file(
-    fs: &LabFs,
+fn stage_file<L, S>(
     job: &Job,
     j: &Journal,
     e: &Entry,
-    sfd: &OwnedFd,
+    dirs: &StageDirs<'_, L, S>,
     w: &mut Worker,
     use_cfr: &AtomicBool,
     direct_write: bool,
-) -> JobResult<StagedInfo> {
+) -> JobResult<StagedInfo>
+where
+    L: Fn(&OsStr) -> Result<OwnedFd> + Sync,
+    S: Fn(&OsStr) -> Result<OwnedFd> + Sync,
+{
     let ns = j.ns_path(e.rel());
     let shown = show(&ns);
-    let src = open_src(fs, &ns, libc::O_RDONLY).map_err(failed(&shown))?;
+    let src = open_src_in(dirs.local, &ns, libc::O_RDONLY).map_err(failed(&shown))?;
     let st = fstat(src.as_raw_fd()).map_err(failed(&shown))?;
     if changed(e, &st) {
         return Err(JobError::Failed(format!(
@@ -858,8 +923,7 @@ fn stage_file(
     }
     let sr = Journal::staged_rel(e.rel());
     let (sdir, sname) = split_rel(&sr);
-    let dfd = util::open_under(sfd.as_raw_fd(), sdir, libc::O_PATH | libc::O_DIRECTORY, 0)
-        .map_err(failed("staging"))?;
+    let dfd = dirs.staged.get(sdir).map_err(failed("staging"))?;
     let cname = cos(sname).map_err(failed(show(sname)))?;
     let dst = util::open_at(
         dfd.as_raw_fd(),
@@ -927,15 +991,21 @@ fn apply_meta(
             lost.join(", ")
         ));
     }
-    set_tag_xattrs(dst.as_raw_fd(), t).map_err(failed(format!("{shown}: tags")))?;
+    if !set_tag_xattrs(dst.as_raw_fd(), t).map_err(failed(format!("{shown}: tags")))? {
+        job.tags_in_store.store(true, Ordering::Relaxed);
+    }
     Ok(())
 }
 
-fn stage_symlink(fs: &LabFs, j: &Journal, e: &Entry, sfd: &OwnedFd) -> JobResult<StagedInfo> {
+fn stage_symlink<L, S>(j: &Journal, e: &Entry, dirs: &StageDirs<'_, L, S>) -> JobResult<StagedInfo>
+where
+    L: Fn(&OsStr) -> Result<OwnedFd> + Sync,
+    S: Fn(&OsStr) -> Result<OwnedFd> + Sync,
+{
     let ns = j.ns_path(e.rel());
     let shown = show(&ns);
     let (dir, name) = split(&ns);
-    let pfd = open_ns_dir(&fs.local, dir).map_err(failed(&shown))?;
+    let pfd = dirs.local.get(OsStr::new(dir)).map_err(failed(&shown))?;
     let c = cos(name).map_err(failed(&shown))?;
     let target = util::readlink_at(pfd.as_raw_fd(), &c).map_err(failed(&shown))?;
     let st = fstatat(pfd.as_raw_fd(), &c).map_err(failed(&shown))?;
@@ -946,8 +1016,7 @@ fn stage_symlink(fs: &LabFs, j: &Journal, e: &Entry, sfd: &OwnedFd) -> JobResult
     }
     let sr = Journal::staged_rel(e.rel());
     let (sdir, sname) = split_rel(&sr);
-    let dfd = util::open_under(sfd.as_raw_fd(), sdir, libc::O_PATH | libc::O_DIRECTORY, 0)
-        .map_err(failed("staging"))?;
+    let dfd = dirs.staged.get(sdir).map_err(failed("staging"))?;
     let cs = cos(sname).map_err(failed(show(sname)))?;
     let ct = std::ffi::CString::new(target)
         .map_err(|_| JobError::Failed(format!("{shown}: bad link target")))?;
@@ -1029,9 +1098,10 @@ fn verify(fs: &LabFs, job: &Job, j: &mut Journal) -> JobResult<()> {
     }
     // The sources must still be what was copied, and nobody may have opened them for
     // writing meanwhile.
+    let local = local_dirs(fs);
     for e in j.entries.iter().filter(|e| !e.is_dir()) {
         let ns = j.ns_path(e.rel());
-        match local_lstat(fs, &ns).map_err(failed(show(&ns)))? {
+        match lstat_in(&local, &ns).map_err(failed(show(&ns)))? {
             Some(st) if !changed(e, &st) => {}
             _ => {
                 return Err(JobError::Failed(format!(
@@ -1129,7 +1199,13 @@ fn fail_hook() -> Result<()> {
 
 /// Rename the commit units into place. On error: how many were renamed already; when
 /// none was, what this job added on Atlas for the parent chain is removed again.
-fn commit(fs: &LabFs, j: &Journal) -> std::result::Result<(), (usize, JobError)> {
+/// `all_records`: store records for every object (else for symlinks only: every
+/// other object carries its tags as xattrs).
+fn commit(
+    fs: &LabFs,
+    j: &Journal,
+    all_records: bool,
+) -> std::result::Result<(), (usize, JobError)> {
     let missing = missing_parents(fs, j);
     let undo = |e: (usize, JobError)| {
         if e.0 == 0 {
@@ -1137,7 +1213,7 @@ fn commit(fs: &LabFs, j: &Journal) -> std::result::Result<(), (usize, JobError)>
         }
         e
     };
-    commit_units(fs, j).map_err(undo)
+    commit_units(fs, j, all_records).map_err(undo)
 }
 
 /// The directories of `j.path`'s parent chain that are missing on Atlas, deepest first.
@@ -1170,7 +1246,11 @@ fn undo_parent_chain(fs: &LabFs, made: &[OsString]) {
     }
 }
 
-fn commit_units(fs: &LabFs, j: &Journal) -> std::result::Result<(), (usize, JobError)> {
+fn commit_units(
+    fs: &LabFs,
+    j: &Journal,
+    all_records: bool,
+) -> std::result::Result<(), (usize, JobError)> {
     ensure_parent_chain(fs, j)
         .map_err(|e| (0, failed("creating the parent directories on Atlas")(e)))?;
     let sfd = staging_fd(fs, j).map_err(|e| (0, failed("opening the staging directory")(e)))?;
@@ -1243,12 +1323,19 @@ fn commit_units(fs: &LabFs, j: &Journal) -> std::result::Result<(), (usize, JobE
                 .map_err(|e| (renamed, failed(format!("fsync of {} on Atlas", show(d)))(e)))?;
         }
     }
-    write_store_records(fs, j).map_err(|e| (renamed, e))
+    write_store_records(fs, j, all_records).map_err(|e| (renamed, e))
 }
 
 /// Store records for every promoted object whose tags are not in its xattrs.
-fn write_store_records(fs: &LabFs, j: &Journal) -> JobResult<()> {
-    let entries: Vec<&Entry> = j.entries.iter().collect();
+fn write_store_records(fs: &LabFs, j: &Journal, all: bool) -> JobResult<()> {
+    let entries: Vec<&Entry> = j
+        .entries
+        .iter()
+        .filter(|e| all || e.kind == EntryKind::Symlink)
+        .collect();
+    if entries.is_empty() {
+        return Ok(());
+    }
     let root = fs.atlas.open_dir("/").map_err(failed("Atlas root"))?;
     let sync_fd = util::syncfs_handle(root.as_raw_fd()).map_err(failed("Atlas root"))?;
     parallel(&entries, |e, _| {
@@ -1300,10 +1387,11 @@ pub fn clean_entries(
     let files: Vec<u32> = (0..j.entries.len() as u32)
         .filter(|&i| !j.entries[i as usize].is_dir())
         .collect();
+    let (local, atlas) = (local_dirs(fs), atlas_dirs(fs));
     parallel(&files, |&i, buf| {
         let e = &j.entries[i as usize];
         let ns = j.ns_path(e.rel());
-        let Some(st) = local_lstat(fs, &ns).map_err(failed(show(&ns)))? else {
+        let Some(st) = lstat_in(&local, &ns).map_err(failed(show(&ns)))? else {
             return Ok(());
         };
         let why = if recovering {
@@ -1336,13 +1424,14 @@ pub fn clean_entries(
     // Pass 2: files (in parallel), then directories, children before parents.
     let files: Vec<u32> = files.into_iter().filter(|i| !keep.contains(i)).collect();
     parallel(&files, |&i, _| {
-        if remove_local(fs, j, &j.entries[i as usize], recovering, warn_fn)? && !recovering {
+        let dirs = (&local, &atlas);
+        if remove_local(fs, j, &j.entries[i as usize], dirs, recovering, warn_fn)? && !recovering {
             crash_point("cleaning");
         }
         Ok(())
     })?;
     for e in j.entries.iter().rev().filter(|e| e.is_dir()) {
-        remove_local(fs, j, e, recovering, warn_fn)?;
+        remove_local(fs, j, e, (&local, &atlas), recovering, warn_fn)?;
     }
     if let Ok(fd) = open_ns_dir(&fs.local, split(&j.path).0) {
         let _ = util::fsync_dir(fd.as_raw_fd());
@@ -1352,24 +1441,28 @@ pub fn clean_entries(
 
 /// Remove one promoted object's local copy (re-keying its inode number to the Atlas
 /// object first); `Ok(true)` when something was removed.
-fn remove_local(
+fn remove_local<L, A>(
     fs: &LabFs,
     j: &Journal,
     e: &Entry,
+    (local, atlas): (&DirFds<L>, &DirFds<A>),
     recovering: bool,
     warn_fn: &(dyn Fn(String) + Sync),
-) -> JobResult<bool> {
+) -> JobResult<bool>
+where
+    L: Fn(&OsStr) -> Result<OwnedFd> + Sync,
+    A: Fn(&OsStr) -> Result<OwnedFd> + Sync,
+{
     let ns = j.ns_path(e.rel());
     let shown = show(&ns);
     let (dir, name) = split(&ns);
-    let pfd = match open_ns_dir(&fs.local, dir) {
+    let pfd = match local.get(OsStr::new(dir)) {
         Ok(fd) => fd,
         Err(err) if err.errno() == libc::ENOENT => return Ok(false),
         Err(err) => return Err(failed(&shown)(err)),
     };
     let c = cos(name).map_err(failed(&shown))?;
-    let Some(atlas_st) = plan::atlas_lstat(fs, &ns).map_err(failed(format!("{shown} on Atlas")))?
-    else {
+    let Some(atlas_st) = lstat_in(atlas, &ns).map_err(failed(format!("{shown} on Atlas")))? else {
         // Never remove a local object whose Atlas copy is not there.
         warn_fn(format!(
             "{shown}: not found on Atlas; the local copy is kept"

@@ -177,6 +177,10 @@ pub struct Job {
     /// Not logged: its user exceeded the request log budget ([`REQUEST_LOG_BURST`]);
     /// a refusal or failure of this job is reported to the client only.
     pub quiet: AtomicBool,
+    /// Some object's tags could not be set as xattrs while staging (store mode, or
+    /// a file the filesystem refused them for): the commit then writes store records
+    /// for every object, not only for symlinks (which never carry user xattrs).
+    pub tags_in_store: AtomicBool,
     copy_started: Mutex<Option<Instant>>,
     finished: Mutex<Option<Instant>>,
     message: Mutex<Option<String>>,
@@ -228,6 +232,7 @@ impl Job {
             bytes_done: AtomicU64::new(0),
             cancel: AtomicBool::new(false),
             quiet: AtomicBool::new(false),
+            tags_in_store: AtomicBool::new(false),
             copy_started: Mutex::new(None),
             finished: Mutex::new(None),
             message: Mutex::new(None),

@@ -9,6 +9,7 @@
 pub mod atrisk;
 pub mod client;
 mod copy;
+mod dirs;
 mod engine;
 pub mod job;
 pub mod journal;
