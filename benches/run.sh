@@ -4,6 +4,7 @@
 #   sudo bash benches/run.sh [--quick] [--reps N] [--labfs BIN] [--out DIR] [--keep]
 #                            [--libfuse DIR | --passthrough-hp BIN] [--no-mergerfs]
 #                            [--only LIST] [--max-load L] [--quiet-wait SECS] [--tree]
+#                            [--labfs-transport auto|uring|devfuse]
 #
 # Builds labfs (release) unless --labfs BIN is given, compiles the driver
 # benches/meta.rs with rustc, puts the local backend and the Atlas stand-in on two
@@ -36,6 +37,11 @@
 # --quiet-wait SECS (default 90): before each sample, wait up to SECS for the 1-minute
 #   load to fall to --max-load (measure in the quiet moments of a shared machine).
 # --tree: also the 100-directory tree layout of the metadata rows.
+# --labfs-transport T (default devfuse): the FUSE transport of the labfs mounts
+#   (LABFS_FUSE_TRANSPORT; uring sets the fuse module's enable_uring to Y for the run
+#   and restores it). The labfs columns are then that transport's; run it once per
+#   transport, alternating, for an A/B. The requests each transport answered (from
+#   `labfs status`) go to OUT/transport.txt, as proof of which ran.
 # Everything it mounts or attaches is undone on exit, also on failure or Ctrl-C.
 set -euo pipefail
 
@@ -52,6 +58,7 @@ PHP_BIN=""
 MAX_LOAD=3.0
 QUIET_WAIT=90
 TREE=0
+LABFS_TRANSPORT=devfuse
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -67,7 +74,8 @@ while [ $# -gt 0 ]; do
         --max-load) MAX_LOAD=$2; shift ;;
         --quiet-wait) QUIET_WAIT=$2; shift ;;
         --tree) TREE=1 ;;
-        -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
+        --labfs-transport) LABFS_TRANSPORT=$2; shift ;;
+        -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -339,7 +347,7 @@ mount_labfs() { # CONFIG MNT LOGNAME EXTRA-ARGS... ; sets MOUNTED_PID
     local cfg=$1 mnt=$2 logf=$OUT/$3
     shift 3
     mkdir -p "$mnt"
-    RUST_LOG=${LABFS_LOG:-labfs=info} "$LABFS_BIN" mount --config "$cfg" --foreground --allow-unmarked "$@" "$mnt" \
+    RUST_LOG=${LABFS_LOG:-labfs=info} LABFS_FUSE_TRANSPORT=$LABFS_TRANSPORT "$LABFS_BIN" mount --config "$cfg" --foreground --allow-unmarked "$@" "$mnt" \
         </dev/null >>"$logf" 2>&1 &
     MOUNTED_PID=$!
     PIDS+=("$MOUNTED_PID")
@@ -352,6 +360,16 @@ mount_labfs() { # CONFIG MNT LOGNAME EXTRA-ARGS... ; sets MOUNTED_PID
     die "labfs did not mount $mnt within 30 s: $(tail -5 "$logf")"
 }
 
+case "$LABFS_TRANSPORT" in
+    devfuse|auto) ;;
+    uring)
+        URING_PARAM=/sys/module/fuse/parameters/enable_uring
+        [ -w "$URING_PARAM" ] || die "--labfs-transport uring: this kernel has no $URING_PARAM"
+        URING_SAVED=$(cat "$URING_PARAM")
+        echo Y >"$URING_PARAM"
+        ;;
+    *) die "--labfs-transport must be auto, uring or devfuse" ;;
+esac
 MNT=$WORK/mnt
 mount_labfs "$CFG" "$MNT" labfs.log
 DAEMON_PID=$MOUNTED_PID
@@ -411,7 +429,7 @@ if [ -n "$PHP_BIN" ]; then
     # what a transport labfs's fuser does not speak would buy, daemon for daemon.
     URING_PARAM=/sys/module/fuse/parameters/enable_uring
     if [ -w "$URING_PARAM" ] && "$PHP_BIN" --help 2>&1 | grep -q io_uring; then
-        URING_SAVED=$(cat "$URING_PARAM")
+        [ -n "${URING_SAVED:-}" ] || URING_SAVED=$(cat "$URING_PARAM")
         echo Y >"$URING_PARAM"
         mkdir -p "$L/peers/passthrough_hp-uring"
         peer_up passthrough_hp-uring "$WORK/php-uring" fuse "$PHP_BIN" --foreground -o io_uring "$L/peers/passthrough_hp-uring" "$WORK/php-uring"
@@ -711,6 +729,10 @@ if want mem; then
 fi
 
 echo "load at end: $(cat /proc/loadavg)" | tee -a "$OUT/machine.txt" >&2
+# Which FUSE transport each labfs mount served over, and the requests over each.
+for m in "$MNT" ${MNTPT:+"$MNTPT"}; do
+    "$LABFS_BIN" status "$m" 2>/dev/null | grep -m1 '^FUSE transport' | sed "s|^|$m: |"
+done | tee "$OUT/transport.txt" >&2 || true
 if ! kill -0 "$DAEMON_PID" 2>/dev/null; then
     log "labfs daemon died during the run: see $OUT/labfs.log"
 fi

@@ -70,6 +70,41 @@ pub struct Config {
     /// `[[dir]]` tables: directories ensured at every mount.
     pub dirs: Vec<DeclaredDir>,
     pub limits: Limits,
+    /// `[fuse] transport`: how the kernel's requests reach the daemon.
+    pub transport: Transport,
+}
+
+/// `[fuse] transport` (see src/fuse/ring.rs): FUSE over io_uring or the classic
+/// /dev/fuse read/write loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// io_uring when the kernel offers it (the fuse module's `enable_uring` and the
+    /// INIT flag), else /dev/fuse.
+    #[default]
+    Auto,
+    /// io_uring or no mount.
+    Uring,
+    /// /dev/fuse only.
+    Devfuse,
+}
+
+impl Transport {
+    pub fn parse(s: &str) -> Option<Transport> {
+        match s {
+            "auto" => Some(Transport::Auto),
+            "uring" | "io_uring" => Some(Transport::Uring),
+            "devfuse" | "dev_fuse" => Some(Transport::Devfuse),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Auto => "auto",
+            Transport::Uring => "uring",
+            Transport::Devfuse => "devfuse",
+        }
+    }
 }
 
 /// A `[[dir]]`: a directory labfs creates at mount if missing (and whose owner,
@@ -291,6 +326,7 @@ impl Config {
             atlas_health: parsed.health,
             dirs: parsed.dirs,
             limits: parsed.limits,
+            transport: parsed.transport,
         })
     }
 
@@ -310,15 +346,17 @@ impl Config {
             atlas_health: parsed.health,
             dirs: parsed.dirs,
             limits: parsed.limits,
+            transport: parsed.transport,
         }
     }
 }
 
 const TOP_KEYS: &[&str] = &[
-    "unplaced", "storage", "cache", "atlas", "limits", "rule", "dir",
+    "unplaced", "storage", "cache", "atlas", "limits", "fuse", "rule", "dir",
 ];
 const DIR_KEYS: &[&str] = &["path", "owner", "group", "mode"];
 const LIMITS_KEYS: &[&str] = &["open_files_per_uid"];
+const FUSE_KEYS: &[&str] = &["transport"];
 const STORAGE_KEYS: &[&str] = &["atlas", "local", "atlas_id"];
 const CACHE_KEYS: &[&str] = &["atlas_ttl", "local_ttl"];
 const ATLAS_KEYS: &[&str] = &["timeout", "probe_interval", "file_io", "metadata"];
@@ -343,6 +381,7 @@ struct Parsed {
     health: HealthConfig,
     dirs: Vec<DeclaredDir>,
     limits: Limits,
+    transport: Transport,
 }
 
 fn parse_text(
@@ -466,6 +505,20 @@ fn parse_text(
         }
     }
 
+    let mut transport = Transport::default();
+    if let Some((table, _)) = p.section(root, "fuse") {
+        p.check_keys(table, Some("[fuse]"), FUSE_KEYS);
+        if let Some((v, line)) = p.string(table, "fuse", "transport") {
+            match Transport::parse(v) {
+                Some(t) => transport = t,
+                None => p.error(
+                    line,
+                    format!("fuse.transport must be \"auto\", \"uring\" or \"devfuse\", not {v:?}"),
+                ),
+            }
+        }
+    }
+
     let rules = p.rules(root);
     let dirs = p.dirs(root);
     if p.errors.is_empty() {
@@ -476,6 +529,7 @@ fn parse_text(
             health,
             dirs,
             limits,
+            transport,
         })
     } else {
         p.errors.sort_by_key(|e| e.line);

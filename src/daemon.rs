@@ -430,6 +430,7 @@ fn serve(
     let mut pipe_for_error = ready_pipe.take();
     let own = Arc::new(parking_lot::Mutex::new(None::<OwnMount>));
     let own2 = own.clone();
+    crate::fuse::ring::configure(req.config.transport);
     let result = crate::fuse::serve(fs.clone(), &mountpoint, &fsname, &req.options, || {
         // Mounted, not serving yet: the mount at the path is this daemon's.
         let me = OwnMount::observe(&mountpoint);
@@ -561,6 +562,17 @@ pub fn reload(fs: &LabFs, path: Option<&Path>) -> Result<(), String> {
                     "open Atlas files would get {} ({})",
                     io.mode, io.why
                 ));
+            }
+            let tr = crate::fuse::ring::report();
+            if let Ok(want) = crate::fuse::ring::configured(c.transport) {
+                if want.as_str() != tr.configured {
+                    remount.push(format!(
+                        "[fuse] transport {} (in force: {}, serving over {})",
+                        want.as_str(),
+                        tr.configured,
+                        tr.in_use
+                    ));
+                }
             }
             fs.reload(&c);
             fs.health.set_timing(h.timeout, h.probe_interval);

@@ -44,6 +44,8 @@ pub struct Status {
     pub atlas_file_io: crate::fs::atlas_io::AtlasIo,
     /// Where Atlas metadata requests run (inline or on the Atlas lane), and why.
     pub atlas_metadata: crate::fs::atlas_io::AtlasMetadataMode,
+    /// The FUSE transport in use (io_uring or /dev/fuse), why, and requests over each.
+    pub fuse_transport: crate::fuse::ring::TransportReport,
     pub inodes: usize,
     pub open_files: usize,
     /// Requests, latency per backend, errors by errno, rule hits since the mount.
@@ -92,6 +94,7 @@ pub fn collect(fs: &LabFs, full: bool) -> Status {
         atlas_health: health,
         atlas_file_io: fs.atlas_io(),
         atlas_metadata: fs.atlas_metadata(),
+        fuse_transport: crate::fuse::ring::report(),
         inodes: fs.inodes.len(),
         open_files: fs.handles.open_files(),
         stats: crate::stats::snapshot(fs),
@@ -304,6 +307,23 @@ pub fn prometheus(v: &serde_json::Value, mountpoint: &Path) -> String {
         num(&h["refused_requests"]),
     );
 
+    let tr = &v["fuse_transport"];
+    m.family(
+        "labfs_fuse_requests",
+        "counter",
+        "FUSE requests received since the mount, per transport (/dev/fuse or io_uring).",
+    );
+    m.sample(
+        "labfs_fuse_requests",
+        &[("transport", "devfuse")],
+        num(&tr["requests_devfuse"]),
+    );
+    m.sample(
+        "labfs_fuse_requests",
+        &[("transport", "io_uring")],
+        num(&tr["requests_io_uring"]),
+    );
+
     // At risk, per transitional rule (every one, 0 when nothing is at risk).
     let mut per_rule: std::collections::BTreeMap<String, (f64, f64, f64, f64, Option<f64>)> =
         Default::default();
@@ -508,6 +528,14 @@ fn print_table(v: &serde_json::Value) {
             md["why"].as_str().unwrap_or("?")
         );
     }
+    let tr = &v["fuse_transport"];
+    println!(
+        "FUSE transport: {} ({}); requests over /dev/fuse: {}, over io_uring: {}",
+        tr["in_use"].as_str().unwrap_or("?"),
+        tr["why"].as_str().unwrap_or("?"),
+        tr["requests_devfuse"],
+        tr["requests_io_uring"]
+    );
     println!(
         "inodes remembered: {}   open files: {}",
         v["inodes"], v["open_files"]

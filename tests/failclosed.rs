@@ -23,6 +23,7 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod load;
+mod ring;
 
 // ---------------------------------------------------------------------------
 // Atlas identity

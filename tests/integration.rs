@@ -18,4 +18,5 @@ mod posix;
 mod promote;
 mod security;
 mod tools;
+mod transport;
 mod xattrs;

@@ -8,7 +8,9 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::common::{mount_fstype, wait_until, MountedLab, Sh, DEFAULT_RULES, LABFS, USER};
+use crate::common::{
+    mount_fstype, wait_dead_mount, wait_until, MountedLab, Sh, DEFAULT_RULES, LABFS, USER,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -133,6 +135,7 @@ fn a_stale_mount_is_named_and_recover_fixes_it() {
     let pid = lab.pid();
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     reap(pid, WAIT);
+    wait_dead_mount(lab.mnt());
     let mnt = s(lab.mnt());
     let (code, _, err) = Sh::program("ls", &[&mnt]).status().tuple();
     assert_ne!(code, 0);
@@ -1012,6 +1015,7 @@ fn a_bind_mount_of_a_subpath_outlives_sigterm_but_not_the_daemon() {
     // and a new labfs mount does not revive it: the container must be restarted.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     reap(pid, WAIT);
+    wait_dead_mount(&bind);
     let err = fs::read_dir(&bind)
         .map(|_| ())
         .expect_err("the bind must be dead");

@@ -130,7 +130,7 @@ class = 7
         false,
         &[
             (1, "unknown unplaced value \"maybe\" (expected authoritative or deny)"),
-            (2, "unknown key \"colour\" (expected one of unplaced, storage, cache, atlas, limits, rule, dir)"),
+            (2, "unknown key \"colour\" (expected one of unplaced, storage, cache, atlas, limits, fuse, rule, dir)"),
             (5, "storage.local must be an absolute path, got \"relative/dir\""),
             (6, "unknown key \"atlass\" in [storage]"),
             (8, "bad duration \"5x\" for cache.atlas_ttl"),
@@ -450,6 +450,41 @@ fn atlas_file_io() {
             5,
             "atlas.file_io must be \"auto\", \"passthrough\" or \"daemon\"",
         )],
+    );
+}
+
+#[test]
+fn fuse_transport() {
+    use crate::config::Transport;
+    let parse = |v: &str| {
+        Config::parse(
+            &format!("{STORAGE}[fuse]\ntransport = \"{v}\"\n"),
+            Path::new("t"),
+            false,
+        )
+        .map(|c| c.transport)
+    };
+    assert_eq!(
+        Config::parse(STORAGE, Path::new("t"), false)
+            .map(|c| c.transport)
+            .ok(),
+        Some(Transport::Auto)
+    );
+    assert_eq!(parse("auto").ok(), Some(Transport::Auto));
+    assert_eq!(parse("uring").ok(), Some(Transport::Uring));
+    assert_eq!(parse("devfuse").ok(), Some(Transport::Devfuse));
+    assert_errors(
+        &format!("{STORAGE}[fuse]\ntransport = \"fast\"\n"),
+        false,
+        &[(
+            5,
+            "fuse.transport must be \"auto\", \"uring\" or \"devfuse\"",
+        )],
+    );
+    assert_errors(
+        &format!("{STORAGE}[fuse]\nqueue_depth = 8\n"),
+        false,
+        &[(5, "queue_depth")],
     );
 }
 

@@ -42,6 +42,7 @@ const READDIR_BATCH: usize = 32 * 1024;
 
 mod lane;
 mod passthrough;
+pub mod ring;
 
 use lane::{log_failure, Answer, AtlasLane, ControlLane, Fallback};
 use passthrough::{dir_flags, Passthrough};
@@ -200,6 +201,13 @@ impl Filesystem for LabFuse {
             // kernel stops asking for security.capability before every write.
             | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let _ = config.add_capabilities(want & caps);
+        let offered = caps.contains(InitFlags::FUSE_OVER_IO_URING);
+        let transport = ring::STATE.get();
+        if transport.map(|t| t.at_init(offered)).transpose()? == Some(true) {
+            let _ = config.add_capabilities(InitFlags::FUSE_OVER_IO_URING);
+            // Every queue entry's payload buffer holds the largest request.
+            let _ = config.set_max_write(ring::RING_MAX_WRITE);
+        }
         if caps.contains(InitFlags::FUSE_PASSTHROUGH)
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(1).is_ok()
@@ -1094,9 +1102,19 @@ pub fn serve(
     extra: &[String],
     ready: impl FnOnce(),
 ) -> std::io::Result<()> {
-    let config = session_config(fsname, extra);
+    let configured =
+        ring::configured(ring::configured_transport()).map_err(std::io::Error::other)?;
+    let state = Arc::new(ring::TransportState::new(configured).map_err(std::io::Error::other)?);
+    let _ = ring::STATE.set(state.clone());
+    let mut config = session_config(fsname, extra);
+    if state.want {
+        config.io_uring_queue_depth = Some(ring::QUEUE_DEPTH);
+    }
     let fuse = LabFuse::new(fs.clone());
     let session = fuser::Session::new(fuse, mountpoint, &config)?;
+    let _ = state.stats.set(session.transport_stats());
+    let r = state.report();
+    info!("FUSE transport: {} ({})", r.in_use, r.why);
     let notifier = session.notifier();
     fs.set_invalidator(Box::new(move |what| {
         let r = match what {

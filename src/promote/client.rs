@@ -85,8 +85,9 @@ fn explain_errno(e: &io::Error, shown: &str, target: &Path) -> String {
             super::util::show(target.as_os_str())
         ),
         Some(libc::ENOTCONN) => format!("{shown}: the labfs daemon of this mount is not running"),
-        // The daemon died while answering: the kernel aborts the connection.
-        Some(libc::ECONNABORTED) => format!(
+        // The daemon died while answering: the kernel aborts the connection (over
+        // FUSE-over-io_uring a request the daemon held when it died ends ECANCELED).
+        Some(libc::ECONNABORTED) | Some(libc::ECANCELED) => format!(
             "{shown}: the labfs daemon of this mount stopped while answering; if a promotion \
              had started, the next mount completes or rolls it back from its journal"
         ),
@@ -236,7 +237,10 @@ fn promote_one(path: &Path, json: bool, merge: bool, wait: bool) -> i32 {
                     eprintln!();
                 }
                 let msg = match e.raw_os_error() {
-                    Some(libc::ENOTCONN) | Some(libc::ENODATA) | Some(libc::ECONNABORTED) => format!(
+                    Some(libc::ENOTCONN)
+                    | Some(libc::ENODATA)
+                    | Some(libc::ECONNABORTED)
+                    | Some(libc::ECANCELED) => format!(
                         "{shown}: the labfs daemon stopped during the promotion; the next mount completes \
                          or rolls it back from its journal (check with `labfs status`)"
                     ),

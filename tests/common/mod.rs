@@ -637,6 +637,42 @@ fn unescape_mountinfo(field: &str) -> String {
 }
 
 /// The filesystem type of the topmost mount at exactly `path`, if any.
+/// The FUSE transport every lab is asked to use (`LABFS_TEST_TRANSPORT`: `uring`,
+/// `devfuse`, `auto`), if set.
+pub fn test_transport() -> Option<String> {
+    std::env::var("LABFS_TEST_TRANSPORT")
+        .ok()
+        .filter(|v| !v.is_empty())
+}
+
+/// After a daemon is killed and reaped, waits (bounded) until requests to its mount
+/// fail ENOTCONN. Over /dev/fuse the kernel aborts the connection as the daemon's last
+/// descriptor closes, before it can be reaped; over FUSE-over-io_uring the ring's own
+/// references to /dev/fuse go a few milliseconds later, and a request made in between
+/// ends ECONNABORTED (or ECANCELED) instead. Anything else fails the test.
+pub fn wait_dead_mount(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let e = match fs::read_dir(path) {
+            Ok(_) => panic!("{} still answers after its daemon died", path.display()),
+            Err(e) => e,
+        };
+        match e.raw_os_error() {
+            Some(libc::ENOTCONN) => return,
+            Some(libc::ECONNABORTED | libc::ECANCELED) if Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(5))
+            }
+            _ => panic!("{}: {e} (expected ENOTCONN)", path.display()),
+        }
+    }
+}
+
+/// The fuse module lets daemons serve over io_uring (`enable_uring` is Y).
+pub fn kernel_enables_uring() -> bool {
+    fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+        .is_ok_and(|v| matches!(v.trim(), "Y" | "y" | "1"))
+}
+
 pub fn mount_fstype(path: &Path) -> Option<String> {
     let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = path.to_string_lossy();
@@ -1168,6 +1204,11 @@ impl MountedLab {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
+        // LABFS_TEST_TRANSPORT=uring (the io_uring pass of .ci/run): every lab's daemon
+        // serves over that FUSE transport; a test's own env (below) still wins.
+        if let Some(t) = test_transport() {
+            cmd.env("LABFS_FUSE_TRANSPORT", t);
+        }
         for (k, v) in &self.envs {
             cmd.env(k, v);
         }
