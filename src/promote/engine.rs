@@ -8,13 +8,13 @@
 //! journal `committed` -> clean (remove the local copy, re-key inodes, invalidate
 //! kernel caches) -> journal removed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tracing::{error, info, warn};
@@ -1347,6 +1347,30 @@ fn write_store_records(fs: &LabFs, j: &Journal, all: bool) -> JobResult<()> {
     util::syncfs(sync_fd.as_raw_fd()).map_err(failed("syncfs of Atlas after writing tag records"))
 }
 
+/// How long cleaning waits for files of the job that are still open through the mount.
+/// close(2) returns before the kernel's RELEASE reaches the daemon (FUSE sends it in
+/// the background, and over io_uring on another CPU's queue), so a file closed just
+/// before `labfs promote` ran may still hold its handle for a moment.
+const RELEASE_GRACE: Duration = Duration::from_millis(250);
+
+/// The `(st_dev, st_ino)` of every file open through the mount, after waiting up to
+/// [`RELEASE_GRACE`] for the job's own open files to be released (a file that really
+/// stays open costs the promotion that wait once).
+fn open_after_release_grace(fs: &LabFs, j: &Journal) -> HashSet<(u64, u64)> {
+    let deadline = Instant::now() + RELEASE_GRACE;
+    loop {
+        let open = fs.handles.open_objects();
+        let busy = j
+            .entries
+            .iter()
+            .any(|e| !e.is_dir() && open.contains(&(e.dev, e.ino)));
+        if !busy || Instant::now() >= deadline {
+            return open;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Remove the local copy (only what was promoted, unchanged and not open), re-keying
 /// each inode to its Atlas object and invalidating the kernel's caches. Returns how
 /// many local objects were kept because they changed or were open. `recovering`: no inode table to
@@ -1364,7 +1388,7 @@ pub fn clean_entries(
     let open = if recovering {
         Default::default()
     } else {
-        fs.handles.open_objects()
+        open_after_release_grace(fs, j)
     };
     // Digests of the first names of hard links (a link's own entry has its digest too,
     // but recovery checks the first name's, as the journal recorded it).
