@@ -87,6 +87,34 @@ fn uring_serves_every_request_over_the_rings_or_refuses_to_mount() {
     );
 }
 
+/// The daemon's resident memory in KiB.
+fn rss_kib(lab: &MountedLab) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{}/status", lab.pid())).expect("status");
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {s}"))
+}
+
+#[test]
+fn the_queues_buffers_become_resident_only_as_requests_use_them() {
+    if !kernel_enables_uring() {
+        eprintln!("skipped: enable_uring is not Y (the io_uring pass of .ci/run runs it)");
+        return;
+    }
+    // Every possible CPU's queue has 128 entries of a 1 MiB payload buffer: address
+    // space, not memory. A 4 KiB-aligned zeroed allocation once made all of it resident
+    // at mount (265 MiB on 2 CPUs).
+    let lab = lab_with("uring").mount();
+    work(&lab, 200);
+    lab.sh(r#"head -c 8388608 /dev/zero > "$LAB/docs/big" && cat "$LAB/docs/big" > /dev/null"#);
+    let rss = rss_kib(&lab);
+    assert!(
+        rss < 64 * 1024,
+        "daemon RSS {rss} KiB over io_uring after a small workload"
+    );
+}
+
 #[test]
 fn auto_follows_the_fuse_modules_enable_uring() {
     let lab = lab_with("auto").mount();
