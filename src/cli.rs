@@ -236,6 +236,20 @@ pub fn main() -> i32 {
         eprintln!("labfs: {e}");
         return EXIT_USAGE;
     }
+    // Commands that only print end like `ls` when their reader goes away (`| head`).
+    if matches!(
+        cli.command,
+        Command::Explain { .. }
+            | Command::Check { .. }
+            | Command::BackupScope { .. }
+            | Command::Status { .. }
+            | Command::DemoRules
+            | Command::Completions { .. }
+    ) {
+        if let Err(e) = crate::sys::end_quietly_on_broken_pipe() {
+            tracing::debug!("SIGPIPE: {e}");
+        }
+    }
     match cli.command {
         Command::Mount(m) => mount(m),
         Command::Explain { config, path } => crate::explain::run(&config.config, &path),

@@ -1451,3 +1451,33 @@ fn check_prints_plain_backend_paths_and_warns_when_it_cannot_read_the_tag_store(
         user.stdout
     );
 }
+
+/// `labfs status | head` and the like: a printing command whose reader has gone ends
+/// like `ls` (SIGPIPE), with no panic message (Rust ignores SIGPIPE, so `println!`
+/// panicked on EPIPE before).
+#[test]
+fn printing_commands_end_quietly_when_their_reader_has_gone() {
+    let lab = MountedLab::new();
+    let mnt = lab.mnt().display().to_string();
+    for args in [
+        vec!["status", mnt.as_str()],
+        vec!["explain", mnt.as_str()],
+        vec!["demo-rules"],
+    ] {
+        // The pipe's read end is closed before the command starts: its first write
+        // meets a broken pipe, whatever the timing.
+        let script = r#"import os, subprocess, sys
+r, w = os.pipe()
+os.close(r)
+p = subprocess.run(sys.argv[1:], stdout=w, stderr=subprocess.PIPE)
+print(p.returncode, "panicked" in p.stderr.decode(errors="replace"))"#;
+        let mut argv = vec!["-c", script, LABFS];
+        argv.extend(args.iter().copied());
+        let out = Sh::program("python3", &argv).ok();
+        assert_eq!(
+            out.trim(),
+            format!("-{} False", libc::SIGPIPE),
+            "labfs {args:?} into a closed pipe"
+        );
+    }
+}

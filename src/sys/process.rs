@@ -158,6 +158,20 @@ extern "C" fn on_sigint(_: libc::c_int) {
     }
 }
 
+/// From now on a write to a closed pipe ends the process quietly, as it does for
+/// `cat` or `ls` (SIGPIPE's default action), instead of failing the write with EPIPE
+/// (Rust ignores SIGPIPE), which `println!` turns into a panic: for the commands that
+/// only print (`labfs status | head`). Never for the daemon, whose writes to a client
+/// that went away must fail, not kill it.
+pub fn end_quietly_on_broken_pipe() -> io::Result<()> {
+    // SAFETY: restores the default disposition; no handler is installed.
+    let old = unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    if old == libc::SIG_ERR {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// From now on, SIGINT sets `flag` instead of ending the process (`signal(2)`), for
 /// a command that stops at its next step and says what it left behind.
 pub fn raise_flag_on_sigint(flag: &'static AtomicBool) -> io::Result<()> {
