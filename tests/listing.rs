@@ -182,10 +182,10 @@ fn a_non_root_caller_lists_with_its_own_identity_and_never_gets_a_silent_subset(
             "{}: ls of another user's 0700 directory",
             b.name()
         );
-        // A directory its owner may read but not search (0444): natively `ls` shows
-        // the names. READDIRPLUS needs each name's attributes, which a caller without
-        // search permission cannot get, so labfs fails the listing with EACCES: a
-        // listing either has every name or fails (before, it was silently empty).
+        // A directory its owner may read but not search (0444): as natively, `ls`
+        // shows every name (listed without attributes: the caller cannot get them),
+        // and a stat of one answers EACCES (before: an empty listing, exit 0; then
+        // EACCES for the whole listing).
         lab.sh(&format!(r#"chmod 0444 "$LAB/{rel}""#));
         let (code, out, err) = Sh::script(&format!(r#"ls -A "{}""#, lab.path(&rel).display()))
             .user(1000, 1000)
@@ -193,8 +193,16 @@ fn a_non_root_caller_lists_with_its_own_identity_and_never_gets_a_silent_subset(
             .tuple();
         let listed = out.lines().count();
         assert!(
-            (code == 0 && listed == 401) || (code != 0 && err.contains("Permission denied")),
+            code == 0 && listed == 401 && out.lines().any(|l| l == "n399"),
             "{}: ls of a 0444 directory by its owner: exit {code}, {listed} names, {err}",
+            b.name()
+        );
+        let stat = Sh::script(&format!(r#"stat "{}/n1""#, lab.path(&rel).display()))
+            .user(1000, 1000)
+            .fails();
+        assert!(
+            stat.tuple().2.contains("Permission denied"),
+            "{}: stat of a name in a 0444 directory",
             b.name()
         );
         lab.sh(&format!(r#"chmod 0755 "$LAB/{rel}""#));

@@ -881,8 +881,24 @@ impl LabFs {
                 }),
                 // Gone since the listing was taken: left out, as natively.
                 Err(e) if e.errno() == libc::ENOENT => continue,
-                // Any other failure (EACCES in a directory the caller may read but not
-                // search, EIO or ESTALE from an NFS Atlas) ends the batch: the entries
+                // A directory the caller may read but not search: as natively, the
+                // names are listed (with the backend's type and a number, no
+                // attributes) and each access to one answers EACCES at its lookup.
+                Err(e) if e.errno() == libc::EACCES && item.dino != 0 => {
+                    let key = super::BackingKey {
+                        backend: from,
+                        dev,
+                        ino: item.dino,
+                    };
+                    out.push(DirEntryOut {
+                        name: item.name.clone(),
+                        offset: off,
+                        kind: item.kind.unwrap_or(Kind::File),
+                        ino: self.inodes.number(&key).unwrap_or(item.dino),
+                        entry: None,
+                    });
+                }
+                // Any other failure (EIO or ESTALE from an NFS Atlas) ends the batch: the entries
                 // before it go out, and the next request, starting at this name, fails
                 // with the error. A listing never silently misses a name.
                 Err(e) if out.is_empty() => return Err(e),

@@ -739,18 +739,11 @@ impl Filesystem for LabFuse {
                             &file_attr(&en.attr),
                             Generation(0),
                         ),
+                        // "." and "..", and names whose attributes the caller may
+                        // not have (a directory it may read but not search): listed
+                        // with node id 0, which the kernel does not link or count.
                         None => {
-                            let mut a = file_attr(&neg_attr());
-                            a.ino = INodeNo(e.ino);
-                            a.kind = FileType::Directory;
-                            reply.add(
-                                INodeNo(e.ino),
-                                e.offset,
-                                &e.name,
-                                &Duration::ZERO,
-                                &a,
-                                Generation(0),
-                            )
+                            reply.add_name_only(INodeNo(e.ino), e.offset, &e.name, kind(e.kind))
                         }
                     };
                     if full {

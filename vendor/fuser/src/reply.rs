@@ -786,6 +786,43 @@ impl ReplyDirectoryPlus {
         ))
     }
 
+    /// Add a name without attributes (node id 0 in the reply): the kernel lists it with
+    /// `ino` as `d_ino` and `kind` as `d_type`, does not link it, and looks the name up
+    /// when it is accessed. For names whose attributes the filesystem cannot or will not
+    /// give (labfs patch). Returns true if the buffer is full.
+    #[must_use]
+    pub fn add_name_only<T: AsRef<OsStr>>(
+        &mut self,
+        ino: INodeNo,
+        offset: u64,
+        name: T,
+        kind: FileType,
+    ) -> bool {
+        let attr = FileAttr {
+            ino,
+            size: 0,
+            blocks: 0,
+            atime: std::time::UNIX_EPOCH,
+            mtime: std::time::UNIX_EPOCH,
+            ctime: std::time::UNIX_EPOCH,
+            crtime: std::time::UNIX_EPOCH,
+            kind,
+            perm: 0,
+            nlink: 0,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 0,
+            flags: 0,
+        };
+        self.buf.push(&DirEntryPlus::name_only(
+            ino,
+            DirEntOffset(offset),
+            name.as_ref(),
+            (&attr).into(),
+        ))
+    }
+
     /// Reply to a request with the filled directory buffer
     pub fn ok(self) {
         let response: ll::ResponseData = self.buf.into();

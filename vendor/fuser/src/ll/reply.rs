@@ -472,9 +472,27 @@ pub(crate) struct DirEntryPlus<T: AsRef<Path>> {
     entry_valid: Duration,
     attr: Attr,
     attr_valid: Duration,
+    /// Node id 0: a plain name for the kernel, no lookup, no attributes (labfs patch).
+    name_only: bool,
 }
 
 impl<T: AsRef<Path>> DirEntryPlus<T> {
+    /// An entry the kernel lists without linking it (`fuse_direntplus_link` skips node
+    /// id 0): the caller sees the name, `d_ino` and `d_type`; a later access looks the
+    /// name up (labfs patch).
+    pub(crate) fn name_only(ino: INodeNo, offset: DirEntOffset, name: T, attr: Attr) -> Self {
+        Self {
+            ino,
+            generation: Generation(0),
+            offset,
+            name,
+            entry_valid: Duration::ZERO,
+            attr,
+            attr_valid: Duration::ZERO,
+            name_only: true,
+        }
+    }
+
     pub(crate) fn new(
         ino: INodeNo,
         generation: Generation,
@@ -492,6 +510,7 @@ impl<T: AsRef<Path>> DirEntryPlus<T> {
             entry_valid,
             attr,
             attr_valid,
+            name_only: false,
         }
     }
 }
@@ -518,7 +537,7 @@ impl DirEntPlusList {
         let name = x.name.as_ref().as_os_str().as_bytes();
         let header = abi::fuse_direntplus {
             entry_out: abi::fuse_entry_out {
-                nodeid: x.attr.attr.ino,
+                nodeid: if x.name_only { 0 } else { x.attr.attr.ino },
                 generation: x.generation.into(),
                 entry_valid: x.entry_valid.as_secs(),
                 attr_valid: x.attr_valid.as_secs(),
