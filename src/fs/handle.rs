@@ -850,18 +850,7 @@ impl LabFs {
                     // has (or will get at its lookup), with no stat. As natively, a
                     // mount point below a backend shows the d_ino of the directory
                     // it covers.
-                    let key = super::BackingKey {
-                        backend: from,
-                        dev,
-                        ino: item.dino,
-                    };
-                    out.push(DirEntryOut {
-                        name: item.name.clone(),
-                        offset: off,
-                        kind,
-                        ino: self.inodes.number(&key).unwrap_or(0),
-                        entry: None,
-                    });
+                    out.push(self.name_only(item, off, kind, (from, dev), 0));
                     continue;
                 }
             }
@@ -885,27 +874,41 @@ impl LabFs {
                 // names are listed (with the backend's type and a number, no
                 // attributes) and each access to one answers EACCES at its lookup.
                 Err(e) if e.errno() == libc::EACCES && item.dino != 0 => {
-                    let key = super::BackingKey {
-                        backend: from,
-                        dev,
-                        ino: item.dino,
-                    };
-                    out.push(DirEntryOut {
-                        name: item.name.clone(),
-                        offset: off,
-                        kind: item.kind.unwrap_or(Kind::File),
-                        ino: self.inodes.number(&key).unwrap_or(item.dino),
-                        entry: None,
-                    });
+                    let kind = item.kind.unwrap_or(Kind::File);
+                    out.push(self.name_only(item, off, kind, (from, dev), item.dino));
                 }
-                // Any other failure (EIO or ESTALE from an NFS Atlas) ends the batch: the entries
-                // before it go out, and the next request, starting at this name, fails
-                // with the error. A listing never silently misses a name.
+                // Any other failure (EIO or ESTALE from an NFS Atlas) ends the batch: the
+                // entries before it go out, and the next request, starting at this name,
+                // fails with the error. A listing never silently misses a name.
                 Err(e) if out.is_empty() => return Err(e),
                 Err(_) => break,
             }
         }
         Ok(out)
+    }
+
+    /// A listed name without attributes: its type and the number its backend's `d_ino`
+    /// on `dev` has (or will get at its lookup), `unknown` if the inode table has none.
+    fn name_only(
+        &self,
+        item: &DirItem,
+        offset: u64,
+        kind: Kind,
+        (backend, dev): (BackendKind, u64),
+        unknown: u64,
+    ) -> DirEntryOut {
+        let key = super::BackingKey {
+            backend,
+            dev,
+            ino: item.dino,
+        };
+        DirEntryOut {
+            name: item.name.clone(),
+            offset,
+            kind,
+            ino: self.inodes.number(&key).unwrap_or(unknown),
+            entry: None,
+        }
     }
 
     /// The type, number and (with `plus`) entry of one listed name, looked up in the
